@@ -1,0 +1,28 @@
+"""tokentune: adapt pretrained Vision Transformers so they are cheap to train and fast to run.
+
+Public surface::
+
+    import tokentune
+    model = tokentune.create_model("vit_base_patch16_224.orig_in21k", method="lora+tome",
+                                   num_classes=100, pretrained="ViT-B_16.npz", tome_r=[16] * 11 + [10])
+    tokentune.print_trainable_parameters(model)
+    fast = tokentune.deploy(model)          # LoRA merged, same outputs in eval mode
+"""
+from .adapter import Adapter, AdapterConfig
+from .checkpoint import load_trained, save_trained
+from .deploy import deploy
+from .errors import TokenTuneError
+from .lora import LoRAConfig, LoRALinear
+from .methods import available_methods, create_model, register_method
+from .model import AdaptedBlock, TokenState, attention
+from .params import count_parameters, print_trainable_parameters
+from .tome import ToMeConfig, bipartite_soft_matching, merge_weighted
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "AdapterConfig", "AdaptedBlock", "LoRAConfig", "LoRALinear", "ToMeConfig", "TokenState",
+    "TokenTuneError", "attention", "available_methods", "bipartite_soft_matching", "count_parameters",
+    "create_model", "deploy", "load_trained", "merge_weighted", "print_trainable_parameters",
+    "register_method", "save_trained", "__version__",
+]

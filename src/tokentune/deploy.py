@@ -1,0 +1,41 @@
+"""Deployment: fold everything foldable and return an inference model.
+
+* LoRA is merged into the frozen weights (``W + s B A``), so the deployed model runs exactly the
+  backbone's matrix multiplications.
+* Each method gets its deploy hook (DyT switches to real token skipping; PYRA keeps its
+  modulation, which is part of the deployed computation).
+* If no plug-in is left (e.g. plain ``lora``), the result is the plain timm model of the
+  backbone's own class, like peft's ``merge_and_unload``.
+
+The deployed model is in eval mode with gradients off, and gives the same outputs as the
+trained model in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .lora import merge_lora
+from .methods import methods_of
+from .model import TokenTuneMixin, adapted_blocks, restore_timm
+
+
+def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inference version of ``model`` (a deep copy unless ``inplace``)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    merge_lora(model)
+    if isinstance(model, TokenTuneMixin):
+        for method in methods_of(model):
+            if method.deploy is not None:
+                method.deploy(model)
+        needs_state = model.tokentune_prop_attn or model.tokentune_trace_source
+        if not needs_state and not any(b.plugins() for b in adapted_blocks(model)):
+            restore_timm(model)
+        else:
+            model.tokentune_spec = dict(model.tokentune_spec, deployed=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

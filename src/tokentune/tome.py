@@ -1,0 +1,270 @@
+"""ToMe: token merging by bipartite soft matching (Bolya et al., ICLR 2023).
+
+Reimplemented from the published behaviour (no code of the ToMe repository is used):
+
+* The *metric* is the attention keys averaged over heads and L2-normalised, so similarity is
+  cosine similarity between keys.
+* Tokens alternate into two sets, A (even positions) and B (odd positions). Every A token picks
+  its most similar B token; the ``r`` A tokens with the highest similarity are merged into their
+  B partner (a scatter-sum), every other A token is kept.
+* Prefix tokens (CLS, register and distillation tokens) are protected: one sitting in A is never
+  a source, one sitting in B is never a destination. They stay at the front, in their order.
+* Merging is a size-weighted average: ``x <- merge(x * s, sum) / merge(s, sum)`` where ``s``
+  counts how many input patches a token stands for. ``s`` is carried from block to block and
+  gives *proportional attention*: ``log s`` is added to the attention logits of every key.
+* Output order: prefix tokens, the unmerged A tokens in their original order, then B.
+
+The matching is a pure function (:func:`bipartite_soft_matching`) returning a :class:`Matching`
+of index tensors; :func:`merge` applies it to any per-token tensor (features, sizes, sources).
+:class:`TokenMerging` is the module a block runs between attention and MLP. PYRA plugs in
+through ``TokenMerging.modulator``: a module that rewrites the size-weighted source tokens
+before they are summed into their destinations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .errors import TokenTuneError
+
+Schedule = Union[int, Sequence[int], Tuple[int, float], str]
+
+
+# ----------------------------------------------------------------------------- schedules
+def parse_schedule(r: Schedule, num_layers: int) -> List[int]:
+    """Turn a ToMe schedule into one ``r`` per layer.
+
+    * ``int``: the same ``r`` in every layer;
+    * ``list``: one value per layer, padded with zeros when shorter;
+    * ``(r, inflect)``: ToMe's linear schedule, ``inflect`` in [-1, 1] (-1 = decreasing,
+      0 = constant, +1 = increasing), the values ``int(min + step * i)``.
+    """
+    if isinstance(r, bool):
+        raise TokenTuneError(f"invalid ToMe schedule {r!r}: give an int, a per-layer list or (r, inflect)")
+    if isinstance(r, int):
+        values = [r] * num_layers
+    elif isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = int(r[0]), float(r[1])
+        if not -1.0 <= inflect <= 1.0:
+            raise TokenTuneError(f"ToMe inflection {inflect} is outside [-1, 1]; use -1 (decreasing) .. +1 (increasing)")
+        lo = int(base * (1.0 - inflect))
+        hi = 2 * base - lo
+        step = (hi - lo) / max(num_layers - 1, 1)
+        values = [int(lo + step * i) for i in range(num_layers)]
+    elif isinstance(r, (list, tuple)):
+        values = [int(v) for v in r]
+        if len(values) > num_layers:
+            raise TokenTuneError(
+                f"ToMe schedule has {len(values)} entries but the model has {num_layers} blocks; "
+                f"give at most {num_layers} values")
+        values = values + [0] * (num_layers - len(values))
+    else:
+        raise TokenTuneError(f"invalid ToMe schedule {r!r}: give an int, a per-layer list or (r, inflect)")
+    if any(v < 0 for v in values):
+        raise TokenTuneError(f"ToMe schedule {values} has a negative entry; every r must be >= 0")
+    return values
+
+
+def max_merge(num_tokens: int, num_prefix: int) -> int:
+    """The largest r one bipartite step can merge with ``num_tokens`` tokens (prefix protected)."""
+    num_a = (num_tokens + 1) // 2 - (num_prefix + 1) // 2   # unprotected tokens in A (sources)
+    num_b = num_tokens // 2 - num_prefix // 2               # unprotected tokens in B (destinations)
+    if num_b <= 0:
+        return 0
+    return max(0, min((num_tokens - num_prefix) // 2, num_a))
+
+
+def fit_schedule(schedule: Sequence[int], num_tokens: int, num_prefix: int, strict: bool) -> List[int]:
+    """Check (``strict``) or cap a per-layer schedule against the token count it will see.
+
+    Capping is ToMe's own rule for an int ``r`` (e.g. ``r=16`` on ViT-B/16 merges only 10 tokens
+    in the last block). An explicit per-layer list must fit exactly: a value that cannot be merged
+    is an error, because methods with per-layer parameters (PYRA) depend on it.
+    """
+    fitted, n = [], num_tokens
+    for layer, r in enumerate(schedule):
+        cap = max_merge(n, num_prefix)
+        if r > cap:
+            if strict:
+                raise TokenTuneError(
+                    f"merge schedule asks for r={r} in block {layer} but only {cap} of its {n} tokens can merge "
+                    f"({num_prefix} protected); lower that entry (tokens per block: {token_counts(fitted, num_tokens)})")
+            r = cap
+        fitted.append(r)
+        n -= r
+    return fitted
+
+
+def token_counts(schedule: Sequence[int], num_tokens: int) -> List[int]:
+    """Token count entering each block and after the last one."""
+    counts = [num_tokens]
+    for r in schedule:
+        counts.append(counts[-1] - r)
+    return counts
+
+
+# ----------------------------------------------------------------------------- matching
+@dataclass
+class Matching:
+    """Index tensors of one bipartite matching step (all of shape [B, k])."""
+
+    unmerged: torch.Tensor   # positions in A that stay (sorted, prefix first)
+    src: torch.Tensor        # positions in A merged away, in descending-similarity order
+    dst: torch.Tensor        # for each src, its destination position in B
+    num_prefix: int
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
+    """Match ``r`` tokens of set A into set B by cosine similarity of ``metric`` [B, N, C]."""
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, ::2], metric[:, 1::2]
+        scores = a @ b.transpose(-1, -2)
+        # protect prefix tokens: those in A (even positions) never act as a source,
+        # those in B (odd positions) never receive a merge
+        scores[:, : (num_prefix + 1) // 2, :] = -math.inf
+        scores[:, :, : num_prefix // 2] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unmerged = edge_idx[:, r:].sort(dim=-1)[0]
+        src = edge_idx[:, :r]
+        dst = node_idx.gather(dim=-1, index=src)
+    return Matching(unmerged, src, dst, num_prefix)
+
+
+SourceHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def merge(x: torch.Tensor, m: Matching, mode: str = "sum", modulate: Optional[SourceHook] = None) -> torch.Tensor:
+    """Apply a matching to a per-token tensor ``x`` [B, N, C]; returns [B, N - r, C].
+
+    ``modulate(src, dst)`` may rewrite the source rows (given their destinations as they were
+    before any merge) before they are reduced into the destinations (PYRA, Eq. 4-5).
+    """
+    B, _, C = x.shape
+    a, b = x[:, ::2], x[:, 1::2]
+    unm = a.gather(1, m.unmerged[..., None].expand(B, m.unmerged.shape[1], C))
+    idx_dst = m.dst[..., None].expand(B, m.dst.shape[1], C)
+    src = a.gather(1, m.src[..., None].expand(B, m.src.shape[1], C))
+    if modulate is not None:
+        src = modulate(src, b.gather(1, idx_dst))
+    b = b.scatter_reduce(1, idx_dst, src, reduce=mode)
+    p = m.num_prefix
+    if p <= 1:
+        return torch.cat([unm, b], dim=1)
+    # keep every prefix token at the front, in its original order (A and B alternate there)
+    pa, pb = (p + 1) // 2, p // 2
+    prefix = torch.stack([unm[:, :pb], b[:, :pb]], dim=2).flatten(1, 2)
+    parts = [prefix, unm[:, pb:pa], unm[:, pa:], b[:, pb:]]
+    return torch.cat(parts, dim=1)
+
+
+def merge_weighted(x: torch.Tensor, size: Optional[torch.Tensor], m: Matching,
+                   modulate: Optional[SourceHook] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge; returns the merged tokens and their new sizes."""
+    if size is None:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    x = merge(x * size, m, "sum", modulate)
+    size = merge(size, m, "sum")
+    return x / size, size
+
+
+def merge_source(source: Optional[torch.Tensor], m: Matching, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """Track which input tokens each output token stands for ([B, N, N0] 0/1 map)."""
+    if source is None:
+        eye = torch.eye(num_tokens, device=like.device, dtype=like.dtype)
+        source = eye[None].expand(like.shape[0], num_tokens, num_tokens)
+    return merge(source, m, "amax")
+
+
+# ----------------------------------------------------------------------------- module
+@dataclass
+class ToMeConfig:
+    """Token merging options.
+
+    Attributes:
+        r: tokens merged per block: an int, a per-layer list, ``(r, inflect)``, or a named
+            schedule (``"low"``/``"high"``, where the backbone has one).
+        prop_attn: add ``log(size)`` to the attention logits (proportional attention).
+        trace_source: record which patches every token stands for (visualisation).
+    """
+
+    r: Schedule = 0
+    prop_attn: bool = True
+    trace_source: bool = False
+
+
+class TokenMerging(nn.Module):
+    """The merge step a block runs between attention and MLP.
+
+    ``r`` is this block's merge count; ``modulator`` (optional) rewrites the sources before the
+    merge (PYRA). The module itself has no parameters.
+    """
+
+    def __init__(self, r: int, modulator: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.r = int(r)
+        self.modulator = modulator
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, state):
+        r = min(self.r, max_merge(x.shape[1], state.num_prefix))
+        if r <= 0:
+            return x, state
+        if self.modulator is not None and r != self.r:
+            raise TokenTuneError(
+                f"block expects to merge {self.r} tokens but only {r} of {x.shape[1]} can merge; "
+                "the input has fewer tokens than the schedule was built for (rebuild with this image size)")
+        m = bipartite_soft_matching(keys, r, state.num_prefix)
+        source = state.source
+        if state.trace_source:
+            source = merge_source(source, m, x.shape[1], x)
+        x, size = merge_weighted(x, state.size, m, self.modulator)
+        return x, state.replace(size=size, source=source)
+
+
+# ----------------------------------------------------------------------------- named schedules
+# Per-layer schedules of the PYRA reference implementation (224x224, patch 16):
+# "low" ~1.7x and "high" ~3.2x speed-up on GPU.
+NAMED_SCHEDULES = {
+    "vit_base_patch16_224": {
+        "low": [16] * 11 + [10],
+        "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
+    },
+    "vit_large_patch16_224": {
+        "low": [8] * 23 + [6],
+        "high": [20, 19, 18, 17, 15, 13, 13, 12, 10, 9, 8, 6, 6, 4, 4, 4, 3, 3, 2, 2, 1, 1, 1, 1],
+    },
+    "deit_base_distilled_patch16_224": {
+        "low": [16] * 6 + [10] * 6,
+        "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3],
+    },
+}
+# architectures that share a schedule table (same depth, patch size and token count)
+_SCHEDULE_ALIASES = {
+    "vit_base_patch16_224_in21k": "vit_base_patch16_224",
+    "vit_large_patch16_224_in21k": "vit_large_patch16_224",
+}
+
+
+def named_schedule(model_name: str, name: str, num_layers: int) -> List[int]:
+    """The reference ``"low"``/``"high"`` schedule of a backbone (pretrained tag ignored)."""
+    arch = model_name.split(".")[0]
+    arch = _SCHEDULE_ALIASES.get(arch, arch)
+    table = NAMED_SCHEDULES.get(arch)
+    if table is None or name not in table:
+        known = ", ".join(sorted(NAMED_SCHEDULES))
+        raise TokenTuneError(
+            f"no {name!r} merge schedule for {arch!r} (named schedules exist for {known}); "
+            "give tome_r as an int, a per-layer list or (r, inflect)")
+    schedule = list(table[name])
+    if len(schedule) != num_layers:
+        raise TokenTuneError(f"the {name!r} schedule of {arch} has {len(schedule)} entries but the model has "
+                             f"{num_layers} blocks")
+    return schedule

@@ -1,0 +1,203 @@
+"""ToMe: equivalence with timm at r=0, the algorithm as specified, schedules, protection."""
+import math
+
+import pytest
+import timm
+import torch
+
+import tokentune
+from tokentune.errors import TokenTuneError
+from tokentune.tome import (bipartite_soft_matching, fit_schedule, merge, merge_weighted, parse_schedule,
+                            token_counts)
+
+from conftest import randomize_lora, tiny
+
+VARIANTS = {
+    "plain": dict(),
+    "layerscale": dict(init_values=0.1),
+    "qk_norm": dict(qk_norm=True),
+    "registers": dict(reg_tokens=4, no_embed_class=True),
+    "avgpool": dict(global_pool="avg", class_token=False, fc_norm=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("method", ["tome", "lora+tome", "adapter+tome"])
+def test_r0_equals_timm(variant, method):
+    kw = tiny(**VARIANTS[variant])
+    torch.manual_seed(1)
+    ref = timm.create_model("vit_tiny_patch16_224", num_classes=5, **kw).eval()
+    torch.manual_seed(1)
+    ours = tokentune.create_model("vit_tiny_patch16_224", method=method, num_classes=5, tome_r=0, **kw).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5, rtol=0)
+
+
+def _slow_tome_step(x, keys, size, r, num_prefix):
+    """ToMe step written directly from the description, one image at a time, with Python loops."""
+    out_x, out_size = [], []
+    for b in range(x.shape[0]):
+        n = x.shape[1]
+        a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
+        k = keys[b] / keys[b].norm(dim=-1, keepdim=True)
+        best = []
+        for i in a_idx:
+            if i < num_prefix:           # protected source
+                continue
+            sims = [(float(k[i] @ k[j]), j) for j in b_idx if j >= num_prefix]
+            s, j = max(sims)
+            best.append((s, i, j))
+        best.sort(key=lambda t: -t[0])
+        merged = {i: j for _, i, j in best[:r]}
+        tok = {i: x[b, i] * size[b, i] for i in range(n)}
+        sz = {i: size[b, i].clone() for i in range(n)}
+        for i, j in merged.items():
+            tok[j] = tok[j] + tok[i]
+            sz[j] = sz[j] + sz[i]
+        order = list(range(num_prefix)) + [i for i in a_idx if i >= num_prefix and i not in merged] + \
+            [j for j in b_idx if j >= num_prefix]
+        out_x.append(torch.stack([tok[i] / sz[i] for i in order]))
+        out_size.append(torch.stack([sz[i] for i in order]))
+    return torch.stack(out_x), torch.stack(out_size)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2, 5])
+def test_matching_equals_slow_reference(num_prefix):
+    torch.manual_seed(num_prefix)
+    x = torch.randn(3, 23, 8)
+    keys = torch.randn(3, 23, 6)
+    size = torch.randint(1, 4, (3, 23, 1)).float()
+    r = 6
+    m = bipartite_soft_matching(keys, r, num_prefix)
+    got_x, got_size = merge_weighted(x, size, m)
+    want_x, want_size = _slow_tome_step(x, keys, size, r, num_prefix)
+    assert torch.allclose(got_x, want_x, atol=1e-6)
+    assert torch.equal(got_size, want_size)
+
+
+def test_model_block_equals_spec():
+    """One ToMe block of the model == attention, then the specified merge, then the MLP."""
+    model = tokentune.create_model("vit_tiny_patch16_224", method="tome", num_classes=3, tome_r=[5, 3], **tiny()).eval()
+    blk = model.blocks[0]
+    x = torch.randn(2, 17, 48)
+    state = model.initial_state(x)
+    got, st = blk(x, state)
+    with torch.no_grad():
+        h, keys = tokentune.attention(blk.attn, blk.norm1(x), return_keys=True)
+        y = x + h
+        y, size = _slow_tome_step(y, keys, torch.ones(2, 17, 1), 5, 1)
+        y = y + blk.mlp(blk.norm2(y))
+    assert torch.allclose(got, y, atol=1e-5)
+    assert torch.equal(st.size, size)
+
+
+def test_schedule_token_counts_and_prefix_protected():
+    model = tokentune.create_model("vit_tiny_patch16_224", method="tome", num_classes=3,
+                                   tome_r=[4, 3, 2, 1], tome_trace_source=True,
+                                   **tiny(reg_tokens=2, no_embed_class=True)).eval()
+    seen = []
+    for i, blk in enumerate(model.blocks):
+        blk.register_forward_hook(lambda mod, args, out, i=i: seen.append((args[0].shape[1], out[0].shape[1])))
+    _, state = model(torch.randn(2, 3, 32, 32), return_state=True)
+    assert [s[1] for s in seen] == token_counts([4, 3, 2, 1], 19)[1:]
+    assert [s[0] for s in seen] == token_counts([4, 3, 2, 1], 19)[:-1]
+    src = state.source            # [B, N, N0]
+    assert src.shape == (2, 19 - 10, 19)
+    for p in range(3):            # CLS and both registers: still alone, still at the front
+        assert torch.equal(src[:, p], torch.nn.functional.one_hot(torch.tensor(p), 19).float().expand(2, 19))
+    assert torch.equal(src.sum(1), torch.ones(2, 19))   # every input token lands in exactly one output
+    assert torch.equal(state.size[..., 0], src.sum(-1))
+
+
+def test_fused_equals_explicit_attention():
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=3, tome_r=3,
+                                   **tiny(qk_norm=True)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        for blk in model.blocks:
+            blk.attn.fused_attn = False
+        explicit = model(x)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+
+
+def test_proportional_attention_changes_output():
+    kw = tiny()
+    torch.manual_seed(3)
+    a = tokentune.create_model("vit_tiny_patch16_224", method="tome", tome_r=3, tome_prop_attn=True, **kw).eval()
+    b = tokentune.create_model("vit_tiny_patch16_224", method="tome", tome_r=3, tome_prop_attn=False, **kw).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(a(x), b(x), atol=1e-4)
+
+
+def test_parse_schedule_forms():
+    assert parse_schedule(3, 4) == [3, 3, 3, 3]
+    assert parse_schedule([5, 2], 4) == [5, 2, 0, 0]
+    assert parse_schedule((8, -1.0), 3) == [16, 8, 0]
+    assert parse_schedule((8, 0.0), 3) == [8, 8, 8]
+    with pytest.raises(TokenTuneError):
+        parse_schedule([1] * 5, 4)
+    with pytest.raises(TokenTuneError):
+        parse_schedule([-1], 4)
+
+
+def test_int_schedule_is_capped_like_tome():
+    # ViT-B/16 at 224: r=16 in every block merges only 10 in the last one
+    assert fit_schedule([16] * 12, 197, 1, strict=False) == [16] * 11 + [10]
+
+
+def test_schedule_too_large_is_clear_error():
+    with pytest.raises(TokenTuneError, match="merge schedule asks for r=9 in block 1"):
+        tokentune.create_model("vit_tiny_patch16_224", method="tome", tome_r=[8, 9], **tiny())
+
+
+def test_named_schedule_vit_b():
+    from tokentune.tome import named_schedule
+    assert named_schedule("vit_base_patch16_224.orig_in21k", "low", 12) == [16] * 11 + [10]
+    assert token_counts(named_schedule("vit_base_patch16_224", "high", 12), 197)[-1] == 5
+    with pytest.raises(TokenTuneError, match="no 'low' merge schedule"):
+        named_schedule("vit_small_patch16_224", "low", 12)
+
+
+def test_gradient_checkpointing_with_tome_trains():
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=4, tome_r=3,
+                                   drop_path_rate=0.1, **tiny())
+    model.set_grad_checkpointing(True)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(5):
+        torch.manual_seed(7)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert model.blocks[0].attn.qkv.lora_B.abs().sum() > 0
+
+
+def test_checkpointing_gives_same_gradients():
+    """Checkpointing re-runs blocks in backward; the token state must not be consumed twice."""
+    kw = tiny(drop_path_rate=0.2)
+    a = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=4, tome_r=3, **kw)
+    b = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=4, tome_r=3, **kw)
+    randomize_lora(a)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    a.train(), b.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(5)
+    a(x).square().sum().backward()
+    torch.manual_seed(5)
+    b(x).square().sum().backward()   # same dropout / drop-path draws, preserved across recompute
+    for name in ("blocks.1.attn.qkv.lora_A", "blocks.3.attn.qkv.lora_A", "head.weight"):
+        ga = a.get_parameter(name).grad
+        gb = b.get_parameter(name).grad
+        assert ga.abs().sum() > 0
+        assert torch.allclose(ga, gb, atol=1e-6), name
