@@ -70,9 +70,19 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
                                  f"use one of {', '.join(WEIGHT_SUFFIXES)}")
         overlay = dict(file=path, source="", hf_hub_id=None, url=None)
         if suffix == ".npz":
-            overlay["custom_load"] = True
+            overlay["custom_load"] = True      # timm's loader for Google's JAX checkpoints
+        else:
+            # hand timm the state dict itself so it keeps a head of the right size
+            state_dict = load_weights_file(path)
+            head = state_dict.get("head.weight")
+            overlay.update(state_dict=state_dict, file=None,
+                           num_classes=int(head.shape[0]) if head is not None and head.ndim == 2 else -1)
         try:
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+            if isinstance(getattr(model, "pretrained_cfg", None), dict):
+                model.pretrained_cfg.pop("state_dict", None)    # do not keep a second copy alive
+                model.pretrained_cfg["file"] = path
+            return model
         except TokenTuneError:
             raise
         except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
@@ -103,7 +113,9 @@ def load_weights_file(path: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise TokenTuneError(f"cannot read checkpoint {path!r}: {_short(exc)}") from exc
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    return obj
+    if not isinstance(obj, dict):
+        raise TokenTuneError(f"{path!r} holds a {type(obj).__name__}, not a state dict")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
