@@ -181,7 +181,7 @@ def _merge_rows(x: torch.Tensor, m: Matching, mode: str, modulate: Optional[Sour
     if mode == "sum":
         out.index_add_(0, m.dst_out, src)
     elif mode == "amax":
-        out.index_reduce_(0, m.dst_out, src, "amax", include_self=True)
+        out.scatter_reduce_(0, m.dst_out[:, None].expand(-1, C), src, "amax", include_self=True)
     else:
         raise ValueError(f"unknown merge mode {mode!r}")
     return out.view(B, N - m.r, C)
