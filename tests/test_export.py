@@ -1,0 +1,295 @@
+"""Deployment export: export -> load equals the trained model; clear errors; ONNX when installed."""
+import json
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import tokentune
+from tokentune.errors import TokenTuneError
+from tokentune.export import (DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, export_deployed, load_deployed,
+                              read_deployed_config)
+
+from conftest import tiny
+
+# options that make each method act on the tiny model (4 blocks, 17 tokens)
+METHOD_OPTIONS = {
+    "tome": dict(tome_r=[3, 2, 2, 1]),
+    "pyra": dict(tome_r=[3, 2, 2, 1]),
+}
+
+
+def _options(spec):
+    opts = {}
+    for name in spec.split("+"):
+        opts.update(METHOD_OPTIONS.get(name, {}))
+    return opts
+
+
+def _specs():
+    specs = ["lora+tome", "adapter+tome", "full+tome"]
+    for name in tokentune.available_methods():
+        if name not in specs:
+            specs.append(name)
+    return specs
+
+
+def _trained(spec, seed=0, **kw):
+    """A model built for ``spec`` whose trainable parameters moved away from their init."""
+    torch.manual_seed(seed)
+    model = tokentune.create_model("vit_tiny_patch16_224", method=spec, num_classes=5, **_options(spec), **tiny(**kw))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("spec", _specs())
+def test_round_trip_equals_trained_model(spec, tmp_path):
+    model = _trained(spec)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    deployed = export_deployed(model, tmp_path)
+    loaded = load_deployed(tmp_path)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():
+        got = loaded(x)
+        assert torch.equal(got, deployed(x))           # the same deployed computation, bit for bit
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert type(loaded) is type(deployed)
+    # every tensor of the deployed model is in the one file, nothing else
+    stored = load_file(str(tmp_path / DEPLOYED_WEIGHTS))
+    names = {n for n, _ in deployed.named_parameters()} | {n for n, _ in deployed.named_buffers()}
+    assert set(stored) == names
+    assert not any("lora_" in n for n in stored)
+    assert sorted(os.listdir(tmp_path)) == [DEPLOYED_CONFIG, DEPLOYED_WEIGHTS]
+    # the model passed in is left as it was
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_plain_lora_loads_as_plain_timm_model(tmp_path):
+    model = _trained("lora")
+    export_deployed(model, tmp_path)
+    config = read_deployed_config(tmp_path)
+    assert config["plain_timm"] and config["spec"]["method"] == "lora"
+    assert config["format_version"] == 1 and config["versions"]["timm"] == timm.__version__
+    loaded = load_deployed(tmp_path)
+    assert type(loaded) is timm.models.vision_transformer.VisionTransformer
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_tome_export_keeps_schedule_and_state(tmp_path):
+    model = _trained("lora+tome", tome_trace_source=True)
+    export_deployed(model, tmp_path)
+    loaded = load_deployed(tmp_path)
+    assert loaded.tome_schedule == [3, 2, 2, 1] and read_deployed_config(tmp_path)["tome_schedule"] == [3, 2, 2, 1]
+    _, state = loaded(torch.randn(1, 3, 32, 32), return_state=True)
+    assert state.source.shape == (1, 17 - 8, 17)
+
+
+def test_already_deployed_model_exports_as_is(tmp_path):
+    model = _trained("adapter+tome")
+    deployed = tokentune.deploy(model)
+    assert export_deployed(deployed, tmp_path) is deployed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_deployed(tmp_path)(x), deployed(x))
+
+
+def test_export_from_run_directory_with_pretrained_override(tmp_path):
+    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=5, **tiny())
+    weights = tmp_path / "backbone.safetensors"
+    save_file(backbone.state_dict(), str(weights))
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=5, tome_r=[3, 2],
+                                   pretrained=str(weights), **tiny())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    run = tmp_path / "run"
+    tokentune.save_trained(model, str(run))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    export_deployed(run, tmp_path / "out", verify=True)
+    with torch.no_grad():
+        assert torch.allclose(load_deployed(tmp_path / "out")(x), want, atol=1e-5)
+    # the recorded backbone file moved: point to its new place
+    moved = tmp_path / "moved.safetensors"
+    os.replace(weights, moved)
+    with pytest.raises(TokenTuneError, match="does not exist"):
+        export_deployed(run, tmp_path / "out2")
+    export_deployed(run, tmp_path / "out2", pretrained=str(moved))
+    with torch.no_grad():
+        assert torch.allclose(load_deployed(tmp_path / "out2")(x), want, atol=1e-5)
+    # exporting into the run directory itself overwrites none of its files
+    export_deployed(run, run, pretrained=str(moved))
+    assert set(load_file(str(run / "model.safetensors"))) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_half_precision_export(tmp_path):
+    model = _trained("lora+tome")
+    export_deployed(model, tmp_path, dtype="bfloat16")
+    stored = load_file(str(tmp_path / DEPLOYED_WEIGHTS))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    assert (tmp_path / DEPLOYED_WEIGHTS).stat().st_size < 0.6 * sum(p.numel() * 4 for p in model.parameters())
+    loaded = load_deployed(tmp_path)
+    assert loaded.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.float()(x), model(x), atol=0.1)
+    with pytest.raises(TokenTuneError, match="unknown export dtype 'fp8'"):
+        export_deployed(model, tmp_path, dtype="fp8")
+
+
+def _one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(TokenTuneError, match="does not exist") as e:
+        load_deployed(tmp_path / "nowhere")
+    _one_line(e)
+    with pytest.raises(TokenTuneError, match="has no deployed.json") as e:
+        load_deployed(tmp_path)
+    _one_line(e)
+    model = _trained("lora+tome")
+    tokentune.save_trained(model, str(tmp_path / "run"))
+    with pytest.raises(TokenTuneError, match="is a training run directory") as e:
+        load_deployed(tmp_path / "run")
+    _one_line(e)
+    out = tmp_path / "out"
+    export_deployed(model, out)
+    config = json.loads((out / DEPLOYED_CONFIG).read_text())
+
+    def write(cfg):
+        (out / DEPLOYED_CONFIG).write_text(json.dumps(cfg))
+
+    write(dict(config, format_version=99))
+    with pytest.raises(TokenTuneError, match="format version 99.*upgrade tokentune") as e:
+        load_deployed(out)
+    _one_line(e)
+    write(dict(config, format="something-else"))
+    with pytest.raises(TokenTuneError, match="not a tokentune deployed-model config") as e:
+        load_deployed(out)
+    _one_line(e)
+    write(dict(config, spec=dict(config["spec"], num_classes=7)))
+    with pytest.raises(TokenTuneError, match=r"'head\.(weight|bias)' has shape \((5|5, 48)\) in the file but "
+                                             r"\((7|7, 48)\) in the model") as e:
+        load_deployed(out)
+    _one_line(e)
+    write(dict(config, spec=dict(config["spec"], method="lora+tome+nosuchmethod")))
+    with pytest.raises(TokenTuneError, match="cannot rebuild the exported model.*unknown method 'nosuchmethod'") as e:
+        load_deployed(out)
+    _one_line(e)
+    write(config)
+    tensors = load_file(str(out / DEPLOYED_WEIGHTS))
+    save_file({k: v for k, v in tensors.items() if k != "norm.weight"}, str(out / DEPLOYED_WEIGHTS))
+    with pytest.raises(TokenTuneError, match="tensor 'norm.weight' .* is missing from the file") as e:
+        load_deployed(out)
+    _one_line(e)
+    save_file(dict(tensors, extra=torch.zeros(2)), str(out / DEPLOYED_WEIGHTS))
+    with pytest.raises(TokenTuneError, match="tensor 'extra' .* has no place") as e:
+        load_deployed(out)
+    _one_line(e)
+    (out / DEPLOYED_WEIGHTS).write_bytes(b"not a safetensors file")
+    with pytest.raises(TokenTuneError, match="cannot read .*deployed.safetensors") as e:
+        load_deployed(out)
+    _one_line(e)
+    os.remove(out / DEPLOYED_WEIGHTS)
+    with pytest.raises(TokenTuneError, match="has deployed.json but no deployed.safetensors") as e:
+        load_deployed(out)
+    _one_line(e)
+
+
+def test_export_errors_are_one_line(tmp_path):
+    plain = tokentune.deploy(_trained("lora"))
+    with pytest.raises(TokenTuneError, match="pass the model before deploy") as e:
+        export_deployed(plain, tmp_path)
+    _one_line(e)
+    with pytest.raises(TokenTuneError, match="is not a directory") as e:
+        export_deployed(tmp_path / "missing", tmp_path / "out")
+    _one_line(e)
+    with pytest.raises(TokenTuneError, match="has no config.json") as e:
+        export_deployed(tmp_path, tmp_path / "out")
+    _one_line(e)
+
+
+def test_meta_leftovers_fall_back_to_a_real_build(tmp_path, monkeypatch):
+    """A method holding a plain tensor attribute cannot be built on the meta device; loading still works."""
+    from tokentune import export as export_mod
+
+    model = _trained("lora+tome")
+    export_deployed(model, tmp_path)
+    built = []
+    real_build = export_mod.build_deployed_structure
+
+    def build(config, device="meta"):
+        m = real_build(config, device=device)
+        m.blocks[0].helper = torch.ones(3, device=device)     # stands for a method's derived tensor
+        built.append(str(device))
+        return m
+
+    monkeypatch.setattr(export_mod, "build_deployed_structure", build)
+    loaded = load_deployed(tmp_path)
+    assert built == ["meta", "cpu"] and loaded.blocks[0].helper.device.type == "cpu"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- ONNX
+ONNX_SPECS = [s for s in _specs() if s != "lora+tome"]
+
+
+def _onnx_round_trip(spec, tmp_path, dynamic_batch=True):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from tokentune.export import export_onnx
+
+    model = _trained(spec)
+    deployed = tokentune.deploy(model)
+    path = export_onnx(model, tmp_path / "model.onnx", dynamic_batch=dynamic_batch, verify=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch in ([1, 2, 5] if dynamic_batch else [1]):
+        x = torch.randn(batch, 3, 32, 32)
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        with torch.no_grad():
+            assert torch.allclose(got, deployed(x), atol=1e-4, rtol=0), (spec, batch)
+            assert torch.allclose(got, model(x), atol=1e-4, rtol=0), (spec, batch)
+
+
+def test_onnx_round_trip_lora_tome(tmp_path):
+    _onnx_round_trip("lora+tome", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ONNX_SPECS)
+def test_onnx_round_trip(spec, tmp_path):
+    _onnx_round_trip(spec, tmp_path)
+
+
+def test_onnx_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+    from tokentune.export import export_onnx
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name in ("onnx", "onnxscript"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(TokenTuneError, match=r"pip install 'tokentune\[onnx\]'"):
+        export_onnx(_trained("lora"), tmp_path / "m.onnx")
