@@ -59,7 +59,7 @@ from torch import nn
 
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
-from .methods import Method, methods_of, register_method
+from .methods import Method, register_method
 from .model import adapted_blocks
 
 VARIANTS = ("pyra", "wr", "wd", "matrix", "gated_mlp")

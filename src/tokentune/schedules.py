@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -374,20 +373,6 @@ def _timing_model(model, device) -> nn.Module:
     return model.to(device).eval()
 
 
-def time_interleaved(fns: Sequence[Callable[[], object]], runs: int = 5, warmup: int = 1) -> List[float]:
-    """Median seconds per call of each function, calls interleaved round-robin (fair under noise)."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [sorted(t)[len(t) // 2] for t in times]
-
-
 def schedule_for_speedup(model, speedup: float, profile: str = "constant", batch_size: int = 16,
                          device: str = "cpu", runs: int = 5, warmup: int = 1, max_trials: int = 6,
                          pyra: bool = True,
@@ -406,7 +391,8 @@ def schedule_for_speedup(model, speedup: float, profile: str = "constant", batch
         profile: schedule shape (module docstring).
         batch_size: images per timed forward.
         device: where to time.
-        runs, warmup: timed and untimed forwards per candidate (interleaved with the baseline).
+        runs, warmup: timed rounds and warm-up forwards per candidate, each round timing the
+            candidate and the unmerged model in turn (:func:`tokentune.bench.measure_throughput`).
         max_trials: candidates to time at most.
         pyra: time the candidates with PYRA modulators (they are part of PYRA's deployed cost).
         timer: ``timer(model, images) -> seconds`` replacing the built-in timing (tests, custom
@@ -425,20 +411,19 @@ def schedule_for_speedup(model, speedup: float, profile: str = "constant", batch
         modulator = lambda r, d: PYRAModulator(r, d)   # noqa: E731 - random W_r, zero W_D: same cost
         mod_flops = pyra_modulator_flops(dims.dim)
     size = net.patch_embed.img_size
-    images = torch.randn(batch_size, 3, int(size[0]), int(size[1]), device=device)
+    if int(size[0]) != int(size[1]):
+        raise TokenTuneError(f"schedule_for_speedup times square inputs; this model takes {tuple(size)}")
+    image_size = int(size[0])
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
 
     def measure(schedule: Sequence[int]) -> float:
         _set_schedule(net, schedule, modulator)
         if timer is not None:
             return timer(base_net, images) / timer(net, images)
-
-        def run(m):
-            def fn():
-                with torch.no_grad():
-                    m(images)
-            return fn
-        t_base, t_cand = time_interleaved([run(base_net), run(net)], runs=runs, warmup=warmup)
-        return t_base / t_cand
+        from .bench import measure_throughput   # interleaved rounds, rotating order, no_grad
+        stats = measure_throughput({"unmerged": base_net, "candidate": net}, batch_size=batch_size,
+                                   image_size=image_size, rounds=runs, warmup=warmup, device=device)
+        return stats["candidate"].median / stats["unmerged"].median
 
     max_ratio = flops_ratio(dims, _strength_schedule(profile, {"geometric": 1.0}.get(profile, float(dims.num_tokens)),
                                                      dims), mod_flops)
