@@ -239,8 +239,10 @@ class ToMeConfig:
     """Token merging options.
 
     Attributes:
-        r: tokens merged per block: an int, a per-layer list, ``(r, inflect)``, or a named
-            schedule (``"low"``/``"high"``, where the backbone has one).
+        r: tokens merged per block: an int, a per-layer list, ``(r, inflect)``, a named
+            schedule (``"low"``/``"high"``, where the backbone has one), or a target derived for
+            this backbone (``"tokens:N"``, ``"flops:X"``, optionally ``":geometric"`` etc.; see
+            ``tokentune.schedules``).
         prop_attn: add ``log(size)`` to the attention logits (proportional attention).
         trace_source: record which patches every token stands for (visualisation).
     """
