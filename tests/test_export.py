@@ -28,18 +28,36 @@ def _options(spec):
     return opts
 
 
+def _cases():
+    """(id, method spec, options): the core combinations, every registered method, method variants."""
+    cases = [(s, s, {}) for s in ("lora+tome", "adapter+tome", "full+tome")]
+    methods = tokentune.available_methods()
+    cases += [(name, name, {}) for name in methods if name not in [c[0] for c in cases]]
+    if "pyra" in methods:
+        from tokentune.pyra import VARIANTS
+        cases += [(f"pyra-{v}", "pyra", dict(pyra_variant=v)) for v in VARIANTS if v != "pyra"]
+        cases += [("adapter+pyra", "adapter+pyra", {})]
+    return cases
+
+
+CASES = _cases()
+CASE_IDS = [c[0] for c in CASES]
+
+
 def _specs():
-    specs = ["lora+tome", "adapter+tome", "full+tome"]
-    for name in tokentune.available_methods():
-        if name not in specs:
-            specs.append(name)
-    return specs
+    return CASE_IDS
 
 
-def _trained(spec, seed=0, **kw):
-    """A model built for ``spec`` whose trainable parameters moved away from their init."""
+def _case(case_id):
+    return next((spec, opts) for cid, spec, opts in CASES if cid == case_id)
+
+
+def _trained(case_id, seed=0, **kw):
+    """A model built for a case whose trainable parameters moved away from their init."""
+    spec, opts = _case(case_id) if case_id in CASE_IDS else (case_id, {})
     torch.manual_seed(seed)
-    model = tokentune.create_model("vit_tiny_patch16_224", method=spec, num_classes=5, **_options(spec), **tiny(**kw))
+    model = tokentune.create_model("vit_tiny_patch16_224", method=spec, num_classes=5, **_options(spec), **opts,
+                                   **tiny(**kw))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
