@@ -311,3 +311,22 @@ def test_onnx_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(TokenTuneError, match=r"pip install 'tokentune\[onnx\]'"):
         export_onnx(_trained("lora"), tmp_path / "m.onnx")
+
+
+@pytest.mark.slow
+def test_compiled_load_equals_eager_and_does_not_recompile_for_new_images(tmp_path):
+    """ToMe's token counts are fixed by the schedule: new images at the same batch reuse the graph."""
+    from torch._dynamo.utils import counters
+
+    model = _trained("lora+tome")
+    export_deployed(model, tmp_path)
+    eager = load_deployed(tmp_path)
+    torch._dynamo.reset()
+    compiled = load_deployed(tmp_path, compile=True)
+    with torch.no_grad():
+        for i in range(3):
+            x = torch.randn(4, 3, 32, 32)
+            assert torch.allclose(compiled(x), eager(x), atol=1e-5, rtol=0)
+            if i == 0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -504,3 +504,80 @@ def _describe(model: nn.Module) -> str:
 def _first_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return (text[:240] + "...") if len(text) > 240 else text
+
+
+# ----------------------------------------------------------------------------- loading any saved model
+def load_model(path: PathLike, pretrained: Union[bool, str, None] = None,
+               device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """A model in eval mode from an export directory (:func:`load_deployed`) or a training run
+    directory (:func:`tokentune.load_trained`, with ``pretrained`` overriding the backbone source)."""
+    directory = os.fspath(path)
+    if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)):
+        return load_deployed(directory, device=device)
+    if not os.path.isdir(directory):
+        raise TokenTuneError(f"{directory!r} does not exist; pass a run directory or an export directory")
+    return load_trained(directory, pretrained=pretrained).to(device).eval()
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_pretrained(text: str) -> Union[bool, str]:
+    """``--pretrained`` value: ``hub`` (timm hub), ``none`` (random init) or a weights file."""
+    low = text.strip().lower()
+    if low in ("hub", "true"):
+        return True
+    if low in ("none", "false"):
+        return False
+    return text
+
+
+def add_export_command(parser) -> None:
+    """Options of ``tokentune export RUN_DIR OUT [--onnx]``."""
+    parser.add_argument("run", metavar="RUN_DIR",
+                        help="a run directory written by 'tokentune train' (or save_trained); with --onnx also an "
+                             "export directory")
+    parser.add_argument("out", metavar="OUT", help="export directory to write (deployed.safetensors, deployed.json)")
+    parser.add_argument("--pretrained", type=parse_pretrained, default=None, metavar="hub|PATH",
+                        help="where the frozen backbone weights come from [default: as recorded in the run]")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                        help="store floating tensors in this precision [default: as trained, usually float32]")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload the written export and check it reproduces the deployed model's outputs")
+    g = parser.add_argument_group("ONNX (needs pip install 'tokentune[onnx]')")
+    g.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (checked with onnxruntime when installed)")
+    g.add_argument("--onnx-file", default="model.onnx", metavar="NAME", help="ONNX file name inside OUT [default: model.onnx]")
+    g.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset [default: the exporter's]")
+    g.add_argument("--static-batch", action="store_true", help="fix the batch size in the graph (default: any batch)")
+    g.add_argument("--batch-size", type=int, default=1, metavar="N", help="example batch size traced [default: 1]")
+
+
+def _size(path: str) -> str:
+    n = os.path.getsize(path)
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def run_export_command(args) -> int:
+    """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
+    source = os.fspath(args.run)
+    if os.path.isfile(os.path.join(source, DEPLOYED_CONFIG)) and not os.path.isfile(os.path.join(source, CONFIG_NAME)):
+        if not args.onnx:
+            raise TokenTuneError(f"{source!r} is already an export; pass --onnx to write its ONNX graph")
+        deployed = load_deployed(source)
+    else:
+        deployed = export_deployed(source, args.out, pretrained=args.pretrained, dtype=args.dtype, verify=args.verify)
+        config = read_deployed_config(args.out)
+        spec = config["spec"]
+        weights = os.path.join(args.out, DEPLOYED_WEIGHTS)
+        print(f"exported {spec['method']} ({spec['model']}, {spec['num_classes']} classes) to {args.out}: "
+              f"{DEPLOYED_WEIGHTS} ({_size(weights)}, {config['num_tensors']} tensors), {DEPLOYED_CONFIG}"
+              f"{'; reload verified' if args.verify else ''}")
+    if args.onnx:
+        path = os.path.join(args.out, args.onnx_file)
+        export_onnx(deployed, path, batch_size=args.batch_size, dynamic_batch=not args.static_batch, opset=args.opset)
+        try:
+            import onnxruntime  # noqa: F401
+            checked = "outputs checked against PyTorch with onnxruntime"
+        except ImportError:
+            checked = "not checked (onnxruntime is not installed)"
+        print(f"onnx: {path} ({_size(path)}, {'batch ' + str(args.batch_size) if args.static_batch else 'any batch'}); "
+              f"{checked}")
+    return 0

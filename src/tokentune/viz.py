@@ -536,3 +536,83 @@ def plot_tradeoff(points_or_paths: Union[Sequence[TradeoffPoint], Sequence[PathL
         fig.text(0.01, 0.005, f"measured: {note}", fontsize=6, color="grey", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _save(fig, path, dpi)
+
+
+# ----------------------------------------------------------------------------- command line
+def _floats(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise TokenTuneError(f"expected comma-separated numbers like 0.5,0.5,0.5, got {text!r}") from None
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TokenTuneError(f"expected comma-separated block numbers like 3,6,9,12, got {text!r}") from None
+
+
+def _renames(pairs: Optional[Sequence[str]]) -> Dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise TokenTuneError(f"--rename expects OLD=NEW, got {pair!r}")
+        old, new = pair.split("=", 1)
+        out[old.strip()] = new.strip()
+    return out
+
+
+def add_viz_command(parser) -> None:
+    """Options of ``tokentune viz {merge,tradeoff} ...``."""
+    from .export import parse_pretrained
+
+    sub = parser.add_subparsers(dest="viz_kind", metavar="PICTURE")
+    sub.required = True
+    m = sub.add_parser("merge", help="which patches were merged into one token (ToMe/PYRA), at several depths",
+                       description="Run the model on each image with source tracing on and draw every merged group "
+                                   "in the mean colour of its pixels with its borders (the ToMe paper's figure).")
+    m.add_argument("model", metavar="MODEL_DIR", help="a run directory ('tokentune train') or an export directory")
+    m.add_argument("images", nargs="+", metavar="IMAGE", help="image files (resized to the model's input size, no crop)")
+    m.add_argument("--out", required=True, metavar="FILE", help="picture to write (.png, .pdf, .svg)")
+    m.add_argument("--depths", type=_ints, default=None, metavar="D,D,...",
+                   help="after how many blocks to draw, e.g. 3,6,9,12 [default: up to 4 spread over the merging blocks]")
+    m.add_argument("--style", choices=["mean", "random"], default="mean",
+                   help="mean: each group in its mean colour (ToMe paper); random: random colours over the image")
+    m.add_argument("--mean", type=_floats, default=None, metavar="R,G,B", help="input normalisation mean [default: the model's]")
+    m.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="input normalisation std [default: the model's]")
+    m.add_argument("--pretrained", type=parse_pretrained, default=None, metavar="hub|PATH",
+                   help="for a run directory: where the frozen backbone comes from [default: as recorded]")
+    m.add_argument("--dpi", type=int, default=100, metavar="N", help="resolution [default: 100]")
+    t = sub.add_parser("tradeoff", help="accuracy versus throughput or FLOPs across methods",
+                       description="Join accuracy from run results (results.json, summaries) with throughput/FLOPs "
+                                   "from benchmark tables (bench JSON) by method label and plot them.")
+    t.add_argument("paths", nargs="+", metavar="PATH", help="run directories, results.json files, bench/summary JSON files")
+    t.add_argument("--out", required=True, metavar="FILE", help="picture to write (.png, .pdf, .svg)")
+    t.add_argument("--x", choices=sorted(_X_AXES), default="throughput",
+                   help="x axis: throughput (images/s), gmacs (the papers' GFLOPs) or gflops [default: throughput]")
+    t.add_argument("--metric", choices=["top1", "best"], default="top1",
+                   help="run accuracy: top1 after the last epoch, or best over epochs (optimistic) [default: top1]")
+    t.add_argument("--rename", action="append", metavar="OLD=NEW",
+                   help="rename a label so rows of different files join (repeatable)")
+    t.add_argument("--title", default=None, help="figure title")
+    t.add_argument("--no-frontier", action="store_true", help="do not draw the Pareto front")
+    t.add_argument("--dpi", type=int, default=100, metavar="N", help="resolution [default: 100]")
+
+
+def run_viz_command(args) -> int:
+    """``tokentune viz``: draw the picture asked for."""
+    if args.viz_kind == "merge":
+        from .export import load_model
+
+        model = load_model(args.model, pretrained=args.pretrained)
+        path = plot_merged_tokens(model, list(args.images), args.out, depths=args.depths, style=args.style,
+                                  mean=args.mean, std=args.std, dpi=args.dpi)
+    elif args.viz_kind == "tradeoff":
+        metric = "best_top1_over_epochs" if args.metric == "best" else "top1"
+        path = plot_tradeoff(args.paths, args.out, x=args.x, rename=_renames(args.rename), metric=metric,
+                             title=args.title, frontier=not args.no_frontier, dpi=args.dpi)
+    else:   # argparse only lets registered pictures through
+        raise TokenTuneError(f"unknown picture {args.viz_kind!r}")
+    print(f"wrote {path}")
+    return 0
