@@ -122,6 +122,24 @@ def test_already_deployed_model_exports_as_is(tmp_path):
         assert torch.equal(load_deployed(tmp_path)(x), deployed(x))
 
 
+def test_wrapped_models_export_their_module(tmp_path):
+    model = _trained("lora+tome")
+    export_deployed(torch.compile(model), tmp_path / "compiled")       # unwrapped, never compiled here
+    export_deployed(_Wrapper(model), tmp_path / "wrapped")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for name in ("compiled", "wrapped"):
+            assert torch.allclose(load_deployed(tmp_path / name)(x), model(x), atol=1e-5)
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands for DistributedDataParallel/DataParallel: the model under ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
 def test_export_from_run_directory_with_pretrained_override(tmp_path):
     backbone = timm.create_model("vit_tiny_patch16_224", num_classes=5, **tiny())
     weights = tmp_path / "backbone.safetensors"
@@ -330,3 +348,29 @@ def test_compiled_load_equals_eager_and_does_not_recompile_for_new_images(tmp_pa
             if i == 0:
                 graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def _cli(argv):
+    """Run the export command the way the command line does."""
+    import argparse
+    from tokentune.export import add_export_command, run_export_command
+
+    parser = argparse.ArgumentParser(prog="tokentune export")
+    add_export_command(parser)
+    return run_export_command(parser.parse_args(argv))
+
+
+def test_export_command(tmp_path, capsys):
+    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=5, **tiny())
+    save_file(backbone.state_dict(), str(tmp_path / "b.safetensors"))
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=5, tome_r=[3, 2],
+                                   pretrained=str(tmp_path / "b.safetensors"), **tiny()).eval()
+    tokentune.save_trained(model, str(tmp_path / "run"))
+    assert _cli([str(tmp_path / "run"), str(tmp_path / "out"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "exported lora+tome (vit_tiny_patch16_224, 5 classes)" in out and "reload verified" in out
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_deployed(tmp_path / "out")(x), model(x), atol=1e-5)
+    with pytest.raises(TokenTuneError, match="already an export; pass --onnx"):
+        _cli([str(tmp_path / "out"), str(tmp_path / "out2")])

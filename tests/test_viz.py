@@ -174,3 +174,31 @@ def test_tradeoff_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(TokenTuneError, match="not valid JSON"):
         viz.load_tradeoff_points([tmp_path / "bad.json"])
+
+
+def _cli(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tokentune viz")
+    viz.add_viz_command(parser)
+    return viz.run_viz_command(parser.parse_args(argv))
+
+
+def test_viz_commands(tmp_path, capsys):
+    from PIL import Image
+    from tokentune.export import export_deployed
+
+    export_deployed(_tome(), tmp_path / "export")
+    Image.fromarray((_image() * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    assert _cli(["merge", str(tmp_path / "export"), str(tmp_path / "a.png"), "--out", str(tmp_path / "m.png"),
+                 "--depths", "2,4", "--dpi", "40"]) == 0
+    assert png_size(tmp_path / "m.png") == (300, 116)               # 3 panels of 2.5 in, 2.9 in high, 40 dpi
+    assert "wrote" in capsys.readouterr().out
+    _write_runs(tmp_path / "runs", [("lora", 70.0), ("lora+tome", 69.0)])
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": [{"model": "lora (merged)", "GMACs": 4.0},
+                                                               {"model": "lora+tome", "GMACs": 2.0}]}))
+    assert _cli(["tradeoff", str(tmp_path / "runs"), str(tmp_path / "bench.json"), "--x", "gmacs",
+                 "--rename", "lora (merged)=lora", "--out", str(tmp_path / "t.png")]) == 0
+    assert png_size(tmp_path / "t.png") == (600, 450)
+    with pytest.raises(TokenTuneError, match="--rename expects OLD=NEW"):
+        _cli(["tradeoff", str(tmp_path / "runs"), "--rename", "lora", "--out", str(tmp_path / "t.png")])

@@ -129,8 +129,11 @@ def _versions() -> Dict[str, str]:
 
 
 def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str, None]) -> nn.Module:
-    """A tokentune model from a model or a training run directory."""
+    """A tokentune model from a model (compiled or DDP-wrapped ones unwrapped) or a training run directory."""
     if isinstance(source, nn.Module):
+        while hasattr(source, "_orig_mod") or (hasattr(source, "module") and not hasattr(source, "tokentune_spec")
+                                                and isinstance(getattr(source, "module"), nn.Module)):
+            source = getattr(source, "_orig_mod", None) or source.module
         return source
     directory = os.fspath(source)
     if not os.path.isdir(directory):
