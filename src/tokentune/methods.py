@@ -200,7 +200,7 @@ def _apply_adapter(model, cfg: AdapterConfig, ctx) -> None:
 
 
 def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
-    """A ToMe schedule (int, list, (r, inflect) or name) -> one fitted r per block.
+    """A ToMe schedule (int, list, (r, inflect), name or target string) -> one fitted r per block.
 
     Named and list schedules must fit the token count exactly; int and (r, inflect) schedules
     are capped per block as ToMe defines them.
@@ -208,7 +208,9 @@ def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
     blocks = adapted_blocks(model)
     strict = isinstance(r, (list, str)) or (isinstance(r, tuple) and not (len(r) == 2 and isinstance(r[1], float)))
     if isinstance(r, str):
-        r = named_schedule(model_name, r, len(blocks))
+        from .schedules import resolve_target   # "tokens:N" / "flops:X" targets
+        target = resolve_target(model, r)
+        r = target if target is not None else named_schedule(model_name, r, len(blocks))
     values = parse_schedule(r, len(blocks))
     return fit_schedule(values, num_input_tokens(model), model.num_prefix_tokens, strict=strict)
 

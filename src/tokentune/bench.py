@@ -1,0 +1,273 @@
+"""Honest efficiency measurement: parameters, FLOPs, throughput, latency, memory.
+
+* FLOPs come from ``torch.utils.flop_counter`` on the real forward (so ToMe/PYRA schedules and DyT
+  activation rates are reflected). One multiply-add counts as 2 FLOPs there; the papers (fvcore)
+  count it as 1, so every table gives both ``GFLOPs`` and ``GMACs`` (= the papers' "GFLOPs").
+  PyTorch's counter has no formula for the CPU fused attention kernel and counts it as zero; we
+  register one (the same formula PyTorch uses for the GPU kernels), so attention is counted on CPU
+  and GPU alike.
+* Throughput and latency are measured side by side: all candidates are warmed up, then timed in
+  interleaved rounds (the order rotates every round), so slow drifts of the machine hit them all.
+  We report the median and the spread (min-max over rounds) of images per second.
+* Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak of live tensor
+  storage during the call, tracked exactly by a dispatch mode (it does not include allocator
+  caching or the model's parameters).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+# ----------------------------------------------------------------------------- FLOPs
+_REGISTERED = False
+
+
+def _register_cpu_attention_flops() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    aten = torch.ops.aten
+    try:
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+        def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+            return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+        @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
+        def _cpu_sdpa_bwd(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+            return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+    except (AttributeError, ValueError, RuntimeError):   # older torch / already registered
+        pass
+    _REGISTERED = True
+
+
+def count_flops(model: nn.Module, images: torch.Tensor, **forward_kwargs) -> int:
+    """FLOPs (2 per multiply-add) of one forward of ``model`` on ``images``, attention included."""
+    _register_cpu_attention_flops()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(images, **forward_kwargs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def flops_per_image(model: nn.Module, image_size: int = 224, batch_size: int = 1, device="cpu") -> float:
+    """Forward FLOPs per image at ``image_size`` (averaged over a batch of random images)."""
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    return count_flops(model, images) / batch_size
+
+
+# ----------------------------------------------------------------------------- memory
+class _LiveTensorTracker(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks bytes of live tensor storage created inside the mode; keeps the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen = set()
+
+    def _release(self, key, nbytes) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key = (storage.data_ptr(), storage.device.type)
+                if key in self._seen or storage.data_ptr() == 0:
+                    continue
+                nbytes = storage.nbytes()
+                self._seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._release, key, nbytes) if hasattr(storage, "__weakref__") else None
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while running ``fn`` (see the module docstring for what counts)."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    tracker = _LiveTensorTracker()
+    with tracker:
+        result = fn()
+    del result
+    return int(tracker.peak)
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclass
+class TimingStats:
+    """Images per second over timed rounds."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+    batch_size: int
+    seconds_per_batch: float
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image_size: int = 224,
+                       rounds: int = 10, warmup: int = 2, iters_per_round: int = 1, dtype: str = "fp32",
+                       device="cpu", seed: int = 0) -> Dict[str, TimingStats]:
+    """Interleaved inference throughput of several models on the same random batch.
+
+    Every model is warmed up ``warmup`` times, then ``rounds`` rounds time ``iters_per_round``
+    forwards of each model in turn (the order rotates each round). ``eval`` and ``no_grad``;
+    CUDA is synchronised around each timed block.
+    """
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device)
+    names = list(models)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    with torch.inference_mode(), _autocast(device, dtype):
+        for n in names:
+            models[n].eval()
+            for _ in range(warmup):
+                models[n](images)
+        _sync(device)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iters_per_round):
+                    models[n](images)
+                _sync(device)
+                times[n].append((time.perf_counter() - t0) / iters_per_round)
+    out = {}
+    for n in names:
+        ips = [batch_size / t for t in times[n]]
+        out[n] = TimingStats(median=statistics.median(ips), low=min(ips), high=max(ips), rounds=rounds,
+                             batch_size=batch_size, seconds_per_batch=statistics.median(times[n]))
+    return out
+
+
+def measure_train_step(model: nn.Module, batch_size: int = 16, image_size: int = 224, steps: int = 3,
+                       warmup: int = 1, dtype: str = "fp32", device="cpu", num_classes: Optional[int] = None):
+    """Seconds per training step (forward, backward, AdamW step on trainable params) and peak memory."""
+    device = torch.device(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    num_classes = num_classes or int(getattr(model, "num_classes", 10) or 10)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    targets = torch.randint(0, num_classes, (batch_size,), device=device)
+
+    def step():
+        with _autocast(device, dtype):
+            loss = nn.functional.cross_entropy(model(images), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for _ in range(warmup):
+        step()
+    mem = peak_memory(step, device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    model.eval()
+    return {"seconds_per_step": statistics.median(times), "peak_memory_bytes": mem}
+
+
+# ----------------------------------------------------------------------------- environment
+def environment(device="cpu", dtype: str = "fp32") -> Dict[str, object]:
+    """What a benchmark table must state: device, threads, dtype, versions."""
+    import timm
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return {
+        "device": f"{device.type}: {name}",
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
+    """Rows of dicts -> a markdown table with the given columns."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.2f}" if abs(v) >= 1 else f"{v:.4f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(path_prefix: str, rows: Sequence[Dict[str, object]], env: Dict[str, object],
+                  columns: Sequence[str], title: str = "") -> str:
+    """Write ``<prefix>.md`` and ``<prefix>.json``; returns the markdown text."""
+    env_line = ", ".join(f"{k}={v}" for k, v in env.items())
+    md = (f"## {title}\n\n" if title else "") + f"Environment: {env_line}\n\n" + markdown_table(rows, columns) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
+    with open(path_prefix + ".md", "w") as fh:
+        fh.write(md)
+    with open(path_prefix + ".json", "w") as fh:
+        json.dump({"title": title, "environment": env, "rows": list(rows)}, fh, indent=2, default=str)
+    return md

@@ -1,0 +1,45 @@
+"""Measurement instruments: FLOPs (attention counted on CPU), memory, interleaved timing."""
+import torch
+
+import tokentune
+from tokentune import bench
+
+from conftest import tiny
+
+
+def _vit_macs(tokens, dim, mlp_ratio, patches, patch, num_classes):
+    """Multiply-adds of a ViT: patch embedding + blocks + head. ``tokens[i]`` enter block i's attention,
+    ``tokens[i + 1]`` its MLP (merging sits between them)."""
+    macs = patches * 3 * patch * patch * dim + dim * num_classes
+    for n, m in zip(tokens[:-1], tokens[1:]):
+        macs += n * dim * 3 * dim + 2 * n * n * dim + n * dim * dim + 2 * m * dim * int(dim * mlp_ratio)
+    return macs
+
+
+def test_flops_count_attention_on_cpu():
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=5, **tiny()).eval()
+    flops = bench.count_flops(tokentune.deploy(model), torch.randn(1, 3, 32, 32))
+    assert flops == 2 * _vit_macs([17] * 5, 48, 4.0, 16, 8, 5)
+
+
+def test_flops_follow_the_merge_schedule():
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=5, tome_r=[4, 3, 2, 1],
+                                   **tiny()).eval()
+    flops = bench.count_flops(tokentune.deploy(model), torch.randn(2, 3, 32, 32)) / 2
+    # matching similarity a @ b^T is also a matmul: [ceil(n/2), head_dim] x [head_dim, floor(n/2)] per image
+    tokens = [17, 13, 10, 8, 7]
+    match = sum(((n + 1) // 2) * (n // 2) * 16 for n in tokens[:-1])
+    assert flops == 2 * (_vit_macs(tokens, 48, 4.0, 16, 8, 5) + match)
+
+
+def test_peak_memory_and_timing_structure():
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora", **tiny()).eval()
+    mem = bench.peak_memory(lambda: model(torch.randn(4, 3, 32, 32)), "cpu")
+    assert mem > 4 * 17 * 48 * 4          # at least one block's activations were alive at once
+    stats = bench.measure_throughput({"a": model, "b": tokentune.deploy(model)}, batch_size=2, image_size=32,
+                                     rounds=2, warmup=1)
+    assert set(stats) == {"a", "b"} and all(s.median > 0 and s.low <= s.median <= s.high for s in stats.values())
+    step = bench.measure_train_step(model, batch_size=2, image_size=32, steps=1, warmup=1)
+    assert step["seconds_per_step"] > 0 and step["peak_memory_bytes"] > 0
+    env = bench.environment()
+    assert {"device", "threads", "dtype", "torch", "timm"} <= set(env)
