@@ -576,3 +576,16 @@ def test_recipe_is_valid():
                                    **dict(recipe.model_options, **tiny()))
     assert model.dyt_config.bottleneck == 16 and model.dyt_config.target_rate == 0.5
     assert model.head.weight.std().item() == pytest.approx(0.01, rel=0.3)
+
+
+def test_save_and_load_trained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = _model("attn_mlp", dyt_experts=2, dyt_tau_end=1.0).eval()
+    _randomize(model)
+    tokentune.save_trained(model, str(tmp_path))
+    torch.manual_seed(0)                       # same random backbone
+    loaded = tokentune.load_trained(str(tmp_path)).eval()
+    assert loaded.dyt_config == model.dyt_config
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
