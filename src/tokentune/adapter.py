@@ -10,7 +10,7 @@ post-attention (un-normalised) stream::
 DyT reference (``adaptmlp.down_proj``/``adaptmlp.up_proj`` there, ``adapter.down_proj``/
 ``adapter.up_proj`` here).
 
-:class:`MoEAdapter` is DyT's mixture-of-experts adapter (Sec. 3.4): ``N`` experts with their own
+:class:`MoEAdapter` is DyT's mixture-of-experts adapter: ``N`` experts with their own
 down/up weights, a routing layer that turns the mean token of each image into softmax weights
 ``alpha``, and the experts merged *in weight space* per image (``W = sum_i alpha_i W_i``), so
 running it costs one adapter, not ``N``.

@@ -2,7 +2,7 @@
 
 A *token dispatcher* per block decides, per token, whether the token takes part in a
 skippable computation (attention, the MLP, or the whole block); an adapter processes every token
-in parallel with it, so skipped tokens are still adapted (Eq. 3-4)::
+in parallel with it, so skipped tokens are still adapted::
 
     X' = X + M * Block(X) + Adapter(X)        forward with the hard mask M,
                                               backward with the soft mask S (straight-through)
@@ -34,13 +34,20 @@ keys/values. Readings where the paper gives only a figure (documented choices):
 Execution. Training multiplies the skippable update by the gate (every token is computed).
 Inference (eval mode, ``inference="skip"``, the default; :func:`tokentune.deploy` forces it)
 really skips: the MLP runs once on the active rows of the whole batch (flatten to ``(B*N, C)``,
-``index_select``, norm2 + MLP, ``index_add`` back); attention gathers the active tokens of every
-image, pads to the largest count in the batch with a key mask, and scatters back. Both paths give
-the same outputs (to float precision). Per-forward options, ``model(x, **options)``:
+``index_select``, norm2 + MLP, ``index_copy`` of ``x + update`` back); attention gathers the
+active tokens of every image, pads to the largest count in the batch with a key mask, and writes
+back the same way. Both paths give the same outputs (to float precision), so FLOPs and time
+follow the activation rate. Per-forward options, ``model(x, **options)``:
 
 * ``dyt_complete=True``: the *complete model*, every token active (same weights); a bool
   tensor [B] makes only those rows complete (the loss uses one forward on ``cat([x, x])``).
 * ``dyt_execution="mask"`` / ``"skip"``: override the inference path for this forward.
+
+Temperature: constant ``tau`` by default; with ``tau_end`` the training loop calls
+:func:`update_temperature` (``model``, progress in [0, 1]) each step, or a user calls
+:func:`set_temperature` / :func:`temperature_at` directly. :func:`calibrate_activation` sets the
+dispatcher biases to reach a given rate on a batch (benchmarks of untrained models).
+:func:`activation_stats` gives per-layer and overall rates over a dataset and per-image masks.
 
 DyT + ToMe (``method="dyt+tome"``, MLP Dispatch only): ToMe merges between attention and the
 MLP as usual, then the dispatcher sees the *merged* tokens and the MLP runs on the active merged
@@ -75,8 +82,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +152,7 @@ class DyTConfig:
 
 
 def validate(cfg: DyTConfig, depth: int) -> None:
+    """One clear error for any option out of range (``depth``: the model's block count)."""
     if cfg.variant not in VARIANTS:
         raise TokenTuneError(f"unknown dyt variant {cfg.variant!r}; choose from {', '.join(VARIANTS)}")
     if not 0.0 <= cfg.target_rate <= 1.0:
@@ -196,7 +204,8 @@ class DispatchRecord:
 
 
 def _gumbel(like: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) samples: -log(E), E ~ Exp(1)."""
+    """Gumbel(0, 1) samples: -log(E), E ~ Exp(1). A sigmoid is a two-way softmax, so its
+    Gumbel-softmax noise is the difference of two Gumbels (a logistic sample)."""
     return -torch.empty_like(like, memory_format=torch.legacy_contiguous_format).exponential_().log()
 
 

@@ -170,7 +170,7 @@ class AdaptedBlock(nn.Module):
         attn_adapter: a module on the block input, added in parallel with attention.
         layer_adapter: a module on the block input, added in parallel with the whole block.
 
-    With dispatchers the block computes (``M`` the dispatch mask, Eq. 3-4 of DyT)::
+    With dispatchers the block computes (``M`` the dispatch mask, as in DyT)::
 
         x1 = x  + M_attn * drop_path1(ls1(attn(norm1(x)))) + attn_adapter(x)
         x1 = merge(x1)
