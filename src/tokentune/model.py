@@ -10,6 +10,11 @@ fused SDPA and weight loading keep working) and adds optional plug-ins::
     x, state = merge(x, keys, state)                  ToMe / PYRA (between attention and MLP)
     x = x + drop_path2(ls2(mlp(norm2(x)))) + adapter(x)
 
+Token dispatchers (DyT) make attention, the MLP or the whole block *skippable* per token: a
+dispatcher returns a :class:`Dispatch` (which tokens take part) and the block either multiplies
+the skippable update by the mask (training: the straight-through gate) or gathers the active
+tokens, computes them only, and scatters the result back (inference).
+
 A :class:`TokenState` travels with the tokens from block to block. It is created per forward
 and every block returns a new one instead of mutating it, so gradient checkpointing (which
 re-runs a block in backward) and re-entrant calls stay correct.
@@ -17,6 +22,7 @@ re-runs a block in backward) and re-entrant calls stay correct.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -66,6 +72,28 @@ class TokenState:
         return self.size.log().transpose(1, 2).unsqueeze(1)
 
 
+@dataclass
+class Dispatch:
+    """Which tokens take part in a skippable computation, as decided by a token dispatcher.
+
+    Attributes:
+        active: [B, N] bool, the hard decision (prefix tokens are always active).
+        gate: [B, N] float multiplier for the mask-multiply path; in training the straight-through
+            estimator (forward values exactly 0/1, gradient of the soft mask). None = ``active``.
+        skip: compute the active tokens only (gather, compute, scatter back) instead of
+            multiplying by the mask; inference only, it carries no gradient to the dispatcher.
+    """
+
+    active: torch.Tensor
+    gate: Optional[torch.Tensor] = None
+    skip: bool = False
+
+    def multiplier(self, like: torch.Tensor) -> torch.Tensor:
+        """[B, N, 1] mask to multiply an update by."""
+        gate = self.gate if self.gate is not None else self.active.to(like.dtype)
+        return gate.unsqueeze(-1)
+
+
 # ----------------------------------------------------------------------------- attention
 def check_attention(attn: nn.Module) -> None:
     """Raise a clear error for attention modules this layer cannot drive."""
@@ -113,6 +141,18 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     return out, (k.mean(1) if return_keys else None)
 
 
+def key_mask_bias(active: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Additive attention bias [B, 1, 1, N] that hides inactive keys (and adds ``bias``).
+
+    An image without any active token keeps all its keys (its softmax would be empty); every
+    update of such an image is gated to zero anyway.
+    """
+    hide = ~active & active.any(dim=1, keepdim=True)
+    mask = torch.zeros(active.shape, dtype=torch.float32, device=active.device).masked_fill(hide, -math.inf)
+    mask = mask[:, None, None, :]
+    return mask if bias is None else bias + mask
+
+
 # ----------------------------------------------------------------------------- block
 _ADOPTED = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -123,6 +163,21 @@ class AdaptedBlock(nn.Module):
     Plug-ins (each None when unused):
         merge: :class:`tokentune.tome.TokenMerging` run between attention and MLP.
         adapter: a module on the post-attention stream, added in parallel with the MLP.
+        attn_dispatcher, mlp_dispatcher, layer_dispatcher: token dispatchers (DyT), called as
+            ``dispatcher(x, state) -> (Dispatch or None, state)``; they decide which tokens take
+            part in attention (as queries, keys and values), in the MLP, or in both (one decision
+            for the whole block). None from a dispatcher means every token takes part.
+        attn_adapter: a module on the block input, added in parallel with attention.
+        layer_adapter: a module on the block input, added in parallel with the whole block.
+
+    With dispatchers the block computes (``M`` the dispatch mask, as in DyT)::
+
+        x1 = x  + M_attn * drop_path1(ls1(attn(norm1(x)))) + attn_adapter(x)
+        x1 = merge(x1)
+        x2 = x1 + M_mlp  * drop_path2(ls2(mlp(norm2(x1)))) + adapter(x1) + layer_adapter(x)
+
+    where attention runs among the active tokens only. With ``Dispatch.skip`` the inactive
+    tokens are left out of the computation instead of being multiplied by zero.
     """
 
     def __init__(self, block: nn.Module) -> None:
@@ -138,8 +193,15 @@ class AdaptedBlock(nn.Module):
         self.timm_block_class = type(block)
         self.merge: Optional[nn.Module] = None
         self.adapter: Optional[nn.Module] = None
+        self.attn_dispatcher: Optional[nn.Module] = None
+        self.mlp_dispatcher: Optional[nn.Module] = None
+        self.layer_dispatcher: Optional[nn.Module] = None
+        self.attn_adapter: Optional[nn.Module] = None
+        self.layer_adapter: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
+        if self.is_dispatched():
+            return self._forward_dispatched(x, state)
         h, keys = attention(self.attn, self.norm1(x), bias=state.attn_bias(),
                             return_keys=self.merge is not None)
         x = x + self.drop_path1(self.ls1(h))
@@ -149,6 +211,106 @@ class AdaptedBlock(nn.Module):
         if self.adapter is None:
             return x + mlp_out, state
         return x + mlp_out + self.adapter(x), state
+
+    # ------------------------------------------------------------------ token dispatch (DyT)
+    def is_dispatched(self) -> bool:
+        """Whether the block carries DyT plug-ins (dispatchers or the extra adapters)."""
+        return (self.mlp_dispatcher is not None or self.attn_dispatcher is not None or self.layer_dispatcher is not None
+                or self.attn_adapter is not None or self.layer_adapter is not None)
+
+    def _forward_dispatched(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
+        x_in = x
+        first = self.layer_dispatcher if self.layer_dispatcher is not None else self.attn_dispatcher
+        d_attn = None
+        if first is not None:
+            d_attn, state = first(x, state)
+        # adapters run on every token, in parallel with what may be skipped; they are called
+        # right after their dispatcher (the reference's order, so seeded dropout draws match)
+        side_layer = self.layer_adapter(x_in) if self.layer_adapter is not None else None
+        side_attn = self.attn_adapter(x_in) if self.attn_adapter is not None else None
+        x, keys = self._attention_step(x, state, d_attn)
+        if side_attn is not None:
+            x = x + side_attn
+        if self.merge is not None:
+            if keys is None:
+                raise TokenTuneError("token merging needs the attention keys of every token; "
+                                     "combine ToMe only with MLP Dispatch (dyt_variant='mlp')")
+            x, state = self.merge(x, keys, state)
+        d_mlp = d_attn if self.layer_dispatcher is not None else None
+        if self.mlp_dispatcher is not None:
+            d_mlp, state = self.mlp_dispatcher(x, state)
+        side = self.adapter(x) if self.adapter is not None else None
+        x = self._mlp_step(x, d_mlp)
+        if side is not None:
+            x = x + side
+        if side_layer is not None:
+            x = x + side_layer
+        return x, state
+
+    def _attention_step(self, x: torch.Tensor, state: TokenState, d: Optional[Dispatch]):
+        """``x + M * attention update``; returns the new stream and the keys (dense only)."""
+        if d is None:
+            h, keys = attention(self.attn, self.norm1(x), bias=state.attn_bias(), return_keys=self.merge is not None)
+            return x + self.drop_path1(self.ls1(h)), keys
+        if d.skip:
+            return self._attention_active(x, state, d.active), None
+        # mask-multiply: inactive tokens are hidden as keys, their own update is gated to zero
+        h, _ = attention(self.attn, self.norm1(x), bias=key_mask_bias(d.active, state.attn_bias()))
+        return x + self.drop_path1(self.ls1(h)) * d.multiplier(h), None
+
+    def _attention_active(self, x: torch.Tensor, state: TokenState, active: torch.Tensor) -> torch.Tensor:
+        """Attention among the active tokens of each image only, batched.
+
+        The active tokens of every image are gathered to the front (original order kept),
+        padded to the largest active count in the batch and hidden as keys where padded;
+        padded rows (inactive tokens) get exactly their input back, the others their update.
+        """
+        B, N, C = x.shape
+        counts = active.sum(dim=1)
+        k = int(counts.max())
+        if k == 0:
+            return x
+        if k == N and bool(active.all()):
+            return self._attention_step(x, state, None)[0]
+        order = torch.argsort((~active).to(torch.uint8), dim=1, stable=True)[:, :k]   # active first
+        rows = (order + torch.arange(B, device=x.device)[:, None] * N).reshape(-1)    # distinct rows of (B*N, C)
+        flat = x.reshape(B * N, C)
+        xs = flat.index_select(0, rows).view(B, k, C)
+        bias = state.attn_bias()
+        if bias is not None:
+            bias = bias.gather(-1, order[:, None, None, :])
+        valid = None
+        if B > 1 and int(counts.min()) < k:
+            valid = torch.arange(k, device=x.device)[None, :] < counts[:, None]
+            bias = key_mask_bias(valid, bias)
+        h, _ = attention(self.attn, self.norm1(xs), bias=bias)
+        update = self.drop_path1(self.ls1(h)).to(x.dtype)
+        if valid is not None:
+            update = torch.where(valid.unsqueeze(-1), update, torch.zeros((), dtype=x.dtype, device=x.device))
+        # index_copy of (x + update) is much faster on CPU than index_add/scatter_add
+        return flat.clone().index_copy_(0, rows, (xs + update).reshape(-1, C)).view(B, N, C)
+
+    def _mlp_step(self, x: torch.Tensor, d: Optional[Dispatch]) -> torch.Tensor:
+        """``x + M * MLP update`` (the mask applied after drop_path2/ls2, as the DyT reference)."""
+        if d is not None and d.skip:
+            return self._mlp_active(x, d.active)
+        update = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x + update if d is None else x + update * d.multiplier(update)
+
+    def _mlp_active(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The MLP on the active tokens of the whole batch at once: flatten to (B*N, C), gather
+        the active rows, run norm2 + MLP once, write ``x + update`` back at those rows."""
+        B, N, C = x.shape
+        flat = x.reshape(B * N, C)
+        rows = active.reshape(-1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return x
+        if rows.numel() == B * N:
+            return self._mlp_step(x, None)
+        picked = flat.index_select(0, rows)
+        update = self.drop_path2(self.ls2(self.mlp(self.norm2(picked))))
+        # index_copy of (x + update) is much faster on CPU than index_add/scatter_add
+        return flat.clone().index_copy_(0, rows, picked + update.to(x.dtype)).view(B, N, C)
 
     def plugins(self):
         """Names of the plug-in modules this block carries (beyond timm's own submodules)."""
