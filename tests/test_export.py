@@ -37,6 +37,10 @@ def _cases():
         from tokentune.pyra import VARIANTS
         cases += [(f"pyra-{v}", "pyra", dict(pyra_variant=v)) for v in VARIANTS if v != "pyra"]
         cases += [("adapter+pyra", "adapter+pyra", {})]
+    if "dyt" in methods:
+        from tokentune.dyt import VARIANTS as DYT_VARIANTS
+        cases += [(f"dyt-{v}", "dyt", dict(dyt_variant=v)) for v in DYT_VARIANTS if v != "mlp"]
+        cases += [("dyt-moe", "dyt", dict(dyt_experts=3)), ("dyt+tome", "dyt+tome", {})]
     return cases
 
 
@@ -80,6 +84,12 @@ def test_round_trip_equals_trained_model(spec, tmp_path):
         assert torch.equal(got, deployed(x))           # the same deployed computation, bit for bit
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     assert type(loaded) is type(deployed)
+    if "dyt" in spec:                 # dispatchers really skip part of the tokens in the loaded model
+        from tokentune import dyt
+        with torch.no_grad():
+            _, state = loaded(x, return_state=True)
+        assert 0.1 < float(dyt.activation_rate(state)) < 0.9
+        assert all(d.inference == "skip" for d in dyt.dispatchers(loaded))
     # every tensor of the deployed model is in the one file, nothing else
     stored = load_file(str(tmp_path / DEPLOYED_WEIGHTS))
     names = {n for n, _ in deployed.named_parameters()} | {n for n, _ in deployed.named_buffers()}
@@ -295,7 +305,8 @@ def _onnx_round_trip(spec, tmp_path, dynamic_batch=True):
 
     model = _trained(spec)
     deployed = tokentune.deploy(model)
-    path = export_onnx(model, tmp_path / "model.onnx", dynamic_batch=dynamic_batch, verify=False)
+    path = export_onnx(model, tmp_path / "model.onnx", dynamic_batch=dynamic_batch, verify=False,
+                       dyt_mask_form=True if "dyt" in spec else None)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for batch in ([1, 2, 5] if dynamic_batch else [1]):
         x = torch.randn(batch, 3, 32, 32)
@@ -313,6 +324,14 @@ def test_onnx_round_trip_lora_tome(tmp_path):
 @pytest.mark.parametrize("spec", ONNX_SPECS)
 def test_onnx_round_trip(spec, tmp_path):
     _onnx_round_trip(spec, tmp_path)
+
+
+def test_onnx_dyt_skip_form_is_refused_clearly(tmp_path):
+    from tokentune.export import export_onnx
+
+    with pytest.raises(TokenTuneError, match="data-dependent shapes.*dyt_mask_form=True") as e:
+        export_onnx(_trained("dyt"), tmp_path / "m.onnx", dyt_mask_form=False)
+    _one_line(e)
 
 
 def test_onnx_missing_is_a_clear_error(tmp_path, monkeypatch):

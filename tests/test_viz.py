@@ -202,3 +202,88 @@ def test_viz_commands(tmp_path, capsys):
     assert png_size(tmp_path / "t.png") == (600, 450)
     with pytest.raises(TokenTuneError, match="--rename expects OLD=NEW"):
         _cli(["tradeoff", str(tmp_path / "runs"), "--rename", "lora", "--out", str(tmp_path / "t.png")])
+
+
+# ----------------------------------------------------------------------------- DyT pictures
+def _dyt(method="dyt", **kw):
+    import math
+    torch.manual_seed(0)
+    model = tokentune.create_model("vit_tiny_patch16_224", method=method, num_classes=5, dyt_bottleneck=4,
+                                   **kw, **tiny()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("dispatcher.linear.weight"):
+                p.normal_(0, 1 / math.sqrt(p.shape[1]))
+    return model
+
+
+@pytest.mark.parametrize("method,kw", [("dyt", {}), ("dyt+tome", dict(tome_r=2)), ("dyt", dict(dyt_variant="attn_mlp"))])
+def test_dyt_activation_on_images_equals_activation_stats(method, kw):
+    from tokentune import dyt
+
+    model = _dyt(method, **kw)
+    images = [_image(i) for i in range(3)]
+    stats, pixels = viz.dyt_activation(model, images, batch_size=2)
+    assert len(pixels) == 3 and pixels[0].shape == (32, 32, 3)
+    batch, _ = viz._model_inputs(model, images, None, None)
+    want = dyt.activation_stats(model, [batch], keep_masks=True)
+    assert stats.names == want.names and stats.per_layer == pytest.approx(want.per_layer)
+    assert torch.equal(stats.masks, want.masks) and stats.num_images == 3
+    assert 0.05 < stats.overall < 0.95                         # the picture shows a real mix
+
+
+def test_dyt_pictures_are_pngs_of_the_asked_size(tmp_path):
+    model = _dyt()
+    path = viz.plot_activated_tokens(tokentune.deploy(model), [_image(0), _image(1)], tmp_path / "tok.png",
+                                     layers=[0, 3], panel_size=2.0, dpi=50)
+    assert png_size(path) == (300, 240)                        # 3 panels of 2 in; 2 rows of 2.4 in
+    stats, _ = viz.dyt_activation(model, [_image(0), _image(1)])
+    path = viz.plot_activation_rates(stats, tmp_path / "rates.png", size=(5.0, 3.0), dpi=40)
+    assert png_size(path) == (200, 120)
+    other, _ = viz.dyt_activation(model, [_image(2)])
+    path = viz.plot_activation_rates({"a": stats, "b": other}, tmp_path / "rates2.png", dpi=40)
+    assert png_size(path) == (280, 140)
+    attn_mlp, _ = viz.dyt_activation(_dyt(dyt_variant="attn_mlp"), [_image(0)])
+    with pytest.raises(TokenTuneError, match="same DyT variant"):
+        viz.plot_activation_rates({"a": stats, "b": attn_mlp}, tmp_path / "x.png")
+    path = viz.plot_activation_rates(attn_mlp, tmp_path / "rates3.png", dpi=40)
+    assert png_size(path) == (280, 140)
+
+
+def test_activated_tokens_dim_exactly_the_skipped_patches(tmp_path, monkeypatch):
+    """The panels show the mask of activation_stats: skipped patches dimmed, active ones untouched."""
+    model = _dyt()
+    shown = []
+    from matplotlib.axes import Axes
+    real_imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, img, **kw: (shown.append(np.array(img)), real_imshow(self, img, **kw))[1])
+    viz.plot_activated_tokens(model, [_image(0)], tmp_path / "tok.png", layers=[1], dim=0.0)
+    stats, pixels = viz.dyt_activation(model, [_image(0)])
+    mask = np.repeat(np.repeat(stats.masks[0, 1].reshape(4, 4).numpy(), 8, 0), 8, 1)
+    assert np.array_equal(shown[1][mask], pixels[0][mask])
+    assert np.allclose(shown[1][~mask], 0.5) and (~mask).any() and mask.any()
+
+
+def test_dyt_picture_errors():
+    with pytest.raises(TokenTuneError, match="no DyT token dispatchers"):
+        viz.dyt_activation(_tome(), [_image()])
+    with pytest.raises(TokenTuneError, match="dispatcher 7 is outside 0..3"):
+        viz.plot_activated_tokens(_dyt(), [_image()], "x.png", layers=[7])
+
+
+def test_dyt_viz_commands(tmp_path, capsys):
+    from PIL import Image
+    from tokentune.export import export_deployed
+
+    export_deployed(_dyt(), tmp_path / "export")
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray((_image(i) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    assert _cli(["dyt-tokens", str(tmp_path / "export"), str(tmp_path / "imgs"), "--max-images", "2",
+                 "--layers", "0,2", "--out", str(tmp_path / "t.png"), "--dpi", "40"]) == 0
+    assert png_size(tmp_path / "t.png") == (300, 232)          # 3 panels of 2.5 in, 2 rows of 2.9 in
+    assert _cli(["dyt-rates", str(tmp_path / "export"), str(tmp_path / "imgs"), "--out", str(tmp_path / "r.png")]) == 0
+    assert png_size(tmp_path / "r.png") == (700, 350)
+    assert "overall activation" in capsys.readouterr().out
+    with pytest.raises(TokenTuneError, match="no images"):
+        _cli(["dyt-rates", str(tmp_path / "export"), str(tmp_path / "export"), "--out", str(tmp_path / "r.png")])

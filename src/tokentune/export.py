@@ -392,10 +392,17 @@ def _as_deployed(model: Union[nn.Module, PathLike], pretrained: Union[bool, str,
     return _deployed(_model_from(directory, pretrained))[0]
 
 
+def _has_dispatchers(model: nn.Module) -> bool:
+    if "dyt" not in str((getattr(model, "tokentune_spec", None) or {}).get("method", "")).split("+"):
+        return False
+    from .dyt import dispatchers
+    return bool(dispatchers(model))
+
+
 def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
                 image_size: Union[int, Tuple[int, int], None] = None, batch_size: int = 1, *,
                 dynamic_batch: bool = True, opset: Optional[int] = None, verify: Optional[bool] = None,
-                atol: float = 1e-4) -> str:
+                atol: float = 1e-4, dyt_mask_form: Optional[bool] = None) -> str:
     """Export a deployed model to ONNX (one self-contained ``.onnx`` file, weights inside).
 
     What exports: every deployed model whose token counts are fixed by its configuration: plain
@@ -403,6 +410,13 @@ def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
     and PYRA, whose merge schedules fix the token count of every block, so the graph has static
     shapes apart from the batch. Matching (argsort, gather), the row merges (index_select,
     index_add) and proportional attention become ordinary ONNX operators.
+
+    DyT: its deployed form skips inactive tokens with data-dependent shapes (how many tokens a
+    batch keeps decides the gathered sizes and which code path runs), which the exporter cannot
+    trace. DyT models are exported in their *mask form* instead (``dyt_execution="mask"``: every
+    token goes through the skippable computation and its update is multiplied by the 0/1 mask),
+    which gives the same outputs but none of DyT's savings inside the ONNX graph. Pass
+    ``dyt_mask_form=False`` to get an error instead; ``True`` to accept it without a warning.
 
     Args:
         model: a deployed model, a tokentune model (deployed here), an export directory
@@ -417,13 +431,25 @@ def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
         verify: compare onnxruntime's outputs with PyTorch's on random inputs and raise above
             ``atol`` (default: when onnxruntime is installed).
         atol: tolerance of that check.
+        dyt_mask_form: for DyT models, export the mask form (None: yes, with a warning).
 
     Returns:
         ``path``.
     """
-    _require_onnx()
     deployed = _as_deployed(model)
     deployed.eval()
+    options: Dict[str, Any] = {}
+    if _has_dispatchers(deployed):
+        if dyt_mask_form is False:
+            raise TokenTuneError("DyT's token skipping has data-dependent shapes, which ONNX export cannot trace; "
+                                 "export its mask form (same outputs, no skipping in the graph) with "
+                                 "dyt_mask_form=True, or serve the model with PyTorch")
+        if dyt_mask_form is None:
+            import warnings
+            warnings.warn("DyT exported to ONNX in its mask form: same outputs, but every token runs the skippable "
+                          "computation inside the graph (token skipping has data-dependent shapes)", stacklevel=2)
+        options["dyt_execution"] = "mask"
+    _require_onnx()
     path = os.fspath(path)
     traced_batch = max(int(batch_size), 2) if dynamic_batch else int(batch_size)
     images = example_images(deployed, traced_batch, image_size, seed=0)
@@ -434,7 +460,7 @@ def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
         kwargs["opset_version"] = int(opset)
     try:
         with torch.no_grad():
-            program = torch.onnx.export(_OnnxWrapper(deployed).eval(), (images,), **kwargs)
+            program = torch.onnx.export(_OnnxWrapper(deployed, options).eval(), (images,), **kwargs)
     except TokenTuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporter failures become one line naming the cause
@@ -476,14 +502,15 @@ def _save_onnx(program, path: str) -> None:
 
 
 class _OnnxWrapper(nn.Module):
-    """``images -> logits`` only (no keyword options, no token state) for tracing."""
+    """``images -> logits`` only (fixed per-forward options, no token state) for tracing."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, options: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         self.model = model
+        self.options = dict(options or {})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.model(images, **self.options)
 
 
 @torch.no_grad()
@@ -575,7 +602,9 @@ def run_export_command(args) -> int:
               f"{'; reload verified' if args.verify else ''}")
     if args.onnx:
         path = os.path.join(args.out, args.onnx_file)
-        export_onnx(deployed, path, batch_size=args.batch_size, dynamic_batch=not args.static_batch, opset=args.opset)
+        mask_form = _has_dispatchers(deployed)
+        export_onnx(deployed, path, batch_size=args.batch_size, dynamic_batch=not args.static_batch, opset=args.opset,
+                    dyt_mask_form=True if mask_form else None)
         try:
             import onnxruntime  # noqa: F401
             checked = "outputs checked against PyTorch with onnxruntime"
@@ -583,4 +612,7 @@ def run_export_command(args) -> int:
             checked = "not checked (onnxruntime is not installed)"
         print(f"onnx: {path} ({_size(path)}, {'batch ' + str(args.batch_size) if args.static_batch else 'any batch'}); "
               f"{checked}")
+        if mask_form:
+            print("note: DyT is exported in its mask form (same outputs; every token runs the skippable computation "
+                  "in the graph, because token skipping has data-dependent shapes)")
     return 0
