@@ -203,3 +203,22 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert proc.stdout.count("top-1 after the last epoch") == 1          # only rank 0 talks
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["data"]["train"]["num_images"] == 8 and results["finished"]
+
+
+def test_eval_of_a_run_written_by_the_python_api(tmp_path, capsys):
+    import torch
+    import tokentune
+    from tokentune.data import load_datasets, set_transforms
+    from tokentune.train import train
+    from conftest import tiny
+
+    folder = make_folder(tmp_path / "shapes", classes=("a", "b"), per_class=3)
+    train_ds, test_ds = load_datasets(image_folder=str(folder))
+    torch.manual_seed(0)
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=2, **tiny())
+    set_transforms([train_ds, test_ds], model)
+    result = train(model, train_ds, test_ds, TrainConfig(epochs=2, batch_size=2, warmup_epochs=0, num_workers=0),
+                   out_dir=str(tmp_path / "run"), log=None)
+    code, stdout, err = run(["eval", str(tmp_path / "run"), "--num-workers", "0", "--no-progress"], capsys)
+    assert code == 0, err
+    assert stdout.startswith("shapes test: top-1 ") and f"{result.top1:.2f}%" in stdout

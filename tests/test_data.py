@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import tokentune
-from tokentune.data import (VTAB_TASKS, build_transform, clean_error, image_folder_dataset, load_datasets,
+from tokentune.data import (VTAB_TASKS, build_datasets, build_transform, clean_error, image_folder_dataset, load_datasets,
                             normalization_stats, set_transforms, vtab_dataset, vtab_task)
 from tokentune.errors import TokenTuneError
 from tokentune.evaluate import evaluate
@@ -78,6 +78,11 @@ def test_vtab_dataset_reads_list_and_images(tmp_path):
     # the alias name finds the canonical folder, and a folder named by an alias is found too
     make_vtab(tmp_path, "cifar100", labels=(0, 99))
     assert vtab_dataset(tmp_path, "cifar", "test").name == "cifar"
+    # the one-call helper applies the TrainConfig's data options
+    from tokentune.config import TrainConfig
+    train, test = build_datasets(model, TrainConfig(normalization="imagenet"), data_root=str(tmp_path), dataset="eurosat")
+    assert len(train) == len(test) == 4 and train[0][0].shape == (3, 32, 32)
+    assert not torch.allclose(train[0][0], ds[0][0])                       # imagenet mean/std, not 0.5
 
 
 def test_transform_is_bicubic_resize_and_the_models_normalisation():

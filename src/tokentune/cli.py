@@ -412,6 +412,8 @@ def _resolve_train_options(args) -> Dict[str, Any]:
               "image_folder"):
         if k in given and given[k] is not None:
             opts[k] = given[k]
+    if isinstance(opts["pretrained"], str):   # recorded in the run: keep it valid from any directory
+        opts["pretrained"] = os.path.abspath(os.path.expanduser(opts["pretrained"]))
     if "drop_path_rate" in given:
         opts["model_options"]["drop_path_rate"] = given["drop_path_rate"]
     for key, value in given.get("timm", []) or []:
@@ -519,8 +521,9 @@ def _run_eval(args) -> int:
         import torch
         torch.manual_seed(int(train_cfg.get("seed", 0)))   # new layers (and a random backbone) as in training
         model = load_trained(args.run, pretrained=args.pretrained)
-        if args.image_folder or (not args.dataset and cli.get("image_folder")):
-            folder = args.image_folder or cli["image_folder"]
+        recorded_folder = cli.get("image_folder") or (data_info.get("root") if data_info.get("kind") == "folder" else None)
+        if args.image_folder or (not args.dataset and recorded_folder):
+            folder = args.image_folder or recorded_folder
             train_split = train_cfg.get("train_split", "train")
             classes = image_folder_dataset(folder, train_split).classes
             ds = image_folder_dataset(folder, split, classes=classes)
@@ -682,8 +685,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{prefix}error: {_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (a training run keeps its last checkpoint: continue it with --resume)", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory becomes a one-line error; bugs keep their traceback
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        print("error: out of GPU memory; lower --batch-size (keep the optimizer batch with --grad-accum), add "
+              "--grad-checkpointing or use --amp bf16", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

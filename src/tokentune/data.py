@@ -128,12 +128,14 @@ class ImageDataset(Dataset):
         name: dataset name (VTAB task name, or the folder name).
         group: VTAB group, or None.
         split: split name.
+        root: the VTAB-1k root or the image folder.
+        kind: ``vtab`` or ``folder`` (how to open it again).
         transform: PIL image -> tensor (see :func:`build_transform`); None returns PIL images.
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], origins: Sequence[str], num_classes: int,
                  classes: Sequence[str], name: str, split: str, group: Optional[str] = None,
-                 transform: Optional[Callable] = None, root: str = "") -> None:
+                 transform: Optional[Callable] = None, root: str = "", kind: str = "list") -> None:
         self.samples = list(samples)
         self.origins = list(origins)
         self.num_classes = int(num_classes)
@@ -143,6 +145,7 @@ class ImageDataset(Dataset):
         self.group = group
         self.transform = transform
         self.root = root
+        self.kind = kind
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -160,7 +163,7 @@ class ImageDataset(Dataset):
 
     def describe(self) -> Dict[str, object]:
         """JSON-able description for run records."""
-        return {"name": self.name, "group": self.group, "split": self.split, "root": self.root,
+        return {"name": self.name, "kind": self.kind, "group": self.group, "split": self.split, "root": self.root,
                 "num_classes": self.num_classes, "num_images": len(self)}
 
 
@@ -224,7 +227,7 @@ def vtab_dataset(root: str, name: str, split: str = "train800val200", transform:
         check_files: verify at construction that every listed image exists.
     """
     task = vtab_task(name)
-    root = os.path.expanduser(str(root))
+    root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
         raise TokenTuneError(f"VTAB-1k root {root!r} does not exist; pass the folder that holds the prepared "
                              f"task folders (<root>/{task.name}/{split}.txt)")
@@ -245,7 +248,7 @@ def vtab_dataset(root: str, name: str, split: str = "train800val200", transform:
                              f"VTAB-1k splits are {', '.join(VTAB_SPLITS)}")
     samples, origins = read_list_file(list_file, directory, task.num_classes, check_files)
     return ImageDataset(samples, origins, task.num_classes, [str(i) for i in range(task.num_classes)],
-                        name=task.name, split=split, group=task.group, transform=transform, root=root)
+                        name=task.name, split=split, group=task.group, transform=transform, root=root, kind="vtab")
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -276,7 +279,7 @@ def image_folder_dataset(root: str, split: str = "train", classes: Optional[Sequ
             the test split); default: the sorted sub-folder names.
         transform: applied to every PIL image.
     """
-    root = os.path.expanduser(str(root))
+    root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
         raise TokenTuneError(f"image folder {root!r} does not exist; pass a folder with train/<class>/ and test/<class>/ sub-folders")
     split_dir = _resolve_split_dir(root, split)
@@ -304,7 +307,7 @@ def image_folder_dataset(root: str, split: str = "train", classes: Optional[Sequ
         samples.extend((f, index[cls]) for f in files)
     return ImageDataset(samples, [p for p, _ in samples], len(classes), classes,
                         name=os.path.basename(os.path.normpath(root)), split=os.path.basename(split_dir),
-                        transform=transform, root=root)
+                        transform=transform, root=root, kind="folder")
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -398,3 +401,20 @@ def set_transforms(datasets: Sequence[ImageDataset], model, image_size: Optional
     transform = build_transform(model, image_size, normalization, interpolation)
     for ds in datasets:
         ds.transform = transform
+
+
+def build_datasets(model, cfg=None, *, data_root: Optional[str] = None, dataset: Optional[str] = None,
+                   image_folder: Optional[str] = None) -> Tuple[ImageDataset, ImageDataset]:
+    """(train, test) with the standard transforms for ``model``, as the CLI builds them.
+
+    Uses the data fields of ``cfg`` (a :class:`tokentune.config.TrainConfig`): ``train_split``,
+    ``test_split``, ``normalization``, ``image_size`` and ``interpolation``. The class count
+    of a VTAB-1k task for ``create_model(num_classes=...)`` is ``vtab_task(name).num_classes``.
+    """
+    from .config import TrainConfig
+
+    cfg = cfg or TrainConfig()
+    train, test = load_datasets(data_root=data_root, dataset=dataset, image_folder=image_folder,
+                                train_split=cfg.train_split, test_split=cfg.test_split)
+    set_transforms([train, test], model, cfg.image_size, cfg.normalization, cfg.interpolation)
+    return train, test

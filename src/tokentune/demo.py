@@ -240,15 +240,23 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
 
     cfg = cfg or DemoConfig()
     start = time.perf_counter()
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
                 num_heads=max(1, cfg.embed_dim // 16), global_pool="avg")
+    tokens = (32 // cfg.patch_size) ** 2
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="tokentune-demo-")
     os.makedirs(workdir, exist_ok=True)
     log = out if cfg.progress else None
+    todo = available_rows(rows)
+    skipped = [r.method for r in (ROWS if rows is None else rows) if r not in todo]
+    steps = len(todo) + 2
     try:
         folders = write_digits(os.path.join(workdir, "digits"), cfg.seed)
+        where = "" if cfg.workdir else " (temporary; keep them with --workdir DIR)"
+        out(f"tokentune demo: scikit-learn's 1,797 handwritten digits (8x8 scans) written as image folders "
+            f"{folders['pretrain']} (digits 0-4) and {folders['new']} (digits 5-9){where}")
 
         # -- 1. a "pretrained" backbone: pre-train on digits 0-4 (or take it from the cache)
         cache = _cache_path(cfg, arch) if cfg.cache else None
@@ -256,9 +264,11 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
         torch.manual_seed(cfg.seed)
         base = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
         pre_train, pre_test = _load_folder(folders["pretrain"], base)
+        what = (f"a timm ViT (32x32 input upscaled bicubic, {cfg.patch_size}x{cfg.patch_size} patches = {tokens} "
+                f"patch tokens + CLS, width {cfg.embed_dim}, depth {cfg.depth}, average pooling)")
         if cache and os.path.isfile(cache):
             shutil.copyfile(cache, backbone_file)
-            pre_note = f"pre-trained backbone from the cache ({cache})"
+            out(f"[1/{steps}] {what} pre-trained on digits 0-4: taken from the cache {cache}")
         else:
             pre_cfg = TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=3e-3, min_lr=1e-5,
                                   warmup_epochs=1, warmup_lr=1e-6, weight_decay=0.05, eval_every=0, num_workers=0,
@@ -267,20 +277,16 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
             result = train(base, pre_train, pre_test, pre_cfg, out_dir=os.path.join(workdir, "runs", "pretrain"),
                            progress=False, log=log)
             shutil.copyfile(os.path.join(workdir, "runs", "pretrain", "model.safetensors"), backbone_file)
-            pre_note = (f"pre-trained from scratch on digits 0-4 in {time.perf_counter() - tic:.0f} s: "
-                        f"top-1 {result.top1:.1f}% on {len(pre_test)} held-out digits 0-4")
+            out(f"[1/{steps}] pre-trained {what} from scratch on {len(pre_train)} digits 0-4 in "
+                f"{time.perf_counter() - tic:.0f} s: top-1 {result.top1:.1f}% on {len(pre_test)} held-out ones")
             if cache:
                 atomic_write(cache, lambda tmp: shutil.copyfile(backbone_file, tmp))
-        out(f"tokentune demo: timm ViT (32x32 input, {cfg.patch_size}x{cfg.patch_size} patches, dim {cfg.embed_dim}, "
-            f"depth {cfg.depth}); {pre_note}")
 
         # -- 2. adapt to digits 5-9 with every available method
         table = []
         deployed: Dict[str, nn.Module] = {}
         new_train = new_test = None
-        todo = available_rows(rows)
-        skipped = [r.method for r in (ROWS if rows is None else rows) if r not in todo]
-        for row in todo:
+        for step, row in enumerate(todo, 2):
             options = dict(row.options)
             if row.merge:
                 options["tome_r"] = list(cfg.tome_r)
@@ -298,13 +304,15 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
             train_s = time.perf_counter() - tic
             params = count_parameters(model)
             sample = torch.stack([new_test[i][0] for i in range(min(8, len(new_test)))])
-            tokens = _token_path(model, sample)
+            token_path = _token_path(model, sample)
             fast = deploy(model)
             acc = evaluate(fast, new_test, batch_size=256, amp="off", progress=False)["top1"]
             deployed[row.label] = fast
             table.append({"label": row.label, "method": model.tokentune_spec["method"], "top1": acc,
-                          "trainable": params["trainable"], "tokens": tokens,
+                          "trainable": params["trainable"], "tokens": token_path,
                           "macs": count_macs(fast, sample), "train_s": train_s})
+            out(f"[{step}/{steps}] {row.label}: adapted to digits 5-9 in {train_s:.0f} s ({cfg.epochs} epochs on "
+                f"{len(new_train)} images), top-1 {acc:.1f}% on {len(new_test)} held-out ones")
 
         # -- 3. throughput of the deployed models, side by side on one batch
         n = len(new_test)
@@ -312,17 +320,23 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
         speed = measure_throughput(deployed, batch, cfg.bench_rounds)
         for rec in table:
             rec["img_per_s"] = speed[rec["label"]]
+        out(f"[{steps}/{steps}] throughput of the deployed models measured side by side")
     finally:
         if cfg.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+        if cfg.threads:
+            torch.set_num_threads(threads)
 
-    ref = table[0]
-    out(f"adapted to digits 5-9: {len(new_train)} training and {n} test images, {cfg.epochs} epochs per method "
-        "(chance: 20%)")
-    out(format_table(table, ref))
-    out(f"throughput: deployed models (LoRA merged), fp32, batch {cfg.bench_batch}, {torch.get_num_threads()} CPU "
-        f"thread(s), median of {cfg.bench_rounds} interleaved rounds; MACs counted with torch's FLOP counter "
-        "(1 multiply-add = 1 MAC, attention included)")
+    out("")
+    out(format_table(table, table[0]))
+    out("")
+    out(f"top-1: deployed model on the {n} held-out digits 5-9 (chance 20%). trainable params: including the "
+        "5-class head. tokens: entering the first block -> leaving the last. MMACs: multiply-adds per image "
+        "counted by torch's FLOP counter, attention included.")
+    out(f"img/s: deployed models (LoRA merged into the weights), fp32, batch {cfg.bench_batch}, "
+        f"{cfg.threads or threads} CPU thread(s), median of {cfg.bench_rounds} interleaved rounds in one process"
+        + ("; the linear probe and merged LoRA run the same network, so their difference is measurement noise."
+           if {"linear", "lora"} <= {r["method"] for r in table} else "."))
     if skipped:
         out(f"not installed, skipped: {', '.join(skipped)}")
     out(f"total time {time.perf_counter() - start:.0f} s")

@@ -5,14 +5,14 @@ checkpoints after every epoch, exact resume, and data parallelism under ``torchr
 
     from tokentune import create_model
     from tokentune.config import TrainConfig
-    from tokentune.data import vtab_dataset, set_transforms
+    from tokentune.data import build_datasets, vtab_task
     from tokentune.train import train
 
-    model = create_model("vit_base_patch16_224.orig_in21k", method="lora", num_classes=100,
-                         pretrained="ViT-B_16.npz")
-    train_ds, test_ds = vtab_dataset("vtab-1k", "cifar", "train800val200"), vtab_dataset("vtab-1k", "cifar", "test")
-    set_transforms([train_ds, test_ds], model)
-    result = train(model, train_ds, test_ds, TrainConfig(epochs=100), out_dir="runs/cifar-lora")
+    model = create_model("vit_base_patch16_224.orig_in21k", method="lora", pretrained="ViT-B_16.npz",
+                         num_classes=vtab_task("cifar").num_classes)
+    cfg = TrainConfig(epochs=100, batch_size=64, lr=1e-3)
+    train_ds, test_ds = build_datasets(model, cfg, data_root="vtab-1k", dataset="cifar")
+    result = train(model, train_ds, test_ds, cfg, out_dir="runs/cifar-lora")
     print(result.top1)               # top-1 after the last epoch
 
 What a run directory holds (only the main process writes, every file atomically):
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_json, load_state_into, save_trained
+from .checkpoint import WEIGHTS_NAME, atomic_torch_save, atomic_write_json, load_state_into, save_trained
 from .config import TrainConfig
 from .data import INTERPOLATIONS, NORMALIZATIONS, clean_error
 from .errors import TokenTuneError
@@ -616,7 +616,8 @@ def run_info_data(train_data, test_data) -> Dict[str, Any]:
         return {"name": getattr(ds, "name", None), "num_images": len(ds)}
 
     train_d = describe(train_data) or {}
-    return {"name": train_d.get("name"), "group": train_d.get("group"), "root": train_d.get("root"),
+    return {"name": train_d.get("name"), "kind": train_d.get("kind"), "group": train_d.get("group"),
+            "root": train_d.get("root"),
             "train": train_d, "test": describe(test_data)}
 
 
