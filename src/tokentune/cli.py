@@ -478,8 +478,8 @@ def _run_train(args) -> int:
     finally:
         D.shutdown()
     if result.finished and result.top1 is not None:
-        say(f"top-1 after the last epoch: {result.top1:.2f}%   (best over evaluated epochs: "
-            f"{result.best_top1_over_epochs:.2f}% at epoch {result.best_epoch}; do not report it as the result)")
+        say(f"top-1 after the last epoch: {result.top1:.2f}%   (best of the evaluated epochs, selected on the test "
+            f"split and so optimistic: {result.best_top1_over_epochs:.2f}% at epoch {result.best_epoch})")
         say(f"results: {os.path.join(out, 'results.json')}")
     return 130 if result.stop_reason == "signal" else 0
 
