@@ -8,7 +8,7 @@ explicit options still override a recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import TokenTuneError
 
@@ -19,34 +19,44 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training split.
-        batch_size: images per optimizer step per process (before accumulation).
+        batch_size: images per forward pass and process; one optimizer step sees
+            batch_size x grad_accum x processes images (the learning rate is not rescaled).
         grad_accum: micro-batches accumulated per optimizer step.
         lr: peak learning rate (after warm-up).
         min_lr: learning rate at the end of the cosine schedule.
-        warmup_epochs: linear warm-up length in epochs.
+        warmup_epochs: linear warm-up length in epochs (may be fractional with schedule_step iter).
         warmup_lr: learning rate at the start of warm-up.
-        schedule_step: ``"iter"`` (update every step) or ``"epoch"`` (once per epoch, as timm's
-            scheduler in the PYRA reference).
+        schedule_step: ``"iter"``: warm-up then half-cosine to min_lr, updated every optimizer
+            step (DyT/MAE); ``"epoch"``: timm's cosine scheduler stepped once per epoch exactly as
+            the PYRA reference steps it (epoch e uses the value for e - 1).
         weight_decay: AdamW weight decay.
-        no_decay_norm_bias: no weight decay on 1-D parameters (norms, biases, LayerScale).
+        no_decay_norm_bias: no weight decay on 1-D parameters (norms, biases, LayerScale) and on
+            the position embedding and prefix tokens (timm's ``no_weight_decay()``).
         opt_eps: AdamW epsilon.
         betas: AdamW betas.
-        param_groups: per-parameter-group overrides, ``{regex: {"lr": .., "weight_decay": ..}}``
-            matched against parameter names (first match wins), e.g. ``{r"\\.pyra\\.": {"lr": 1e-4}}``.
+        param_groups: per-parameter-group overrides ``{regex: {"lr": .., "weight_decay": ..}}``,
+            searched in parameter names (first match wins; a pattern matching nothing is an
+            error). A group's lr scales its whole schedule by lr / (the peak lr); its
+            weight_decay applies even to 1-D parameters. E.g. ``{"pyra": {"lr": 1e-4}}``.
         clip_grad: max gradient norm (None = no clipping).
         label_smoothing: cross-entropy label smoothing.
-        amp: ``"auto"`` (bf16/fp16 autocast on GPU, fp32 on CPU), ``"off"``, ``"bf16"``, ``"fp16"``.
+        amp: ``"auto"`` (bf16 autocast on GPUs that support it, else fp16; fp32 on CPU), ``"off"``,
+            ``"bf16"``, ``"fp16"`` (fp16 uses a gradient scaler).
         grad_checkpointing: recompute blocks in backward to save memory.
         seed: random seed (data order, dropout, initialisation of new layers).
         drop_last: drop the last incomplete training batch.
-        eval_every: evaluate on the test split every N epochs (and after the last epoch).
+        eval_every: evaluate on the test split after the first epoch and then every N epochs
+            (epochs 1, N+1, 2N+1, ..., as the references) and after the last; 0: only after the last.
         num_workers: data-loading worker processes.
-        train_split: split file used for training (VTAB-1k: ``train800val200``).
-        test_split: split file used for evaluation (VTAB-1k: ``test``).
-        normalization: ``"auto"`` (what the pretrained weights expect), ``"imagenet"`` or
-            ``"inception"`` (mean = std = 0.5).
-        image_size: input resolution (None = the model's).
-        interpolation: resize interpolation.
+        train_split: split used for training (VTAB-1k: ``train800val200``; image folders: the
+            sub-folder, falling back to ``train``).
+        test_split: split used for evaluation (VTAB-1k: ``test``; image folders fall back to ``val``).
+        normalization: ``"auto"`` (the mean/std the pretrained weights expect: 0.5/0.5 for
+            Google's ViTs), ``"imagenet"`` or ``"inception"`` (mean = std = 0.5).
+        image_size: input resolution, images are resized to it without cropping (None = the
+            model's; the CLI builds the model at this size).
+        interpolation: resize filter: bicubic (the references), bilinear, nearest, lanczos, box
+            or hamming.
     """
 
     epochs: int = 100
@@ -60,7 +70,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     no_decay_norm_bias: bool = True
     opt_eps: float = 1e-8
-    betas: tuple = (0.9, 0.999)
+    betas: Tuple[float, float] = (0.9, 0.999)
     param_groups: Dict[str, Dict[str, float]] = field(default_factory=dict)
     clip_grad: Optional[float] = None
     label_smoothing: float = 0.0

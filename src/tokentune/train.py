@@ -1,0 +1,646 @@
+"""Training: AdamW with parameter groups, warm-up + cosine schedule, AMP, gradient accumulation,
+checkpoints after every epoch, exact resume, and data parallelism under ``torchrun``.
+
+::
+
+    from tokentune import create_model
+    from tokentune.config import TrainConfig
+    from tokentune.data import build_datasets, vtab_task
+    from tokentune.train import train
+
+    model = create_model("vit_base_patch16_224.orig_in21k", method="lora", pretrained="ViT-B_16.npz",
+                         num_classes=vtab_task("cifar").num_classes)
+    cfg = TrainConfig(epochs=100, batch_size=64, lr=1e-3)
+    train_ds, test_ds = build_datasets(model, cfg, data_root="vtab-1k", dataset="cifar")
+    result = train(model, train_ds, test_ds, cfg, out_dir="runs/cifar-lora")
+    print(result.top1)               # top-1 after the last epoch
+
+What a run directory holds (only the main process writes, every file atomically):
+
+* ``model.safetensors`` + ``config.json``: the trained parameters and how to rebuild the model
+  (:func:`tokentune.load_trained`); rewritten after every epoch;
+* ``resume.pt``: optimizer, AMP scaler, epoch, step, RNG states (torch/CUDA/numpy/python, per
+  process), the sampler position and the metrics so far; ``train(..., resume=True)`` continues
+  from it and ends with the same weights as an uninterrupted run;
+* ``metrics.json``: one record per finished epoch; ``results.json`` when the run has finished
+  (:mod:`tokentune.evaluate`).
+
+The training loss is ``criterion(model(images), targets)``, or the ``loss`` hook of a method
+(DyT's rate and distillation losses), called as ``loss(model, images, targets, criterion)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as D
+from .checkpoint import WEIGHTS_NAME, atomic_torch_save, atomic_write_json, load_state_into, save_trained
+from .config import TrainConfig
+from .data import INTERPOLATIONS, NORMALIZATIONS, clean_error
+from .errors import TokenTuneError
+from .evaluate import AMP_MODES, amp_dtype, autocast, evaluate, progress_enabled, run_results, write_results
+
+RESUME_NAME = "resume.pt"
+METRICS_NAME = "metrics.json"
+RESUME_FORMAT = 1
+# options that may differ when resuming: they do not change what is computed
+RESUMABLE_CHANGES = ("eval_every", "num_workers")
+
+
+class StopTraining(Exception):
+    """Raise from a callback to stop after the current optimizer step; the state is saved for resume."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        top1: test top-1 (%) after the last epoch (None if no evaluation ran).
+        best_top1_over_epochs: the best test top-1 of the evaluations during training.
+        best_epoch: the epoch (1-based) of that best value.
+        history: one dict per finished epoch (epoch, train_loss, lr, top1, time_s, hook logs).
+        epochs_done: finished epochs.
+        global_step: optimizer steps done.
+        finished: all epochs done (False when stopped by ``max_steps``, a callback or a signal).
+        train_time_s: training time without evaluation, over all resumed segments.
+        results: the ``results.json`` record (finished runs).
+        stop_reason: why an unfinished run stopped: ``max_steps``, ``callback`` or ``signal``.
+    """
+
+    top1: Optional[float] = None
+    best_top1_over_epochs: Optional[float] = None
+    best_epoch: Optional[int] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    epochs_done: int = 0
+    global_step: int = 0
+    finished: bool = False
+    train_time_s: float = 0.0
+    results: Optional[Dict[str, Any]] = None
+    stop_reason: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- config checks
+def validate_config(cfg: TrainConfig) -> None:
+    """One clear error for any invalid training option."""
+    def bad(name, value, want):
+        raise TokenTuneError(f"invalid {name}={value!r}: {want}")
+
+    if int(cfg.epochs) < 1:
+        bad("epochs", cfg.epochs, "need at least 1")
+    if int(cfg.batch_size) < 1:
+        bad("batch_size", cfg.batch_size, "need at least 1")
+    if int(cfg.grad_accum) < 1:
+        bad("grad_accum", cfg.grad_accum, "need at least 1")
+    if not cfg.lr > 0:
+        bad("lr", cfg.lr, "the peak learning rate must be > 0")
+    for name in ("min_lr", "warmup_lr", "weight_decay", "opt_eps"):
+        if getattr(cfg, name) < 0:
+            bad(name, getattr(cfg, name), "must be >= 0")
+    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
+        bad("warmup_epochs", cfg.warmup_epochs, f"must be >= 0 and smaller than epochs ({cfg.epochs}); "
+            "lower --warmup-epochs")
+    if cfg.schedule_step not in ("iter", "epoch"):
+        bad("schedule_step", cfg.schedule_step, "choose iter or epoch")
+    betas = tuple(cfg.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        bad("betas", cfg.betas, "give two values in [0, 1), e.g. 0.9,0.999")
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+        bad("clip_grad", cfg.clip_grad, "must be > 0 (or None for no clipping)")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        bad("label_smoothing", cfg.label_smoothing, "must be in [0, 1)")
+    if cfg.amp not in AMP_MODES:
+        bad("amp", cfg.amp, f"choose from {', '.join(AMP_MODES)}")
+    if int(cfg.eval_every) < 0:
+        bad("eval_every", cfg.eval_every, "must be >= 0 (0: evaluate after the last epoch only)")
+    if int(cfg.num_workers) < 0:
+        bad("num_workers", cfg.num_workers, "must be >= 0")
+    if cfg.normalization not in NORMALIZATIONS:
+        bad("normalization", cfg.normalization, f"choose from {', '.join(NORMALIZATIONS)}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        bad("interpolation", cfg.interpolation, f"choose from {', '.join(INTERPOLATIONS)}")
+    if cfg.image_size is not None and int(cfg.image_size) < 1:
+        bad("image_size", cfg.image_size, "must be positive")
+    if not isinstance(cfg.param_groups, dict):
+        bad("param_groups", cfg.param_groups, 'give a dict {regex: {"lr": .., "weight_decay": ..}}')
+    for pattern, overrides in cfg.param_groups.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            bad("param_groups", pattern, f"not a regular expression ({exc})")
+        if not isinstance(overrides, dict) or not overrides or set(overrides) - {"lr", "weight_decay"}:
+            bad("param_groups", {pattern: overrides}, 'each pattern maps to {"lr": .., "weight_decay": ..}')
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in overrides.values()):
+            bad("param_groups", {pattern: overrides}, "lr and weight_decay must be numbers >= 0")
+
+
+# ----------------------------------------------------------------------------- optimizer
+def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters.
+
+    * ``no_decay_norm_bias``: no weight decay on 1-D parameters (norm weights, biases,
+      LayerScale gammas) and on what the model lists in ``no_weight_decay()`` (timm: position
+      embedding, CLS/register tokens), as timm's optimizer factory;
+    * ``param_groups``: ``{regex: {"lr": .., "weight_decay": ..}}``, matched with ``re.search``
+      against parameter names, first match wins; a given ``weight_decay`` applies even to 1-D
+      parameters, a given ``lr`` scales the whole schedule of the group by ``lr / cfg.lr``.
+
+    Every group carries ``lr_scale`` (its lr relative to ``cfg.lr``) and ``names``.
+    """
+    patterns = [(re.compile(p), o) for p, o in cfg.param_groups.items()]
+    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
+    used = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr, wd = float(cfg.lr), float(cfg.weight_decay)
+        if cfg.no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias") or name in no_decay):
+            wd = 0.0
+        for i, (pattern, overrides) in enumerate(patterns):
+            if pattern.search(name):
+                used.add(i)
+                lr = float(overrides.get("lr", lr))
+                wd = float(overrides.get("weight_decay", wd))
+                break
+        group = groups.setdefault((lr, wd), {"params": [], "names": [], "lr": lr, "weight_decay": wd,
+                                             "lr_scale": lr / float(cfg.lr)})
+        group["params"].append(p)
+        group["names"].append(name)
+    if not groups:
+        raise TokenTuneError("the model has no trainable parameters; build it with a method that trains something "
+                             "(e.g. method='lora') or keep train_head=True")
+    unused = [p.pattern for i, (p, _) in enumerate(patterns) if i not in used]
+    if unused:
+        raise TokenTuneError(f"param_groups pattern {unused[0]!r} matches no trainable parameter; fix the regex "
+                             f"(trainable names look like {next(iter(groups.values()))['names'][0]!r})")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with ``cfg``'s betas and epsilon."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- schedule
+def _timm_cosine(cfg: TrainConfig, t: float) -> float:
+    """timm's ``CosineLRScheduler`` (t_initial=epochs, warmup_t=warmup_epochs, no warmup prefix, one cycle)."""
+    if t < cfg.warmup_epochs:
+        return cfg.warmup_lr + t * (cfg.lr - cfg.warmup_lr) / cfg.warmup_epochs
+    if t >= cfg.epochs:
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t / cfg.epochs))
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """The base learning rate for optimizer step ``step`` of ``epoch`` (both 0-based).
+
+    * ``schedule_step="iter"`` (DyT/MAE): ``t = epoch + step / steps_per_epoch``; linear warm-up
+      from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then a half-cosine from ``lr`` to
+      ``min_lr`` over the remaining epochs, updated every optimizer step.
+    * ``schedule_step="epoch"`` (PYRA reference): constant within an epoch. The reference steps
+      timm's cosine scheduler with the index of the epoch that just finished, so epoch ``e``
+      trains at the scheduler's value for ``max(e - 1, 0)``: epochs 0 and 1 at ``warmup_lr``,
+      then linear warm-up, then ``min_lr + (lr - min_lr)(1 + cos(pi t / epochs)) / 2``.
+    """
+    if cfg.schedule_step == "epoch":
+        return _timm_cosine(cfg, max(epoch - 1, 0))
+    t = epoch + step / max(steps_per_epoch, 1)
+    warm, total = float(cfg.warmup_epochs), float(cfg.epochs)
+    if t < warm:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * t / warm
+    progress = min((t - warm) / (total - warm), 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ----------------------------------------------------------------------------- loss
+def loss_function(model: nn.Module) -> Callable:
+    """``f(images, targets, criterion) -> (loss, logs)``: a method's loss hook or plain cross-entropy."""
+    try:
+        from .methods import methods_of
+        hooks = [m for m in methods_of(model) if m.loss is not None]
+    except TokenTuneError:   # a model not built by create_model
+        hooks = []
+    if len(hooks) > 1:
+        raise TokenTuneError(f"methods {', '.join(m.name for m in hooks)} each define a training loss; "
+                             "combine at most one of them")
+    if hooks:
+        hook = hooks[0].loss
+        return lambda images, targets, criterion: hook(model, images, targets, criterion)
+    return lambda images, targets, criterion: (criterion(model(images), targets), {})
+
+
+# ----------------------------------------------------------------------------- RNG state
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    mt, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (mt, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    mt, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((mt, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+# ----------------------------------------------------------------------------- signals
+class _StopFlag:
+    """SIGTERM/SIGINT -> stop after the current step (a second SIGINT interrupts at once)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.previous = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- train
+def _check_out_dir(out_dir: str, resume: bool) -> None:
+    existing = [f for f in (RESUME_NAME, WEIGHTS_NAME) if os.path.exists(os.path.join(out_dir, f))]
+    if existing and not resume:
+        raise TokenTuneError(f"{out_dir} already holds a run ({existing[0]}); continue it with resume=True "
+                             "(--resume) or choose another output directory")
+
+
+def _spec_key(model: nn.Module) -> Dict[str, Any]:
+    spec = dict(getattr(model, "tokentune_spec", None) or {})
+    return _jsonable({k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")})
+
+
+def _load_resume(path: str) -> Dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise TokenTuneError(f"cannot read the resume state {path} ({' '.join(str(exc).split())[:160]}); "
+                             "it is corrupt: delete it to restart from the last saved weights' epoch count, "
+                             "or start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise TokenTuneError(f"{path} is not a tokentune resume state of format {RESUME_FORMAT}; start a new run")
+    return state
+
+
+def _check_resume_compatible(state: Dict[str, Any], cfg: TrainConfig, model: nn.Module, path: str) -> None:
+    saved, now = state["train_config"], _jsonable(dataclasses.asdict(cfg))
+    diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diffs:
+        k = diffs[0]
+        raise TokenTuneError(f"cannot resume {path}: option {k} was {saved.get(k)!r} and is now {now[k]!r}"
+                             f"{f' (and {len(diffs) - 1} more)' if len(diffs) > 1 else ''}; resume with the "
+                             "run's options or start a new output directory")
+    saved_spec, spec = state.get("model_spec"), _spec_key(model)
+    if saved_spec is not None and saved_spec != spec:
+        k = next(k for k in spec if saved_spec.get(k) != spec.get(k))
+        raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec.get(k)!r} and is now "
+                             f"{spec.get(k)!r}; build the model as in the interrupted run")
+
+
+def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfig] = None,
+          out_dir: Optional[str] = None, *, resume: bool = False, device: Optional[str] = None,
+          max_steps: Optional[int] = None, callbacks: Sequence[Callable[[str, Dict[str, Any]], None]] = (),
+          progress: Optional[bool] = None, eval_batch_size: Optional[int] = None,
+          run_info: Optional[Dict[str, Any]] = None, handle_signals: bool = False,
+          log: Optional[Callable[[str], None]] = print) -> TrainResult:
+    """Train ``model`` on ``train_data`` and evaluate on ``test_data``.
+
+    Args:
+        model: built by :func:`tokentune.create_model` (only its trainable parameters train).
+        train_data: a dataset of ``(image tensor, label)`` (e.g. :func:`tokentune.data.vtab_dataset`
+            with transforms set).
+        test_data: evaluated after the 1st epoch, every ``cfg.eval_every`` epochs after it, and
+            after the last (the references' convention); None: no evaluation.
+        cfg: :class:`tokentune.config.TrainConfig`.
+        out_dir: run directory for checkpoints and results (None: nothing is written).
+        resume: continue the run in ``out_dir`` from its ``resume.pt`` (a fresh start if there is
+            none); without it an ``out_dir`` holding a run is an error, so nothing is overwritten.
+        device: ``auto`` (GPU if available), ``cpu``, ``cuda``, ``cuda:N``.
+        max_steps: stop after this many optimizer steps in total (the state is saved; resume later).
+        callbacks: ``callback(event, info)`` with event ``"step"`` or ``"epoch"``; raising
+            :class:`StopTraining` stops after the step with the state saved.
+        progress: tqdm bars (None: only when stderr is a terminal; never on non-main processes).
+        eval_batch_size: evaluation batch size (default: twice the training batch size).
+        run_info: extra JSON-able information stored in ``config.json`` and ``results.json``.
+        handle_signals: on SIGTERM/SIGINT finish the current step, save the state and stop.
+        log: where progress lines go on the main process (None: silent).
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or TrainConfig()
+    validate_config(cfg)
+    inf = D.init_distributed(device)
+    dev = D.resolve_device(device)
+    say = (log if (log is not None and inf.is_main) else (lambda *_: None))
+    if out_dir is not None:
+        out_dir = os.path.abspath(os.path.expanduser(out_dir))
+        _check_out_dir(out_dir, resume)
+        if getattr(model, "tokentune_spec", None) is None:
+            raise TokenTuneError("saving a run needs a model built by tokentune.create_model; pass out_dir=None "
+                                 "to train another model without checkpoints")
+    if len(train_data) == 0:
+        raise TokenTuneError("the training split is empty")
+
+    model.to(dev)
+    if cfg.grad_checkpointing and not hasattr(model, "set_grad_checkpointing"):
+        raise TokenTuneError(f"{type(model).__name__} does not support gradient checkpointing; set grad_checkpointing=False")
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(bool(cfg.grad_checkpointing))
+    dtype = amp_dtype(cfg.amp, dev)
+    optimizer = build_optimizer(model, cfg)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    compute_loss = loss_function(model)
+
+    sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=cfg.drop_last, pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed))   # own generator: the global RNG is not consumed
+    batches = len(sampler) // cfg.batch_size if cfg.drop_last else -(-len(sampler) // cfg.batch_size)
+    if batches == 0:
+        raise TokenTuneError(f"the training split has {len(sampler)} images per process, fewer than one batch of "
+                             f"{cfg.batch_size} (drop_last); lower --batch-size or set --drop-last false")
+    steps_per_epoch = -(-batches // cfg.grad_accum)
+
+    # ---------------------------------------------------------------- state: fresh or resumed
+    start_epoch, batches_done, global_step, elapsed = 0, 0, 0, 0.0
+    history: List[Dict[str, Any]] = []
+    partial = {"loss_sum": 0.0, "images": 0, "logs": {}, "time": 0.0}
+    resume_path = os.path.join(out_dir, RESUME_NAME) if out_dir else None
+    state = _load_resume(resume_path) if resume and resume_path and os.path.isfile(resume_path) else None
+    if resume and out_dir and state is None and os.path.exists(os.path.join(out_dir, WEIGHTS_NAME)):
+        raise TokenTuneError(f"{out_dir} holds trained weights but no {RESUME_NAME} to resume from; "
+                             "choose a new output directory")
+    if state is None:
+        if resume and out_dir:
+            say(f"no resume state in {out_dir}: starting a new run")
+        _seed_all(cfg.seed + inf.rank)
+        D.broadcast_module(model)
+    else:
+        _check_resume_compatible(state, cfg, model, resume_path)
+        history = list(state["history"])
+        elapsed = float(state["train_time_s"])
+        if state.get("finished"):
+            say(f"{out_dir} has finished all {cfg.epochs} epochs; nothing to resume")
+            return _result(history, state["global_step"], True, elapsed, _read_json(os.path.join(out_dir, "results.json")))
+        load_state_into(model, state["trainable"], source=resume_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, batches_done, global_step = state["epoch"], state["batches_done"], state["global_step"]
+        partial = state["partial"]
+        if state["world_size"] == inf.world_size:
+            _set_rng_state(state["rng"][inf.rank], dev)
+        else:
+            if batches_done:
+                raise TokenTuneError(f"{resume_path} was saved inside an epoch by {state['world_size']} process(es); "
+                                     f"resume it with the same number of processes (now {inf.world_size})")
+            say(f"resuming with {inf.world_size} process(es) instead of {state['world_size']}: "
+                "the continuation is valid but not bit-identical to an uninterrupted run")
+            _seed_all(cfg.seed + inf.rank + 1000 * start_epoch)
+        say(f"resuming {out_dir} at epoch {start_epoch + 1}/{cfg.epochs}"
+            + (f", step {batches_done // cfg.grad_accum}/{steps_per_epoch}" if batches_done else ""))
+
+    data_info = run_info_data(train_data, test_data)
+    extra = {"train_config": _jsonable(dataclasses.asdict(cfg)), "data": data_info}
+    if run_info:
+        extra["run"] = _jsonable(run_info)
+
+    def save(epoch: int, done: int, finished: bool = False) -> None:
+        rng = D.all_gather_object(_rng_state(dev))      # every process takes part
+        if out_dir is None or not inf.is_main:
+            D.barrier()
+            return
+        resume_state = {
+            "format": RESUME_FORMAT, "epoch": epoch, "batches_done": done, "global_step": global_step,
+            "steps_per_epoch": steps_per_epoch, "sampler": {"seed": cfg.seed, "epoch": epoch,
+                                                            "start": done * cfg.batch_size},
+            "train_time_s": elapsed, "history": history, "partial": partial, "finished": finished,
+            "train_config": _jsonable(dataclasses.asdict(cfg)), "model_spec": _spec_key(model),
+            "world_size": inf.world_size, "rng": rng,
+        }
+        if not finished:   # a finished run keeps no optimizer state (it can be large)
+            resume_state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+        # resume.pt first: if we die before model.safetensors is rewritten, both still agree on the epoch
+        atomic_torch_save(resume_path, resume_state)
+        save_trained(model, out_dir, extra=dict(extra, epochs_done=len(history)))
+        atomic_write_json(os.path.join(out_dir, METRICS_NAME), history)
+        D.barrier()
+
+    if out_dir is not None and state is None and inf.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    eval_bs = eval_batch_size or 2 * cfg.batch_size
+    lr = learning_rate(cfg, start_epoch, batches_done // cfg.grad_accum, steps_per_epoch)
+
+    # ---------------------------------------------------------------- the loop
+    with _StopFlag(handle_signals) as stop_flag:
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch, start=batches_done * cfg.batch_size)
+            model.train()
+            tic = time.perf_counter()
+            bar = tqdm(total=batches, initial=batches_done, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not progress_enabled(progress), dynamic_ncols=True)
+            batch_iter = iter(loader)
+            b = batches_done
+            stop = None
+            while b < batches:
+                group = min(cfg.grad_accum, batches - b)
+                step = b // cfg.grad_accum
+                lr = learning_rate(cfg, epoch, step, steps_per_epoch)
+                set_learning_rate(optimizer, lr)
+                stats = torch.zeros(4, dtype=torch.float64)   # loss sum, images, non-finite, stop
+                bad_value = None
+                for _ in range(group):
+                    try:
+                        images, targets = next(batch_iter)
+                    except TokenTuneError as exc:
+                        raise TokenTuneError(clean_error(exc)) from None
+                    images = images.to(dev, non_blocking=True)
+                    targets = torch.as_tensor(targets).to(dev, non_blocking=True)
+                    with autocast(dev, dtype):
+                        loss, logs = compute_loss(images, targets, criterion)
+                    value = float(loss.detach().float())
+                    if not math.isfinite(value):
+                        stats[2], bad_value = 1, value
+                        break
+                    scaler.scale(loss / group).backward()
+                    stats[0] += value * targets.shape[0]
+                    stats[1] += targets.shape[0]
+                    for k, v in logs.items():
+                        partial["logs"][k] = partial["logs"].get(k, 0.0) + float(v) * targets.shape[0]
+                    bar.update(1)
+                try:
+                    for cb in callbacks:
+                        cb("step", {"epoch": epoch, "step": step, "global_step": global_step + 1, "model": model,
+                                    "loss": value, "lr": lr})
+                except StopTraining:
+                    stats[3] = max(float(stats[3]), 1)
+                if stop_flag.requested:
+                    stats[3] = 2
+                if inf.enabled:
+                    stats = D.all_reduce_sum(stats.to(dev)).cpu()
+                if stats[2] > 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    kept = (f"the checkpoint after epoch {len(history)} is kept in {out_dir}" if out_dir and history
+                            else "no checkpoint was written yet")
+                    raise TokenTuneError(
+                        f"training diverged: the loss became "
+                        f"{bad_value if bad_value is not None else 'non-finite on another process'} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
+                        f"(global step {global_step + 1}) with lr {lr:.3g}; lower --lr (e.g. {cfg.lr / 10:g}) or set "
+                        f"--clip-grad 1.0 ({kept})")
+                D.average_gradients(trainable)
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                b += group
+                partial["loss_sum"] += float(stats[0])
+                partial["images"] += int(stats[1])
+                if bar.n % 10 == 0 or b == batches:
+                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if stats[3] > 0:
+                    stop = "signal" if stats[3] >= 2 else "callback"
+                elif max_steps is not None and global_step >= max_steps:
+                    stop = "max_steps"
+                if stop and b < batches:
+                    break
+            bar.close()
+            partial["time"] += time.perf_counter() - tic
+            if b < batches:   # stopped inside the epoch
+                elapsed += partial["time"]
+                partial["time"] = 0.0
+                save(epoch, b)
+                say(f"stopped at epoch {epoch + 1}, step {b // cfg.grad_accum}/{steps_per_epoch} (global step "
+                    f"{global_step}); continue with resume=True (--resume)")
+                return _result(history, global_step, False, elapsed, None, stop)
+
+            # ------------------------------------------------------------ epoch end
+            elapsed += partial["time"]
+            record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["images"], 1),
+                      "lr": lr, "time_s": round(partial["time"], 3), "top1": None}
+            record.update({k: v / max(partial["images"], 1) for k, v in partial["logs"].items()})
+            due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
+            if test_data is not None and (due or epoch == cfg.epochs - 1):
+                metrics = evaluate(model, test_data, batch_size=eval_bs, device=dev, amp=cfg.amp,
+                                   num_workers=cfg.num_workers, progress=progress, desc="test")
+                record["top1"] = metrics["top1"]
+                record["test_loss"] = metrics["loss"]
+            history.append(record)
+            partial = {"loss_sum": 0.0, "images": 0, "logs": {}, "time": 0.0}
+            batches_done = 0
+            finished = epoch == cfg.epochs - 1
+            say(_epoch_line(record, cfg.epochs))
+            if not finished:
+                save(epoch + 1, 0)
+            try:
+                for cb in callbacks:
+                    cb("epoch", {"epoch": epoch, "global_step": global_step, "model": model, "record": record})
+            except StopTraining:
+                stop = "callback"
+            if stop and not finished:
+                say(f"stopped after epoch {epoch + 1}; continue with resume=True (--resume)")
+                return _result(history, global_step, False, elapsed, None, stop)
+
+    results = run_results(model=model, history=history, dataset=data_info, train_time_s=elapsed,
+                          epochs=cfg.epochs, finished=True, extra={"run": _jsonable(run_info)} if run_info else None)
+    if out_dir is not None:
+        save(cfg.epochs, 0, finished=True)
+        if inf.is_main:
+            write_results(out_dir, results)
+        D.barrier()
+    return _result(history, global_step, True, elapsed, results)
+
+
+def run_info_data(train_data, test_data) -> Dict[str, Any]:
+    """Dataset description for run records (name, group, splits, sizes)."""
+    def describe(ds):
+        if ds is None:
+            return None
+        if hasattr(ds, "describe"):
+            return ds.describe()
+        return {"name": getattr(ds, "name", None), "num_images": len(ds)}
+
+    train_d = describe(train_data) or {}
+    return {"name": train_d.get("name"), "kind": train_d.get("kind"), "group": train_d.get("group"),
+            "root": train_d.get("root"),
+            "train": train_d, "test": describe(test_data)}
+
+
+def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
+    line = f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  lr {record['lr']:.2e}"
+    extras = [k for k in record if k not in ("epoch", "train_loss", "lr", "time_s", "top1", "test_loss")]
+    line += "".join(f"  {k} {record[k]:.4f}" for k in extras)
+    if record.get("top1") is not None:
+        line += f"  test top-1 {record['top1']:.2f}%"
+    return line + f"  ({record['time_s']:.1f} s)"
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _result(history, global_step, finished, elapsed, results, stop_reason=None) -> TrainResult:
+    evals = [(h["epoch"], h["top1"]) for h in history if h.get("top1") is not None]
+    best = max(evals, key=lambda e: e[1]) if evals else (None, None)
+    return TrainResult(top1=evals[-1][1] if evals else None, best_top1_over_epochs=best[1], best_epoch=best[0],
+                       history=list(history), epochs_done=len(history), global_step=global_step, finished=finished,
+                       train_time_s=elapsed, results=results, stop_reason=stop_reason)

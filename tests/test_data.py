@@ -1,0 +1,206 @@
+"""VTAB-1k folders, image folders, transforms and one-line errors for bad data."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokentune
+from tokentune.data import (VTAB_TASKS, build_datasets, build_transform, clean_error, image_folder_dataset, load_datasets,
+                            normalization_stats, set_transforms, vtab_dataset, vtab_task)
+from tokentune.errors import TokenTuneError
+from tokentune.evaluate import evaluate
+
+from conftest import tiny
+
+
+def write_image(path, value=128, size=8, seed=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if seed is None:
+        arr = np.full((size, size, 3), value, dtype=np.uint8)
+    else:
+        arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path, quality=95)
+
+
+def make_vtab(root, name="eurosat", splits=None, labels=(0, 1, 2, 9)):
+    """A tiny prepared VTAB-1k task: images/<split>/NNNNNN.jpg plus <split>.txt."""
+    splits = splits or {"train800val200": labels, "test": labels}
+    base = os.path.join(root, name)
+    for split, labs in splits.items():
+        lines = []
+        for i, label in enumerate(labs):
+            rel = f"images/{split}/{i:06d}.jpg"
+            write_image(os.path.join(base, rel), value=20 * i, seed=i)
+            lines.append(f"{rel} {label}")
+        with open(os.path.join(base, f"{split}.txt"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return base
+
+
+def make_folder(root, classes=("cat", "dog", "emu"), per_class=2, splits=("train", "test")):
+    for split in splits:
+        for c, cls in enumerate(classes):
+            for i in range(per_class):
+                write_image(os.path.join(root, split, cls, f"{i}.jpg"), value=60 * c + i, seed=10 * c + i)
+    return root
+
+
+# ----------------------------------------------------------------------------- VTAB-1k
+def test_vtab_registry_has_the_19_tasks_with_groups_and_aliases():
+    assert len(VTAB_TASKS) == 19
+    groups = [t.group for t in VTAB_TASKS.values()]
+    assert groups.count("Natural") == 7 and groups.count("Specialized") == 4 and groups.count("Structured") == 8
+    assert vtab_task("cifar100").name == "cifar" and vtab_task("CIFAR").num_classes == 100
+    assert vtab_task("oxford_pet").name == "oxford_iiit_pet" and vtab_task("oxford-iiit-pet").num_classes == 37
+    assert vtab_task("sun397").num_classes == 397 and vtab_task("smallnorb_ele").num_classes == 9
+    assert sum(t.num_classes for t in VTAB_TASKS.values()) == 100 + 102 + 47 + 102 + 37 + 10 + 397 + 2 + 10 + 45 + 5 + 8 + 6 + 6 + 4 + 16 + 16 + 18 + 9
+
+
+def test_unknown_vtab_name_suggests_close_names():
+    with pytest.raises(TokenTuneError, match="did you mean clevr_count"):
+        vtab_task("clevr_cnt")
+    with pytest.raises(TokenTuneError, match="choose from cifar, caltech101"):
+        vtab_task("imagenet")
+
+
+def test_vtab_dataset_reads_list_and_images(tmp_path):
+    make_vtab(tmp_path, "eurosat")
+    ds = vtab_dataset(tmp_path, "eurosat", "train800val200")
+    assert len(ds) == 4 and ds.num_classes == 10 and ds.group == "Specialized" and ds.targets == [0, 1, 2, 9]
+    image, label = ds[3]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and label == 9
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=10, **tiny())
+    set_transforms([ds], model)
+    x, _ = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    # the alias name finds the canonical folder, and a folder named by an alias is found too
+    make_vtab(tmp_path, "cifar100", labels=(0, 99))
+    assert vtab_dataset(tmp_path, "cifar", "test").name == "cifar"
+    # the one-call helper applies the TrainConfig's data options
+    from tokentune.config import TrainConfig
+    train, test = build_datasets(model, TrainConfig(normalization="imagenet"), data_root=str(tmp_path), dataset="eurosat")
+    assert len(train) == len(test) == 4 and train[0][0].shape == (3, 32, 32)
+    assert not torch.allclose(train[0][0], ds[0][0])                       # imagenet mean/std, not 0.5
+
+
+def test_transform_is_bicubic_resize_and_the_models_normalisation():
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=3, **tiny())
+    assert normalization_stats("auto", model) == ((0.5,) * 3, (0.5,) * 3)      # Google ViT: 0.5/0.5
+    assert normalization_stats("imagenet")[0] == pytest.approx((0.485, 0.456, 0.406))
+    arr = np.zeros((8, 8, 3), dtype=np.uint8)
+    arr[:, 4:] = 255
+    img = Image.fromarray(arr)
+    x = build_transform(model)(img)
+    expected = np.asarray(img.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0
+    assert torch.allclose(x, (torch.from_numpy(expected).permute(2, 0, 1) - 0.5) / 0.5, atol=1e-6)
+    with pytest.raises(TokenTuneError, match="create the model with img_size=64"):
+        build_transform(model, image_size=64)
+    with pytest.raises(TokenTuneError, match="unknown normalization"):
+        build_transform(model, normalization="imagenet21k")
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("no_root", r"VTAB-1k root .* does not exist"),
+    ("no_task", r"no folder for VTAB-1k task 'dtd' in .*; found eurosat"),
+    ("no_split", r"no split file test.txt in .*eurosat \(found: train800val200\)"),
+])
+def test_missing_folders_and_split_files(tmp_path, case, pattern):
+    make_vtab(tmp_path, "eurosat", splits={"train800val200": (0, 1)})
+    args = {"no_root": (tmp_path / "nope", "eurosat", "test"), "no_task": (tmp_path, "dtd", "test"),
+            "no_split": (tmp_path, "eurosat", "test")}[case]
+    with pytest.raises(TokenTuneError, match=pattern):
+        vtab_dataset(*args)
+
+
+def test_list_file_errors_name_file_line_and_fix(tmp_path):
+    base = make_vtab(tmp_path, "eurosat", splits={"test": (0, 1, 2)})
+    list_file = os.path.join(base, "test.txt")
+    lines = open(list_file).read().splitlines()
+
+    def rewrite(new_lines):
+        with open(list_file, "w") as fh:
+            fh.write("\n".join(new_lines) + "\n")
+
+    rewrite(lines[:1] + ["images/test/000001.jpg"] + lines[2:])
+    with pytest.raises(TokenTuneError, match=r"malformed line .*test.txt:2: 'images/test/000001.jpg'; expected"):
+        vtab_dataset(tmp_path, "eurosat", "test")
+    rewrite(lines[:2] + ["images/test/000002.jpg 10"])
+    with pytest.raises(TokenTuneError, match=r"label 10 at .*test.txt:3 is out of range 0..9"):
+        vtab_dataset(tmp_path, "eurosat", "test")
+    rewrite(lines[:2] + ["images/test/000002.jpg -1"])
+    with pytest.raises(TokenTuneError, match="label -1"):
+        vtab_dataset(tmp_path, "eurosat", "test")
+    rewrite(lines + ["images/test/000099.jpg 3"])
+    with pytest.raises(TokenTuneError, match=r"1 of 4 images listed in .* do not exist, e.g. .*000099.jpg \(.*test.txt:4\)"):
+        vtab_dataset(tmp_path, "eurosat", "test")
+    rewrite([])
+    with pytest.raises(TokenTuneError, match="lists no images"):
+        vtab_dataset(tmp_path, "eurosat", "test")
+    with open(list_file, "wb") as fh:
+        fh.write(b"\xff\xfe\x00garbage")
+    with pytest.raises(TokenTuneError, match="is not a text file"):
+        vtab_dataset(tmp_path, "eurosat", "test")
+
+
+def test_corrupt_image_fails_lazily_naming_the_file(tmp_path):
+    base = make_vtab(tmp_path, "eurosat", splits={"test": (0, 1)})
+    bad = os.path.join(base, "images/test/000001.jpg")
+    with open(bad, "wb") as fh:
+        fh.write(b"not a jpeg at all")
+    ds = vtab_dataset(tmp_path, "eurosat", "test")        # construction only checks the list
+    ds[0]
+    with pytest.raises(TokenTuneError, match=r"cannot read image .*000001.jpg \(listed at .*test.txt:2\)"):
+        ds[1]
+
+
+def test_worker_errors_come_back_as_one_line(tmp_path):
+    """A TokenTuneError raised in a DataLoader worker reaches the user as its own line."""
+    base = make_vtab(tmp_path, "eurosat", splits={"test": (0, 1)})
+    with open(os.path.join(base, "images/test/000000.jpg"), "wb") as fh:
+        fh.write(b"\x00" * 10)
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=10, **tiny())
+    ds = vtab_dataset(tmp_path, "eurosat", "test")
+    set_transforms([ds], model)
+    with pytest.raises(TokenTuneError) as info:
+        evaluate(model, ds, batch_size=2, num_workers=1)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("cannot read image") and "000000.jpg" in message
+    wrapped = TokenTuneError("Caught TokenTuneError in DataLoader worker process 0.\nOriginal Traceback:\n  ...\n"
+                             "tokentune.errors.TokenTuneError: cannot read image x.jpg: bad; fix it")
+    assert clean_error(wrapped) == "cannot read image x.jpg: bad; fix it"
+
+
+# ----------------------------------------------------------------------------- image folders
+def test_image_folder_train_test_share_class_indices(tmp_path):
+    make_folder(tmp_path / "pets", classes=("cat", "dog", "emu"))
+    train, test = load_datasets(image_folder=str(tmp_path / "pets"))       # train800val200 -> train
+    assert train.classes == ["cat", "dog", "emu"] and train.num_classes == 3 and len(train) == 6
+    assert test.split == "test" and test.targets == train.targets
+    # the test split may lack a class but keeps the training indices; a "val" folder stands in for "test"
+    make_folder(tmp_path / "few", classes=("a", "b", "c"), splits=("train",))
+    make_folder(tmp_path / "few", classes=("b", "c"), splits=("val",))
+    train, test = load_datasets(image_folder=str(tmp_path / "few"))
+    assert test.split == "val" and sorted(set(test.targets)) == [1, 2]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(TokenTuneError, match="does not exist"):
+        image_folder_dataset(tmp_path / "missing")
+    make_folder(tmp_path / "d", classes=("a", "b"), splits=("train",))
+    with pytest.raises(TokenTuneError, match=r"has no 'test' split \(sub-folders: train\)"):
+        image_folder_dataset(tmp_path / "d", "test")
+    make_folder(tmp_path / "d", classes=("a", "zebra"), splits=("test",))
+    with pytest.raises(TokenTuneError, match="class folder.*zebra that the training split lacks"):
+        load_datasets(image_folder=str(tmp_path / "d"))
+    os.makedirs(tmp_path / "e" / "train" / "empty")
+    make_folder(tmp_path / "e", classes=("full",), splits=("train",))
+    with pytest.raises(TokenTuneError, match=r"class folder .*empty holds no images"):
+        image_folder_dataset(tmp_path / "e", "train")
+    with pytest.raises(TokenTuneError, match="either a VTAB-1k dataset .* or --image-folder"):
+        load_datasets(data_root=str(tmp_path), dataset="cifar", image_folder=str(tmp_path / "d"))
+    with pytest.raises(TokenTuneError, match="needs --data ROOT"):
+        load_datasets(dataset="cifar")
+    with pytest.raises(TokenTuneError, match="no data"):
+        load_datasets()

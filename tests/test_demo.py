@@ -1,0 +1,40 @@
+"""The offline demo, reduced (patch 8: 17 tokens, fewer epochs) but through the real pipeline."""
+import os
+import re
+
+import torch
+
+from tokentune.demo import ROWS, DemoConfig, DemoRow, available_rows, run_demo
+
+
+def test_demo_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    lines = []
+    try:
+        table = run_demo(DemoConfig(pretrain_epochs=6, epochs=8, patch_size=8, tome_r=(4, 3, 2, 2), bench_batch=64,
+                                    bench_rounds=2, threads=1, workdir=str(tmp_path / "work")), out=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["label"]: r for r in table}
+    assert list(rows)[:3] == ["linear probe", "LoRA r=8", "LoRA r=8 + ToMe"]
+    linear, lora, tome = rows["linear probe"], rows["LoRA r=8"], rows["LoRA r=8 + ToMe"]
+    assert lora["top1"] > 55, lora                       # 5 classes: chance is 20%
+    assert linear["trainable"] == 64 * 5 + 5              # the head only
+    assert tome["trainable"] == lora["trainable"] > linear["trainable"]
+    assert linear["tokens"] == "17" and tome["tokens"] == "17 -> 6"
+    assert tome["macs"] < 0.8 * lora["macs"] and abs(lora["macs"] - linear["macs"]) < 1e-6 * linear["macs"]
+    assert all(r["img_per_s"] > 0 for r in table)
+    text = "\n".join(lines)
+    assert "| method" in text and "| LoRA r=8 + ToMe" in text and "img/s" in text and "1 CPU thread" in text
+    assert re.search(r"from scratch on \d+ digits 0-4", text) and "measurement noise" in text
+    # the run directories are real tokentune runs, and the backbone went to the cache
+    assert os.path.isfile(tmp_path / "work" / "runs" / "lora-r-8" / "results.json")
+    assert len(os.listdir(tmp_path / "cache" / "tokentune" / "demo")) == 1
+
+
+def test_rows_of_missing_methods_are_skipped():
+    rows = [DemoRow("a", "lora"), DemoRow("b", "lora+nosuchmethod"), DemoRow("c", "nosuchmethod")]
+    assert [r.label for r in available_rows(rows)] == ["a"]
+    assert {r.method for r in available_rows()} >= {"linear", "lora", "lora+tome"}
+    assert [r.label for r in ROWS][:3] == ["linear probe", "LoRA r=8", "LoRA r=8 + ToMe"]
