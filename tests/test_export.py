@@ -182,6 +182,27 @@ def test_export_from_run_directory_with_pretrained_override(tmp_path):
     assert set(load_file(str(run / "model.safetensors"))) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_preprocessing_is_recorded_and_restored(tmp_path):
+    from tokentune.data import build_transform
+
+    model = _trained("lora+tome")
+    export_deployed(model, tmp_path / "a")
+    prep = read_deployed_config(tmp_path / "a")["preprocessing"]
+    assert prep == {"image_size": [32, 32], "crop": False, "interpolation": "bicubic", "normalization": "auto",
+                    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    # a run trained with ImageNet statistics: its export and the loaded model say so
+    tokentune.save_trained(model, str(tmp_path / "run"), extra={"train_config": {"normalization": "imagenet",
+                                                                                 "interpolation": "bilinear"}})
+    export_deployed(tmp_path / "run", tmp_path / "b")
+    prep = read_deployed_config(tmp_path / "b")["preprocessing"]
+    assert prep["normalization"] == "imagenet" and prep["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    loaded = load_deployed(tmp_path / "b")
+    assert loaded.pretrained_cfg["mean"] == pytest.approx((0.485, 0.456, 0.406))
+    assert loaded.pretrained_cfg["interpolation"] == "bilinear"
+    normalize = build_transform(loaded).transforms[-1]
+    assert tuple(normalize.mean) == pytest.approx((0.485, 0.456, 0.406))
+
+
 def test_half_precision_export(tmp_path):
     model = _trained("lora+tome")
     export_deployed(model, tmp_path, dtype="bfloat16")
@@ -370,13 +391,8 @@ def test_compiled_load_equals_eager_and_does_not_recompile_for_new_images(tmp_pa
 
 
 def _cli(argv):
-    """Run the export command the way the command line does."""
-    import argparse
-    from tokentune.export import add_export_command, run_export_command
-
-    parser = argparse.ArgumentParser(prog="tokentune export")
-    add_export_command(parser)
-    return run_export_command(parser.parse_args(argv))
+    from tokentune.cli import main
+    return main(["export"] + argv)
 
 
 def test_export_command(tmp_path, capsys):
@@ -391,5 +407,23 @@ def test_export_command(tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(load_deployed(tmp_path / "out")(x), model(x), atol=1e-5)
-    with pytest.raises(TokenTuneError, match="already an export; pass --onnx"):
-        _cli([str(tmp_path / "out"), str(tmp_path / "out2")])
+    assert _cli([str(tmp_path / "out"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already an export; pass --onnx" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["lora+tome", "dyt"])
+def test_export_command_onnx(spec, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _trained(spec)
+    export_deployed(model, tmp_path / "exp")
+    assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "any batch" in out and "checked against PyTorch" in out
+    assert ("mask form" in out) == (spec == "dyt")
+    session = ort.InferenceSession(str(tmp_path / "exp" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x), atol=1e-4)

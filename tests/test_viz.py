@@ -125,11 +125,22 @@ def test_missing_matplotlib_is_one_clear_line(monkeypatch):
 
 
 def _write_runs(root, runs):
-    for i, (method, acc) in enumerate(runs):
+    for i, run in enumerate(runs):
+        method, acc, dataset = run if len(run) == 3 else (*run, "cifar")
         d = root / f"run{i}"
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps({"method": method, "model": "vit", "top1": acc,
-                                                   "best_top1_over_epochs": acc + 1.0, "dataset": "cifar"}))
+                                                   "best_top1_over_epochs": acc + 1.0, "dataset": dataset}))
+
+
+def test_tradeoff_accuracy_is_the_vtab_mean_of_group_means(tmp_path):
+    _write_runs(tmp_path / "runs", [("lora", 80.0, "cifar"), ("lora", 60.0, "dtd"), ("lora", 90.0, "eurosat"),
+                                    ("lora", 30.0, "clevr_count"), ("lora", 34.0, "clevr_count"),
+                                    ("tome", 50.0, "cifar"), ("tome", 70.0, "my_folder_data")])
+    by = {p.label: p for p in viz.load_tradeoff_points([tmp_path / "runs"])}
+    # Natural (80, 60) -> 70, Specialized 90, Structured (30, 34 seeds averaged) -> 32
+    assert by["lora"].accuracy == pytest.approx((70 + 90 + 32) / 3) and by["lora"].runs == 5
+    assert by["tome"].accuracy == pytest.approx(50.0)          # only its VTAB task counts in the VTAB mean
 
 
 def test_tradeoff_points_join_runs_and_bench_tables(tmp_path):
@@ -177,11 +188,13 @@ def test_tradeoff_errors(tmp_path):
 
 
 def _cli(argv):
-    import argparse
+    from tokentune.cli import main
+    return main(["viz"] + argv)
 
-    parser = argparse.ArgumentParser(prog="tokentune viz")
-    viz.add_viz_command(parser)
-    return viz.run_viz_command(parser.parse_args(argv))
+
+def _error(capsys, text):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and text in err and err.count("\n") == 1, err
 
 
 def test_viz_commands(tmp_path, capsys):
@@ -200,8 +213,8 @@ def test_viz_commands(tmp_path, capsys):
     assert _cli(["tradeoff", str(tmp_path / "runs"), str(tmp_path / "bench.json"), "--x", "gmacs",
                  "--rename", "lora (merged)=lora", "--out", str(tmp_path / "t.png")]) == 0
     assert png_size(tmp_path / "t.png") == (600, 450)
-    with pytest.raises(TokenTuneError, match="--rename expects OLD=NEW"):
-        _cli(["tradeoff", str(tmp_path / "runs"), "--rename", "lora", "--out", str(tmp_path / "t.png")])
+    assert _cli(["tradeoff", str(tmp_path / "runs"), "--rename", "lora", "--out", str(tmp_path / "t.png")]) == 2
+    _error(capsys, "--rename expects OLD=NEW")
 
 
 # ----------------------------------------------------------------------------- DyT pictures
@@ -285,5 +298,5 @@ def test_dyt_viz_commands(tmp_path, capsys):
     assert _cli(["dyt-rates", str(tmp_path / "export"), str(tmp_path / "imgs"), "--out", str(tmp_path / "r.png")]) == 0
     assert png_size(tmp_path / "r.png") == (700, 350)
     assert "overall activation" in capsys.readouterr().out
-    with pytest.raises(TokenTuneError, match="no images"):
-        _cli(["dyt-rates", str(tmp_path / "export"), str(tmp_path / "export"), "--out", str(tmp_path / "r.png")])
+    assert _cli(["dyt-rates", str(tmp_path / "export"), str(tmp_path / "export"), "--out", str(tmp_path / "r.png")]) == 2
+    _error(capsys, "no images")

@@ -602,6 +602,27 @@ def _run_demo(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export, viz
+def _add_export(parser) -> None:
+    from .export import add_export_command
+    add_export_command(parser)
+
+
+def _run_export(args) -> int:
+    from .export import run_export_command
+    return run_export_command(args)
+
+
+def _add_viz(parser) -> None:
+    from .viz import add_viz_command
+    add_viz_command(parser)
+
+
+def _run_viz(args) -> int:
+    from .viz import run_viz_command
+    return run_viz_command(args)
+
+
 # ----------------------------------------------------------------------------- registry
 @dataclass
 class Command:
@@ -632,6 +653,15 @@ COMMANDS: Dict[str, Command] = {
     "demo": Command("offline demo on scikit-learn's digits (about 1-2 minutes on a laptop CPU)", _add_demo, _run_demo,
                     "Pre-train a tiny ViT on digits 0-4, adapt it to digits 5-9 with several methods and print "
                     "accuracy, trainable parameters, tokens, FLOPs and throughput side by side. No download."),
+    "export": Command("write the deployed model of a run (one safetensors file + config; optional ONNX)", _add_export,
+                      _run_export,
+                      "Deploy a run (LoRA merged, method deploy hooks applied) and write OUT/deployed.safetensors with "
+                      "every tensor plus OUT/deployed.json; tokentune.load_deployed(OUT) rebuilds it with torch, timm "
+                      "and tokentune only. --onnx also writes OUT/model.onnx."),
+    "viz": Command("pictures: merged tokens, DyT activated tokens and rates, accuracy vs speed", _add_viz, _run_viz,
+                   "merge: which patches ToMe/PYRA merged, at several depths; dyt-tokens: the patches each DyT "
+                   "layer activates; dyt-rates: DyT activation rate per layer; tradeoff: accuracy versus "
+                   "throughput or FLOPs across methods. Needs matplotlib (pip install 'tokentune[viz]')."),
 }
 
 
@@ -646,6 +676,8 @@ EPILOG = """examples:
   tokentune train --out runs/cifar-lora --resume
   tokentune eval runs/cifar-lora --deploy
   tokentune summarize runs/
+  tokentune export runs/cifar-lora exported/cifar-lora --onnx
+  tokentune viz merge runs/cifar-pyra image.jpg --out merge.png
 Run 'tokentune COMMAND --help' for every option of a command."""
 
 

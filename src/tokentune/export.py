@@ -6,8 +6,8 @@ An *export directory* holds:
   into the weights, the merge schedule and PYRA modulation in place, DyT dispatchers switched to
   real token skipping: whatever :func:`tokentune.deploy` produces), under their module names;
 * ``deployed.json``: how to rebuild that structure (timm name, method spec and configs, timm
-  keyword arguments, number of classes), the export format version and the library versions it
-  was written with.
+  keyword arguments, number of classes), the input preprocessing (size, resize filter,
+  mean/std, as trained), the export format version and the library versions it was written with.
 
 :func:`load_deployed` needs only torch, timm and tokentune: it rebuilds the structure with
 ``create_model(..., pretrained=False)`` on the ``meta`` device (no random initialisation, no
@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_json, load_trained
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_json, load_trained, read_config
 from .errors import TokenTuneError
 
 DEPLOYED_WEIGHTS = "deployed.safetensors"
@@ -128,20 +128,56 @@ def _versions() -> Dict[str, str]:
             "python": platform.python_version()}
 
 
-def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str, None]) -> nn.Module:
+def preprocessing_of(model: nn.Module, run_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """How inputs of ``model`` are prepared: resize to ``image_size`` (no crop), ``mean``/``std``.
+
+    From a run's ``config.json`` (its ``train_config``: normalization, interpolation) when given,
+    else the defaults of training (``auto`` normalisation = the model's pretrained mean/std, bicubic).
+    """
+    from .data import normalization_stats
+
+    train_cfg = (run_config or {}).get("train_config") or {}
+    normalization = train_cfg.get("normalization") or "auto"
+    mean, std = normalization_stats(normalization, model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return {"image_size": [int(v) for v in size] if size is not None else None, "crop": False,
+            "interpolation": train_cfg.get("interpolation") or "bicubic", "normalization": normalization,
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def apply_preprocessing(model: nn.Module, prep: Optional[Dict[str, Any]]) -> nn.Module:
+    """Record ``prep`` in the model's ``pretrained_cfg`` (mean, std, interpolation, input size), so
+    ``tokentune.data.build_transform(model)`` and timm's ``resolve_data_config`` give its
+    preprocessing."""
+    if not prep:
+        return model
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.update(mean=tuple(prep["mean"]), std=tuple(prep["std"]), interpolation=prep.get("interpolation", "bicubic"))
+    if prep.get("image_size"):
+        cfg["input_size"] = (3, *prep["image_size"])
+    model.pretrained_cfg = cfg
+    return model
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "_orig_mod") or (hasattr(model, "module") and not hasattr(model, "tokentune_spec")
+                                          and isinstance(getattr(model, "module"), nn.Module)):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str, None]
+                ) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
     """A tokentune model from a model (compiled or DDP-wrapped ones unwrapped) or a training run directory."""
     if isinstance(source, nn.Module):
-        while hasattr(source, "_orig_mod") or (hasattr(source, "module") and not hasattr(source, "tokentune_spec")
-                                                and isinstance(getattr(source, "module"), nn.Module)):
-            source = getattr(source, "_orig_mod", None) or source.module
-        return source
+        return _unwrap(source), None
     directory = os.fspath(source)
     if not os.path.isdir(directory):
         raise TokenTuneError(f"{directory!r} is not a directory; pass a model or a run directory written by "
                              "tokentune train/save_trained")
     if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)) and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         raise TokenTuneError(f"{directory!r} is already a deployed export; load it with tokentune.load_deployed")
-    return load_trained(directory, pretrained=pretrained)
+    return load_trained(directory, pretrained=pretrained), read_config(directory)
 
 
 def _deployed(model: nn.Module) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -180,7 +216,7 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
     """
     if dtype is not None and dtype not in _DTYPES:
         raise TokenTuneError(f"unknown export dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
-    model = _model_from(model_or_run_dir, pretrained)
+    model, run_config = _model_from(model_or_run_dir, pretrained)
     deployed, spec = _deployed(model)
     out_dir = os.fspath(out_dir)
     tensors = deployed_tensors(deployed, _DTYPES[dtype] if dtype else None)
@@ -200,6 +236,7 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
         "image_size": list(grid) if grid is not None else None,
         "num_prefix_tokens": int(getattr(deployed, "num_prefix_tokens", 0)),
         "tome_schedule": list(getattr(deployed, "tome_schedule", []) or []),
+        "preprocessing": preprocessing_of(deployed, run_config),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "num_tensors": len(tensors),
         "num_elements": int(sum(t.numel() for t in tensors.values())),
@@ -317,6 +354,7 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
     for p in model.parameters():
         p.requires_grad_(False)
     model.tokentune_export = {"dir": os.fspath(out_dir), "config": config}
+    apply_preprocessing(model, config.get("preprocessing"))
     return torch.compile(model) if compile else model
 
 
@@ -381,6 +419,7 @@ def _require_onnx():
 def _as_deployed(model: Union[nn.Module, PathLike], pretrained: Union[bool, str, None] = None) -> nn.Module:
     """A deployed model from a model, an export directory or a run directory."""
     if isinstance(model, nn.Module):
+        model = _unwrap(model)
         spec = getattr(model, "tokentune_spec", None)
         if spec is not None and not spec.get("deployed"):
             from .deploy import deploy
@@ -389,7 +428,7 @@ def _as_deployed(model: Union[nn.Module, PathLike], pretrained: Union[bool, str,
     directory = os.fspath(model)
     if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)):
         return load_deployed(directory)
-    return _deployed(_model_from(directory, pretrained))[0]
+    return _deployed(_model_from(directory, pretrained)[0])[0]
 
 
 def _has_dispatchers(model: nn.Module) -> bool:
@@ -546,7 +585,8 @@ def load_model(path: PathLike, pretrained: Union[bool, str, None] = None,
         return load_deployed(directory, device=device)
     if not os.path.isdir(directory):
         raise TokenTuneError(f"{directory!r} does not exist; pass a run directory or an export directory")
-    return load_trained(directory, pretrained=pretrained).to(device).eval()
+    model = load_trained(directory, pretrained=pretrained).to(device).eval()
+    return apply_preprocessing(model, preprocessing_of(model, read_config(directory)))
 
 
 # ----------------------------------------------------------------------------- command line

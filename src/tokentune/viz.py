@@ -414,8 +414,11 @@ def load_tradeoff_points(paths: Iterable[PathLike], rename: Optional[Dict[str, s
 
     Understood inputs (files, or directories searched for ``results.json``):
 
-    * a run's ``results.json`` (``tokentune train``): its ``top1`` (or ``metric``) under its
-      ``label``/``method``; several runs of one method (tasks, seeds) are averaged;
+    * runs' ``results.json`` (``tokentune train``): per method (its ``label``, else the method,
+      with the model when several appear) the accuracy of ``tokentune summarize``: seeds averaged
+      per task, then the mean of the three VTAB-1k group means when every group has a task, else
+      the mean over tasks;
+    * any other JSON object with an accuracy (an ``eval --json`` record): averaged per label;
     * a table with ``rows`` (``tokentune.bench.write_results`` JSON, a run summary) or a JSON list
       of rows: each row's label (``label``/``method``/``model``/``name``), accuracy (``accuracy``,
       ``top1``, ``mean_of_groups``, ...), throughput (``throughput``, ``img/s (median)``, ...),
@@ -429,7 +432,26 @@ def load_tradeoff_points(paths: Iterable[PathLike], rename: Optional[Dict[str, s
     rename = dict(rename or {})
     points: Dict[str, TradeoffPoint] = {}
     acc_sum: Dict[str, float] = {}
-    for path in _json_files(paths):
+    files = _json_files(paths)
+    runs = [f for f in files if os.path.basename(f) == "results.json"]
+    if runs:
+        # runs of tokentune train: per-method accuracy as the VTAB-1k table gives it (seeds averaged
+        # per task, then the mean of the Natural/Specialized/Structured means when all are present)
+        from .evaluate import summarize
+
+        for row in summarize([os.path.dirname(f) for f in runs], metric=metric, label="auto")["rows"]:
+            per_task = [v for v in row["per_task"].values() if v is not None]
+            acc = next((v for v in (row.get("mean_of_groups"), row.get("mean_of_tasks")) if v is not None),
+                       sum(per_task) / len(per_task) if per_task else None)
+            if acc is None:
+                continue
+            label = rename.get(row["label"], row["label"])
+            point = points.setdefault(label, TradeoffPoint(label))
+            point.accuracy, point.runs = float(acc), int(sum(row["runs_per_task"].values()))
+            point.sources["accuracy"] = os.path.commonpath(runs) if len(runs) > 1 else runs[0]
+    for path in files:
+        if path in runs:
+            continue
         kind, rows, env = _records(path)
         for row in rows:
             label = _label(row)
@@ -746,8 +768,8 @@ def _add_model_image_args(p, what: str) -> None:
     p.add_argument("model", metavar="MODEL_DIR", help="a run directory ('tokentune train') or an export directory")
     p.add_argument("images", nargs="+", metavar="IMAGE", help=f"image files or folders of images {what}")
     p.add_argument("--out", required=True, metavar="FILE", help="picture to write (.png, .pdf, .svg)")
-    p.add_argument("--mean", type=_floats, default=None, metavar="R,G,B", help="input normalisation mean [default: the model's]")
-    p.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="input normalisation std [default: the model's]")
+    p.add_argument("--mean", type=_floats, default=None, metavar="R,G,B", help="input normalisation mean [default: as the model was trained]")
+    p.add_argument("--std", type=_floats, default=None, metavar="R,G,B", help="input normalisation std [default: as the model was trained]")
     p.add_argument("--pretrained", type=parse_pretrained, default=None, metavar="hub|PATH",
                    help="for a run directory: where the frozen backbone comes from [default: as recorded]")
     p.add_argument("--dpi", type=int, default=100, metavar="N", help="resolution [default: 100]")
