@@ -12,6 +12,7 @@ from .adapter import Adapter, AdapterConfig
 from .checkpoint import load_trained, save_trained
 from .deploy import deploy
 from .errors import TokenTuneError
+from .export import export_deployed, export_onnx, load_deployed
 from .lora import LoRAConfig, LoRALinear
 from .methods import available_methods, create_model, register_method
 from .model import AdaptedBlock, TokenState, attention
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterConfig", "AdaptedBlock", "LoRAConfig", "LoRALinear", "ToMeConfig", "TokenState",
     "TokenTuneError", "attention", "available_methods", "bipartite_soft_matching", "count_parameters",
-    "create_model", "deploy", "load_trained", "merge_weighted", "print_trainable_parameters",
-    "register_method", "save_trained", "__version__",
+    "create_model", "deploy", "export_deployed", "export_onnx", "load_deployed", "load_trained", "merge_weighted",
+    "print_trainable_parameters", "register_method", "save_trained", "__version__",
 ]
