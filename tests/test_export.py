@@ -427,3 +427,18 @@ def test_export_command_onnx(spec, tmp_path, capsys):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x), atol=1e-4)
+
+
+def test_shared_tensors_are_stored_once_and_stay_shared(tmp_path):
+    from tokentune.export import _assign, deployed_tensors
+
+    model = _trained("lora+tome")
+    model.head_twin = model.head                      # a module reachable under two names
+    tensors = deployed_tensors(tokentune.deploy(model))
+    assert "head.weight" in tensors and "head_twin.weight" not in tensors
+    with torch.device("meta"):
+        rebuilt = tokentune.deploy(tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=5,
+                                                          tome_r=[3, 2, 2, 1], **tiny()))
+    rebuilt.head_twin = rebuilt.head
+    _assign(rebuilt, tensors, "test")
+    assert rebuilt.head_twin.weight is rebuilt.head.weight and not rebuilt.head.weight.is_meta

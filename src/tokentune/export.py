@@ -96,18 +96,10 @@ def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str, hin
                                  f"but {want} in the model built from its config{hint}")
     for name, group in slots.items():
         value = tensors[name]
+        if group[0][2]:
+            value = nn.Parameter(value, requires_grad=False)   # one object, shared by every slot
         for module, attr, is_param in group:
-            if is_param:
-                module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-            else:
-                module._buffers[attr] = value
-    # a parameter re-wrapped above is a new object: re-share it between the slots of one group
-    for name, group in slots.items():
-        module, attr, is_param = group[0]
-        if is_param:
-            first = module._parameters[attr]
-            for other, other_attr, _ in group[1:]:
-                other._parameters[other_attr] = first
+            (module._parameters if is_param else module._buffers)[attr] = value
 
 
 def _meta_leftovers(model: nn.Module) -> List[str]:
