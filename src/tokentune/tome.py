@@ -201,10 +201,12 @@ def merge_weighted(x: torch.Tensor, size: Optional[torch.Tensor], m: Matching,
                    modulate: Optional[SourceHook] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge ``merge(x * s, sum) / merge(s, sum)``; returns tokens and sizes.
 
-    Only the destination rows change value, so only they are weighted and divided: tokens that
-    are neither merged nor merged into are copied as they are (the reference's ``x * s / s``
-    gives the same value up to one rounding). Destinations get exactly the reference arithmetic:
-    ``(x_d * s_d + sum_i x_i * s_i) / (s_d + sum_i s_i)``, sources added in ToMe order.
+    Only destination rows change value, so tokens that are neither merged nor merged into are
+    copied as they are (the reference's ``x * s / s`` gives the same value up to one rounding)
+    and each destination ``d`` receives, per source ``i``, the increment
+    ``(x_i * s_i - x_d * s_i) / s_d'`` with ``s_d' = s_d + sum_i s_i``; summed, that is exactly
+    ``(x_d * s_d + sum_i x_i * s_i) / s_d' - x_d``. Everything is added with ``index_add_``,
+    which is correct (values and gradients) when several sources share a destination.
     """
     B, N, C = x.shape
     rows = x.reshape(B * N, C)
@@ -214,14 +216,11 @@ def merge_weighted(x: torch.Tensor, size: Optional[torch.Tensor], m: Matching,
     if modulate is not None:
         dst = rows.index_select(0, m.dst) * sizes.index_select(0, m.dst)
         src = modulate(src.view(B, m.r, C), dst.view(B, m.r, C)).reshape(B * m.r, C)
+    d = m.dst_out                                   # output row of each source's destination
     out = rows.index_select(0, m.keep)
-    out_size = sizes.index_select(0, m.keep)
-    d = m.dst_out                                   # may repeat: several sources, one destination
-    # weight the destinations (duplicates write identical values), add the sources, divide
-    out.index_copy_(0, d, out.index_select(0, d) * out_size.index_select(0, d))
-    out.index_add_(0, d, src)
-    out_size = out_size.index_add(0, d, src_size)
-    out.index_copy_(0, d, out.index_select(0, d) / out_size.index_select(0, d))
+    out_size = sizes.index_select(0, m.keep).index_add(0, d, src_size)
+    dst_now = rows.index_select(0, m.dst)            # destination tokens before the merge
+    out.index_add_(0, d, (src - dst_now * src_size) / out_size.index_select(0, d))
     return out.view(B, N - m.r, C), out_size.view(B, N - m.r, 1)
 
 
