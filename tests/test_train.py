@@ -348,3 +348,21 @@ def test_sigterm_stops_after_the_step_with_the_state_saved(tmp_path):
     assert not r.finished and r.stop_reason == "signal" and r.global_step == 3
     r = train(make_model(), data, None, cfg(epochs=3), out_dir=str(tmp_path), resume=True, log=None)
     assert r.finished and r.global_step == 6
+
+
+def test_method_step_hook_drives_dyt_temperature_schedule(monkeypatch):
+    """Method.on_step runs before every step: DyT's linear tau schedule goes 5 -> 1 over training."""
+    from tokentune import dyt
+    model = make_model("dyt", dyt_tau=5.0, dyt_tau_end=1.0, dyt_tau_schedule="linear")
+    seen = []
+    orig = dyt.TokenDispatcher.forward
+
+    def spy(self, *a, **k):
+        seen.append(self.tau)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(dyt.TokenDispatcher, "forward", spy)
+    train(model, make_data(16), None, cfg(epochs=2, batch_size=8, eval_every=100), out_dir=None)
+    per_step = sorted(set(seen), reverse=True)
+    assert per_step[0] == 5.0                       # first step: progress 0
+    assert 1.0 < per_step[-1] < 5.0                 # last step: 3/4 of the way to 1
+    assert abs(per_step[-1] - (5.0 + (1.0 - 5.0) * 3 / 4)) < 1e-9

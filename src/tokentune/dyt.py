@@ -44,7 +44,8 @@ follow the activation rate. Per-forward options, ``model(x, **options)``:
 * ``dyt_execution="mask"`` / ``"skip"``: override the inference path for this forward.
 
 Temperature: constant ``tau`` by default; with ``tau_end`` the training loop calls
-:func:`update_temperature` (``model``, progress in [0, 1]) each step, or a user calls
+:func:`update_temperature` (``model``, progress in [0, 1]) before each step (the method's
+``on_step`` hook, so ``tokentune train`` does it), or a user calls
 :func:`set_temperature` / :func:`temperature_at` directly. :func:`calibrate_activation` sets the
 dispatcher biases to reach a given rate on a batch (benchmarks of untrained models).
 :func:`activation_stats` gives per-layer and overall rates over a dataset and per-image masks.
@@ -645,7 +646,7 @@ def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str,
 register_method(Method(
     "dyt", DyTConfig, apply_dyt,
     trainable=(r"\.(adapter|attn_adapter|layer_adapter)\.", r"\.(attn|mlp|layer)_dispatcher\."),
-    order=30, peft=True, deploy=deploy_dyt, loss=dyt_loss,
+    order=30, peft=True, deploy=deploy_dyt, loss=dyt_loss, on_step=update_temperature,
     summary="Dynamic Tuning: token dispatchers skip attention/MLP per token, adapters on every token"))
 
 # The reference VTAB-1k run (train_vtab.sh, main_vtab.py, engine_finetune.py): ffn_num 16, scale 1,

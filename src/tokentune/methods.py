@@ -49,6 +49,8 @@ class Method:
         loss: ``loss(model, images, targets, criterion) -> (loss, logs)`` replacing the plain
             ``criterion(model(images), targets)`` in training (DyT's rate/distillation losses);
             ``logs`` is a dict of floats for progress output. At most one method per model has one.
+        on_step: ``on_step(model, progress)`` called by the training loop before every optimizer
+            step, ``progress`` = steps done / total steps in [0, 1] (DyT's temperature schedule).
         summary: one line for ``--help``.
     """
 
@@ -63,6 +65,7 @@ class Method:
     deploy: Optional[Callable[[nn.Module], None]] = None
     exclude_from_paper_count: Tuple[str, ...] = ()
     loss: Optional[Callable] = None
+    on_step: Optional[Callable[[nn.Module, float], None]] = None
     summary: str = ""
 
 

@@ -249,6 +249,15 @@ def loss_function(model: nn.Module) -> Callable:
     return lambda images, targets, criterion: (criterion(model(images), targets), {})
 
 
+def step_hooks(model: nn.Module) -> List[Callable[[nn.Module, float], None]]:
+    """The methods' per-step hooks (``Method.on_step``), e.g. DyT's temperature schedule."""
+    try:
+        from .methods import methods_of
+        return [m.on_step for m in methods_of(model) if m.on_step is not None]
+    except TokenTuneError:
+        return []
+
+
 # ----------------------------------------------------------------------------- RNG state
 def _seed_all(seed: int) -> None:
     random.seed(seed)
@@ -402,6 +411,7 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     compute_loss = loss_function(model)
+    on_step = step_hooks(model)
 
     sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
     loader = torch.utils.data.DataLoader(
@@ -500,6 +510,8 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
                 step = b // cfg.grad_accum
                 lr = learning_rate(cfg, epoch, step, steps_per_epoch)
                 set_learning_rate(optimizer, lr)
+                for hook in on_step:
+                    hook(model, global_step / max(cfg.epochs * steps_per_epoch, 1))
                 stats = torch.zeros(4, dtype=torch.float64)   # loss sum, images, non-finite, stop
                 bad_value = None
                 for _ in range(group):
