@@ -43,3 +43,33 @@ def test_peak_memory_and_timing_structure():
     assert step["seconds_per_step"] > 0 and step["peak_memory_bytes"] > 0
     env = bench.environment()
     assert {"device", "threads", "dtype", "torch", "timm"} <= set(env)
+
+
+def test_peak_memory_counts_new_tensors_not_views_of_parameters():
+    # under no_grad, linear decomposes into t(weight) + addmm: the transposed weight is a view of a
+    # parameter, not an allocation; only the input and output (4 KiB each) are new here
+    layer = torch.nn.Linear(1024, 1024)
+    with torch.no_grad():
+        mem = bench.peak_memory(lambda: layer(torch.ones(1, 1024)), "cpu")
+    assert mem == 2 * 1024 * 4
+    model = tokentune.deploy(tokentune.create_model("vit_tiny_patch16_224", method="lora", **tiny()))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        no_grad = bench.peak_memory(lambda: model(x), "cpu")
+    with torch.inference_mode():
+        inference = bench.peak_memory(lambda: model(x), "cpu")
+    assert no_grad == inference
+
+
+def test_random_images_are_the_timed_batch():
+    a = bench.random_images(3, 32, seed=5)
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, bench.random_images(3, 32, seed=5))
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, images):
+            seen.append(images.clone())
+            return images
+
+    bench.measure_throughput({"m": Spy()}, batch_size=3, image_size=32, rounds=1, warmup=0, seed=5)
+    assert torch.equal(seen[0], a)

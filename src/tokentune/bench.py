@@ -85,13 +85,23 @@ class _LiveTensorTracker(torch.utils._python_dispatch.TorchDispatchMode):
         self._seen.discard(key)
         self.live -= nbytes
 
+    @staticmethod
+    def _key(t: torch.Tensor):
+        storage = t.untyped_storage()
+        return (storage.data_ptr(), storage.device.type), storage
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        # storages the op received: an output sharing one is a view of (or was written into) an
+        # input, not a new allocation; without this, views of the parameters (``aten.t`` of a
+        # weight when no_grad decomposes ``linear``) counted as activations
+        inputs = {self._key(t)[0] for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and not t.is_meta}
+        out = func(*args, **kwargs)
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                key = (storage.data_ptr(), storage.device.type)
-                if key in self._seen or storage.data_ptr() == 0:
+                key, storage = self._key(t)
+                if key in self._seen or key in inputs or storage.data_ptr() == 0:
                     continue
                 nbytes = storage.nbytes()
                 self._seen.add(key)
@@ -147,18 +157,26 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
+def random_images(batch_size: int, image_size: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """The random batch :func:`measure_throughput` times for ``seed`` (drawn on the CPU, then moved),
+    e.g. to calibrate a data-dependent model (DyT) on exactly the images that are timed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device)
+
+
 def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image_size: int = 224,
                        rounds: int = 10, warmup: int = 2, iters_per_round: int = 1, dtype: str = "fp32",
-                       device="cpu", seed: int = 0) -> Dict[str, TimingStats]:
+                       device="cpu", seed: int = 0,
+                       progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, TimingStats]:
     """Interleaved inference throughput of several models on the same random batch.
 
     Every model is warmed up ``warmup`` times, then ``rounds`` rounds time ``iters_per_round``
-    forwards of each model in turn (the order rotates each round). ``eval`` and ``no_grad``;
-    CUDA is synchronised around each timed block.
+    forwards of each model in turn (the order rotates each round). ``inference_mode``; CUDA is
+    synchronised around each timed block. ``progress(done_rounds, rounds)`` is called after the
+    warm-up (0) and after every round.
     """
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=g).to(device)
+    images = random_images(batch_size, image_size, seed, device)
     names = list(models)
     times: Dict[str, List[float]] = {n: [] for n in names}
     with torch.inference_mode(), _autocast(device, dtype):
@@ -167,6 +185,8 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image
             for _ in range(warmup):
                 models[n](images)
         _sync(device)
+        if progress is not None:
+            progress(0, rounds)
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
@@ -176,6 +196,8 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image
                     models[n](images)
                 _sync(device)
                 times[n].append((time.perf_counter() - t0) / iters_per_round)
+            if progress is not None:
+                progress(r + 1, rounds)
     out = {}
     for n in names:
         ips = [batch_size / t for t in times[n]]
@@ -185,8 +207,13 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image
 
 
 def measure_train_step(model: nn.Module, batch_size: int = 16, image_size: int = 224, steps: int = 3,
-                       warmup: int = 1, dtype: str = "fp32", device="cpu", num_classes: Optional[int] = None):
-    """Seconds per training step (forward, backward, AdamW step on trainable params) and peak memory."""
+                       warmup: int = 1, dtype: str = "fp32", device="cpu", num_classes: Optional[int] = None,
+                       loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+    """Seconds per training step (forward, backward, AdamW step on trainable params) and peak memory.
+
+    ``loss(images, targets)`` replaces the plain ``cross_entropy(model(images), targets)``, e.g. a
+    method's training loss (DyT's complete-model pass and distillation are part of its step).
+    """
     device = torch.device(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,11 +224,12 @@ def measure_train_step(model: nn.Module, batch_size: int = 16, image_size: int =
 
     def step():
         with _autocast(device, dtype):
-            loss = nn.functional.cross_entropy(model(images), targets)
+            value = (loss(images, targets) if loss is not None
+                     else nn.functional.cross_entropy(model(images), targets))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        return loss.detach()
+        return value.detach()
 
     for _ in range(warmup):
         step()
@@ -221,6 +249,8 @@ def measure_train_step(model: nn.Module, batch_size: int = 16, image_size: int =
 def environment(device="cpu", dtype: str = "fp32") -> Dict[str, object]:
     """What a benchmark table must state: device, threads, dtype, versions."""
     import timm
+
+    from . import __version__
 
     device = torch.device(device)
     if device.type == "cuda":
@@ -242,6 +272,7 @@ def environment(device="cpu", dtype: str = "fp32") -> Dict[str, object]:
         "dtype": dtype,
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "tokentune": __version__,
         "python": platform.python_version(),
     }
 

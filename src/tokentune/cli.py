@@ -669,6 +669,15 @@ def register_command(name: str, command: Command) -> None:
     COMMANDS[name] = command
 
 
+def _register_bench() -> None:   # `tokentune bench` lives in tokentune.bench_cli
+    from . import bench_cli
+    register_command("bench", Command(bench_cli.HELP, bench_cli.add_bench_options, bench_cli.run_bench,
+                                      bench_cli.DESCRIPTION))
+
+
+_register_bench()
+
+
 EPILOG = """examples:
   tokentune demo
   tokentune train --data vtab-1k --dataset cifar --method lora --pretrained ViT-B_16.npz --out runs/cifar-lora

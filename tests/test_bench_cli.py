@@ -1,0 +1,213 @@
+"""`tokentune bench` and the paper-table script: structure of the outputs, counts, errors (never times)."""
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import tokentune
+from tokentune import bench, bench_cli, cli, dyt
+from tokentune.tome import token_counts
+
+from conftest import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "vit_tiny_patch16_224"
+B = 2
+TINY_ARGS = ["--model", MODEL, "--timm", "patch_size=8", "--timm", "embed_dim=48", "--timm", "depth=4",
+             "--timm", "num_heads=3", "--image-size", "32", "--batch-size", str(B), "--rounds", "2", "--warmup", "1",
+             "--latency-iters", "1", "--train-steps", "1", "--device", "cpu", "--quiet"]
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(text):
+    """Data rows of the first Markdown table in ``text`` (as lists of cells)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert set(lines[1].replace("|", "")) == {"-"}
+    return header, [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def reference(method, images, rate=None, **options):
+    """The model the command builds for a config (same seed), its parameter counts and FLOPs."""
+    torch.manual_seed(0)
+    model = tokentune.create_model(MODEL, method=method, num_classes=100, **tiny(), **options)
+    counts = tokentune.count_parameters(model)
+    if rate is not None:
+        dyt.calibrate_activation(model, images, rate)
+    return counts, bench.count_flops(tokentune.deploy(model), images) / images.shape[0]
+
+
+def test_bench_command_outputs(tmp_path, capsys):
+    configs = ["lora", "lora+tome:tome_r=3x2,2,1,label=ToMe 3-3-2-1", "pyra:r=2", "dyt:variant=layer,rate=0.5"]
+    argv = ["bench", *TINY_ARGS, "--threads", str(torch.get_num_threads()), "--out", str(tmp_path), "--name", "t"]
+    for c in configs:
+        argv += ["--config", c]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    labels = ["lora", "ToMe 3-3-2-1", "pyra:r=2", "dyt:variant=layer,rate=0.5"]
+
+    # screen table: the documented columns, one row per configuration, in order
+    header, rows = table_rows(out)
+    assert header == ["config", "method", "params", "trainable", "paper count (%)", "tokens", "active", "GMACs",
+                      "FLOPs ratio", "img/s", "img/s min-max", "speed-up", "b1 latency ms", "infer MiB",
+                      "train s/step", "train MiB"]
+    assert [r[0] for r in rows] == labels
+    assert [r[1] for r in rows] == ["lora", "lora+tome", "lora+tome+pyra", "dyt"]
+    assert [r[5] for r in rows] == ["17", "17->8", "17->9", "17"]
+    assert rows[0][header.index("speed-up")] == "1.00x" and rows[0][header.index("FLOPs ratio")] == "1.00x"
+    assert "Environment: device=cpu" in out and out.rstrip().endswith("t.csv")
+
+    # files: markdown (same table), JSON (environment, settings, raw rows), CSV (same rows)
+    md = (tmp_path / "t.md").read_text()
+    assert table_rows(md)[0] == header and [r[0] for r in table_rows(md)[1]] == labels
+    data = json.loads((tmp_path / "t.json").read_text())
+    env = data["environment"]
+    assert {"device", "threads", "dtype", "torch", "timm", "tokentune", "python"} <= set(env)
+    assert env["dtype"] == "fp32" and env["threads"] == torch.get_num_threads() and env["device"].startswith("cpu")
+    s = data["settings"]
+    assert (s["batch_size"], s["image_size"], s["rounds"], s["warmup"], s["baseline"]) == (B, 32, 2, 1, "lora")
+    jrows = data["rows"]
+    assert [r["label"] for r in jrows] == labels
+    with open(tmp_path / "t.csv") as fh:
+        crows = list(csv.DictReader(fh))
+    assert list(crows[0]) == list(bench_cli.CSV_KEYS) and [r["label"] for r in crows] == labels
+
+    # parameters and FLOPs are exactly what count_parameters / count_flops give for the same model
+    images = bench.random_images(B, 32, seed=0)
+    refs = [reference("lora", images), reference("lora+tome", images, tome_r=[3, 3, 2, 1]),
+            reference("pyra", images, tome_r=2), reference("dyt", images, rate=0.5, dyt_variant="layer")]
+    for row, crow, (counts, flops) in zip(jrows, crows, refs):
+        assert row["params_total"] == counts["total"] and row["params_trainable"] == counts["trainable"]
+        assert row["paper_trainable"] == counts["paper_trainable"]
+        assert row["paper_pct"] == pytest.approx(counts["paper_pct"])
+        assert row["flops"] == flops and row["gmacs"] == pytest.approx(flops / 2e9)
+        assert row["flops_ratio"] == pytest.approx(jrows[0]["flops"] / flops)
+        assert int(crow["params_total"]) == counts["total"] and float(crow["flops"]) == flops
+        for key in ("img_per_s", "latency_ms", "train_step_s", "train_peak_mib", "infer_peak_mib"):
+            assert row[key] > 0
+        assert row["img_per_s_low"] <= row["img_per_s"] <= row["img_per_s_high"]
+        assert row["deployed"] is True
+    assert jrows[1]["tokens_out"] == token_counts([3, 3, 2, 1], 17)[-1]
+    assert jrows[1]["flops"] < jrows[0]["flops"]
+    assert jrows[3]["calibrated_rate"] == 0.5 and abs(jrows[3]["activation"] - 0.5) < 0.05
+    assert jrows[0]["activation"] is None and jrows[0]["calibrated_rate"] is None
+    assert rows[3][header.index("active")].endswith("%") and rows[0][header.index("active")] == ""
+
+
+def test_runs_and_options(tmp_path, capsys):
+    """--run rows (trained run directories), --no-train/--no-latency/--no-memory, per-row model and timm keywords."""
+    torch.manual_seed(0)
+    trained = tokentune.create_model(MODEL, method="dyt", num_classes=7, **tiny())
+    tokentune.save_trained(trained, str(tmp_path / "my-dyt-run"))
+    argv = ["bench", *TINY_ARGS, "--no-train", "--no-latency", "--no-memory", "--out", str(tmp_path / "o"),
+            "--config", "lora", "--run", str(tmp_path / "my-dyt-run"),
+            "--config", "lora:model=vit_small_patch16_224,timm_embed_dim=24,label=small"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    header, rows = table_rows(out)
+    assert "train s/step" not in header and "b1 latency ms" not in header and "infer MiB" not in header
+    assert "model" in header                             # several models: the column appears
+    assert [r[0] for r in rows] == ["lora", "my-dyt-run", "small"]
+    files = os.listdir(tmp_path / "o")
+    assert sorted(files) == sorted(f"bench-{MODEL}-32px-b{B}-fp32-cpu.{e}" for e in ("md", "json", "csv"))
+    jrows = json.loads((tmp_path / "o" / f"bench-{MODEL}-32px-b{B}-fp32-cpu.json").read_text())["rows"]
+    run_row, small = jrows[1], jrows[2]
+    counts = tokentune.count_parameters(tokentune.load_trained(str(tmp_path / "my-dyt-run")))
+    assert run_row["params_total"] == counts["total"] and run_row["paper_trainable"] == counts["paper_trainable"]
+    assert run_row["method"] == "dyt" and run_row["calibrated_rate"] is None    # a run is measured as trained
+    assert run_row["activation"] is not None and run_row["train_step_s"] is None
+    assert small["model"] == "vit_small_patch16_224" and small["params_total"] < jrows[0]["params_total"]
+
+
+def test_parse_config_syntax():
+    c = bench_cli.parse_config("lora+tome:tome_r=16x2,8,lora_rank=4,label=a, b")
+    assert c.method == "lora+tome" and c.label == "a, b"
+    assert c.options == {"tome_r": [16, 16, 8], "lora_rank": 4}
+    c = bench_cli.parse_config("dyt+tome:r=low,variant=mlp,rate=none,deploy=false,timm_embed_dim=64")
+    assert c.options == {"tome_r": "low", "dyt_variant": "mlp"} and c.rate is None and c.deploy is False
+    assert c.timm_kwargs == {"embed_dim": 64}
+    c = bench_cli.parse_config("pyra")
+    assert (c.label, c.options, c.rate, c.deploy) == ("pyra", {}, bench_cli.AUTO, True)
+    assert bench_cli.parse_config("dyt:rate=0.3").rate == 0.3
+
+
+@pytest.mark.parametrize("config, message", [
+    ("nosuch", "unknown method 'nosuch'"),
+    ("lora:", "nothing after ':'"),
+    ("lora:rank", "'rank' is not KEY=VALUE"),
+    ("lora:rank=", "option 'rank' has no value"),
+    ("lora,tome", "expected METHOD[+METHOD...]"),
+    ("lora:foo=1", "unknown option 'foo'"),
+    ("lora+tome:tome_x=1", "unknown tome option 'x'"),
+    ("lora:tome_r=4", "belongs to method 'tome'"),
+    ("lora:rank=abc", "lora_rank='abc'"),
+    ("lora+adapter:dropout=0.1", "ambiguous"),
+    ("lora:rank=2,rank=3", "given twice"),
+    ("dyt:rate=2", "outside [0, 1]"),
+    ("lora:rate=0.5", "calibrates DyT"),
+    ("lora:deploy=maybe", "deploy='maybe'"),
+])
+def test_bad_configs_are_one_line_errors(config, message, capsys):
+    code, out, err = run(["bench", *TINY_ARGS, "--config", "lora", "--config", config], capsys)
+    assert code == 2 and err.startswith("error: --config ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+
+
+def test_other_bad_input(tmp_path, capsys):
+    code, _, err = run(["bench", *TINY_ARGS], capsys)
+    assert code == 2 and err.startswith("error: nothing to measure") and err.count("\n") == 1
+    code, _, err = run(["bench", *TINY_ARGS, "--run", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "is not a directory" in err and err.count("\n") == 1
+    code, _, err = run(["bench", *TINY_ARGS, "--config", "lora", "--rounds", "0"], capsys)
+    assert code == 2 and err == "error: rounds must be at least 1, got 0\n"
+    code, _, err = run(["bench", *TINY_ARGS, "--config", "lora:model=vit_nosuch_model"], capsys)
+    assert code == 2 and "unknown model 'vit_nosuch_model'" in err and err.count("\n") == 1
+
+
+def test_shared_frozen_tensors_keep_outputs():
+    torch.manual_seed(0)
+    a = tokentune.deploy(tokentune.create_model(MODEL, method="lora", **tiny()))
+    torch.manual_seed(0)
+    b = tokentune.deploy(tokentune.create_model(MODEL, method="lora+tome", tome_r=2, **tiny()))
+    x = torch.randn(2, 3, 32, 32)
+    want = b(x)
+    pool = {}
+    assert bench_cli.share_frozen_tensors(a, pool) == 0
+    saved = bench_cli.share_frozen_tensors(b, pool)
+    assert saved == sum(p.numel() * 4 for p in b.parameters())            # same seed: the whole backbone
+    assert b.blocks[0].attn.qkv.weight is a.blocks[0].attn.qkv.weight
+    assert torch.equal(b(x), want)
+
+
+def test_reproduce_tables_quick(tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("reproduce_tables", os.path.join(ROOT, "benchmarks",
+                                                                                   "reproduce_tables.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "reproduce_tables", module)      # dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "reproduce_vit_b_b2_quick.json").read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert len(rows) == 13 and data["quick"] is True
+    assert rows["LoRA"]["FLOPs ratio vs LoRA"] == 1.0 and rows["LoRA"]["speed-up vs LoRA"] == 1.0
+    assert rows["ToMe (high)"]["paper speed-up"] == pytest.approx(1381 / 425)
+    assert rows["ToMe (low)"]["paper baseline"].startswith("LoRA")
+    dyt_row = rows["DyT r=0.5 (MLP Dispatch)"]
+    assert dyt_row["paper speed-up"] == pytest.approx(912.39 / 941.70)
+    assert dyt_row["paper FLOPs ratio"] == pytest.approx(17.58 / 12.54)
+    assert dyt_row["ours vs paper baseline"] == pytest.approx(
+        dyt_row["img/s"] / rows["AdaptFormer + ToMe (r=8)"]["img/s"])
+    assert rows["ToMe (high)"]["tokens"] == "197->5" and rows["ToMe (low)"]["tokens"] == "197->11"
+    assert rows["ToMe (high)"]["GMACs"] < rows["ToMe (low)"]["GMACs"] < rows["LoRA"]["GMACs"]
+    assert rows["DyT r=0.5 (Layer Dispatch)"]["paper img/s"] is None
+    assert "QUICK" in out and (tmp_path / "reproduce_vit_b_b2_quick.md").exists()
