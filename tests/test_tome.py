@@ -7,7 +7,7 @@ import torch
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.tome import (bipartite_soft_matching, fit_schedule, merge, merge_weighted, parse_schedule,
+from tokentune.tome import (bipartite_soft_matching, fit_schedule, merge_weighted, parse_schedule,
                             token_counts)
 
 from conftest import randomize_lora, tiny

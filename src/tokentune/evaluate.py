@@ -272,7 +272,7 @@ def _fmt(value: Optional[float], partial: bool = False) -> str:
 
 def summary_markdown(summary: Dict[str, Any]) -> str:
     """The summary as a Markdown table plus a legend saying which mean is which."""
-    from .data import VTAB_GROUPS, VTAB_TASKS
+    from .data import VTAB_GROUPS
 
     tasks = summary["tasks"]
     header = ["method"] + tasks + list(VTAB_GROUPS) + ["Mean (3 groups)", "Mean (tasks)"]

@@ -23,7 +23,7 @@ before they are summed into their destinations.
 """
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -135,36 +135,42 @@ class Matching:
     r: int
 
 
+@functools.lru_cache(maxsize=512)
+def _layout(batch: int, num_tokens: int, num_prefix: int, r: int, device: torch.device):
+    """Index pieces that depend only on the shapes (built once per shape, as normal tensors)."""
+    with torch.inference_mode(False), torch.no_grad():
+        pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+        offset = torch.arange(batch, device=device)[:, None] * num_tokens          # first row of each image
+        prefix = torch.arange(num_prefix, device=device) + offset                    # [B, p]
+        b_rows = torch.arange(2 * pb + 1, num_tokens, 2, device=device) + offset     # non-prefix B rows
+        n_out = num_tokens - r
+        b_start = num_prefix + ((num_tokens + 1) // 2 - pa - r)                     # first B row in the output
+        out_base = torch.arange(batch, device=device)[:, None] * n_out + b_start
+        return prefix, b_rows, offset + 2 * pa, offset + 2 * pb + 1, out_base
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
-    """Match ``r`` tokens of set A into set B by cosine similarity of ``metric`` [B, N, C]."""
+    """Match ``r`` tokens of set A into set B by cosine similarity of ``metric`` [B, N, C].
+
+    Prefix tokens are protected by leaving them out of the similarity matrix: in A they are never
+    a source, in B never a destination (the reference sets their scores to -inf, which is the same).
+    """
     B, N, _ = metric.shape
+    if not 0 < r <= max_merge(N, num_prefix):
+        raise ValueError(f"cannot merge r={r} of {N} tokens with {num_prefix} protected")
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2       # prefix tokens in A (even) and B (odd)
-    num_a = (N + 1) // 2
+    prefix, b_rows, a_base, b_base, out_base = _layout(B, N, num_prefix, r, metric.device)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)
-        # protect prefix tokens: in A never a source, in B never a destination
-        scores[:, :pa, :] = -math.inf
-        scores[:, :, :pb] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
+        a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]       # the unprotected halves
+        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)
-        src_a = edge_idx[:, :r]                                   # A rows merged away (ToMe order)
-        dst_b = node_idx.gather(dim=-1, index=src_a)             # their B rows
-        unm_a = edge_idx[:, r:].sort(dim=-1)[0][:, pa:]           # unmerged non-prefix A rows, in order
-        device = metric.device
-        offset = (torch.arange(B, device=device) * N)[:, None]
-        keep = torch.cat([
-            torch.arange(num_prefix, device=device).expand(B, num_prefix),
-            2 * unm_a,
-            torch.arange(2 * pb + 1, N, 2, device=device).expand(B, N // 2 - pb),
-        ], dim=1)
-        n_out = N - r
-        b_start = num_prefix + (num_a - pa - r)                    # first non-prefix B row in the output
-        dst_out = b_start + (dst_b - pb) + (torch.arange(B, device=device) * n_out)[:, None]
-    return Matching(keep=(keep + offset).flatten(), src=(2 * src_a + offset).flatten(),
-                    dst=(2 * dst_b + 1 + offset).flatten(), dst_out=dst_out.flatten(),
-                    batch=B, num_tokens=N, r=r)
+        src = edge_idx[:, :r]                                        # merged away, ToMe order
+        unm = edge_idx[:, r:].sort(dim=-1)[0]                        # kept, original order
+        dst = node_idx.gather(dim=-1, index=src)
+        keep = torch.cat([prefix, 2 * unm + a_base, b_rows], dim=1)
+    return Matching(keep=keep.flatten(), src=(2 * src + a_base).flatten(), dst=(2 * dst + b_base).flatten(),
+                    dst_out=(dst + out_base).flatten(), batch=B, num_tokens=N, r=r)
 
 
 SourceHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
