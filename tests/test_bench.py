@@ -26,9 +26,10 @@ def test_flops_follow_the_merge_schedule():
     model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=5, tome_r=[4, 3, 2, 1],
                                    **tiny()).eval()
     flops = bench.count_flops(tokentune.deploy(model), torch.randn(2, 3, 32, 32)) / 2
-    # matching similarity a @ b^T is also a matmul: [ceil(n/2), head_dim] x [head_dim, floor(n/2)] per image
+    # matching similarity a @ b^T is also a matmul, over the unprotected tokens (CLS sits in A):
+    # [ceil(n/2) - 1, head_dim] x [head_dim, floor(n/2)] per image
     tokens = [17, 13, 10, 8, 7]
-    match = sum(((n + 1) // 2) * (n // 2) * 16 for n in tokens[:-1])
+    match = sum(((n + 1) // 2 - 1) * (n // 2) * 16 for n in tokens[:-1])
     assert flops == 2 * (_vit_macs(tokens, 48, 4.0, 16, 8, 5) + match)
 
 

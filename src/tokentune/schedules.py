@@ -116,14 +116,15 @@ def block_flops(dims: ViTDims, tokens: int, r: int, modulator_flops: int = 0) ->
     """FLOPs of one block entering with ``tokens`` tokens and merging ``r`` of them.
 
     Attention on all tokens: Linear layers ``2 N macs``, ``QK^T`` and ``AV`` ``2 N^2 (H d)`` each;
-    ToMe's matching ``A B^T`` on the head-averaged keys (``2 |A| |B| d``); the modulator (PYRA:
+    ToMe's matching ``A B^T`` on the head-averaged keys of the unprotected tokens (``2 |A| |B| d``); the modulator (PYRA:
     ``4 r D``); the MLP on the ``N - r`` remaining tokens.
     """
     n = tokens
     inner = dims.heads * dims.head_dim
     flops = 2 * n * dims.attn_linear_macs + 2 * (2 * n * n * inner)
     if r > 0:
-        flops += 2 * ((n + 1) // 2) * (n // 2) * dims.head_dim + modulator_flops
+        p = dims.num_prefix          # protected tokens take no part in the similarity matrix
+        flops += 2 * ((n + 1) // 2 - (p + 1) // 2) * (n // 2 - p // 2) * dims.head_dim + modulator_flops
     flops += 2 * (n - r) * dims.mlp_linear_macs
     return flops
 
