@@ -122,7 +122,7 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if bias is not None:
+    if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     if getattr(attn, "fused_attn", False):
         out = F.scaled_dot_product_attention(

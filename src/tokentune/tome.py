@@ -137,16 +137,20 @@ class Matching:
 
 @functools.lru_cache(maxsize=512)
 def _layout(batch: int, num_tokens: int, num_prefix: int, r: int, device: torch.device):
-    """Index pieces that depend only on the shapes (built once per shape, as normal tensors)."""
+    """Index tables that depend only on the shapes (built once per shape, as normal tensors).
+
+    Returns the flat rows of the prefix tokens [B, p], of the unprotected A tokens [B, nA] and of
+    the unprotected B tokens [B, nB], and the output row of the first unprotected B token [B, 1].
+    """
     with torch.inference_mode(False), torch.no_grad():
         pa, pb = (num_prefix + 1) // 2, num_prefix // 2
         offset = torch.arange(batch, device=device)[:, None] * num_tokens          # first row of each image
-        prefix = torch.arange(num_prefix, device=device) + offset                    # [B, p]
-        b_rows = torch.arange(2 * pb + 1, num_tokens, 2, device=device) + offset     # non-prefix B rows
-        n_out = num_tokens - r
+        prefix = torch.arange(num_prefix, device=device) + offset
+        a_rows = torch.arange(2 * pa, num_tokens, 2, device=device) + offset
+        b_rows = torch.arange(2 * pb + 1, num_tokens, 2, device=device) + offset
         b_start = num_prefix + ((num_tokens + 1) // 2 - pa - r)                     # first B row in the output
-        out_base = torch.arange(batch, device=device)[:, None] * n_out + b_start
-        return prefix, b_rows, offset + 2 * pa, offset + 2 * pb + 1, out_base
+        out_base = torch.arange(batch, device=device)[:, None] * (num_tokens - r) + b_start
+        return prefix, a_rows, b_rows, out_base
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
@@ -159,7 +163,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     if not 0 < r <= max_merge(N, num_prefix):
         raise ValueError(f"cannot merge r={r} of {N} tokens with {num_prefix} protected")
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2       # prefix tokens in A (even) and B (odd)
-    prefix, b_rows, a_base, b_base, out_base = _layout(B, N, num_prefix, r, metric.device)
+    prefix, a_rows, b_rows, out_base = _layout(B, N, num_prefix, r, metric.device)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]       # the unprotected halves
@@ -168,8 +172,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
         src = edge_idx[:, :r]                                        # merged away, ToMe order
         unm = edge_idx[:, r:].sort(dim=-1)[0]                        # kept, original order
         dst = node_idx.gather(dim=-1, index=src)
-        keep = torch.cat([prefix, 2 * unm + a_base, b_rows], dim=1)
-    return Matching(keep=keep.flatten(), src=(2 * src + a_base).flatten(), dst=(2 * dst + b_base).flatten(),
+        keep = torch.cat([prefix, a_rows.gather(1, unm), b_rows], dim=1)
+    return Matching(keep=keep.flatten(), src=a_rows.gather(1, src).flatten(), dst=b_rows.gather(1, dst).flatten(),
                     dst_out=(dst + out_base).flatten(), batch=B, num_tokens=N, r=r)
 
 
@@ -208,25 +212,26 @@ def merge_weighted(x: torch.Tensor, size: Optional[torch.Tensor], m: Matching,
     """Size-weighted average merge ``merge(x * s, sum) / merge(s, sum)``; returns tokens and sizes.
 
     Only destination rows change value, so tokens that are neither merged nor merged into are
-    copied as they are (the reference's ``x * s / s`` gives the same value up to one rounding)
-    and each destination ``d`` receives, per source ``i``, the increment
-    ``(x_i * s_i - x_d * s_i) / s_d'`` with ``s_d' = s_d + sum_i s_i``; summed, that is exactly
-    ``(x_d * s_d + sum_i x_i * s_i) / s_d' - x_d``. Everything is added with ``index_add_``,
-    which is correct (values and gradients) when several sources share a destination.
+    copied as they are (the reference's ``x * s / s`` gives the same value up to one rounding).
+    A destination ``d`` with sources ``i`` and new size ``s_d' = s_d + sum_i s_i`` becomes
+    ``(x_d s_d + sum_i x_i s_i) / s_d' = x_d + sum_i (x_i s_i - x_d s_i) / s_d'``: each source adds
+    one increment with ``index_add_``, which is correct (values and gradients) when several sources
+    share a destination. ``modulate`` (PYRA) rewrites the weighted sources ``x_i s_i`` first; the
+    same arithmetic with and without it keeps an identity modulator bit-identical to plain ToMe.
     """
     B, N, C = x.shape
     rows = x.reshape(B * N, C)
     sizes = size.reshape(B * N, 1) if size is not None else x.new_ones(B * N, 1)
-    src_size = sizes.index_select(0, m.src)
-    src = rows.index_select(0, m.src) * src_size
-    if modulate is not None:
-        dst = rows.index_select(0, m.dst) * sizes.index_select(0, m.dst)
-        src = modulate(src.view(B, m.r, C), dst.view(B, m.r, C)).reshape(B * m.r, C)
     d = m.dst_out                                   # output row of each source's destination
+    src_size = sizes.index_select(0, m.src)
     out = rows.index_select(0, m.keep)
-    out_size = sizes.index_select(0, m.keep).index_add(0, d, src_size)
-    dst_now = rows.index_select(0, m.dst)            # destination tokens before the merge
-    out.index_add_(0, d, (src - dst_now * src_size) / out_size.index_select(0, d))
+    out_size = sizes.index_select(0, m.keep).index_add_(0, d, src_size)
+    dst = rows.index_select(0, m.dst)
+    weighted = rows.index_select(0, m.src) * src_size
+    if modulate is not None:
+        weighted = modulate(weighted.view(B, m.r, C),
+                            (dst * sizes.index_select(0, m.dst)).view(B, m.r, C)).reshape(B * m.r, C)
+    out.index_add_(0, d, (weighted - dst * src_size) / out_size.index_select(0, d))
     return out.view(B, N - m.r, C), out_size.view(B, N - m.r, 1)
 
 
