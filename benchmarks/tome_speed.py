@@ -4,6 +4,7 @@ Side by side in one process, interleaved rounds, same random batch. Prints a mar
 writes benchmarks/results/tome_speed_b<batch>.{md,json}.
 
     python benchmarks/tome_speed.py                      # ViT-B/16, 224, fp32, batch 16 and batch 1
+    python benchmarks/tome_speed.py --compile            # also torch.compile of each deployed model
     python benchmarks/tome_speed.py --quick              # tiny model, seconds (smoke test)
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tokentune.tome import token_counts
 SCHEDULES = {"low": [16] * 11 + [10], "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]}
 
 
-def build(model_name: str, image_size: int, quick: bool):
+def build(model_name: str, image_size: int, quick: bool, compiled: bool):
     kw = dict(img_size=image_size)
     if quick:
         kw.update(embed_dim=64, depth=12, num_heads=2)
@@ -33,6 +34,11 @@ def build(model_name: str, image_size: int, quick: bool):
         m.load_state_dict(lora.state_dict())
         models[f"lora+tome {name} (merged)"] = deploy(m)
         schedules[f"lora+tome {name} (merged)"] = sched
+    if compiled:    # torch.compile of the same deployed models, timed beside the eager ones
+        for name in list(models):
+            models[name + " compiled"] = torch.compile(models[name])
+            if name in schedules:
+                schedules[name + " compiled"] = schedules[name]
     return models, schedules
 
 
@@ -44,15 +50,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny width, few rounds: checks the script runs")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of every deployed model")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = 2 if args.quick else args.rounds
-    models, schedules = build(args.model, args.image_size, args.quick)
+    models, schedules = build(args.model, args.image_size, args.quick, args.compile)
     base_name = next(iter(models))
     images = torch.randn(1, 3, args.image_size, args.image_size)
-    flops = {n: bench.count_flops(m, images) for n, m in models.items()}
+    flops = {n: bench.count_flops(m, images) for n, m in models.items() if not n.endswith(" compiled")}
+    flops.update({n: flops[n[: -len(" compiled")]] for n in models if n.endswith(" compiled")})
     n_tokens = (args.image_size // 16) ** 2 + 1
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         stats = bench.measure_throughput(models, batch_size=bs, image_size=args.image_size, rounds=rounds,

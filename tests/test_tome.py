@@ -249,3 +249,16 @@ def test_merge_values_and_gradients_equal_reference_formulation():
     g_want = torch.autograd.grad((want_x * w1).sum() + (want_s * w2).sum(), (x, size))
     for a, b in zip(g_got, g_want):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora+tome", "pyra"])
+def test_compiled_deploy_equals_eager(method):
+    model = tokentune.create_model("vit_tiny_patch16_224", method=method, num_classes=3, tome_r=[4, 3, 2, 1],
+                                   **tiny()).eval()
+    randomize_lora(model)
+    eager = tokentune.deploy(model)
+    compiled = tokentune.deploy(model, compile=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), eager(x), atol=1e-5, rtol=0)

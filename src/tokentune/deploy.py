@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from torch import nn
 
 from .lora import merge_lora
@@ -21,8 +23,15 @@ from .methods import methods_of
 from .model import TokenTuneMixin, adapted_blocks, restore_timm
 
 
-def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The inference version of ``model`` (a deep copy unless ``inplace``)."""
+def deploy(model: nn.Module, inplace: bool = False, compile: bool = False) -> nn.Module:
+    """The inference version of ``model`` (a deep copy unless ``inplace``).
+
+    ``compile=True`` returns ``torch.compile`` of it (the first call compiles, which takes a
+    while). It pays off with token merging: ToMe's many small per-block operations are fused, so
+    the merged model gets close to the speed its FLOPs allow (see BENCHMARKS.md); token counts are
+    fixed by the schedule, so new images do not recompile. DyT's skipping path breaks the graph at
+    every dispatcher (its token counts depend on the data).
+    """
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
@@ -38,4 +47,4 @@ def deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
             model.tokentune_spec = dict(model.tokentune_spec, deployed=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return torch.compile(model) if compile else model

@@ -163,7 +163,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     if not 0 < r <= max_merge(N, num_prefix):
         raise ValueError(f"cannot merge r={r} of {N} tokens with {num_prefix} protected")
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2       # prefix tokens in A (even) and B (odd)
-    prefix, a_rows, b_rows, out_base = _layout(B, N, num_prefix, r, metric.device)
+    layout = _layout.__wrapped__ if torch.compiler.is_compiling() else _layout   # compiled: tables become constants
+    prefix, a_rows, b_rows, out_base = layout(B, N, num_prefix, r, metric.device)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]       # the unprotected halves
