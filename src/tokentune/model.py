@@ -240,7 +240,8 @@ class AdaptedBlock(nn.Module):
         if self.mlp_dispatcher is not None:
             d_mlp, state = self.mlp_dispatcher(x, state)
         side = self.adapter(x) if self.adapter is not None else None
-        x = self._mlp_step(x, d_mlp)
+        # the MLP may write into x in place when x is this block's own intermediate tensor
+        x = self._mlp_step(x, d_mlp, inplace=x is not x_in)
         if side is not None:
             x = x + side
         if side_layer is not None:
@@ -290,16 +291,17 @@ class AdaptedBlock(nn.Module):
         # index_copy of (x + update) is much faster on CPU than index_add/scatter_add
         return flat.clone().index_copy_(0, rows, (xs + update).reshape(-1, C)).view(B, N, C)
 
-    def _mlp_step(self, x: torch.Tensor, d: Optional[Dispatch]) -> torch.Tensor:
+    def _mlp_step(self, x: torch.Tensor, d: Optional[Dispatch], inplace: bool = False) -> torch.Tensor:
         """``x + M * MLP update`` (the mask applied after drop_path2/ls2, as the DyT reference)."""
         if d is not None and d.skip:
-            return self._mlp_active(x, d.active)
+            return self._mlp_active(x, d.active, inplace)
         update = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x + update if d is None else x + update * d.multiplier(update)
 
-    def _mlp_active(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def _mlp_active(self, x: torch.Tensor, active: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """The MLP on the active tokens of the whole batch at once: flatten to (B*N, C), gather
-        the active rows, run norm2 + MLP once, write ``x + update`` back at those rows."""
+        the active rows, run norm2 + MLP once, write ``x + update`` back at those rows (into ``x``
+        itself when ``inplace`` and autograd cannot need it, else into a copy)."""
         B, N, C = x.shape
         flat = x.reshape(B * N, C)
         rows = active.reshape(-1).nonzero().squeeze(1)
@@ -310,7 +312,8 @@ class AdaptedBlock(nn.Module):
         picked = flat.index_select(0, rows)
         update = self.drop_path2(self.ls2(self.mlp(self.norm2(picked))))
         # index_copy of (x + update) is much faster on CPU than index_add/scatter_add
-        return flat.clone().index_copy_(0, rows, picked + update.to(x.dtype)).view(B, N, C)
+        out = flat if inplace and not torch.is_grad_enabled() else flat.clone()
+        return out.index_copy_(0, rows, picked + update.to(x.dtype)).view(B, N, C)
 
     def plugins(self):
         """Names of the plug-in modules this block carries (beyond timm's own submodules)."""
