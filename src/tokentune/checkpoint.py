@@ -54,6 +54,22 @@ def atomic_torch_save(path: str, obj: Any) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def rename_keys(state_dict, rules) -> Dict[str, torch.Tensor]:
+    """Rename keys by the first matching ``(compiled regex, replacement)`` rule; drop ``module.``.
+
+    Used by the converters of the reference implementations' checkpoints (PYRA, DyT).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        key = key[7:] if key.startswith("module.") else key
+        for pattern, repl in rules:
+            if pattern.match(key):
+                key = pattern.sub(repl, key)
+                break
+        out[key] = value
+    return out
+
+
 def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The trainable parameters, detached, contiguous and on the CPU."""
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -91,6 +91,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, MoEAdapter
+from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
 from .methods import Method, register_method
@@ -586,35 +587,21 @@ def from_reference_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, 
     """A DyT reference state dict (or a checkpoint with a ``model`` key) -> tokentune names."""
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("pre_logits."):
-            continue
-        for pattern, repl in _FROM_REFERENCE:
-            if pattern.match(key):
-                key = pattern.sub(repl, key)
-                break
-        else:
-            if ".adaptmlp." in key or ".mlp_token_select." in key:
-                raise TokenTuneError(f"reference parameter {key!r} has no tokentune counterpart "
-                                     "(only the plain adapter without LayerNorm is supported)")
-        out[key] = value
-    return out
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("pre_logits.", "module.pre_logits."))}
+    for key in state_dict:
+        if (".adaptmlp." in key or ".mlp_token_select." in key) and not any(p.match(key) for p, _ in _FROM_REFERENCE):
+            raise TokenTuneError(f"reference parameter {key!r} has no tokentune counterpart "
+                                 "(only the plain adapter without LayerNorm is supported)")
+    return rename_keys(state_dict, _FROM_REFERENCE)
 
 
 def to_reference_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """tokentune names -> the DyT reference's (MLP Dispatch with plain adapters only)."""
-    out = {}
-    for key, value in state_dict.items():
+    for key in state_dict:
         if _NOT_IN_REFERENCE.search(key):
             raise TokenTuneError(f"{key!r} has no counterpart in the DyT reference implementation "
                                  "(it ships MLP Dispatch with a plain adapter only)")
-        for pattern, repl in _TO_REFERENCE:
-            if pattern.match(key):
-                key = pattern.sub(repl, key)
-                break
-        out[key] = value
-    return out
+    return rename_keys(state_dict, _TO_REFERENCE)
 
 
 def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]]) -> None:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
 from .methods import Method, register_method
@@ -310,18 +311,6 @@ _TO_REFERENCE = [
 _UNSUPPORTED = re.compile(r"(visual_prompt|prefix_tokens|\.adapter\.|pre_logits\.)")
 
 
-def _rename(state_dict: Mapping[str, torch.Tensor], rules) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        key = key[7:] if key.startswith("module.") else key
-        for pattern, repl in rules:
-            if pattern.match(key):
-                key = pattern.sub(repl, key)
-                break
-        out[key] = value
-    return out
-
-
 def from_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rename a THU-MIG/PYRA checkpoint (``{"model": ...}`` or a bare state dict) to our names.
 
@@ -335,7 +324,7 @@ def from_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[st
     if bad:
         raise TokenTuneError(f"reference checkpoint holds tensors of another method ({bad[0]}, ...); "
                              "only LoRA + ToMe + PYRA checkpoints convert")
-    return _rename(state_dict, _TO_OURS)
+    return rename_keys(state_dict, _TO_OURS)
 
 
 def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -350,7 +339,7 @@ def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str,
     if bad:
         raise TokenTuneError(f"{bad[0]} has no counterpart in the reference implementation "
                              "(it only has PYRA's default variant and LoRA on qkv)")
-    return _rename(state_dict, _TO_REFERENCE)
+    return rename_keys(state_dict, _TO_REFERENCE)
 
 
 def reference_schedule(state_dict: Mapping[str, torch.Tensor]) -> List[int]:

@@ -48,6 +48,28 @@ def _new_figure(width: float, height: float, dpi: int):
     return fig
 
 
+def _input_grid(pixels, panels: int, panel_size: float, dpi: int):
+    """A figure with one row per image: the input, then ``panels`` empty axes per row.
+
+    Returns the figure and ``axes[r][c]`` for the panels; finish with :func:`_grid_layout`.
+    """
+    rows, cols = len(pixels), 1 + panels
+    fig = _new_figure(cols * panel_size, rows * (panel_size + TITLE_SPACE), dpi)
+    axes = []
+    for r in range(rows):
+        ax = fig.add_subplot(rows, cols, r * cols + 1)
+        ax.imshow(pixels[r], interpolation="nearest")
+        ax.set_title("input", fontsize=9)
+        ax.set_axis_off()
+        axes.append([fig.add_subplot(rows, cols, r * cols + c + 2) for c in range(panels)])
+    return fig, axes
+
+
+def _grid_layout(fig, rows: int, panel_size: float) -> None:
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE_SPACE / (panel_size + TITLE_SPACE) / rows * 0.9,
+                        wspace=0.04, hspace=TITLE_SPACE / panel_size)
+
+
 def _save(fig, path: PathLike, dpi: int) -> str:
     from .checkpoint import atomic_write
 
@@ -277,26 +299,20 @@ def plot_merged_tokens(model: nn.Module, images: Union[ImageLike, Sequence[Image
     batch, pixels = _model_inputs(model, images, mean, std)
     depths = default_depths(model) if depths is None else list(depths)
     groups = token_groups(model, batch, depths)
-    rows, cols = len(pixels), 1 + len(depths)
-    fig = _new_figure(cols * panel_size, rows * (panel_size + TITLE_SPACE), dpi)
+    fig, axes = _input_grid(pixels, len(depths), panel_size, dpi)
     h, w, _ = pixels[0].shape
-    for r in range(rows):
-        ax = fig.add_subplot(rows, cols, r * cols + 1)
-        ax.imshow(pixels[r], interpolation="nearest")
-        ax.set_title("input", fontsize=9)
-        ax.set_axis_off()
+    for r in range(len(pixels)):
         for c, d in enumerate(depths):
             g, tokens = groups[d]
             grid = g[r].numpy()
-            ax = fig.add_subplot(rows, cols, r * cols + c + 2)
+            ax = axes[r][c]
             ax.imshow(_group_colours(pixels[r], grid, style, seed=d), interpolation="nearest")
             ax.add_collection(LineCollection(_boundaries(grid, h, w), colors=line_color, linewidths=line_width))
             ax.set_xlim(-0.5, w - 0.5)
             ax.set_ylim(h - 0.5, -0.5)
             ax.set_title(f"block {d}: {tokens} tokens", fontsize=9)
             ax.set_axis_off()
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE_SPACE / (panel_size + TITLE_SPACE) / rows * 0.9,
-                        wspace=0.04, hspace=TITLE_SPACE / panel_size)
+    _grid_layout(fig, len(pixels), panel_size)
     return _save(fig, path, dpi)
 
 
@@ -695,25 +711,19 @@ def plot_activated_tokens(model: nn.Module, images: Union[ImageLike, Sequence[Im
                              f"{', '.join(stats.names[:4])}{', ...' if total > 4 else ''})")
     kinds = 2 if len({n.split('.')[-1] for n in stats.names}) > 1 else 1
     gh, gw = stats.grid
-    rows, cols = len(pixels), 1 + len(layers)
-    fig = _new_figure(cols * panel_size, rows * (panel_size + TITLE_SPACE), dpi)
+    fig, axes = _input_grid(pixels, len(layers), panel_size, dpi)
     h, w, _ = pixels[0].shape
-    for r in range(rows):
-        ax = fig.add_subplot(rows, cols, r * cols + 1)
-        ax.imshow(pixels[r], interpolation="nearest")
-        ax.set_title("input", fontsize=9)
-        ax.set_axis_off()
+    for r in range(len(pixels)):
         for c, layer in enumerate(layers):
             mask = stats.masks[r, int(layer)].reshape(gh, gw).numpy()
             pmask = np.repeat(np.repeat(mask, h // gh, axis=0), w // gw, axis=1)[..., None]
             shown = np.where(pmask, pixels[r], dim * pixels[r] + (1 - dim) * 0.5)
-            ax = fig.add_subplot(rows, cols, r * cols + c + 2)
+            ax = axes[r][c]
             ax.imshow(shown, interpolation="nearest")
             ax.set_title(f"block {_dispatcher_label(stats.names[int(layer)], kinds)}: {100 * mask.mean():.0f}%",
                          fontsize=9)
             ax.set_axis_off()
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE_SPACE / (panel_size + TITLE_SPACE) / rows * 0.9,
-                        wspace=0.04, hspace=TITLE_SPACE / panel_size)
+    _grid_layout(fig, len(pixels), panel_size)
     return _save(fig, path, dpi)
 
 
