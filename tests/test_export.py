@@ -442,3 +442,14 @@ def test_shared_tensors_are_stored_once_and_stay_shared(tmp_path):
     rebuilt.head_twin = rebuilt.head
     _assign(rebuilt, tensors, "test")
     assert rebuilt.head_twin.weight is rebuilt.head.weight and not rebuilt.head.weight.is_meta
+
+
+def test_loaded_tensors_own_aligned_memory(tmp_path):
+    """Loaded tensors must not be views into the file buffer: a misaligned start sends CPU kernels
+    down another path (different summation order), so the loaded model would not compute exactly
+    what the exported one does."""
+    export_deployed(_trained("pyra"), tmp_path)
+    loaded = load_deployed(tmp_path)
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)

@@ -95,11 +95,24 @@ def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str, hin
             raise TokenTuneError(f"{source} does not fit the rebuilt model: tensor {name!r} has shape {got} in the file "
                                  f"but {want} in the model built from its config{hint}")
     for name, group in slots.items():
-        value = tensors[name]
+        value = _own_storage(tensors[name])
         if group[0][2]:
             value = nn.Parameter(value, requires_grad=False)   # one object, shared by every slot
         for module, attr, is_param in group:
             (module._parameters if is_param else module._buffers)[attr] = value
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory of its own, allocated by PyTorch.
+
+    safetensors returns views into one buffer holding the whole file, at offsets that are only
+    4-byte aligned. CPU kernels (BLAS gemv/gemm, vectorised reductions) treat a misaligned start
+    with a separate head loop, which changes the summation order: the loaded model then differs
+    from the exported one in the last bits (seen on AMD EPYC for PYRA's small matrix products).
+    A fresh allocation is aligned like every tensor of the model that was exported, so both run
+    the same kernels on the same values.
+    """
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _meta_leftovers(model: nn.Module) -> List[str]:
