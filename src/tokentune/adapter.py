@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import TokenTuneError
+from .typecheck import check_fields
 
 
 @dataclass
@@ -41,6 +42,13 @@ class AdapterConfig:
     scale: float = 1.0
     dropout: float = 0.1
     layernorm: str = "none"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "adapter_")
+        if self.bottleneck < 1:
+            raise TokenTuneError(f"invalid adapter_bottleneck={self.bottleneck}: must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TokenTuneError(f"invalid adapter_dropout={self.dropout}: a dropout probability is in [0, 1)")
 
 
 class Adapter(nn.Module):

@@ -12,9 +12,7 @@ over the target, so a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from typing import Any, Dict, Optional, Union
 
 import torch
@@ -22,36 +20,8 @@ from torch import nn
 
 from .errors import TokenTuneError
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-    atomic_write(path, write)
-
-
-def atomic_torch_save(path: str, obj: Any) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+from .fileio import atomic_torch_save, atomic_write, atomic_write_json  # noqa: F401 - re-exported
+from .rundir import CONFIG_NAME, WEIGHTS_NAME, RunDir  # noqa: F401 - re-exported
 
 
 def rename_keys(state_dict, rules) -> Dict[str, torch.Tensor]:
@@ -77,28 +47,14 @@ def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def save_trained(model: nn.Module, directory: str, extra: Optional[Dict[str, Any]] = None) -> None:
     """Write ``model.safetensors`` (trainable parameters) and ``config.json`` into ``directory``."""
-    from safetensors.torch import save_file
-
     spec = getattr(model, "tokentune_spec", None)
     if spec is None:
         raise TokenTuneError("save_trained needs a model built by tokentune.create_model")
-    tensors = trained_state_dict(model)
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
-    config = dict(spec)
-    if extra:
-        config.update(extra)
-    atomic_write_json(os.path.join(directory, CONFIG_NAME), config)
+    RunDir(directory).write_model(trained_state_dict(model), dict(spec, **(extra or {})))
 
 
 def read_config(directory: str) -> Dict[str, Any]:
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise TokenTuneError(f"{directory!r} has no {CONFIG_NAME}; pass a directory written by tokentune train/save_trained")
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise TokenTuneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    return RunDir(directory).read_config()
 
 
 def load_state_into(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str = "checkpoint",

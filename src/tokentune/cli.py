@@ -64,7 +64,8 @@ def field_docs(cls: type) -> Dict[str, str]:
             docs[current] += " " + line.strip()
         elif indent < base:
             break
-    return {k: re.sub(r"``([^`]*)``", r"\1", v) for k, v in docs.items()}
+    # reST markup reads badly in a terminal: ``x`` and :func:`x` become x
+    return {k: re.sub(r"(?::[\w:]+:)?`+~?([^`]*?)`+", r"\1", v) for k, v in docs.items()}
 
 
 # ----------------------------------------------------------------------------- values
@@ -359,7 +360,11 @@ def _add_train(parser) -> None:
     g.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
                    help="run directory for checkpoints and results [default: runs/<dataset>-<method>]")
     g.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --out (its recorded options are the defaults)")
+                   help="continue the interrupted run in --out exactly (its recorded options are the defaults; "
+                        "--epochs may be raised to extend a run)")
+    g.add_argument("--restart-from-weights", action="store_true",
+                   help="continue the run in --out from its saved weights and history when its resume.pt is lost or "
+                        "corrupt (optimizer and random state start afresh: not bit-identical)")
     g.add_argument("--device", metavar="DEV", default=argparse.SUPPRESS,
                    help="auto, cpu, cuda or cuda:N [default: auto = GPU if available]; under torchrun each "
                         "process takes cuda:LOCAL_RANK")
@@ -389,7 +394,7 @@ def _resolve_train_options(args) -> Dict[str, Any]:
                             "head_init_std": None, "train_head": True, "model_options": {}, "train": {},
                             "data": None, "dataset": None, "image_folder": None, "recipe": None}
     out = given.get("out")
-    if given.get("resume") and out and os.path.isfile(os.path.join(out, "config.json")):
+    if (given.get("resume") or given.get("restart_from_weights")) and out and os.path.isfile(os.path.join(out, "config.json")):
         saved = (read_config(out).get("run") or {}).get("cli")
         if saved:   # the interrupted run's options (recipe already applied) become the defaults
             opts.update({k: v for k, v in saved.items() if k in opts})
@@ -431,13 +436,14 @@ def _run_train(args) -> int:
     from . import distributed as D
     from .config import TrainConfig
     from .data import load_datasets, set_transforms
-    from .methods import create_model
+    from .methods import check_model_options, create_model
     from .params import count_parameters
     from .train import train, validate_config
 
     opts = _resolve_train_options(args)
     cfg = TrainConfig(**{k: (tuple(v) if k == "betas" else v) for k, v in opts["train"].items()})
     validate_config(cfg)
+    check_model_options(opts["method"], opts["model_options"])   # before any data is read
     given = _explicit(args)
     inf = D.init_distributed(given.get("device"))
     say = print if inf.is_main else (lambda *a, **k: None)
@@ -471,7 +477,8 @@ def _run_train(args) -> int:
         run_info = {"cli": cli_record}
         if "label" in given:
             run_info["label"] = given["label"]
-        result = train(model, train_ds, test_ds, cfg, out_dir=out, resume=bool(given.get("resume")),
+        resume = "weights" if given.get("restart_from_weights") else bool(given.get("resume"))
+        result = train(model, train_ds, test_ds, cfg, out_dir=out, resume=resume,
                        device=given.get("device"), max_steps=given.get("max_steps"),
                        progress=False if given.get("no_progress") else None,
                        eval_batch_size=given.get("eval_batch_size"), run_info=run_info, handle_signals=True)

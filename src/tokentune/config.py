@@ -7,10 +7,12 @@ explicit options still override a recipe.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from .errors import TokenTuneError
+from .typecheck import check_fields
 
 
 @dataclass
@@ -24,7 +26,8 @@ class TrainConfig:
         grad_accum: micro-batches accumulated per optimizer step.
         lr: peak learning rate (after warm-up).
         min_lr: learning rate at the end of the cosine schedule.
-        warmup_epochs: linear warm-up length in epochs (may be fractional with schedule_step iter).
+        warmup_epochs: linear warm-up length in epochs (may be fractional with schedule_step iter);
+            None: a tenth of ``epochs`` (10 of the references' 100), so short runs need no option.
         warmup_lr: learning rate at the start of warm-up.
         schedule_step: ``"iter"``: warm-up then half-cosine to min_lr, updated every optimizer
             step (DyT/MAE); ``"epoch"``: timm's cosine scheduler stepped once per epoch exactly as
@@ -64,7 +67,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-5
-    warmup_epochs: float = 10
+    warmup_epochs: Optional[float] = None
     warmup_lr: float = 1e-6
     schedule_step: str = "iter"
     weight_decay: float = 1e-4
@@ -85,6 +88,15 @@ class TrainConfig:
     normalization: str = "auto"
     image_size: Optional[int] = None
     interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def resolved(self) -> "TrainConfig":
+        """This config with defaults that depend on other fields filled in (``warmup_epochs``)."""
+        if self.warmup_epochs is not None:
+            return self
+        return dataclasses.replace(self, warmup_epochs=0.1 * self.epochs)
 
 
 @dataclass

@@ -94,6 +94,7 @@ from .adapter import Adapter, MoEAdapter
 from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
+from .typecheck import check_fields
 from .methods import Method, register_method
 from .model import Dispatch, TokenState, adapted_blocks
 
@@ -151,6 +152,11 @@ class DyTConfig:
     complete_weight: float = 1.0
     distill_weight: float = 1.0
     inference: str = "skip"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "dyt_")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise TokenTuneError(f"invalid dyt_adapter_dropout={self.adapter_dropout}: a dropout probability is in [0, 1)")
 
 
 def validate(cfg: DyTConfig, depth: int) -> None:

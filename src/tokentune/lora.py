@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TokenTuneError
+from .typecheck import check_fields
 
 
 @dataclass
@@ -41,6 +42,17 @@ class LoRAConfig:
     alpha: Optional[float] = None
     dropout: float = 0.1
     targets: Sequence[str] = ("qkv",)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "lora_")
+        if self.rank < 1:
+            raise TokenTuneError(f"invalid lora_rank={self.rank}: the rank must be at least 1")
+        if self.alpha is not None and not self.alpha > 0:
+            raise TokenTuneError(f"invalid lora_alpha={self.alpha}: must be > 0 (or none for alpha = rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TokenTuneError(f"invalid lora_dropout={self.dropout}: a dropout probability is in [0, 1)")
+        if not self.targets:
+            raise TokenTuneError("lora_targets is empty; name at least one of qkv, proj, fc1, fc2")
 
 
 class LoRALinear(nn.Linear):

@@ -189,6 +189,11 @@ def split_options(methods: Sequence[Method], options: Dict[str, Any]) -> Tuple[D
     return configs, timm_kwargs
 
 
+def check_model_options(method: str, options: Dict[str, Any]) -> None:
+    """Validate a method spec and its options (one clear error) without building anything."""
+    split_options(parse_method(method), options)
+
+
 # ----------------------------------------------------------------------------- core methods
 def _apply_nothing(model, cfg, ctx) -> None:
     pass

@@ -60,6 +60,7 @@ from torch import nn
 from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
+from .typecheck import check_fields
 from .methods import Method, register_method
 from .model import adapted_blocks
 
@@ -111,6 +112,7 @@ class PYRAConfig:
     mlp_hidden: int = 4
 
     def __post_init__(self) -> None:
+        check_fields(self, "pyra_")
         if self.variant not in VARIANTS:
             raise TokenTuneError(f"unknown pyra_variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
         if self.wr_init not in WR_INITS:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import TokenTuneError
+from .typecheck import check_fields
 
 Schedule = Union[int, Sequence[int], Tuple[int, float], str]
 
@@ -261,6 +262,9 @@ class ToMeConfig:
     r: Schedule = 0
     prop_attn: bool = True
     trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tome_")
 
 
 class TokenMerging(nn.Module):

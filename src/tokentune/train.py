@@ -15,15 +15,17 @@ checkpoints after every epoch, exact resume, and data parallelism under ``torchr
     result = train(model, train_ds, test_ds, cfg, out_dir="runs/cifar-lora")
     print(result.top1)               # top-1 after the last epoch
 
-What a run directory holds (only the main process writes, every file atomically):
+What a run directory holds is described in :mod:`tokentune.rundir` (only the main process
+writes). After every epoch (and when stopped) the loop writes a checkpoint as a whole:
+``model.safetensors`` + ``config.json`` (the trained parameters and how to rebuild the model,
+:func:`tokentune.load_trained`), ``metrics.json``, ``results.json`` once finished, and last the
+marker ``resume.pt`` (optimizer, AMP scaler, epoch, step, RNG states per process, sampler
+position, metrics). ``train(..., resume=True)`` continues from the marker and ends with the same
+weights as an uninterrupted run, wherever the previous run was killed.
 
-* ``model.safetensors`` + ``config.json``: the trained parameters and how to rebuild the model
-  (:func:`tokentune.load_trained`); rewritten after every epoch;
-* ``resume.pt``: optimizer, AMP scaler, epoch, step, RNG states (torch/CUDA/numpy/python, per
-  process), the sampler position and the metrics so far; ``train(..., resume=True)`` continues
-  from it and ends with the same weights as an uninterrupted run;
-* ``metrics.json``: one record per finished epoch; ``results.json`` when the run has finished
-  (:mod:`tokentune.evaluate`).
+``train()`` reads as its steps: open the run directory, set up (optimizer, loader), start or
+resume (:class:`Progress`), then per epoch :func:`_train_epoch` (optimizer steps),
+:func:`_finish_epoch` (evaluation) and :func:`_save`.
 
 The training loss is ``criterion(model(images), targets)``, or the ``loss`` hook of a method
 (DyT's rate and distillation losses), called as ``loss(model, images, targets, criterion)``.
@@ -40,23 +42,22 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import WEIGHTS_NAME, atomic_torch_save, atomic_write_json, load_state_into, save_trained
+from .checkpoint import load_state_into, trained_state_dict
 from .config import TrainConfig
 from .data import INTERPOLATIONS, NORMALIZATIONS, clean_error
 from .errors import TokenTuneError
-from .evaluate import AMP_MODES, amp_dtype, autocast, evaluate, progress_enabled, run_results, write_results
+from .evaluate import AMP_MODES, amp_dtype, autocast, evaluate, progress_enabled, read_results, run_results
+from .rundir import RESUME_FORMAT, RESUME_NAME, WEIGHTS_NAME, RunDir
 
-RESUME_NAME = "resume.pt"
-METRICS_NAME = "metrics.json"
-RESUME_FORMAT = 1
-# options that may differ when resuming: they do not change what is computed
+# options that may differ when resuming: they do not change what is computed (``epochs`` may
+# change too, see _check_resume_compatible)
 RESUMABLE_CHANGES = ("eval_every", "num_workers")
 
 
@@ -99,6 +100,7 @@ def validate_config(cfg: TrainConfig) -> None:
     def bad(name, value, want):
         raise TokenTuneError(f"invalid {name}={value!r}: {want}")
 
+    cfg = cfg.resolved()
     if int(cfg.epochs) < 1:
         bad("epochs", cfg.epochs, "need at least 1")
     if int(cfg.batch_size) < 1:
@@ -217,6 +219,7 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: 
       trains at the scheduler's value for ``max(e - 1, 0)``: epochs 0 and 1 at ``warmup_lr``,
       then linear warm-up, then ``min_lr + (lr - min_lr)(1 + cos(pi t / epochs)) / 2``.
     """
+    cfg = cfg.resolved()
     if cfg.schedule_step == "epoch":
         return _timm_cosine(cfg, max(epoch - 1, 0))
     t = epoch + step / max(steps_per_epoch, 1)
@@ -313,48 +316,374 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------- train
-def _check_out_dir(out_dir: str, resume: bool) -> None:
-    existing = [f for f in (RESUME_NAME, WEIGHTS_NAME) if os.path.exists(os.path.join(out_dir, f))]
+# ----------------------------------------------------------------------------- run state
+@dataclass
+class Progress:
+    """Where a run stands; exactly what ``resume.pt`` restores (besides tensors and RNG states).
+
+    Attributes:
+        epoch: the epoch being trained (0-based); ``len(history)`` between epochs.
+        batches_done: micro-batches of ``epoch`` already trained (0 between epochs).
+        global_step: optimizer steps done.
+        train_time_s: training time without evaluation, over all resumed segments.
+        history: one record per finished epoch.
+        partial: running sums of the epoch in progress (loss, images, hook logs, time).
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    train_time_s: float = 0.0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    partial: Dict[str, Any] = field(default_factory=lambda: _fresh_partial())
+
+
+def _fresh_partial() -> Dict[str, Any]:
+    return {"loss_sum": 0.0, "images": 0, "logs": {}, "time": 0.0}
+
+
+@dataclass
+class _Session:
+    """The objects one call of :func:`train` works with."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    dev: torch.device
+    inf: Any
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    criterion: nn.Module
+    compute_loss: Callable
+    on_step: List[Callable[[nn.Module, float], None]]
+    sampler: Any
+    loader: Any
+    batches: int
+    steps_per_epoch: int
+    run: Optional[RunDir]
+    records: Dict[str, Any]
+    say: Callable[[str], None]
+
+    @property
+    def trainable(self) -> List[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def total_steps(self) -> int:
+        return max(self.cfg.epochs * self.steps_per_epoch, 1)
+
+
+# ----------------------------------------------------------------------------- setup
+def _open_run_dir(out_dir: Optional[str], resume, model: nn.Module, is_main: bool) -> Optional[RunDir]:
+    """The run directory, checked before any work: writable, not holding another run unless resuming."""
+    if out_dir is None:
+        return None
+    if getattr(model, "tokentune_spec", None) is None:
+        raise TokenTuneError("saving a run needs a model built by tokentune.create_model; pass out_dir=None "
+                             "to train another model without checkpoints")
+    run = RunDir(out_dir)
+    existing = run.run_files()
     if existing and not resume:
-        raise TokenTuneError(f"{out_dir} already holds a run ({existing[0]}); continue it with resume=True "
+        raise TokenTuneError(f"{run.path} already holds a run ({existing[0]}); continue it with resume=True "
                              "(--resume) or choose another output directory")
+    if is_main:
+        run.prepare()
+    return run
 
 
+def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, inf, run: Optional[RunDir],
+           records: Dict[str, Any], say) -> _Session:
+    """Model on the device, optimizer, AMP scaler, loss, sampler and loader."""
+    model.to(dev)
+    if cfg.grad_checkpointing and not hasattr(model, "set_grad_checkpointing"):
+        raise TokenTuneError(f"{type(model).__name__} does not support gradient checkpointing; set grad_checkpointing=False")
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(bool(cfg.grad_checkpointing))
+    dtype = amp_dtype(cfg.amp, dev)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=cfg.drop_last, pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed))   # own generator: the global RNG is not consumed
+    batches = len(sampler) // cfg.batch_size if cfg.drop_last else -(-len(sampler) // cfg.batch_size)
+    if batches == 0:
+        raise TokenTuneError(f"the training split has {len(sampler)} images per process, fewer than one batch of "
+                             f"{cfg.batch_size} (drop_last); lower --batch-size or set --drop-last false")
+    return _Session(model=model, cfg=cfg, dev=dev, inf=inf, optimizer=optimizer, scaler=scaler,
+                    criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                    compute_loss=loss_function(model), on_step=step_hooks(model), sampler=sampler, loader=loader,
+                    batches=batches, steps_per_epoch=-(-batches // cfg.grad_accum), run=run, records=records, say=say)
+
+
+# ----------------------------------------------------------------------------- resume state
 def _spec_key(model: nn.Module) -> Dict[str, Any]:
     spec = dict(getattr(model, "tokentune_spec", None) or {})
     return _jsonable({k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")})
 
 
-def _load_resume(path: str) -> Dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise TokenTuneError(f"cannot read the resume state {path} ({' '.join(str(exc).split())[:160]}); "
-                             "it is corrupt: delete it to restart from the last saved weights' epoch count, "
-                             "or start a new run") from None
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise TokenTuneError(f"{path} is not a tokentune resume state of format {RESUME_FORMAT}; start a new run")
-    return state
+def _check_resume_compatible(saved_cfg: Dict[str, Any], saved_spec: Optional[Dict[str, Any]], cfg: TrainConfig,
+                             model: nn.Module, path: str, epochs_done: int, epoch_started: bool) -> None:
+    """Refuse to continue a run with options that change what was computed.
 
-
-def _check_resume_compatible(state: Dict[str, Any], cfg: TrainConfig, model: nn.Module, path: str) -> None:
-    saved, now = state["train_config"], _jsonable(dataclasses.asdict(cfg))
-    diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    ``epochs`` may change (extend, or shorten to no fewer than the epochs already trained): the
+    schedule is recomputed for the new length from the current position.
+    """
+    now = _jsonable(dataclasses.asdict(cfg))
+    diffs = [k for k in now if k not in RESUMABLE_CHANGES and k != "epochs" and saved_cfg.get(k) != now[k]]
     if diffs:
         k = diffs[0]
-        raise TokenTuneError(f"cannot resume {path}: option {k} was {saved.get(k)!r} and is now {now[k]!r}"
+        raise TokenTuneError(f"cannot resume {path}: option {k} was {saved_cfg.get(k)!r} and is now {now[k]!r}"
                              f"{f' (and {len(diffs) - 1} more)' if len(diffs) > 1 else ''}; resume with the "
                              "run's options or start a new output directory")
-    saved_spec, spec = state.get("model_spec"), _spec_key(model)
-    if saved_spec is not None and saved_spec != spec:
+    least = epochs_done + (1 if epoch_started else 0)
+    if cfg.epochs < max(least, 1):
+        raise TokenTuneError(f"cannot resume {path} with epochs={cfg.epochs}: {least} epoch(s) are already "
+                             f"{'started' if epoch_started else 'done'}; give --epochs {max(least, 1)} or more")
+    if saved_spec is not None and saved_spec != _spec_key(model):
+        spec = _spec_key(model)
         k = next(k for k in spec if saved_spec.get(k) != spec.get(k))
         raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec.get(k)!r} and is now "
                              f"{spec.get(k)!r}; build the model as in the interrupted run")
 
 
+def _adopt_saved_defaults(cfg: TrainConfig, saved_cfg: Dict[str, Any], given: TrainConfig) -> TrainConfig:
+    """Options left to a default that depends on ``epochs`` keep the run's value when ``epochs`` changes."""
+    if given.warmup_epochs is None and saved_cfg.get("warmup_epochs") is not None:
+        return dataclasses.replace(cfg, warmup_epochs=saved_cfg["warmup_epochs"])
+    return cfg
+
+
+def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:
+    """What ``resume.pt`` holds (collective: every process contributes its RNG state)."""
+    cfg = s.cfg
+    return {
+        "format": RESUME_FORMAT, "epoch": p.epoch, "batches_done": p.batches_done, "global_step": p.global_step,
+        "steps_per_epoch": s.steps_per_epoch,
+        "sampler": {"seed": cfg.seed, "epoch": p.epoch, "start": p.batches_done * cfg.batch_size},
+        "train_time_s": p.train_time_s, "history": p.history, "partial": p.partial, "finished": finished,
+        "train_config": _jsonable(dataclasses.asdict(cfg)), "model_spec": _spec_key(s.model),
+        "world_size": s.inf.world_size, "rng": D.all_gather_object(_rng_state(s.dev)),
+        # kept in a finished run too, so that it can be extended with more epochs
+        "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+        "trainable": {n: p_.detach().cpu() for n, p_ in s.model.named_parameters() if p_.requires_grad},
+    }
+
+
+def _save(s: _Session, p: Progress, finished: bool = False, results: Optional[Dict[str, Any]] = None) -> None:
+    """Write the checkpoint of ``p`` as a whole (data files first, the resume marker last)."""
+    state = _resume_state(s, p, finished)            # every process takes part
+    if s.run is not None and s.inf.is_main:
+        config = dict(s.model.tokentune_spec, **s.records, epochs_done=len(p.history))
+        s.run.write_checkpoint(tensors=trained_state_dict(s.model), config=config, history=p.history,
+                               resume_state=state, results=results)
+    D.barrier()
+
+
+def _start(s: _Session, resume, state: Optional[Dict[str, Any]]) -> Tuple[Progress, bool]:
+    """A fresh :class:`Progress`, or the one ``state`` (``resume.pt``) or, with ``resume="weights"``,
+    the saved weights continue; also whether that run has already finished all its epochs."""
+    run, cfg, inf = s.run, s.cfg, s.inf
+    if run is None or not resume:
+        _seed_all(cfg.seed + inf.rank)
+        D.broadcast_module(s.model)
+        return Progress(), False
+    if resume == "weights":
+        return _restart_from_weights(s), False
+    if state is None:
+        if os.path.exists(run.weights):
+            raise TokenTuneError(f"{run.path} holds trained weights but no {RESUME_NAME} to resume exactly from; "
+                                 "continue from those weights with --restart-from-weights (resume='weights'), "
+                                 "or choose a new output directory")
+        s.say(f"no resume state in {run.path}: starting a new run")
+        _seed_all(cfg.seed + inf.rank)
+        D.broadcast_module(s.model)
+        return Progress(), False
+    history = list(state["history"])
+    _check_resume_compatible(state["train_config"], state.get("model_spec"), cfg, s.model, run.resume,
+                             len(history), state["batches_done"] > 0)
+    p = Progress(epoch=state["epoch"], batches_done=state["batches_done"], global_step=state["global_step"],
+                 train_time_s=float(state["train_time_s"]), history=history, partial=state["partial"])
+    if state.get("finished") and cfg.epochs <= len(history):
+        s.say(f"{run.path} has finished all {len(history)} epochs; nothing to resume")
+        return p, True
+    if "optimizer" not in state:
+        raise TokenTuneError(f"{run.resume} holds no optimizer state (a finished run saved by an older version); "
+                             "extend it with --restart-from-weights")
+    load_state_into(s.model, state["trainable"], source=run.resume)
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == inf.world_size:
+        _set_rng_state(state["rng"][inf.rank], s.dev)
+    else:
+        if p.batches_done:
+            raise TokenTuneError(f"{run.resume} was saved inside an epoch by {state['world_size']} process(es); "
+                                 f"resume it with the same number of processes (now {inf.world_size})")
+        s.say(f"resuming with {inf.world_size} process(es) instead of {state['world_size']}: "
+              "the continuation is valid but not bit-identical to an uninterrupted run")
+        _seed_all(cfg.seed + inf.rank + 1000 * p.epoch)
+    if cfg.epochs != state["train_config"]["epochs"]:
+        s.say(f"changing the run's length from {state['train_config']['epochs']} to {cfg.epochs} epochs: the learning "
+              "rate schedule continues as if the run had been started with the new length")
+    s.say(f"resuming {run.path} at epoch {p.epoch + 1}/{cfg.epochs}"
+          + (f", step {p.batches_done // cfg.grad_accum}/{s.steps_per_epoch}" if p.batches_done else ""))
+    return p, False
+
+
+def _restart_from_weights(s: _Session) -> Progress:
+    """Continue a run from its ``model.safetensors`` (the last finished epoch) when ``resume.pt`` is
+    lost or corrupt: weights and history come back, optimizer and random state start afresh."""
+    from safetensors.torch import load_file
+
+    run, cfg, inf = s.run, s.cfg, s.inf
+    if not os.path.isfile(run.weights):
+        raise TokenTuneError(f"{run.path} holds no {WEIGHTS_NAME} to restart from; start a new run (without resume)")
+    config = run.read_config()
+    saved_cfg = config.get("train_config") or {}
+    epochs_done = int(config.get("epochs_done") or 0)
+    _check_resume_compatible(saved_cfg, _spec_key_of_config(config), cfg, s.model, run.weights, epochs_done, False)
+    try:
+        tensors = load_file(run.weights)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise TokenTuneError(f"cannot read {run.weights} ({' '.join(str(exc).split())[:160]}); it is corrupt: start a "
+                             "new run") from None
+    load_state_into(s.model, tensors, source=run.weights)
+    history = run.read_metrics()[:epochs_done]
+    _seed_all(cfg.seed + inf.rank + 1000 * epochs_done)
+    D.broadcast_module(s.model)
+    s.say(f"restarting {run.path} from the weights after epoch {epochs_done}: optimizer and random state start "
+          "afresh, so the result is not bit-identical to an uninterrupted run")
+    return Progress(epoch=epochs_done, global_step=epochs_done * s.steps_per_epoch,
+                    train_time_s=sum(float(h.get("time_s") or 0.0) for h in history), history=history)
+
+
+def _spec_key_of_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    return _jsonable({k: config.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")})
+
+
+# ----------------------------------------------------------------------------- one epoch
+def _train_epoch(s: _Session, p: Progress, stop_flag: "_StopFlag", callbacks, max_steps: Optional[int],
+                 progress: Optional[bool]) -> Optional[str]:
+    """Train ``p.epoch`` from ``p.batches_done`` to its end or to a stop request; returns the request
+    (``signal``, ``callback``, ``max_steps``; it may come with the epoch's last step) or None."""
+    from tqdm.auto import tqdm
+
+    cfg, epoch = s.cfg, p.epoch
+    s.sampler.set_epoch(epoch, start=p.batches_done * cfg.batch_size)
+    s.model.train()
+    tic = time.perf_counter()
+    bar = tqdm(total=s.batches, initial=p.batches_done, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not progress_enabled(progress), dynamic_ncols=True)
+    batch_iter = iter(s.loader)
+    stop = None
+    try:
+        while p.batches_done < s.batches:
+            stop = _optimizer_step(s, p, batch_iter, bar, callbacks, stop_flag, max_steps)
+            if stop and p.batches_done < s.batches:
+                break
+    finally:
+        bar.close()
+        p.partial["time"] += time.perf_counter() - tic
+    return stop
+
+
+def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_flag, max_steps) -> Optional[str]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns a stop request or None."""
+    cfg, epoch = s.cfg, p.epoch
+    group = min(cfg.grad_accum, s.batches - p.batches_done)
+    step = p.batches_done // cfg.grad_accum
+    lr = learning_rate(cfg, epoch, step, s.steps_per_epoch)
+    set_learning_rate(s.optimizer, lr)
+    for hook in s.on_step:
+        hook(s.model, p.global_step / s.total_steps)
+    dtype = amp_dtype(cfg.amp, s.dev)
+    stats = torch.zeros(4, dtype=torch.float64)   # loss sum, images, non-finite, stop
+    bad_value = value = None
+    for _ in range(group):
+        try:
+            images, targets = next(batch_iter)
+        except TokenTuneError as exc:
+            raise TokenTuneError(clean_error(exc)) from None
+        images = images.to(s.dev, non_blocking=True)
+        targets = torch.as_tensor(targets).to(s.dev, non_blocking=True)
+        with autocast(s.dev, dtype):
+            loss, logs = s.compute_loss(images, targets, s.criterion)
+        value = float(loss.detach().float())
+        if not math.isfinite(value):
+            stats[2], bad_value = 1, value
+            break
+        s.scaler.scale(loss / group).backward()
+        stats[0] += value * targets.shape[0]
+        stats[1] += targets.shape[0]
+        for k, v in logs.items():
+            p.partial["logs"][k] = p.partial["logs"].get(k, 0.0) + float(v) * targets.shape[0]
+        bar.update(1)
+    try:
+        for cb in callbacks:
+            cb("step", {"epoch": epoch, "step": step, "global_step": p.global_step + 1, "model": s.model,
+                        "loss": value, "lr": lr})
+    except StopTraining:
+        stats[3] = max(float(stats[3]), 1)
+    if stop_flag.requested:
+        stats[3] = 2
+    if s.inf.enabled:
+        stats = D.all_reduce_sum(stats.to(s.dev)).cpu()
+    if stats[2] > 0:
+        s.optimizer.zero_grad(set_to_none=True)
+        _diverged(s, p, step, lr, bad_value)
+    D.average_gradients(s.trainable)
+    if cfg.clip_grad is not None:
+        s.scaler.unscale_(s.optimizer)
+        nn.utils.clip_grad_norm_(s.trainable, cfg.clip_grad)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    p.global_step += 1
+    p.batches_done += group
+    p.partial["loss_sum"] += float(stats[0])
+    p.partial["images"] += int(stats[1])
+    if bar.n % 10 == 0 or p.batches_done == s.batches:
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
+    if stats[3] > 0:
+        return "signal" if stats[3] >= 2 else "callback"
+    if max_steps is not None and p.global_step >= max_steps:
+        return "max_steps"
+    return None
+
+
+def _diverged(s: _Session, p: Progress, step: int, lr: float, bad_value: Optional[float]) -> None:
+    kept = (f"the checkpoint after epoch {len(p.history)} is kept in {s.run.path}" if s.run and p.history
+            else "no checkpoint was written yet")
+    raise TokenTuneError(
+        f"training diverged: the loss became "
+        f"{bad_value if bad_value is not None else 'non-finite on another process'} at epoch {p.epoch + 1}, "
+        f"step {step + 1}/{s.steps_per_epoch} (global step {p.global_step + 1}) with lr "
+        f"{learning_rate(s.cfg, p.epoch, step, s.steps_per_epoch):.3g}; lower --lr (e.g. {s.cfg.lr / 10:g}) or set "
+        f"--clip-grad 1.0 ({kept})")
+
+
+def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: Optional[bool]) -> Dict[str, Any]:
+    """Close the epoch: its record (with the test evaluation when due), appended to the history."""
+    cfg, epoch, part = s.cfg, p.epoch, p.partial
+    p.train_time_s += part["time"]
+    lr = learning_rate(cfg, epoch, (s.batches - 1) // cfg.grad_accum, s.steps_per_epoch)
+    record = {"epoch": epoch + 1, "train_loss": part["loss_sum"] / max(part["images"], 1),
+              "lr": lr, "time_s": round(part["time"], 3), "top1": None}
+    record.update({k: v / max(part["images"], 1) for k, v in part["logs"].items()})
+    due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
+    if test_data is not None and (due or epoch == cfg.epochs - 1):
+        metrics = evaluate(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
+                           num_workers=cfg.num_workers, progress=progress, desc="test")
+        record["top1"] = metrics["top1"]
+        record["test_loss"] = metrics["loss"]
+    p.history.append(record)
+    p.epoch, p.batches_done, p.partial = epoch + 1, 0, _fresh_partial()
+    return record
+
+
+# ----------------------------------------------------------------------------- train
 def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfig] = None,
-          out_dir: Optional[str] = None, *, resume: bool = False, device: Optional[str] = None,
+          out_dir: Optional[str] = None, *, resume: Union[bool, str] = False, device: Optional[str] = None,
           max_steps: Optional[int] = None, callbacks: Sequence[Callable[[str, Dict[str, Any]], None]] = (),
           progress: Optional[bool] = None, eval_batch_size: Optional[int] = None,
           run_info: Optional[Dict[str, Any]] = None, handle_signals: bool = False,
@@ -369,8 +698,11 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
             after the last (the references' convention); None: no evaluation.
         cfg: :class:`tokentune.config.TrainConfig`.
         out_dir: run directory for checkpoints and results (None: nothing is written).
-        resume: continue the run in ``out_dir`` from its ``resume.pt`` (a fresh start if there is
-            none); without it an ``out_dir`` holding a run is an error, so nothing is overwritten.
+        resume: ``True``: continue the run in ``out_dir`` exactly from its ``resume.pt`` (a fresh
+            start if the directory holds no run; ``cfg.epochs`` may be raised to extend a run);
+            ``"weights"``: continue from its ``model.safetensors`` and history when ``resume.pt`` is
+            lost or corrupt (optimizer and random state start afresh). Without it an ``out_dir``
+            holding a run is an error, so nothing is overwritten.
         device: ``auto`` (GPU if available), ``cpu``, ``cuda``, ``cuda:N``.
         max_steps: stop after this many optimizer steps in total (the state is saved; resume later).
         callbacks: ``callback(event, info)`` with event ``"step"`` or ``"epoch"``; raising
@@ -384,238 +716,58 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
     Returns:
         :class:`TrainResult`.
     """
-    from tqdm.auto import tqdm
-
-    cfg = cfg or TrainConfig()
+    given = cfg or TrainConfig()
+    cfg = given.resolved()
     validate_config(cfg)
+    if resume not in (False, True, "weights"):
+        raise TokenTuneError(f"resume must be True, False or 'weights', got {resume!r}")
     inf = D.init_distributed(device)
     dev = D.resolve_device(device)
     say = (log if (log is not None and inf.is_main) else (lambda *_: None))
-    if out_dir is not None:
-        out_dir = os.path.abspath(os.path.expanduser(out_dir))
-        _check_out_dir(out_dir, resume)
-        if getattr(model, "tokentune_spec", None) is None:
-            raise TokenTuneError("saving a run needs a model built by tokentune.create_model; pass out_dir=None "
-                                 "to train another model without checkpoints")
+    run = _open_run_dir(out_dir, resume, model, inf.is_main)
     if len(train_data) == 0:
         raise TokenTuneError("the training split is empty")
-
-    model.to(dev)
-    if cfg.grad_checkpointing and not hasattr(model, "set_grad_checkpointing"):
-        raise TokenTuneError(f"{type(model).__name__} does not support gradient checkpointing; set grad_checkpointing=False")
-    if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(bool(cfg.grad_checkpointing))
-    dtype = amp_dtype(cfg.amp, dev)
-    optimizer = build_optimizer(model, cfg)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    compute_loss = loss_function(model)
-    on_step = step_hooks(model)
-
-    sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        drop_last=cfg.drop_last, pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed))   # own generator: the global RNG is not consumed
-    batches = len(sampler) // cfg.batch_size if cfg.drop_last else -(-len(sampler) // cfg.batch_size)
-    if batches == 0:
-        raise TokenTuneError(f"the training split has {len(sampler)} images per process, fewer than one batch of "
-                             f"{cfg.batch_size} (drop_last); lower --batch-size or set --drop-last false")
-    steps_per_epoch = -(-batches // cfg.grad_accum)
-
-    # ---------------------------------------------------------------- state: fresh or resumed
-    start_epoch, batches_done, global_step, elapsed = 0, 0, 0, 0.0
-    history: List[Dict[str, Any]] = []
-    partial = {"loss_sum": 0.0, "images": 0, "logs": {}, "time": 0.0}
-    resume_path = os.path.join(out_dir, RESUME_NAME) if out_dir else None
-    state = _load_resume(resume_path) if resume and resume_path and os.path.isfile(resume_path) else None
-    if resume and out_dir and state is None and os.path.exists(os.path.join(out_dir, WEIGHTS_NAME)):
-        raise TokenTuneError(f"{out_dir} holds trained weights but no {RESUME_NAME} to resume from; "
-                             "choose a new output directory")
-    if state is None:
-        if resume and out_dir:
-            say(f"no resume state in {out_dir}: starting a new run")
-        _seed_all(cfg.seed + inf.rank)
-        D.broadcast_module(model)
-    else:
-        _check_resume_compatible(state, cfg, model, resume_path)
-        history = list(state["history"])
-        elapsed = float(state["train_time_s"])
-        if state.get("finished"):
-            say(f"{out_dir} has finished all {cfg.epochs} epochs; nothing to resume")
-            return _result(history, state["global_step"], True, elapsed, _read_json(os.path.join(out_dir, "results.json")))
-        load_state_into(model, state["trainable"], source=resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, batches_done, global_step = state["epoch"], state["batches_done"], state["global_step"]
-        partial = state["partial"]
-        if state["world_size"] == inf.world_size:
-            _set_rng_state(state["rng"][inf.rank], dev)
-        else:
-            if batches_done:
-                raise TokenTuneError(f"{resume_path} was saved inside an epoch by {state['world_size']} process(es); "
-                                     f"resume it with the same number of processes (now {inf.world_size})")
-            say(f"resuming with {inf.world_size} process(es) instead of {state['world_size']}: "
-                "the continuation is valid but not bit-identical to an uninterrupted run")
-            _seed_all(cfg.seed + inf.rank + 1000 * start_epoch)
-        say(f"resuming {out_dir} at epoch {start_epoch + 1}/{cfg.epochs}"
-            + (f", step {batches_done // cfg.grad_accum}/{steps_per_epoch}" if batches_done else ""))
-
-    data_info = run_info_data(train_data, test_data)
-    extra = {"train_config": _jsonable(dataclasses.asdict(cfg)), "data": data_info}
+    state = run.read_resume() if run is not None and resume is True else None
+    if state is not None:
+        cfg = _adopt_saved_defaults(cfg, state["train_config"], given)
+    records = {"train_config": _jsonable(dataclasses.asdict(cfg)), "data": run_info_data(train_data, test_data)}
     if run_info:
-        extra["run"] = _jsonable(run_info)
-
-    def save(epoch: int, done: int, finished: bool = False) -> None:
-        rng = D.all_gather_object(_rng_state(dev))      # every process takes part
-        if out_dir is None or not inf.is_main:
-            D.barrier()
-            return
-        resume_state = {
-            "format": RESUME_FORMAT, "epoch": epoch, "batches_done": done, "global_step": global_step,
-            "steps_per_epoch": steps_per_epoch, "sampler": {"seed": cfg.seed, "epoch": epoch,
-                                                            "start": done * cfg.batch_size},
-            "train_time_s": elapsed, "history": history, "partial": partial, "finished": finished,
-            "train_config": _jsonable(dataclasses.asdict(cfg)), "model_spec": _spec_key(model),
-            "world_size": inf.world_size, "rng": rng,
-        }
-        if not finished:   # a finished run keeps no optimizer state (it can be large)
-            resume_state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
-        # resume.pt first: if we die before model.safetensors is rewritten, both still agree on the epoch
-        atomic_torch_save(resume_path, resume_state)
-        save_trained(model, out_dir, extra=dict(extra, epochs_done=len(history)))
-        atomic_write_json(os.path.join(out_dir, METRICS_NAME), history)
-        D.barrier()
-
-    if out_dir is not None and state is None and inf.is_main:
-        os.makedirs(out_dir, exist_ok=True)
+        records["run"] = _jsonable(run_info)
+    s = _setup(model, train_data, cfg, dev, inf, run, records, say)
+    p, finished = _start(s, resume, state)
+    del state
+    if finished:
+        return _result(p.history, p.global_step, True, p.train_time_s,
+                       read_results(run.path) if os.path.isfile(run.results) else None)
     eval_bs = eval_batch_size or 2 * cfg.batch_size
-    lr = learning_rate(cfg, start_epoch, batches_done // cfg.grad_accum, steps_per_epoch)
 
-    # ---------------------------------------------------------------- the loop
     with _StopFlag(handle_signals) as stop_flag:
-        for epoch in range(start_epoch, cfg.epochs):
-            sampler.set_epoch(epoch, start=batches_done * cfg.batch_size)
-            model.train()
-            tic = time.perf_counter()
-            bar = tqdm(total=batches, initial=batches_done, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not progress_enabled(progress), dynamic_ncols=True)
-            batch_iter = iter(loader)
-            b = batches_done
-            stop = None
-            while b < batches:
-                group = min(cfg.grad_accum, batches - b)
-                step = b // cfg.grad_accum
-                lr = learning_rate(cfg, epoch, step, steps_per_epoch)
-                set_learning_rate(optimizer, lr)
-                for hook in on_step:
-                    hook(model, global_step / max(cfg.epochs * steps_per_epoch, 1))
-                stats = torch.zeros(4, dtype=torch.float64)   # loss sum, images, non-finite, stop
-                bad_value = None
-                for _ in range(group):
-                    try:
-                        images, targets = next(batch_iter)
-                    except TokenTuneError as exc:
-                        raise TokenTuneError(clean_error(exc)) from None
-                    images = images.to(dev, non_blocking=True)
-                    targets = torch.as_tensor(targets).to(dev, non_blocking=True)
-                    with autocast(dev, dtype):
-                        loss, logs = compute_loss(images, targets, criterion)
-                    value = float(loss.detach().float())
-                    if not math.isfinite(value):
-                        stats[2], bad_value = 1, value
-                        break
-                    scaler.scale(loss / group).backward()
-                    stats[0] += value * targets.shape[0]
-                    stats[1] += targets.shape[0]
-                    for k, v in logs.items():
-                        partial["logs"][k] = partial["logs"].get(k, 0.0) + float(v) * targets.shape[0]
-                    bar.update(1)
-                try:
-                    for cb in callbacks:
-                        cb("step", {"epoch": epoch, "step": step, "global_step": global_step + 1, "model": model,
-                                    "loss": value, "lr": lr})
-                except StopTraining:
-                    stats[3] = max(float(stats[3]), 1)
-                if stop_flag.requested:
-                    stats[3] = 2
-                if inf.enabled:
-                    stats = D.all_reduce_sum(stats.to(dev)).cpu()
-                if stats[2] > 0:
-                    optimizer.zero_grad(set_to_none=True)
-                    kept = (f"the checkpoint after epoch {len(history)} is kept in {out_dir}" if out_dir and history
-                            else "no checkpoint was written yet")
-                    raise TokenTuneError(
-                        f"training diverged: the loss became "
-                        f"{bad_value if bad_value is not None else 'non-finite on another process'} at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch} "
-                        f"(global step {global_step + 1}) with lr {lr:.3g}; lower --lr (e.g. {cfg.lr / 10:g}) or set "
-                        f"--clip-grad 1.0 ({kept})")
-                D.average_gradients(trainable)
-                if cfg.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                b += group
-                partial["loss_sum"] += float(stats[0])
-                partial["images"] += int(stats[1])
-                if bar.n % 10 == 0 or b == batches:
-                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if stats[3] > 0:
-                    stop = "signal" if stats[3] >= 2 else "callback"
-                elif max_steps is not None and global_step >= max_steps:
-                    stop = "max_steps"
-                if stop and b < batches:
-                    break
-            bar.close()
-            partial["time"] += time.perf_counter() - tic
-            if b < batches:   # stopped inside the epoch
-                elapsed += partial["time"]
-                partial["time"] = 0.0
-                save(epoch, b)
-                say(f"stopped at epoch {epoch + 1}, step {b // cfg.grad_accum}/{steps_per_epoch} (global step "
-                    f"{global_step}); continue with resume=True (--resume)")
-                return _result(history, global_step, False, elapsed, None, stop)
-
-            # ------------------------------------------------------------ epoch end
-            elapsed += partial["time"]
-            record = {"epoch": epoch + 1, "train_loss": partial["loss_sum"] / max(partial["images"], 1),
-                      "lr": lr, "time_s": round(partial["time"], 3), "top1": None}
-            record.update({k: v / max(partial["images"], 1) for k, v in partial["logs"].items()})
-            due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
-            if test_data is not None and (due or epoch == cfg.epochs - 1):
-                metrics = evaluate(model, test_data, batch_size=eval_bs, device=dev, amp=cfg.amp,
-                                   num_workers=cfg.num_workers, progress=progress, desc="test")
-                record["top1"] = metrics["top1"]
-                record["test_loss"] = metrics["loss"]
-            history.append(record)
-            partial = {"loss_sum": 0.0, "images": 0, "logs": {}, "time": 0.0}
-            batches_done = 0
-            finished = epoch == cfg.epochs - 1
+        while p.epoch < cfg.epochs:
+            stop = _train_epoch(s, p, stop_flag, callbacks, max_steps, progress)
+            if p.batches_done < s.batches:    # stopped inside the epoch
+                p.train_time_s += p.partial["time"]
+                p.partial["time"] = 0.0
+                _save(s, p)
+                say(f"stopped at epoch {p.epoch + 1}, step {p.batches_done // cfg.grad_accum}/{s.steps_per_epoch} "
+                    f"(global step {p.global_step}); continue with resume=True (--resume)")
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
+            record = _finish_epoch(s, p, test_data, eval_bs, progress)
             say(_epoch_line(record, cfg.epochs))
-            if not finished:
-                save(epoch + 1, 0)
+            if p.epoch < cfg.epochs:
+                _save(s, p)
             try:
                 for cb in callbacks:
-                    cb("epoch", {"epoch": epoch, "global_step": global_step, "model": model, "record": record})
+                    cb("epoch", {"epoch": p.epoch - 1, "global_step": p.global_step, "model": model, "record": record})
             except StopTraining:
                 stop = "callback"
-            if stop and not finished:
-                say(f"stopped after epoch {epoch + 1}; continue with resume=True (--resume)")
-                return _result(history, global_step, False, elapsed, None, stop)
+            if stop and p.epoch < cfg.epochs:
+                say(f"stopped after epoch {p.epoch}; continue with resume=True (--resume)")
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
 
-    results = run_results(model=model, history=history, dataset=data_info, train_time_s=elapsed,
-                          epochs=cfg.epochs, finished=True, extra={"run": _jsonable(run_info)} if run_info else None)
-    if out_dir is not None:
-        save(cfg.epochs, 0, finished=True)
-        if inf.is_main:
-            write_results(out_dir, results)
-        D.barrier()
-    return _result(history, global_step, True, elapsed, results)
+    results = run_results(model=model, history=p.history, dataset=records["data"], train_time_s=p.train_time_s,
+                          epochs=cfg.epochs, finished=True, extra={"run": records["run"]} if run_info else None)
+    _save(s, p, finished=True, results=results)
+    return _result(p.history, p.global_step, True, p.train_time_s, results)
 
 
 def run_info_data(train_data, test_data) -> Dict[str, Any]:
