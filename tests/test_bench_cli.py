@@ -188,12 +188,38 @@ def test_shared_frozen_tensors_keep_outputs():
     assert torch.equal(b(x), want)
 
 
-def test_reproduce_tables_quick(tmp_path, capsys, monkeypatch):
+def _reproduce_tables(monkeypatch):
     spec = importlib.util.spec_from_file_location("reproduce_tables", os.path.join(ROOT, "benchmarks",
                                                                                    "reproduce_tables.py"))
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "reproduce_tables", module)      # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+def test_reproduce_tables_puts_each_paper_number_beside_the_right_ratio(monkeypatch):
+    """The table wiring on made-up measurements (the measuring itself is tested above)."""
+    module = _reproduce_tables(monkeypatch)
+    specs = module.rows_for("vit_b")
+    fake = [dict(paper_pct=0.3, tokens_in=197, tokens_out=197 - i, activation=None, gmacs=17.0 - i,
+                 flops_ratio=17.0 / (17.0 - i), img_per_s=100.0 + 10 * i, img_per_s_low=99.0, img_per_s_high=101.0,
+                 speedup=(100.0 + 10 * i) / 100.0) for i in range(len(specs))]
+    rows = {r["row"]: r for r in module.table("vit_b", specs, type("R", (), {"rows": fake})())}
+    keys = [s.key for s in specs]
+    ips = {k: 100.0 + 10 * i for i, k in enumerate(keys)}
+    assert rows["ToMe (high)"]["paper speed-up"] == pytest.approx(1381 / 425)
+    assert rows["ToMe (high)"]["ours vs paper baseline"] == pytest.approx(ips["tome_high"] / ips["lora"])
+    dyt_row = rows["DyT r=0.5 (MLP Dispatch)"]
+    assert dyt_row["paper speed-up"] == pytest.approx(912.39 / 941.70)
+    assert dyt_row["paper FLOPs ratio"] == pytest.approx(17.58 / 12.54)
+    assert dyt_row["ours vs paper baseline"] == pytest.approx(ips["dyt_mlp"] / ips["adapter_tome"])
+    assert rows["DyT r=0.5 (Layer Dispatch)"]["paper img/s"] is None and rows["LoRA"]["paper baseline"].startswith("LoRA")
+    assert rows["Full + ToMe (r=8)"]["tokens"] == f"197->{197 - keys.index('full_tome')}"
+
+
+@pytest.mark.slow
+def test_reproduce_tables_quick(tmp_path, capsys, monkeypatch):
+    module = _reproduce_tables(monkeypatch)
     assert module.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "reproduce_vit_b_b2_quick.json").read_text())
