@@ -136,8 +136,10 @@ def _write_runs(root, runs):
 def test_tradeoff_accuracy_is_the_vtab_mean_of_group_means(tmp_path):
     _write_runs(tmp_path / "runs", [("lora", 80.0, "cifar"), ("lora", 60.0, "dtd"), ("lora", 90.0, "eurosat"),
                                     ("lora", 30.0, "clevr_count"), ("lora", 34.0, "clevr_count"),
-                                    ("tome", 50.0, "cifar"), ("tome", 70.0, "my_folder_data")])
+                                    ("tome", 50.0, "cifar"), ("tome", 70.0, "my_folder_data"),
+                                    ("mine", 65.0, "my_folder_data")])
     by = {p.label: p for p in viz.load_tradeoff_points([tmp_path / "runs"])}
+    assert by["mine"].accuracy == 65.0 and by["mine"].runs == 1      # only image-folder runs: their mean
     # Natural (80, 60) -> 70, Specialized 90, Structured (30, 34 seeds averaged) -> 32
     assert by["lora"].accuracy == pytest.approx((70 + 90 + 32) / 3) and by["lora"].runs == 5
     assert by["tome"].accuracy == pytest.approx(50.0)          # only its VTAB task counts in the VTAB mean

@@ -649,7 +649,8 @@ COMMANDS: Dict[str, Command] = {
                     "Rebuild the trained model of a run directory and report top-1 on a split."),
     "summarize": Command("VTAB-1k table over run directories", _add_summarize, _run_summarize,
                          "Per-task top-1, Natural/Specialized/Structured means, the mean of the 3 group means and "
-                         "the mean over tasks, as Markdown (and JSON)."),
+                         "the mean over tasks, as Markdown (and JSON). Runs on image folders (or other non-VTAB "
+                         "data) get a table of their own, one column per dataset, outside every VTAB-1k mean."),
     "demo": Command("offline demo on scikit-learn's digits (about 1-2 minutes on a laptop CPU)", _add_demo, _run_demo,
                     "Pre-train a tiny ViT on digits 0-4, adapt it to digits 5-9 with several methods and print "
                     "accuracy, trainable parameters, tokens, FLOPs and throughput side by side. No download."),
