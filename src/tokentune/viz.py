@@ -112,21 +112,19 @@ def prepare_image(image: ImageLike, size: Tuple[int, int], mean: Sequence[float]
         pixels = t.clamp(0, 1)
     else:
         from PIL import Image
+        from .data import load_image, to_rgb    # the training data's reading: 16-bit, alpha, EXIF orientation
 
         if isinstance(image, (str, os.PathLike)):
             if not os.path.isfile(image):
                 raise TokenTuneError(f"image {os.fspath(image)!r} does not exist")
-            try:
-                pil = Image.open(image).convert("RGB")
-            except OSError as exc:
-                raise TokenTuneError(f"cannot read image {os.fspath(image)!r}: {exc}") from exc
+            pil = load_image(os.fspath(image))
         elif isinstance(image, np.ndarray):
             arr = image
             if arr.dtype != np.uint8:
                 arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-            pil = Image.fromarray(arr).convert("RGB")
+            pil = to_rgb(Image.fromarray(arr))
         elif isinstance(image, Image.Image):
-            pil = image.convert("RGB")
+            pil = to_rgb(image)
         else:
             raise TokenTuneError(f"cannot use a {type(image).__name__} as an image; pass a file path, a PIL image, "
                                  "an HxWx3 array or a [3, H, W] tensor in [0, 1]")
