@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import tokentune
+import tokentune.data as D
 from tokentune.data import (VTAB_TASKS, build_datasets, build_transform, clean_error, image_folder_dataset, image_problem,
-                            load_datasets, load_image, normalization_stats, set_transforms, to_rgb,
+                            load_datasets, load_image, normalization_stats, set_transforms, skipped_summary, to_rgb,
                             vtab_dataset, vtab_task)
 from tokentune.errors import TokenTuneError
 from tokentune.evaluate import evaluate
@@ -328,3 +329,51 @@ def test_unsupported_mode_is_one_line_naming_file_and_mode(tmp_path):
     assert message.endswith("convert the image to 8-bit RGB") and "\n" not in message
     assert image_problem(path).startswith("image mode LAB is not supported")
     assert image_problem(str(tmp_path / "nope.jpg")) == "does not exist"
+
+
+# ----------------------------------------------------------------------------- checking every image
+def break_vtab(base):
+    """One missing training image (line 3 of its list) and one corrupt test image (line 2)."""
+    os.remove(os.path.join(base, "images/train800val200/000002.jpg"))
+    with open(os.path.join(base, "images/test/000001.jpg"), "wb") as fh:
+        fh.write(b"not a jpeg at all")
+
+
+def test_load_datasets_checks_both_splits_before_anything_runs(tmp_path):
+    base = make_vtab(tmp_path, "eurosat")
+    break_vtab(base)
+    with pytest.raises(TokenTuneError) as info:
+        load_datasets(data_root=str(tmp_path), dataset="eurosat")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("2 image(s) cannot be used (1 of 4 in eurosat train800val200, 1 of 4 in eurosat test), "
+                              f"e.g. {base}/images/train800val200/000002.jpg (listed at {base}/train800val200.txt:3): "
+                              "does not exist; re-extract the dataset")
+    assert message.endswith("or pass --skip-bad-images (Python: skip_bad_images=True) to leave them out")
+    train, test = load_datasets(data_root=str(tmp_path), dataset="eurosat", skip_bad_images=True)
+    assert len(train) == len(test) == 3 and train.targets == [0, 1, 9] and test.targets == [0, 2, 9]
+    assert [s["origin"] for s in test.describe()["skipped"]] == [f"{base}/test.txt:2"]
+    assert test.skipped[0]["reason"].startswith("cannot identify image file")
+    assert all(test[i][0].size == (8, 8) for i in range(len(test)))   # what is left reads
+    summary = skipped_summary([train, test])
+    assert summary.startswith("skipped 2 unusable image(s) (1 of 4 in eurosat train800val200, 1 of 4 in eurosat test): ")
+    assert summary.endswith("000001.jpg (listed at " + f"{base}/test.txt:2): cannot identify image file")
+    assert "000002.jpg (listed at" in summary and "000001.jpg (listed at" in summary and "\n" not in summary
+
+
+def test_check_images_in_image_folders_unsupported_modes_and_empty_splits(tmp_path, capsys, monkeypatch):
+    folder = make_folder(tmp_path / "pets", classes=("cat", "dog"))
+    Image.new("LAB", (4, 4)).save(folder / "test" / "dog" / "lab.tiff")
+    with pytest.raises(TokenTuneError, match=r"1 image\(s\) cannot be used \(1 of 5 in pets test\), e.g. "
+                                             r".*lab.tiff: image mode LAB is not supported"):
+        load_datasets(image_folder=str(folder))
+    monkeypatch.setattr(D, "PROGRESS_MIN_IMAGES", 3)                  # large splits show a bar
+    train, test = load_datasets(image_folder=str(folder), skip_bad_images=True, progress=True)
+    assert "checking pets train images" in capsys.readouterr().err
+    assert len(test) == 4 and test.skipped[0]["origin"] == str(folder / "test" / "dog" / "lab.tiff")
+    for cls in ("cat", "dog"):                                        # nothing left to train on: still an error
+        for name in os.listdir(folder / "train" / cls):
+            (folder / "train" / cls / name).write_bytes(b"")
+    with pytest.raises(TokenTuneError, match=r"none of the 4 images of pets train can be used, e.g. .*cat.0.jpg: "
+                                             r"cannot identify image file"):
+        load_datasets(image_folder=str(folder), skip_bad_images=True)
