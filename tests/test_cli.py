@@ -16,7 +16,7 @@ from tokentune.config import TrainConfig
 from tokentune.tome import Schedule
 from typing import Optional, Sequence, Tuple
 
-from test_data import make_folder, make_vtab
+from test_data import break_vtab, make_folder, make_vtab
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--pretrained", "none", "--timm", "patch_size=8",
              "--timm", "embed_dim=48", "--timm", "depth=4", "--timm", "num_heads=3", "--image-size", "32",
@@ -152,6 +152,7 @@ def test_train_eval_summarize_resume_on_an_image_folder(tmp_path, capsys):
               "--eval-every", "1", "--lr", "1e-3", "--out", str(out)] + TINY_ARGS
     code, stdout, err = run(common + ["--max-steps", "2"], capsys)
     assert code == 0, err
+    assert "12 training images (train), 12 test images (test)" in stdout     # the folders read, not the config's split
     assert "stopped at epoch 1" in stdout or "stopped after epoch 1" in stdout
     assert not (out / "results.json").exists()
     # resume with nothing but --out: the recorded options are reused
@@ -176,11 +177,45 @@ def test_train_eval_summarize_resume_on_an_image_folder(tmp_path, capsys):
     # summarize over the folder holding both runs
     code, stdout, err = run(["summarize", str(tmp_path), "--json", str(tmp_path / "s.json")], capsys)
     assert code == 0, err
-    assert "| lora+tome | " in stdout and "Mean (3 groups)" in stdout
-    assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["runs_per_task"] == {"shapes": 2}
+    assert "| method | shapes |" in stdout and "| lora+tome | " in stdout and "None" not in stdout
+    assert "Mean (3 groups)" not in stdout                                   # an image folder is no VTAB-1k task
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["rows"] == [] and summary["other_rows"][0]["runs_per_dataset"] == {"shapes": 2}
     # a second fresh run into the same directory is refused
     code, _, err = run(common, capsys)
     assert code == 2 and "already holds a run" in err
+
+
+def test_bad_images_stop_train_and_eval_in_one_line_unless_skipped(tmp_path, capsys):
+    base = make_vtab(tmp_path / "vtab", "eurosat")
+    break_vtab(base)                      # train800val200.txt:3 missing, test.txt:2 corrupt
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "vtab"), "--dataset", "eurosat", "--epochs", "1", "--out", str(out)]
+    code, _, err = run(argv + TINY_ARGS, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: 2 image(s) cannot be used (1 of 4 in eurosat train800val200, 1 of 4 in eurosat test)")
+    assert "--skip-bad-images" in err and not out.exists()              # refused before any training
+    code, stdout, err = run(argv + TINY_ARGS + ["--batch-size", "2", "--skip-bad-images"], capsys)
+    assert code == 0, err
+    assert "skipped 2 unusable image(s) (1 of 4 in eurosat train800val200, 1 of 4 in eurosat test): " in stdout
+    assert "(all of them are listed in the run's config.json and results.json)" in stdout
+    assert "3 training images (train800val200), 3 test images (test)" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [s["origin"] for s in results["data"]["train"]["skipped"]] == [f"{base}/train800val200.txt:3"]
+    assert results["data"]["test"]["num_images"] == 3
+    assert json.loads((out / "config.json").read_text())["run"]["cli"]["skip_bad_images"] is True
+    resumed = cli._resolve_train_options(cli.build_parser().parse_args(["train", "--out", str(out), "--resume"]))
+    assert resumed["skip_bad_images"] is True                           # --resume keeps the recorded choice
+    # eval checks the split it reads in the same way
+    evaluate = ["eval", str(out), "--num-workers", "0", "--no-progress"]
+    code, _, err = run(evaluate, capsys)
+    assert code == 2 and err.startswith("error: 1 image(s) cannot be used (1 of 4 in eurosat test), e.g. ")
+    code, stdout, err = run(evaluate + ["--skip-bad-images", "--json", str(tmp_path / "e.json")], capsys)
+    assert code == 0, err
+    assert stdout.startswith("skipped 1 unusable image(s)") and f"listed in {tmp_path / 'e.json'})" in stdout
+    assert "/3)" in stdout
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["total"] == 3 and record["skipped"][0]["origin"] == f"{base}/test.txt:2"
 
 
 def test_python_dash_m_tokentune():
@@ -212,7 +247,7 @@ def test_eval_of_a_run_written_by_the_python_api(tmp_path, capsys):
     from tokentune.train import train
     from conftest import tiny
 
-    folder = make_folder(tmp_path / "shapes", classes=("a", "b"), per_class=3)
+    folder = make_folder(tmp_path / "shapes", classes=("a", "b"), per_class=3, splits=("train", "val"))
     train_ds, test_ds = load_datasets(image_folder=str(folder))
     torch.manual_seed(0)
     model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=2, **tiny())
@@ -221,4 +256,4 @@ def test_eval_of_a_run_written_by_the_python_api(tmp_path, capsys):
                    out_dir=str(tmp_path / "run"), log=None)
     code, stdout, err = run(["eval", str(tmp_path / "run"), "--num-workers", "0", "--no-progress"], capsys)
     assert code == 0, err
-    assert stdout.startswith("shapes test: top-1 ") and f"{result.top1:.2f}%" in stdout
+    assert stdout.startswith("shapes val: top-1 ") and f"{result.top1:.2f}%" in stdout      # the folder it read

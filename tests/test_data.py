@@ -1,5 +1,7 @@
 """VTAB-1k folders, image folders, transforms and one-line errors for bad data."""
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -7,8 +9,10 @@ import torch
 from PIL import Image
 
 import tokentune
-from tokentune.data import (VTAB_TASKS, build_datasets, build_transform, clean_error, image_folder_dataset, load_datasets,
-                            normalization_stats, set_transforms, vtab_dataset, vtab_task)
+import tokentune.data as D
+from tokentune.data import (VTAB_TASKS, build_datasets, build_transform, clean_error, image_folder_dataset, image_problem,
+                            load_datasets, load_image, normalization_stats, set_transforms, skipped_summary, to_rgb,
+                            vtab_dataset, vtab_task)
 from tokentune.errors import TokenTuneError
 from tokentune.evaluate import evaluate
 
@@ -204,3 +208,172 @@ def test_image_folder_errors(tmp_path):
         load_datasets(dataset="cifar")
     with pytest.raises(TokenTuneError, match="no data"):
         load_datasets()
+
+
+def test_bom_in_a_list_file_is_not_part_of_the_first_path(tmp_path):
+    base = make_vtab(tmp_path, "eurosat", splits={"test": (0, 1)})
+    list_file = os.path.join(base, "test.txt")
+    text = open(list_file, encoding="utf-8").read()
+    with open(list_file, "w", encoding="utf-8-sig") as fh:        # what Windows editors write
+        fh.write(text)
+    assert open(list_file, "rb").read(3) == b"\xef\xbb\xbf"
+    ds = vtab_dataset(tmp_path, "eurosat", "test")
+    assert ds.samples[0] == (os.path.join(base, "images/test/000000.jpg"), 0)
+
+
+# ----------------------------------------------------------------------------- image modes
+def png_bytes(array, color_type):
+    """A PNG with 16 bits per sample, written by hand: PIL cannot write 16-bit colour PNGs."""
+    height, width = array.shape[:2]
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+GRADIENT16 = np.arange(0, 65536, 300, dtype=np.uint16)          # 219 grey levels, 16-bit
+
+
+@pytest.mark.parametrize("mode, fmt", [("I;16", "png"), ("I;16B", "tiff"), ("I;16L", "tiff"), ("I", "tiff")])
+def test_16_bit_grey_keeps_its_levels(tmp_path, mode, fmt):
+    values = np.tile(GRADIENT16, (2, 1))
+    dtype = {"I;16B": ">u2", "I": "<i4"}.get(mode, "<u2")
+    path = str(tmp_path / f"grey.{fmt}")
+    Image.frombytes(mode, values.shape[::-1], values.astype(dtype).tobytes()).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(load_image(path))
+    assert rgb.shape == (2, len(GRADIENT16), 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert len(np.unique(rgb)) >= 200                                # convert("RGB") left 2 of them
+    assert (rgb[0, :, 0] == GRADIENT16 >> 8).all()                   # the documented scaling: v >> 8
+
+
+@pytest.mark.parametrize("color_type, channels", [(2, 3), (6, 4)])
+def test_16_bit_colour_png(tmp_path, color_type, channels):
+    array = np.zeros((2, len(GRADIENT16), channels), dtype=np.uint16)
+    array[..., 0] = GRADIENT16
+    array[..., 1] = 65535 - GRADIENT16
+    array[..., 2] = 40000
+    if channels == 4:
+        array[..., 3] = 65535                                         # opaque: no background shows
+    path = tmp_path / "colour16.png"
+    path.write_bytes(png_bytes(array, color_type))
+    rgb = np.asarray(load_image(str(path)))
+    assert len(np.unique(rgb[..., 0])) >= 200
+    assert (rgb[0, :, 0] == GRADIENT16 >> 8).all() and (rgb[0, :, 1] == (65535 - GRADIENT16) >> 8).all()
+    assert (rgb[..., 2] == 40000 >> 8).all()
+
+
+def test_float_images_in_0_1_and_refused_otherwise(tmp_path):
+    values = np.linspace(0, 1, 256, dtype=np.float32).reshape(2, 128)
+    Image.fromarray(values).save(tmp_path / "ok.tiff")
+    rgb = np.asarray(load_image(str(tmp_path / "ok.tiff")))
+    assert (rgb[..., 1] == np.round(values * 255)).all() and len(np.unique(rgb)) == 256
+    Image.fromarray(values * 300).save(tmp_path / "bright.tiff")
+    with pytest.raises(TokenTuneError, match=r"cannot use image .*bright.tiff: float image \(mode F\) with values "
+                                             r"from 0 to 300, not within \[0, 1\]; scale it"):
+        load_image(str(tmp_path / "bright.tiff"))
+    Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(tmp_path / "wide.tiff")
+    with pytest.raises(TokenTuneError, match=r"wide.tiff: 32-bit integer image \(mode I\) with values from 0 to 70000"):
+        load_image(str(tmp_path / "wide.tiff"))
+
+
+def test_palette_and_alpha_composite_on_white(tmp_path):
+    pal = Image.new("P", (3, 1))
+    pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    pal.putdata([0, 1, 2])
+    pal.save(tmp_path / "p.png")
+    assert np.asarray(load_image(str(tmp_path / "p.png"))).tolist() == [[[255, 0, 0], [0, 255, 0], [0, 0, 255]]]
+    pal.save(tmp_path / "p_trns.png", transparency=1)                 # green is the transparent index
+    assert np.asarray(load_image(str(tmp_path / "p_trns.png"))).tolist() == [[[255, 0, 0], [255, 255, 255], [0, 0, 255]]]
+    rgba = Image.fromarray(np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [0, 0, 0, 128]]], dtype=np.uint8))
+    rgba.save(tmp_path / "rgba.png")
+    out = np.asarray(load_image(str(tmp_path / "rgba.png"))).astype(int)
+    assert out[0, 0].tolist() == [10, 20, 30] and out[0, 1].tolist() == [255, 255, 255]
+    assert np.abs(out[0, 2] - 127).max() <= 1                         # half-transparent black on white
+    la = Image.fromarray(np.array([[[100, 255], [100, 0]]], dtype=np.uint8), mode="LA")
+    la.save(tmp_path / "la.png")
+    assert np.asarray(load_image(str(tmp_path / "la.png"))).tolist() == [[[100] * 3, [255] * 3]]
+
+
+def test_cmyk_ycbcr_bilevel_and_exif_orientation(tmp_path):
+    Image.new("CMYK", (2, 2), (100, 50, 0, 50)).save(tmp_path / "cmyk.tiff")
+    expected = [(255 - c) * (255 - 50) / 255 for c in (100, 50, 0)]          # (125.0, 165.0, 205.0)
+    assert np.abs(np.asarray(load_image(str(tmp_path / "cmyk.tiff")))[0, 0] - expected).max() <= 1
+    red = to_rgb(Image.new("YCbCr", (1, 1), (76, 85, 255))).getpixel((0, 0))
+    assert np.abs(np.subtract(red, (255, 0, 0))).max() <= 2
+    Image.fromarray(np.array([[0, 255]], dtype=np.uint8)).convert("1").save(tmp_path / "bw.png")
+    assert np.asarray(load_image(str(tmp_path / "bw.png"))).tolist() == [[[0] * 3, [255] * 3]]
+    # stored 16 wide x 8 high, left half red; orientation 6 = "rotate 90 degrees clockwise to view"
+    arr = np.zeros((8, 16, 3), dtype=np.uint8)
+    arr[:, :8] = (255, 0, 0)
+    arr[:, 8:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = np.asarray(load_image(str(tmp_path / "phone.jpg"))).astype(int)
+    assert upright.shape == (16, 8, 3)
+    assert upright[2, 4, 0] > 200 and upright[2, 4, 2] < 50            # the left (red) half is now on top
+    assert upright[13, 4, 2] > 200 and upright[13, 4, 0] < 50
+
+
+def test_unsupported_mode_is_one_line_naming_file_and_mode(tmp_path):
+    Image.new("LAB", (2, 2), (50, 0, 0)).save(tmp_path / "lab.tiff")
+    path = str(tmp_path / "lab.tiff")
+    with pytest.raises(TokenTuneError) as info:
+        load_image(path, where="list.txt:7")
+    message = str(info.value)
+    assert message.startswith(f"cannot use image {path} (listed at list.txt:7): image mode LAB is not supported")
+    assert message.endswith("convert the image to 8-bit RGB") and "\n" not in message
+    assert image_problem(path).startswith("image mode LAB is not supported")
+    assert image_problem(str(tmp_path / "nope.jpg")) == "does not exist"
+
+
+# ----------------------------------------------------------------------------- checking every image
+def break_vtab(base):
+    """One missing training image (line 3 of its list) and one corrupt test image (line 2)."""
+    os.remove(os.path.join(base, "images/train800val200/000002.jpg"))
+    with open(os.path.join(base, "images/test/000001.jpg"), "wb") as fh:
+        fh.write(b"not a jpeg at all")
+
+
+def test_load_datasets_checks_both_splits_before_anything_runs(tmp_path):
+    base = make_vtab(tmp_path, "eurosat")
+    break_vtab(base)
+    with pytest.raises(TokenTuneError) as info:
+        load_datasets(data_root=str(tmp_path), dataset="eurosat")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("2 image(s) cannot be used (1 of 4 in eurosat train800val200, 1 of 4 in eurosat test), "
+                              f"e.g. {base}/images/train800val200/000002.jpg (listed at {base}/train800val200.txt:3): "
+                              "does not exist; re-extract the dataset")
+    assert message.endswith("or pass --skip-bad-images (Python: skip_bad_images=True) to leave them out")
+    train, test = load_datasets(data_root=str(tmp_path), dataset="eurosat", skip_bad_images=True)
+    assert len(train) == len(test) == 3 and train.targets == [0, 1, 9] and test.targets == [0, 2, 9]
+    assert [s["origin"] for s in test.describe()["skipped"]] == [f"{base}/test.txt:2"]
+    assert test.skipped[0]["reason"].startswith("cannot identify image file")
+    assert all(test[i][0].size == (8, 8) for i in range(len(test)))   # what is left reads
+    summary = skipped_summary([train, test])
+    assert summary.startswith("skipped 2 unusable image(s) (1 of 4 in eurosat train800val200, 1 of 4 in eurosat test): ")
+    assert summary.endswith("000001.jpg (listed at " + f"{base}/test.txt:2): cannot identify image file")
+    assert "000002.jpg (listed at" in summary and "000001.jpg (listed at" in summary and "\n" not in summary
+
+
+def test_check_images_in_image_folders_unsupported_modes_and_empty_splits(tmp_path, capsys, monkeypatch):
+    folder = make_folder(tmp_path / "pets", classes=("cat", "dog"))
+    Image.new("LAB", (4, 4)).save(folder / "test" / "dog" / "lab.tiff")
+    with pytest.raises(TokenTuneError, match=r"1 image\(s\) cannot be used \(1 of 5 in pets test\), e.g. "
+                                             r".*lab.tiff: image mode LAB is not supported"):
+        load_datasets(image_folder=str(folder))
+    monkeypatch.setattr(D, "PROGRESS_MIN_IMAGES", 3)                  # large splits show a bar
+    train, test = load_datasets(image_folder=str(folder), skip_bad_images=True, progress=True)
+    assert "checking pets train images" in capsys.readouterr().err
+    assert len(test) == 4 and test.skipped[0]["origin"] == str(folder / "test" / "dog" / "lab.tiff")
+    for cls in ("cat", "dog"):                                        # nothing left to train on: still an error
+        for name in os.listdir(folder / "train" / cls):
+            (folder / "train" / cls / name).write_bytes(b"")
+    with pytest.raises(TokenTuneError, match=r"none of the 4 images of pets train can be used, e.g. .*cat.0.jpg: "
+                                             r"cannot identify image file"):
+        load_datasets(image_folder=str(folder), skip_bad_images=True)

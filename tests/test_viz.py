@@ -136,8 +136,10 @@ def _write_runs(root, runs):
 def test_tradeoff_accuracy_is_the_vtab_mean_of_group_means(tmp_path):
     _write_runs(tmp_path / "runs", [("lora", 80.0, "cifar"), ("lora", 60.0, "dtd"), ("lora", 90.0, "eurosat"),
                                     ("lora", 30.0, "clevr_count"), ("lora", 34.0, "clevr_count"),
-                                    ("tome", 50.0, "cifar"), ("tome", 70.0, "my_folder_data")])
+                                    ("tome", 50.0, "cifar"), ("tome", 70.0, "my_folder_data"),
+                                    ("mine", 65.0, "my_folder_data")])
     by = {p.label: p for p in viz.load_tradeoff_points([tmp_path / "runs"])}
+    assert by["mine"].accuracy == 65.0 and by["mine"].runs == 1      # only image-folder runs: their mean
     # Natural (80, 60) -> 70, Specialized 90, Structured (30, 34 seeds averaged) -> 32
     assert by["lora"].accuracy == pytest.approx((70 + 90 + 32) / 3) and by["lora"].runs == 5
     assert by["tome"].accuracy == pytest.approx(50.0)          # only its VTAB task counts in the VTAB mean
@@ -300,3 +302,16 @@ def test_dyt_viz_commands(tmp_path, capsys):
     assert "overall activation" in capsys.readouterr().out
     assert _cli(["dyt-rates", str(tmp_path / "export"), str(tmp_path / "export"), "--out", str(tmp_path / "r.png")]) == 2
     _error(capsys, "no images")
+
+
+def test_prepare_image_reads_files_as_training_does(tmp_path):
+    """16-bit levels survive (plain convert("RGB") leaves 2 of them); alpha is composited on white."""
+    from PIL import Image
+
+    grey = np.tile(np.arange(0, 65536, 256, dtype=np.uint16), (4, 1))              # 256 levels
+    Image.frombytes("I;16", grey.shape[::-1], grey.astype("<u2").tobytes()).save(tmp_path / "g16.png")
+    _, pixels = viz.prepare_image(str(tmp_path / "g16.png"), (4, 256), (0.5,) * 3, (0.5,) * 3)
+    assert len(np.unique(np.round(pixels * 255))) >= 200
+    clear = np.zeros((4, 4, 4), dtype=np.uint8)                                       # fully transparent
+    _, pixels = viz.prepare_image(Image.fromarray(clear), (4, 4), (0.5,) * 3, (0.5,) * 3)
+    assert np.allclose(pixels, 1.0)

@@ -309,6 +309,9 @@ def _add_data_options(parser, required: bool = True) -> None:
                    "smallnorb_ele; aliases cifar100, oxford_pet, ...)")
     g.add_argument("--image-folder", metavar="DIR", help="instead of VTAB-1k: a class-per-folder tree "
                    "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg (or val/)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="every image is checked first (it exists, its header decodes, its mode is supported); leave "
+                        "the bad ones out, reported and recorded, instead of stopping with an error")
 
 
 def _add_method_options(parser, defaults: Optional[Dict[str, Any]] = None) -> List[Tuple[str, DataclassOption]]:
@@ -392,7 +395,8 @@ def _resolve_train_options(args) -> Dict[str, Any]:
     given = _explicit(args)
     opts: Dict[str, Any] = {"model": DEFAULT_MODEL, "method": "lora", "pretrained": True, "num_classes": None,
                             "head_init_std": None, "train_head": True, "model_options": {}, "train": {},
-                            "data": None, "dataset": None, "image_folder": None, "recipe": None}
+                            "data": None, "dataset": None, "image_folder": None, "recipe": None,
+                            "skip_bad_images": False}
     out = given.get("out")
     if (given.get("resume") or given.get("restart_from_weights")) and out and os.path.isfile(os.path.join(out, "config.json")):
         saved = (read_config(out).get("run") or {}).get("cli")
@@ -417,6 +421,8 @@ def _resolve_train_options(args) -> Dict[str, Any]:
               "image_folder"):
         if k in given and given[k] is not None:
             opts[k] = given[k]
+    if given.get("skip_bad_images"):         # a bare flag: without it a resumed run keeps its recorded choice
+        opts["skip_bad_images"] = True
     if isinstance(opts["pretrained"], str):   # recorded in the run: keep it valid from any directory
         opts["pretrained"] = os.path.abspath(os.path.expanduser(opts["pretrained"]))
     if "drop_path_rate" in given:
@@ -435,7 +441,7 @@ def _resolve_train_options(args) -> Dict[str, Any]:
 def _run_train(args) -> int:
     from . import distributed as D
     from .config import TrainConfig
-    from .data import load_datasets, set_transforms
+    from .data import load_datasets, set_transforms, skipped_summary
     from .methods import check_model_options, create_model
     from .params import count_parameters
     from .train import train, validate_config
@@ -450,7 +456,11 @@ def _run_train(args) -> int:
     try:
         train_ds, test_ds = load_datasets(data_root=opts["data"], dataset=opts["dataset"],
                                           image_folder=opts["image_folder"], train_split=cfg.train_split,
-                                          test_split=cfg.test_split)
+                                          test_split=cfg.test_split, skip_bad_images=opts["skip_bad_images"],
+                                          progress=False if given.get("no_progress") else None)
+        skipped = skipped_summary([train_ds, test_ds])
+        if skipped:
+            say(f"{skipped} (all of them are listed in the run's config.json and results.json)")
         num_classes = opts["num_classes"] or train_ds.num_classes
         if num_classes < train_ds.num_classes:
             raise TokenTuneError(f"--num-classes {num_classes} is smaller than the dataset's {train_ds.num_classes} classes")
@@ -467,10 +477,11 @@ def _run_train(args) -> int:
         c = count_parameters(model)
         say(f"model {opts['model']} method {model.tokentune_spec['method']}: {c['trainable']:,} trainable of "
             f"{c['total']:,} parameters (paper count {c['paper_trainable']:,} = {c['paper_pct']:.3f}% of the backbone)")
-        say(f"data {train_ds.name}: {len(train_ds)} training images ({cfg.train_split}), {len(test_ds)} test images "
-            f"({cfg.test_split}), {num_classes} classes; {inf.world_size} process(es); run directory {out}")
+        say(f"data {train_ds.name}: {len(train_ds)} training images ({train_ds.split}), {len(test_ds)} test images "
+            f"({test_ds.split}), {num_classes} classes; {inf.world_size} process(es); run directory {out}")
         cli_record = {k: opts[k] for k in ("model", "method", "pretrained", "num_classes", "head_init_std",
-                                           "train_head", "data", "dataset", "image_folder", "recipe")}
+                                           "train_head", "data", "dataset", "image_folder", "recipe",
+                                           "skip_bad_images")}
         cli_record["data"] = os.path.abspath(opts["data"]) if opts["data"] else None
         cli_record["image_folder"] = os.path.abspath(opts["image_folder"]) if opts["image_folder"] else None
         cli_record.update(model_options=opts["model_options"], train=opts["train"])
@@ -513,7 +524,7 @@ def _add_eval(parser) -> None:
 def _run_eval(args) -> int:
     from . import distributed as D
     from .checkpoint import atomic_write_json, load_trained, read_config
-    from .data import image_folder_dataset, set_transforms, vtab_dataset
+    from .data import check_images, image_folder_dataset, set_transforms, skipped_summary, vtab_dataset
     from .deploy import deploy
     from .evaluate import evaluate
 
@@ -539,7 +550,11 @@ def _run_eval(args) -> int:
             root = args.data or cli.get("data") or data_info.get("root")
             if not name or not root:
                 raise TokenTuneError(f"{args.run} does not record its dataset; pass --data ROOT --dataset NAME or --image-folder DIR")
-            ds = vtab_dataset(root, name, split)
+            ds = vtab_dataset(root, name, split, check_files=False)   # check_images reports missing files
+        check_images([ds], args.skip_bad_images, progress=False if args.no_progress else None)
+        skipped = skipped_summary([ds])
+        if skipped and inf.is_main:
+            print(skipped + (f" (all of them are listed in {args.json})" if args.json else ""))
         if ds.num_classes > model.num_classes:
             raise TokenTuneError(f"{ds.name} has {ds.num_classes} classes but the model's head has {model.num_classes}")
         set_transforms([ds], model, train_cfg.get("image_size"), train_cfg.get("normalization", "auto"),
@@ -552,10 +567,10 @@ def _run_eval(args) -> int:
                            progress=False if args.no_progress else None)
     finally:
         D.shutdown()
-    record = {"run": os.path.abspath(args.run), "dataset": ds.name, "split": split, "deployed": args.deploy,
-              "method": config.get("method"), "model": config.get("model"), **metrics}
+    record = {"run": os.path.abspath(args.run), "dataset": ds.name, "split": ds.split, "deployed": args.deploy,
+              "method": config.get("method"), "model": config.get("model"), **metrics, "skipped": ds.skipped}
     if inf.is_main:
-        print(f"{ds.name} {split}: top-1 {metrics['top1']:.2f}% ({metrics['correct']}/{metrics['total']})"
+        print(f"{ds.name} {ds.split}: top-1 {metrics['top1']:.2f}% ({metrics['correct']}/{metrics['total']})"
               f"{' [deployed]' if args.deploy else ''}")
         if args.json:
             atomic_write_json(args.json, record)
@@ -656,7 +671,8 @@ COMMANDS: Dict[str, Command] = {
                     "Rebuild the trained model of a run directory and report top-1 on a split."),
     "summarize": Command("VTAB-1k table over run directories", _add_summarize, _run_summarize,
                          "Per-task top-1, Natural/Specialized/Structured means, the mean of the 3 group means and "
-                         "the mean over tasks, as Markdown (and JSON)."),
+                         "the mean over tasks, as Markdown (and JSON). Runs on image folders (or other non-VTAB "
+                         "data) get a table of their own, one column per dataset, outside every VTAB-1k mean."),
     "demo": Command("offline demo on scikit-learn's digits (about 1-2 minutes on a laptop CPU)", _add_demo, _run_demo,
                     "Pre-train a tiny ViT on digits 0-4, adapt it to digits 5-9 with several methods and print "
                     "accuracy, trainable parameters, tokens, FLOPs and throughput side by side. No download."),

@@ -18,9 +18,17 @@ class indices.
 Transforms follow the references: resize to the model's input size with bicubic interpolation
 (no crop, no augmentation), then normalise with the mean/std the pretrained weights expect.
 
+Images of any common PIL mode are read as 8-bit RGB with their values kept (16-bit, float,
+palette, alpha, CMYK, EXIF orientation: see :func:`to_rgb`); other modes are refused.
+
 Every problem with the data is one :class:`TokenTuneError` line naming the file (and line) and
-the fix. List files are validated when a dataset is built (cheap); images are decoded lazily and
-a corrupt image names its file.
+the fix. List files are validated when a dataset is built; :func:`load_datasets` (and so
+:func:`build_datasets` and ``tokentune train``) then checks every image of both splits cheaply
+(:func:`check_images`: exists, header decodes, mode supported) and fails, or with
+``skip_bad_images`` leaves the bad ones out and records them. Pixels are decoded lazily; an image
+damaged beyond its header names its file when it is read.
+
+List files are read as UTF-8; a byte-order mark at the start is ignored.
 """
 from __future__ import annotations
 
@@ -39,6 +47,8 @@ VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 NORMALIZATIONS = ("auto", "imagenet", "inception")
+#: :func:`check_images` shows a progress bar for splits with more images than this
+PROGRESS_MIN_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -89,18 +99,142 @@ def vtab_task(name: str) -> VTABTask:
 
 
 # ----------------------------------------------------------------------------- images
+#: colour shown under transparent pixels (RGBA, LA, PA, and palette/grey/RGB images with a
+#: transparency key): white, what an image viewer or a web page shows them on
+ALPHA_BACKGROUND = (255, 255, 255)
+_PIL_TO_RGB = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")   # PIL's own conversion is right
+_ALPHA = ("RGBA", "RGBa", "LA", "PA")
+_GREY16 = ("I;16", "I;16L", "I;16B", "I;16N")
+#: PIL modes :func:`to_rgb` converts; any other (LAB, La, ...) is refused
+SUPPORTED_MODES = _PIL_TO_RGB + _ALPHA + _GREY16 + ("I", "F")
+
+
+def _unsupported(mode: str) -> TokenTuneError:
+    return TokenTuneError(f"image mode {mode} is not supported (supported: {', '.join(SUPPORTED_MODES)}); "
+                          "convert the image to 8-bit RGB")
+
+
+def _grey16_to_8(img):
+    """16-bit grey -> 8 bits by the high byte (v >> 8), as PIL reads 16-bit RGB(A) PNGs."""
+    import numpy as np
+
+    values = np.asarray(img)
+    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise TokenTuneError(f"32-bit integer image (mode I) with values from {values.min()} to {values.max()}, "
+                             "outside the 16-bit range 0..65535 that tokentune reads; save it with 8 or 16 bits")
+    return (values >> 8).astype(np.uint8)
+
+
+def _float_to_8(img):
+    """Float grey in [0, 1] -> 8 bits (x 255, rounded); other values have no fixed meaning: refused."""
+    import numpy as np
+
+    values = np.asarray(img, dtype=np.float64)
+    if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+        raise TokenTuneError(f"float image (mode F) with values from {np.nanmin(values):g} to {np.nanmax(values):g}, "
+                             "not within [0, 1]; scale it to [0, 1] or save it with 8 or 16 bits")
+    return np.round(values * 255.0).astype(np.uint8)
+
+
+def _on_background(img):
+    from PIL import Image
+
+    rgba = img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def to_rgb(img):
+    """An upright 8-bit RGB copy of the PIL image ``img`` that keeps what its pixels mean.
+
+    ``img.convert("RGB")`` alone clips 16-bit and float values to 0..255 (a 16-bit scan becomes
+    almost black and white) and drops alpha, so each kind of image has its rule:
+
+    * EXIF orientation is applied first (``ImageOps.exif_transpose``): photos come upright;
+    * ``1``, ``L``, ``P``, ``RGBX``, ``YCbCr`` (JPEG's full-range BT.601), ``HSV`` and ``CMYK``
+      (no ICC profile: R = (255 - C)(255 - K) / 255, likewise G, B): PIL's conversion;
+    * 16-bit grey (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``, and mode ``I`` with values in
+      0..65535, which is how PIL opens some 16-bit PNG/TIFF files): the high byte, ``v >> 8``,
+      the same scaling PIL applies to 16-bit RGB(A) PNGs, which it opens as 8-bit RGB/RGBA;
+      ``I`` values outside 0..65535 have no fixed range and are refused;
+    * float (``F``): values in [0, 1] become ``round(255 v)``; any other range is refused (a
+      per-image min-max stretch would change the brightness from image to image);
+    * transparency (``RGBA``, ``RGBa``, ``LA``, ``PA``, and ``P``/``L``/``RGB``/``1`` images with a
+      transparency key): composited on :data:`ALPHA_BACKGROUND` (white), so what is hidden under
+      transparent pixels never reaches the model;
+    * any other mode (e.g. ``LAB``, ``La``): a :class:`TokenTuneError` naming the mode.
+
+    Raises:
+        TokenTuneError: unsupported mode or value range (the message names neither file nor line:
+            :func:`load_image` adds them).
+    """
+    from PIL import Image, ImageOps
+
+    mode = img.mode
+    if mode not in SUPPORTED_MODES:
+        raise _unsupported(mode)
+    img = ImageOps.exif_transpose(img)
+    if mode in _GREY16 or mode == "I":
+        return Image.fromarray(_grey16_to_8(img)).convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_float_to_8(img)).convert("RGB")
+    if mode in _ALPHA or "transparency" in img.info:
+        return _on_background(img)
+    return img.convert("RGB")
+
+
+def _reason(exc: BaseException, path: str) -> str:
+    text = str(exc).replace(repr(path), "").replace(path, "")      # the message names the file already
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _where(path: str, origin: str = "") -> str:
+    return f"{path} (listed at {origin})" if origin and origin != path else path
+
+
 def load_image(path: str, where: str = ""):
-    """Open ``path`` as an RGB PIL image; a missing or corrupt file is one clear error."""
+    """Open ``path`` as an RGB PIL image (see :func:`to_rgb`); any problem is one clear error.
+
+    Args:
+        path: the image file.
+        where: where it was listed (``file:line``), named in the error.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
+    except TokenTuneError as exc:
+        raise TokenTuneError(f"cannot use image {_where(path, where)}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        origin = f" (listed at {where})" if where else ""
-        raise TokenTuneError(f"cannot read image {path}{origin}: {reason}; the file is missing or corrupt, "
-                             "re-extract the dataset or remove the file/line") from None
+        raise TokenTuneError(f"cannot read image {_where(path, where)}: {_reason(exc, path)}; the file is missing or "
+                             "corrupt, re-extract the dataset or remove the file/line") from None
+
+
+def image_problem(path: str) -> Optional[str]:
+    """Why the image file ``path`` cannot be used (None if it can), cheaply.
+
+    Checks that the file exists, that PIL identifies it and its mode is supported, and
+    ``verify()`` (for PNG: the chunk checksums); pixels are not decoded, so damage deep inside a
+    file still shows only when it is read. Mode ``I`` and ``F`` images are decoded, because their
+    value range decides whether :func:`to_rgb` accepts them.
+    """
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        return "does not exist"
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("I", "F"):
+                to_rgb(img)
+            elif img.mode not in SUPPORTED_MODES:
+                raise _unsupported(img.mode)
+            else:
+                img.verify()
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+        return _reason(exc, path)
+    return None
 
 
 def clean_error(exc: BaseException) -> str:
@@ -131,6 +265,8 @@ class ImageDataset(Dataset):
         root: the VTAB-1k root or the image folder.
         kind: ``vtab`` or ``folder`` (how to open it again).
         transform: PIL image -> tensor (see :func:`build_transform`); None returns PIL images.
+        skipped: images left out by :func:`check_images` with ``skip_bad_images=True``: dicts
+            ``{"file", "origin", "reason"}``; recorded in :meth:`describe` and so in the run.
     """
 
     def __init__(self, samples: Sequence[Tuple[str, int]], origins: Sequence[str], num_classes: int,
@@ -146,6 +282,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.root = root
         self.kind = kind
+        self.skipped: List[Dict[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -164,7 +301,32 @@ class ImageDataset(Dataset):
     def describe(self) -> Dict[str, object]:
         """JSON-able description for run records."""
         return {"name": self.name, "kind": self.kind, "group": self.group, "split": self.split, "root": self.root,
-                "num_classes": self.num_classes, "num_images": len(self)}
+                "num_classes": self.num_classes, "num_images": len(self), "skipped": list(self.skipped)}
+
+    def bad_images(self, progress: Optional[bool] = None) -> List[Tuple[int, str]]:
+        """``(index, reason)`` of every sample :func:`image_problem` refuses.
+
+        Args:
+            progress: tqdm bar for more than :data:`PROGRESS_MIN_IMAGES` images (None: only when
+                stderr is a terminal; never on non-main processes).
+        """
+        from tqdm.auto import tqdm
+        from .evaluate import progress_enabled
+
+        show = len(self.samples) > PROGRESS_MIN_IMAGES and progress_enabled(progress)
+        paths = tqdm([p for p, _ in self.samples], desc=f"checking {self.name} {self.split} images", leave=False,
+                     disable=not show, dynamic_ncols=True)
+        problems = ((i, image_problem(path)) for i, path in enumerate(paths))
+        return [(i, reason) for i, reason in problems if reason is not None]
+
+    def leave_out(self, bad: Sequence[Tuple[int, str]]) -> None:
+        """Drop the samples ``bad`` (from :meth:`bad_images`) and record them in :attr:`skipped`."""
+        drop = {i for i, _ in bad}
+        self.skipped.extend({"file": self.samples[i][0], "origin": self.origins[i], "reason": reason}
+                            for i, reason in bad)
+        keep = [i for i in range(len(self.samples)) if i not in drop]
+        self.samples = [self.samples[i] for i in keep]
+        self.origins = [self.origins[i] for i in keep]
 
 
 def _check_files_exist(samples, origins, source: str) -> None:
@@ -180,7 +342,7 @@ def read_list_file(list_file: str, base_dir: str, num_classes: Optional[int] = N
     """Parse ``"<relative path> <label>"`` lines; returns samples and their ``file:line`` origins."""
     samples, origins = [], []
     try:
-        with open(list_file, encoding="utf-8") as fh:
+        with open(list_file, encoding="utf-8-sig") as fh:   # -sig: a BOM (Windows editors) is not part of a path
             lines = fh.read().splitlines()
     except UnicodeDecodeError:
         raise TokenTuneError(f"{list_file} is not a text file; a split file holds lines "
@@ -224,7 +386,8 @@ def vtab_dataset(root: str, name: str, split: str = "train800val200", transform:
         name: task name or alias (``cifar``/``cifar100``, ``oxford_iiit_pet``/``oxford_pet``, ...).
         split: ``train800``, ``val200``, ``train800val200`` or ``test``.
         transform: applied to every PIL image (see :func:`build_transform`).
-        check_files: verify at construction that every listed image exists.
+        check_files: verify at construction that every listed image exists (their contents are
+            checked by :func:`check_images`, which :func:`load_datasets` calls).
     """
     task = vtab_task(name)
     root = os.path.abspath(os.path.expanduser(str(root)))
@@ -278,6 +441,9 @@ def image_folder_dataset(root: str, split: str = "train", classes: Optional[Sequ
         classes: class names fixing the label order (pass the training split's ``classes`` for
             the test split); default: the sorted sub-folder names.
         transform: applied to every PIL image.
+
+    Files are found by extension; their contents are checked by :func:`check_images`, which
+    :func:`load_datasets` calls.
     """
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
@@ -373,26 +539,93 @@ def build_transform(model=None, image_size: Optional[int] = None, normalization:
     ])
 
 
+# ----------------------------------------------------------------------------- checking every image
+def _counts(found: Sequence[Tuple[ImageDataset, Sequence]]) -> str:
+    return ", ".join(f"{len(bad)} of {len(ds) + len(ds.skipped)} in {ds.name} {ds.split}" for ds, bad in found if bad)
+
+
+def _first_bad(ds: ImageDataset, bad: Sequence[Tuple[int, str]]) -> str:
+    index, reason = bad[0]
+    return f"{_where(ds.samples[index][0], ds.origins[index])}: {reason}"
+
+
+def check_images(datasets: Sequence[ImageDataset], skip_bad_images: bool = False,
+                 progress: Optional[bool] = None) -> None:
+    """Check every image of ``datasets`` (see :func:`image_problem`) before any training or evaluation.
+
+    A missing, unreadable or unsupported image would otherwise stop a run when it is first
+    read, for a test image only after a whole epoch of training.
+
+    Args:
+        datasets: e.g. the training and test splits (all are checked before anything is reported).
+        skip_bad_images: leave the bad images out (recorded in each dataset's ``skipped``)
+            instead of failing.
+        progress: tqdm bar for splits of more than :data:`PROGRESS_MIN_IMAGES` images (None: only
+            when stderr is a terminal).
+
+    Raises:
+        TokenTuneError: one line with the number of bad images, the first of them (with its
+            ``file:line`` for list files) and the fix; with ``skip_bad_images``, only when a split
+            would be left empty.
+    """
+    found = [(ds, ds.bad_images(progress)) for ds in datasets]
+    count = sum(len(bad) for _, bad in found)
+    if not count:
+        return
+    if not skip_bad_images:
+        first = next(_first_bad(ds, bad) for ds, bad in found if bad)
+        raise TokenTuneError(f"{count} image(s) cannot be used ({_counts(found)}), e.g. {first}; re-extract the "
+                             "dataset or remove the files/lines, or pass --skip-bad-images (Python: "
+                             "skip_bad_images=True) to leave them out")
+    for ds, bad in found:
+        if len(bad) == len(ds):
+            raise TokenTuneError(f"none of the {len(ds)} images of {ds.name} {ds.split} can be used, e.g. "
+                                 f"{_first_bad(ds, bad)}; re-extract the dataset")
+    for ds, bad in found:
+        ds.leave_out(bad)
+
+
+def skipped_summary(datasets: Sequence[ImageDataset], show: int = 3) -> Optional[str]:
+    """One line saying which images :func:`check_images` left out (None if none)."""
+    skipped = [(ds, s) for ds in datasets for s in ds.skipped]
+    if not skipped:
+        return None
+    counts = _counts([(ds, ds.skipped) for ds in datasets])
+    shown = "; ".join(f"{_where(s['file'], s['origin'])}: {s['reason']}" for _, s in skipped[:show])
+    more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
+    return f"skipped {len(skipped)} unusable image(s) ({counts}): {shown}{more}"
+
+
 # ----------------------------------------------------------------------------- one entry point
 def load_datasets(*, data_root: Optional[str] = None, dataset: Optional[str] = None,
                   image_folder: Optional[str] = None, train_split: str = "train800val200",
-                  test_split: str = "test") -> Tuple[ImageDataset, ImageDataset]:
+                  test_split: str = "test", skip_bad_images: bool = False,
+                  progress: Optional[bool] = None) -> Tuple[ImageDataset, ImageDataset]:
     """The (train, test) datasets of a VTAB-1k task or an image folder, without transforms yet.
 
-    Give either ``data_root`` + ``dataset`` (VTAB-1k) or ``image_folder``. Attach transforms with
+    Give either ``data_root`` + ``dataset`` (VTAB-1k) or ``image_folder``. Every image of both
+    splits is checked first (:func:`check_images`). Attach transforms with
     :func:`set_transforms` once the model (input size, normalisation) is known.
+
+    Args:
+        skip_bad_images: leave missing, unreadable or unsupported images out (recorded in the
+            datasets' ``skipped`` and :meth:`ImageDataset.describe`) instead of failing.
+        progress: progress bar while checking large splits (None: only on a terminal).
     """
     if image_folder is not None and dataset is not None:
         raise TokenTuneError("give either a VTAB-1k dataset (--data ROOT --dataset NAME) or --image-folder DIR, not both")
     if image_folder is not None:
         train = image_folder_dataset(image_folder, train_split)
         test = image_folder_dataset(image_folder, test_split, classes=train.classes)
-        return train, test
-    if dataset is None:
+    elif dataset is None:
         raise TokenTuneError("no data: pass --data ROOT --dataset NAME (VTAB-1k) or --image-folder DIR")
-    if data_root is None:
+    elif data_root is None:
         raise TokenTuneError(f"dataset {dataset!r} needs --data ROOT, the folder that holds the prepared VTAB-1k tasks")
-    return vtab_dataset(data_root, dataset, train_split), vtab_dataset(data_root, dataset, test_split)
+    else:   # check_images reports missing files too, and can skip them
+        train = vtab_dataset(data_root, dataset, train_split, check_files=False)
+        test = vtab_dataset(data_root, dataset, test_split, check_files=False)
+    check_images([train, test], skip_bad_images, progress)
+    return train, test
 
 
 def set_transforms(datasets: Sequence[ImageDataset], model, image_size: Optional[int] = None,
@@ -404,17 +637,21 @@ def set_transforms(datasets: Sequence[ImageDataset], model, image_size: Optional
 
 
 def build_datasets(model, cfg=None, *, data_root: Optional[str] = None, dataset: Optional[str] = None,
-                   image_folder: Optional[str] = None) -> Tuple[ImageDataset, ImageDataset]:
+                   image_folder: Optional[str] = None, skip_bad_images: bool = False,
+                   progress: Optional[bool] = None) -> Tuple[ImageDataset, ImageDataset]:
     """(train, test) with the standard transforms for ``model``, as the CLI builds them.
 
     Uses the data fields of ``cfg`` (a :class:`tokentune.config.TrainConfig`): ``train_split``,
     ``test_split``, ``normalization``, ``image_size`` and ``interpolation``. The class count
     of a VTAB-1k task for ``create_model(num_classes=...)`` is ``vtab_task(name).num_classes``.
+    Every image is checked first; ``skip_bad_images`` and ``progress`` are those of
+    :func:`load_datasets`.
     """
     from .config import TrainConfig
 
     cfg = cfg or TrainConfig()
     train, test = load_datasets(data_root=data_root, dataset=dataset, image_folder=image_folder,
-                                train_split=cfg.train_split, test_split=cfg.test_split)
+                                train_split=cfg.train_split, test_split=cfg.test_split,
+                                skip_bad_images=skip_bad_images, progress=progress)
     set_transforms([train, test], model, cfg.image_size, cfg.normalization, cfg.interpolation)
     return train, test

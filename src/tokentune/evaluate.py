@@ -11,7 +11,9 @@ A run directory written by ``tokentune train`` holds ``results.json``:
 
 :func:`summarize` turns several run directories into the VTAB-1k table: per-task top-1, the
 means of the Natural/Specialized/Structured groups, the mean of the three group means and the
-mean over tasks (both labelled), as Markdown and JSON.
+mean over tasks (both labelled), as Markdown and JSON. Runs on image folders (any data that is
+not a VTAB-1k task) get a table of their own with a column per dataset name, and never enter a
+VTAB-1k mean.
 """
 from __future__ import annotations
 
@@ -190,8 +192,47 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _vtab_task_of(rec: Dict[str, Any]) -> Optional[str]:
+    """The VTAB-1k task a run record measured, or None (image folders and any other data)."""
+    from .data import vtab_task
+
+    if (rec.get("data") or {}).get("kind") not in (None, "vtab"):
+        return None           # an image folder named "cifar" is not VTAB-1k's cifar split
+    try:
+        return vtab_task(rec.get("dataset") or "").name
+    except TokenTuneError:
+        return None
+
+
+def _dataset_name(rec: Dict[str, Any]) -> str:
+    """A non-VTAB run's column name: its dataset name, else its data folder's name."""
+    root = (rec.get("data") or {}).get("root")
+    return rec.get("dataset") or (os.path.basename(os.path.normpath(root)) if root else "") or "unnamed dataset"
+
+
+def _vtab_row(name: str, cells: Dict[str, List[float]]) -> Dict[str, Any]:
+    from .data import VTAB_GROUPS, VTAB_TASKS
+
+    per_task = {t: _mean(v) for t, v in cells.items()}
+    groups = {}
+    for g in VTAB_GROUPS:
+        members = [t for t, task in VTAB_TASKS.items() if task.group == g]
+        vals = [per_task[t] for t in members if t in per_task]
+        groups[g] = {"mean": _mean(vals), "tasks": len(vals), "of": len(members)}
+    group_means = [g["mean"] for g in groups.values() if g["mean"] is not None]
+    return {
+        "label": name,
+        "per_task": per_task,
+        "runs_per_task": {t: len(v) for t, v in cells.items()},
+        "groups": groups,
+        "mean_of_groups": _mean(group_means) if len(group_means) == len(VTAB_GROUPS) else None,
+        "mean_of_tasks": _mean(list(per_task.values())),
+        "num_tasks": len(per_task),
+    }
+
+
 def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -> Dict[str, Any]:
-    """VTAB-1k summary of the runs under ``paths``.
+    """VTAB-1k summary of the runs under ``paths``, with runs on other data kept apart.
 
     Args:
         paths: run directories (or folders containing them).
@@ -201,11 +242,14 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
             models appear), ``method``, ``model+method`` or ``dir`` (the parent folder name).
 
     Returns:
-        A dict with ``rows`` (one per label: per-task accuracy, group means, ``mean_of_groups``,
-        ``mean_of_tasks``, task counts), ``tasks`` (column order) and ``metric``. Several runs of
-        the same label and task (seeds) are averaged and counted.
+        A dict with ``rows`` (one per label with VTAB-1k runs: per-task accuracy, group means,
+        ``mean_of_groups``, ``mean_of_tasks``, task counts), ``tasks`` (their column order),
+        ``other_rows`` (one per label with runs on image folders or other non-VTAB data:
+        ``per_dataset`` accuracy and ``runs_per_dataset``; never part of a VTAB mean),
+        ``other_datasets`` (their column order, by dataset name) and ``metric``. Several runs of
+        the same label and dataset (seeds) are averaged and counted.
     """
-    from .data import VTAB_GROUPS, VTAB_TASKS, vtab_task
+    from .data import VTAB_TASKS
 
     if metric not in ("top1", "best_top1_over_epochs"):
         raise TokenTuneError(f"unknown metric {metric!r}; use top1 (last epoch) or best_top1_over_epochs")
@@ -226,42 +270,24 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
             return os.path.basename(os.path.dirname(rec["_dir"])) or rec["_dir"]
         raise TokenTuneError(f"unknown label mode {label!r}; use auto, method, model+method or dir")
 
-    table: Dict[str, Dict[str, List[float]]] = {}
-    other_tasks = []
+    vtab: Dict[str, Dict[str, List[float]]] = {}
+    other: Dict[str, Dict[str, List[float]]] = {}
     for rec in records:
         value = rec.get(metric)
         if value is None:
             continue
-        try:
-            task = vtab_task(rec.get("dataset") or "").name
-        except TokenTuneError:
-            task = str(rec.get("dataset"))
-            other_tasks.append(task)
-        table.setdefault(row_label(rec), {}).setdefault(task, []).append(float(value))
-    if not table:
+        task = _vtab_task_of(rec)
+        cells = (vtab if task else other).setdefault(row_label(rec), {})
+        cells.setdefault(task or _dataset_name(rec), []).append(float(value))
+    if not vtab and not other:
         raise TokenTuneError(f"none of the {len(records)} run(s) has a {metric} value; they have not finished an evaluation")
-    present = {t for cells in table.values() for t in cells}
-    tasks = [t for t in VTAB_TASKS if t in present] + sorted(set(other_tasks) & present)
-    rows = []
-    for name, cells in table.items():
-        per_task = {t: _mean(v) for t, v in cells.items()}
-        groups = {}
-        for g in VTAB_GROUPS:
-            members = [t for t, task in VTAB_TASKS.items() if task.group == g]
-            vals = [per_task[t] for t in members if t in per_task]
-            groups[g] = {"mean": _mean(vals), "tasks": len(vals), "of": len(members)}
-        vtab_vals = [v for t, v in per_task.items() if t in VTAB_TASKS]
-        group_means = [g["mean"] for g in groups.values() if g["mean"] is not None]
-        rows.append({
-            "label": name,
-            "per_task": per_task,
-            "runs_per_task": {t: len(v) for t, v in cells.items()},
-            "groups": groups,
-            "mean_of_groups": _mean(group_means) if len(group_means) == len(VTAB_GROUPS) else None,
-            "mean_of_tasks": _mean(vtab_vals),
-            "num_tasks": len(vtab_vals),
-        })
-    return {"metric": metric, "tasks": tasks, "rows": rows, "runs": [r["_dir"] for r in records]}
+    tasks = {t for cells in vtab.values() for t in cells}
+    return {"metric": metric, "tasks": [t for t in VTAB_TASKS if t in tasks],
+            "rows": [_vtab_row(name, cells) for name, cells in vtab.items()],
+            "other_datasets": sorted({d for cells in other.values() for d in cells}),
+            "other_rows": [{"label": name, "per_dataset": {d: _mean(v) for d, v in cells.items()},
+                            "runs_per_dataset": {d: len(v) for d, v in cells.items()}} for name, cells in other.items()],
+            "runs": [r["_dir"] for r in records]}
 
 
 def _fmt(value: Optional[float], partial: bool = False) -> str:
@@ -270,32 +296,48 @@ def _fmt(value: Optional[float], partial: bool = False) -> str:
     return f"{value:.2f}" + ("*" if partial else "")
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def summary_markdown(summary: Dict[str, Any]) -> str:
-    """The summary as a Markdown table plus a legend saying which mean is which."""
+    """The summary as Markdown: the VTAB-1k table, a table of the other datasets, and a legend."""
     from .data import VTAB_GROUPS
 
     tasks = summary["tasks"]
-    header = ["method"] + tasks + list(VTAB_GROUPS) + ["Mean (3 groups)", "Mean (tasks)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines: List[str] = []
     partial_seen = False
-    for row in summary["rows"]:
-        cells = [row["label"]] + [_fmt(row["per_task"].get(t)) for t in tasks]
-        for g in VTAB_GROUPS:
-            info = row["groups"][g]
-            partial = info["mean"] is not None and info["tasks"] < info["of"]
-            partial_seen |= partial
-            cells.append(_fmt(info["mean"], partial))
-        cells += [_fmt(row["mean_of_groups"]), _fmt(row["mean_of_tasks"]) + f" ({row['num_tasks']})"]
-        lines.append("| " + " | ".join(cells) + " |")
+    if summary["rows"]:
+        body = []
+        for row in summary["rows"]:
+            cells = [row["label"]] + [_fmt(row["per_task"].get(t)) for t in tasks]
+            for g in VTAB_GROUPS:
+                info = row["groups"][g]
+                partial = info["mean"] is not None and info["tasks"] < info["of"]
+                partial_seen |= partial
+                cells.append(_fmt(info["mean"], partial))
+            cells += [_fmt(row["mean_of_groups"]), _fmt(row["mean_of_tasks"]) + f" ({row['num_tasks']})"]
+            body.append(cells)
+        lines += _table(["method"] + tasks + list(VTAB_GROUPS) + ["Mean (3 groups)", "Mean (tasks)"], body) + [""]
+    other_rows = summary.get("other_rows") or []
+    if other_rows:
+        datasets = summary["other_datasets"]
+        if lines:
+            lines += ["Other datasets (not VTAB-1k, in no mean above):", ""]
+        lines += _table(["method"] + datasets,
+                        [[row["label"]] + [_fmt(row["per_dataset"].get(d)) for d in datasets] for row in other_rows])
+        lines.append("")
     what = ("top-1 (%) on the test split after the last epoch" if summary["metric"] == "top1"
             else "BEST top-1 (%) over the evaluated epochs (selected on the test split: optimistic)")
-    legend = [f"Values: {what}. Group columns: mean over the group's tasks; 'Mean (3 groups)': mean of the "
-              "Natural/Specialized/Structured means (only when every group has a task); 'Mean (tasks)': mean over "
-              "the tasks present (their count in brackets)."]
+    legend = f"Values: {what}."
+    if summary["rows"]:
+        legend += (" Group columns: mean over the group's tasks; 'Mean (3 groups)': mean of the "
+                   "Natural/Specialized/Structured means (only when every group has a task); 'Mean (tasks)': mean "
+                   "over the VTAB-1k tasks present (their count in brackets).")
+    legend = [legend]
     if partial_seen:
         legend.append("* group mean over fewer tasks than the group has.")
-    repeats = {t: n for row in summary["rows"] for t, n in row["runs_per_task"].items() if n > 1}
-    if repeats:
+    runs = [row["runs_per_task"] for row in summary["rows"]] + [row["runs_per_dataset"] for row in other_rows]
+    if any(n > 1 for counts in runs for n in counts.values()):
         legend.append("Cells with several runs (seeds) show their mean.")
-    return "\n".join(lines) + "\n\n" + "\n".join(legend) + "\n"
-
+    return "\n".join(lines) + "\n" + "\n".join(legend) + "\n"

@@ -112,21 +112,19 @@ def prepare_image(image: ImageLike, size: Tuple[int, int], mean: Sequence[float]
         pixels = t.clamp(0, 1)
     else:
         from PIL import Image
+        from .data import load_image, to_rgb    # the training data's reading: 16-bit, alpha, EXIF orientation
 
         if isinstance(image, (str, os.PathLike)):
             if not os.path.isfile(image):
                 raise TokenTuneError(f"image {os.fspath(image)!r} does not exist")
-            try:
-                pil = Image.open(image).convert("RGB")
-            except OSError as exc:
-                raise TokenTuneError(f"cannot read image {os.fspath(image)!r}: {exc}") from exc
+            pil = load_image(os.fspath(image))
         elif isinstance(image, np.ndarray):
             arr = image
             if arr.dtype != np.uint8:
                 arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-            pil = Image.fromarray(arr).convert("RGB")
+            pil = to_rgb(Image.fromarray(arr))
         elif isinstance(image, Image.Image):
-            pil = image.convert("RGB")
+            pil = to_rgb(image)
         else:
             raise TokenTuneError(f"cannot use a {type(image).__name__} as an image; pass a file path, a PIL image, "
                                  "an HxWx3 array or a [3, H, W] tensor in [0, 1]")
@@ -433,7 +431,8 @@ def load_tradeoff_points(paths: Iterable[PathLike], rename: Optional[Dict[str, s
     * runs' ``results.json`` (``tokentune train``): per method (its ``label``, else the method,
       with the model when several appear) the accuracy of ``tokentune summarize``: seeds averaged
       per task, then the mean of the three VTAB-1k group means when every group has a task, else
-      the mean over tasks;
+      the mean over tasks (a method with runs only on other data, e.g. image folders: the mean
+      over those datasets);
     * any other JSON object with an accuracy (an ``eval --json`` record): averaged per label;
     * a table with ``rows`` (``tokentune.bench.write_results`` JSON, a run summary) or a JSON list
       of rows: each row's label (``label``/``method``/``model``/``name``), accuracy (``accuracy``,
@@ -455,7 +454,11 @@ def load_tradeoff_points(paths: Iterable[PathLike], rename: Optional[Dict[str, s
         # per task, then the mean of the Natural/Specialized/Structured means when all are present)
         from .evaluate import summarize
 
-        for row in summarize([os.path.dirname(f) for f in runs], metric=metric, label="auto")["rows"]:
+        summary = summarize([os.path.dirname(f) for f in runs], metric=metric, label="auto")
+        vtab_labels = {row["label"] for row in summary["rows"]}
+        rows = summary["rows"] + [{"label": r["label"], "per_task": r["per_dataset"], "runs_per_task": r["runs_per_dataset"]}
+                                  for r in summary["other_rows"] if r["label"] not in vtab_labels]
+        for row in rows:
             per_task = [v for v in row["per_task"].values() if v is not None]
             acc = next((v for v in (row.get("mean_of_groups"), row.get("mean_of_tasks")) if v is not None),
                        sum(per_task) / len(per_task) if per_task else None)
