@@ -47,13 +47,13 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import WEIGHTS_NAME, atomic_torch_save, atomic_write_json, load_state_into, save_trained
+from .backbone import load_torch_file
+from .checkpoint import RESUME_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_json, load_state_into, save_trained
 from .config import TrainConfig
 from .data import INTERPOLATIONS, NORMALIZATIONS, clean_error
 from .errors import TokenTuneError
 from .evaluate import AMP_MODES, amp_dtype, autocast, evaluate, progress_enabled, run_results, write_results
 
-RESUME_NAME = "resume.pt"
 METRICS_NAME = "metrics.json"
 RESUME_FORMAT = 1
 # options that may differ when resuming: they do not change what is computed
@@ -323,18 +323,20 @@ def _check_out_dir(out_dir: str, resume: bool) -> None:
 
 def _spec_key(model: nn.Module) -> Dict[str, Any]:
     spec = dict(getattr(model, "tokentune_spec", None) or {})
-    return _jsonable({k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")})
+    key = {k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")}
+    if spec and not spec.get("pretrained"):    # a random backbone is frozen: resuming needs the same one
+        key["init_seed"] = spec.get("init_seed")
+    return _jsonable(key)
 
 
 def _load_resume(path: str) -> Dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise TokenTuneError(f"cannot read the resume state {path} ({' '.join(str(exc).split())[:160]}); "
-                             "it is corrupt: delete it to restart from the last saved weights' epoch count, "
-                             "or start a new run") from None
+    """The resume state, read weights-only (it holds tensors and plain values only)."""
+    # model.safetensors is rewritten with resume.pt after every epoch, so it is the surviving copy
+    fix = ("the run cannot be resumed from it: start it again in a new output directory (its model.safetensors "
+           "still holds the weights of the last saved epoch for load_trained/tokentune eval)")
+    state = load_torch_file(path, fix, opt_in=None)
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise TokenTuneError(f"{path} is not a tokentune resume state of format {RESUME_FORMAT}; start a new run")
+        raise TokenTuneError(f"{path} is not a tokentune resume state of format {RESUME_FORMAT}; {fix}")
     return state
 
 
@@ -346,11 +348,13 @@ def _check_resume_compatible(state: Dict[str, Any], cfg: TrainConfig, model: nn.
         raise TokenTuneError(f"cannot resume {path}: option {k} was {saved.get(k)!r} and is now {now[k]!r}"
                              f"{f' (and {len(diffs) - 1} more)' if len(diffs) > 1 else ''}; resume with the "
                              "run's options or start a new output directory")
-    saved_spec, spec = state.get("model_spec"), _spec_key(model)
-    if saved_spec is not None and saved_spec != spec:
-        k = next(k for k in spec if saved_spec.get(k) != spec.get(k))
-        raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec.get(k)!r} and is now "
-                             f"{spec.get(k)!r}; build the model as in the interrupted run")
+    saved_spec, spec = state.get("model_spec") or {}, _spec_key(model)
+    diffs = [k for k in spec if k in saved_spec and saved_spec[k] != spec[k]]   # older states lack init_seed
+    if diffs:
+        k = diffs[0]
+        how = f" (create_model(..., seed={saved_spec[k]}))" if k == "init_seed" else ""
+        raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec[k]!r} and is now "
+                             f"{spec[k]!r}; build the model as in the interrupted run{how}")
 
 
 def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfig] = None,
