@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tokentune import cli
@@ -142,6 +143,62 @@ def test_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
     assert "--tome-r: '16,abc' fits none of" in capsys.readouterr().err
     code, _, err = run(["eval", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "has no config.json" in err
+
+
+def test_unreadable_weights_and_offline_hub_are_one_line(tmp_path, capsys, monkeypatch):
+    import time
+
+    import huggingface_hub
+
+    folder = make_folder(tmp_path / "shapes", classes=("a", "b"), per_class=2)
+    (tmp_path / "ViT-B_16.pth").write_text("not weights\n")
+    code, _, err = run(["train", "--image-folder", str(folder), "--out", str(tmp_path / "run")] + TINY_ARGS
+                       + ["--pretrained", str(tmp_path / "ViT-B_16.pth")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot read {tmp_path / 'ViT-B_16.pth'}: it is a text file")
+    # the default --pretrained is the hub: offline and not cached, it fails at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    without_pretrained = [a for a in TINY_ARGS if a not in ("--pretrained", "none")]
+    tic = time.perf_counter()
+    code, _, err = run(["train", "--image-folder", str(folder), "--out", str(tmp_path / "run")] + without_pretrained,
+                       capsys)
+    assert time.perf_counter() - tic < 10
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: cannot download the pretrained weights")
+    assert "ViT-B_16.npz" in err and not (tmp_path / "run").exists()
+
+
+def test_damaged_run_files_say_what_to_do(tmp_path, capsys):
+    folder = make_folder(tmp_path / "shapes", classes=("a", "b"), per_class=2)
+    out = tmp_path / "run"
+    evaluate = ["eval", str(out), "--num-workers", "0", "--no-progress"]
+    code, _, err = run(["train", "--image-folder", str(folder), "--epochs", "2", "--max-steps", "1", "--out", str(out)]
+                       + TINY_ARGS, capsys)
+    assert code == 0, err
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = run(evaluate, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: cannot read {weights}: it is not a complete safetensors file")
+    assert f"`tokentune train --out {out} --resume`" in err
+    # the advice works: resuming rewrites the weights, and the run evaluates again
+    code, _, err = run(["train", "--out", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    code, stdout, err = run(evaluate, capsys)
+    assert code == 0 and stdout.startswith("shapes test: top-1"), err
+    # a finished run keeps a copy of its weights in resume.pt too: --resume restores them
+    want = {k: v.clone() for k, v in load_file(str(weights)).items()}
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = run(evaluate, capsys)
+    assert code == 2 and err.count("\n") == 1 and f"`tokentune train --out {out} --resume`" in err
+    code, stdout, err = run(["train", "--out", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0 and "rewritten from resume.pt" in stdout, err
+    got = load_file(str(weights))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    (out / "config.json").write_text('{"model": ')
+    code, _, err = run(evaluate, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {out / 'config.json'} is damaged (not valid JSON: Expecting value at line 1)")
 
 
 # ----------------------------------------------------------------------------- end to end

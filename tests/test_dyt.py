@@ -160,6 +160,27 @@ def test_reference_state_dict_conversion_round_trip():
         dyt.load_reference_checkpoint(_model(), vit.state_dict())
 
 
+def test_reference_checkpoint_file_loads_safely(tmp_path):
+    """A file as the reference's training script saves it: model, optimizer, epoch, scaler and argparse args."""
+    import argparse
+    vit, ref, ours = _reference_pair()
+    trained = [v.clone().requires_grad_() for v in ref.values()]
+    optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=1e-4)
+    sum(v.sum() for v in trained).backward()
+    optimizer.step()                        # optimizer state as saved after training: tensors and numbers
+    torch.save({"model": dict(vit.state_dict(), **ref), "optimizer": optimizer.state_dict(),
+                "epoch": 99, "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                        "growth_interval": 2000, "_growth_tracker": 0},
+                "args": argparse.Namespace(batch_size=64, epochs=100, lr=1e-3, ffn_num=8, dataset="cifar",
+                                           output_dir="./output", world_size=1, distributed=False)},
+               tmp_path / "checkpoint-99.pth")
+    loaded = _model()
+    dyt.load_reference_checkpoint(loaded, tmp_path / "checkpoint-99.pth")    # no trust_checkpoint needed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), ours(x))
+
+
 # ----------------------------------------------------------------------------- skip == mask
 @pytest.mark.parametrize("prefix", list(PREFIX))
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -272,6 +272,18 @@ def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(TokenTuneError, match="cannot read .*deployed.safetensors") as e:
         load_deployed(out)
     _one_line(e)
+    save_file(tensors, str(out / DEPLOYED_WEIGHTS))
+    data = (out / DEPLOYED_WEIGHTS).read_bytes()
+    (out / DEPLOYED_WEIGHTS).write_bytes(data[:len(data) // 2])          # an interrupted copy
+    with pytest.raises(TokenTuneError, match=r"deployed\.safetensors: it is not a complete safetensors file .*"
+                                             r"re-export the model from its run directory") as e:
+        load_deployed(out)
+    _one_line(e)
+    (out / DEPLOYED_CONFIG).write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+    with pytest.raises(TokenTuneError, match=r"deployed\.json is damaged \(not UTF-8 text\); re-export") as e:
+        load_deployed(out)
+    _one_line(e)
+    write(config)
     os.remove(out / DEPLOYED_WEIGHTS)
     with pytest.raises(TokenTuneError, match="has deployed.json but no deployed.safetensors") as e:
         load_deployed(out)

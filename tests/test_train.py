@@ -225,6 +225,21 @@ def test_run_directory_is_never_overwritten_and_resume_checks_options(tmp_path):
     assert r.finished
 
 
+def test_damaged_resume_state_and_another_random_backbone_are_refused(tmp_path):
+    data = make_data(16)
+    train(make_model(), data, None, cfg(epochs=2), out_dir=str(tmp_path), max_steps=1, log=None)
+    with pytest.raises(TokenTuneError, match=r"the model's init_seed was 0 and is now 5; build the model as in "
+                                             r"the interrupted run \(create_model\(\.\.\., seed=0\)\)"):
+        train(make_model(seed=5), data, None, cfg(epochs=2), out_dir=str(tmp_path), resume=True, log=None)
+    resume = tmp_path / "resume.pt"
+    resume.write_bytes(resume.read_bytes()[:300])
+    with pytest.raises(TokenTuneError, match=r"cannot read .*resume\.pt: it is truncated or damaged .*; it is "
+                                             r"corrupt: continue from the weights of the last finished epoch with --restart-from-weights") as e:
+        train(make_model(), data, None, cfg(epochs=2), out_dir=str(tmp_path), resume=True, log=None)
+    assert "\n" not in str(e.value)
+    tokentune.load_trained(str(tmp_path))           # as the message says, the saved weights still load
+
+
 class _Poisoned(torch.utils.data.Dataset):
     def __init__(self, data):
         self.data, self.poison = data, False

@@ -5,7 +5,7 @@ A *run directory* (or any directory given to :func:`save_trained`) holds:
 * ``model.safetensors``: the trainable parameters (LoRA, adapters, PYRA, dispatchers, head; the
   whole model for ``full``), under their model names;
 * ``config.json``: how to rebuild the model (timm name, method spec, configs, num_classes,
-  where the pretrained weights came from).
+  where the pretrained weights came from, the seed of its random initialisation).
 
 Every file is written to a temporary name in the same directory, flushed to disk and renamed
 over the target, so a crash never leaves a half-written checkpoint.
@@ -21,7 +21,7 @@ from torch import nn
 from .errors import TokenTuneError
 
 from .fileio import atomic_torch_save, atomic_write, atomic_write_json  # noqa: F401 - re-exported
-from .rundir import CONFIG_NAME, WEIGHTS_NAME, RunDir  # noqa: F401 - re-exported
+from .rundir import CONFIG_NAME, RESUME_NAME, WEIGHTS_NAME, RunDir  # noqa: F401 - re-exported
 
 
 def rename_keys(state_dict, rules) -> Dict[str, torch.Tensor]:
@@ -54,6 +54,7 @@ def save_trained(model: nn.Module, directory: str, extra: Optional[Dict[str, Any
 
 
 def read_config(directory: str) -> Dict[str, Any]:
+    """``config.json`` of a run directory, as a dict; a missing or damaged file is one clear error."""
     return RunDir(directory).read_config()
 
 
@@ -80,15 +81,43 @@ def load_state_into(model: nn.Module, tensors: Dict[str, torch.Tensor], source: 
             params[k].copy_(v.to(dtype=params[k].dtype))
 
 
+def _init_seed_of(directory: str, config: Dict[str, Any], pretrained: Union[bool, str]) -> Optional[int]:
+    """The seed the saved model was initialised from (None: unknown, and nothing frozen depends on it)."""
+    if config.get("init_seed") is not None:
+        return int(config["init_seed"])
+    train_config = config.get("train_config") or {}
+    if (config.get("run") or {}).get("cli") and "seed" in train_config:
+        return int(train_config["seed"])    # older `tokentune train` seeded torch with it just before building
+    if not pretrained:
+        raise TokenTuneError(f"{directory!r} was trained on a random backbone (pretrained=False) but does not record "
+                             "the seed it was initialised with (saved by an older tokentune), so its frozen weights "
+                             "cannot be rebuilt; build the model as it was trained (same torch.manual_seed before "
+                             "create_model) and pass it as model=, or train the run again")
+    return None
+
+
+def _weights_fix(directory: str, config: Dict[str, Any]) -> str:
+    """What to do about a damaged ``model.safetensors``: what the directory still holds."""
+    if os.path.isfile(os.path.join(directory, RESUME_NAME)):
+        return (f"its {RESUME_NAME} still holds the trained weights of the last saved epoch: "
+                f"`tokentune train --out {directory} --resume` (train(..., resume=True) in Python) rewrites "
+                f"{WEIGHTS_NAME} from it")
+    return "save the model again with save_trained, or train it again"
+
+
 def load_trained(directory: str, pretrained: Union[bool, str, None] = None, model: Optional[nn.Module] = None) -> nn.Module:
     """Rebuild the model saved in ``directory`` and load its trained parameters.
+
+    The model is rebuilt with the recorded ``init_seed`` (see :func:`tokentune.create_model`), so
+    frozen weights that were randomly initialised (a random backbone, a frozen new head) equal
+    the saved model's; without a recorded seed (older runs) a random backbone is refused.
 
     Args:
         directory: written by :func:`save_trained` (or ``tokentune train``).
         pretrained: override where the frozen backbone weights come from (default: as recorded).
         model: load into this model instead of rebuilding one.
     """
-    from safetensors.torch import load_file
+    from .backbone import load_safetensors
     from .methods import create_model
 
     config = read_config(directory)
@@ -96,11 +125,12 @@ def load_trained(directory: str, pretrained: Union[bool, str, None] = None, mode
         options = dict(config.get("timm_kwargs", {}))
         for name, cfg in config.get("configs", {}).items():
             options[name] = cfg
+        source = config.get("pretrained", False) if pretrained is None else pretrained
         model = create_model(config["model"], method=config["method"], num_classes=config["num_classes"],
-                             pretrained=config.get("pretrained", False) if pretrained is None else pretrained,
-                             train_head=config.get("train_head", True), **options)
+                             pretrained=source, train_head=config.get("train_head", True),
+                             seed=_init_seed_of(directory, config, source), **options)
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise TokenTuneError(f"{directory!r} has no {WEIGHTS_NAME}; the run saved no weights yet")
-    load_state_into(model, load_file(path), source=path)
+    load_state_into(model, load_safetensors(path, _weights_fix(directory, config)), source=path)
     return model

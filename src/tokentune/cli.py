@@ -340,8 +340,9 @@ def _add_train(parser) -> None:
                    help="method spec, methods joined by '+': e.g. lora, lora+tome, adapter, full, linear, pyra, dyt "
                         "(see the option groups below) [default: lora]")
     g.add_argument("--pretrained", type=_pretrained, metavar="hub|PATH|none", default=argparse.SUPPRESS,
-                   help="backbone weights: 'hub' (timm hub, needs internet once), a local .npz/.pth/.safetensors file "
-                        "(e.g. Google's ViT-B_16.npz), or 'none' (random init) [default: hub]")
+                   help="backbone weights: 'hub' (timm hub, needs internet once; offline and not cached it fails at "
+                        "once), a local .npz/.pth/.safetensors file (e.g. Google's ViT-B_16.npz), or 'none' (random "
+                        "init) [default: hub]")
     g.add_argument("--num-classes", type=int, metavar="N", default=argparse.SUPPRESS,
                    help="classes of the new head [default: the dataset's]")
     g.add_argument("--head-init-std", type=float, metavar="STD", default=argparse.SUPPRESS,
@@ -467,11 +468,10 @@ def _run_train(args) -> int:
         model_options = dict(opts["model_options"])
         if cfg.image_size is not None:
             model_options.setdefault("img_size", cfg.image_size)
-        import torch
-        torch.manual_seed(cfg.seed)       # every process builds the same new layers
+        # the training seed initialises the model: every process builds the same new layers
         model = create_model(opts["model"], method=opts["method"], num_classes=num_classes,
                              pretrained=opts["pretrained"], train_head=opts["train_head"],
-                             head_init_std=opts["head_init_std"], **model_options)
+                             head_init_std=opts["head_init_std"], seed=cfg.seed, **model_options)
         set_transforms([train_ds, test_ds], model, cfg.image_size, cfg.normalization, cfg.interpolation)
         out = given.get("out") or os.path.join("runs", f"{train_ds.name}-{model.tokentune_spec['method']}")
         c = count_parameters(model)
@@ -536,8 +536,6 @@ def _run_eval(args) -> int:
     inf = D.init_distributed(args.device)
     try:
         dev = D.resolve_device(args.device)
-        import torch
-        torch.manual_seed(int(train_cfg.get("seed", 0)))   # new layers (and a random backbone) as in training
         model = load_trained(args.run, pretrained=args.pretrained)
         recorded_folder = cli.get("image_folder") or (data_info.get("root") if data_info.get("kind") == "folder" else None)
         if args.image_folder or (not args.dataset and recorded_folder):

@@ -46,7 +46,7 @@ class TrainConfig:
         amp: ``"auto"`` (bf16 autocast on GPUs that support it, else fp16; fp32 on CPU), ``"off"``,
             ``"bf16"``, ``"fp16"`` (fp16 uses a gradient scaler).
         grad_checkpointing: recompute blocks in backward to save memory.
-        seed: random seed (data order, dropout, initialisation of new layers).
+        seed: random seed (data order, dropout, initialisation of new layers and of a random backbone).
         drop_last: drop the last incomplete training batch.
         eval_every: evaluate on the test split after the first epoch and then every N epochs
             (epochs 1, N+1, 2N+1, ..., as the references) and after the last; 0: only after the last.

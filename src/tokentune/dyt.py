@@ -82,6 +82,7 @@ linear.*``, ``blocks.{i}.attn_adapter.*``, ``blocks.{i}.layer_adapter.*``, and t
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple, Union
@@ -91,6 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter, MoEAdapter
+from .backbone import load_weights_file
 from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
@@ -610,22 +612,23 @@ def to_reference_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, to
     return rename_keys(state_dict, _TO_REFERENCE)
 
 
-def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]]) -> None:
+def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Dict[str, torch.Tensor]], *,
+                              trust_checkpoint: bool = False) -> None:
     """Load a DyT reference checkpoint (path or state dict) into a ``method="dyt"`` model.
 
-    A path is read with ``torch.load`` (reference checkpoints pickle their training arguments,
-    so only load files you trust).
+    A path is read by :func:`tokentune.backbone.load_weights_file`: weights-only unpickling, which
+    reads the reference's ``{"model", "optimizer", "epoch", "scaler", "args"}`` files (their
+    ``argparse.Namespace`` of training arguments is allow-listed) without running code from them.
+    A file pickling any other object is refused with one line naming it;
+    ``trust_checkpoint=True`` unpickles it fully: only for files you trust, it can run any code.
 
     Every tensor of the checkpoint must fit the model and every DyT parameter of the model must
     be present; backbone tensors missing from the checkpoint keep their values.
     """
     from .checkpoint import load_state_into
 
-    if isinstance(checkpoint, str):
-        try:
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception:   # the reference saves argparse args and optimizer state: full unpickling
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load_weights_file(os.fspath(checkpoint), trust_checkpoint=trust_checkpoint)
     tensors = from_reference_state_dict(checkpoint)
     load_state_into(model, tensors, source="DyT reference checkpoint", require_all_trainable=False)
     missing = [n for n, _ in model.named_parameters()

@@ -40,6 +40,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+_REEXPORT = "re-export the model from its run directory (tokentune export RUN_DIR OUT)"
+
 
 # ----------------------------------------------------------------------------- tensors
 def _tensor_slots(model: nn.Module) -> Dict[str, List[Tuple[nn.Module, str, bool]]]:
@@ -266,10 +268,12 @@ def read_deployed_config(out_dir: PathLike) -> Dict[str, Any]:
                                  "tokentune.export_deployed or `tokentune export RUN_DIR OUT` (or use load_trained)")
         raise TokenTuneError(f"{out_dir!r} has no {DEPLOYED_CONFIG}; pass a directory written by tokentune.export_deployed")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise TokenTuneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-export the model") from exc
+        raise TokenTuneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); {_REEXPORT}") from exc
+    except UnicodeDecodeError as exc:
+        raise TokenTuneError(f"{path} is damaged (not UTF-8 text); {_REEXPORT}") from exc
     found = config.get("format") if isinstance(config, dict) else None
     if found != FORMAT:
         raise TokenTuneError(f"{path} is not a tokentune deployed-model config (format {found!r}, expected "
@@ -301,8 +305,10 @@ def build_deployed_structure(config: Dict[str, Any], device: Union[str, torch.de
     written_by = (config.get("versions") or {}).get("tokentune", "?")
     try:
         with torch.device(device) if device is not None else _nullcontext():
+            # meta tensors draw nothing: any seed builds the structure; the recorded one keeps the spec as exported
             model = create_model(spec["model"], method=spec["method"], num_classes=spec["num_classes"],
-                                 pretrained=False, train_head=spec.get("train_head", True), **options)
+                                 pretrained=False, train_head=spec.get("train_head", True),
+                                 seed=spec.get("init_seed", 0), **options)
             return deploy(model, inplace=True)
     except TokenTuneError as exc:
         raise TokenTuneError(f"cannot rebuild the exported model (written by tokentune {written_by}): {exc}") from exc
@@ -333,17 +339,13 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
         The deployed model in eval mode with gradients off: a plain timm model when no plug-in is
         left (``lora``), otherwise tokentune's model with its plug-ins.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from .backbone import load_safetensors
 
     config = read_deployed_config(out_dir)
     weights = os.path.join(os.fspath(out_dir), DEPLOYED_WEIGHTS)
     if not os.path.isfile(weights):
-        raise TokenTuneError(f"{os.fspath(out_dir)!r} has {DEPLOYED_CONFIG} but no {DEPLOYED_WEIGHTS}; re-export the model")
-    try:
-        tensors = load_file(weights, device=str(device))
-    except (SafetensorError, OSError) as exc:
-        raise TokenTuneError(f"cannot read {weights}: {' '.join(str(exc).split())}; re-export the model") from exc
+        raise TokenTuneError(f"{os.fspath(out_dir)!r} has {DEPLOYED_CONFIG} but no {DEPLOYED_WEIGHTS}; {_REEXPORT}")
+    tensors = load_safetensors(weights, _REEXPORT, device=str(device))
     import timm
     written_timm = (config.get("versions") or {}).get("timm")
     hint = f" (exported with timm {written_timm}, this is timm {timm.__version__})" \

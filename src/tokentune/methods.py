@@ -264,9 +264,25 @@ def _jsonable(value):
     return value
 
 
+def init_seed(seed: Optional[int] = None) -> int:
+    """The seed :func:`create_model` initialises a model from: ``seed``, or one taken from torch's global generator.
+
+    With ``seed=None``: the seed of the last ``torch.manual_seed(s)`` while nothing has drawn from
+    the generator since (then ``torch.manual_seed(s); create_model(...)`` builds exactly the model
+    it built before seeds were recorded), else a seed drawn from it. Either way the global
+    generator moves on by one draw, so two models built in a row differ.
+    """
+    if seed is not None:
+        return int(seed)
+    last = torch.initial_seed()
+    fresh = torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(last).get_state())
+    drawn = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
+    return last if fresh else drawn
+
+
 def create_model(name: str, method: str = "lora", num_classes: Optional[int] = None,
                  pretrained: Union[bool, str] = False, *, train_head: bool = True,
-                 head_init_std: Optional[float] = None, **options) -> nn.Module:
+                 head_init_std: Optional[float] = None, seed: Optional[int] = None, **options) -> nn.Module:
     """Build the timm ViT ``name`` with ``method`` applied.
 
     Args:
@@ -276,6 +292,11 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
         pretrained: False (random init), True (timm hub) or a local ``.npz/.pth/.safetensors`` file.
         train_head: leave the classification head trainable.
         head_init_std: re-initialise the head with trunc_normal(std) and zero bias.
+        seed: seed of every random initialisation (the backbone when ``pretrained=False``, new
+            layers, a new head), drawn on torch's CPU generator (models are built on the CPU);
+            None takes one from the global generator (see :func:`init_seed`), which the build
+            does not otherwise touch. Recorded as ``init_seed`` in ``model.tokentune_spec`` and
+            ``config.json``, so :func:`tokentune.load_trained` rebuilds the same frozen weights.
         **options: method options (``lora_rank=8``, ``tome_r=16``, ``lora=LoRAConfig(...)``) and
             timm keyword arguments (``drop_path_rate=0.1``, ``img_size=...``).
 
@@ -285,15 +306,18 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
     """
     methods = parse_method(method)
     configs, timm_kwargs = split_options(methods, options)
-    model = create_backbone(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
-    adapt_vit(model)
-    head = re.compile(HEAD_PATTERN)
-    backbone_params = sum(p.numel() for n, p in model.named_parameters() if not head.search(n))
-    ctx = BuildContext(model_name=name, methods=[m.name for m in methods], configs=configs)
-    for m in methods:
-        m.apply(model, configs.get(m.name), ctx)
-    if head_init_std is not None:
-        init_head(model, head_init_std)
+    seed = init_seed(seed)
+    with torch.random.fork_rng(devices=[]):     # the model depends on the seed alone
+        torch.random.default_generator.manual_seed(seed)
+        model = create_backbone(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+        adapt_vit(model)
+        head = re.compile(HEAD_PATTERN)
+        backbone_params = sum(p.numel() for n, p in model.named_parameters() if not head.search(n))
+        ctx = BuildContext(model_name=name, methods=[m.name for m in methods], configs=configs)
+        for m in methods:
+            m.apply(model, configs.get(m.name), ctx)
+        if head_init_std is not None:
+            init_head(model, head_init_std)
     mark_trainable(model, methods, train_head)
     stored = dict(configs)
     if "tome" in stored and hasattr(model, "tome_schedule"):
@@ -307,6 +331,7 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
         "timm_kwargs": _jsonable(timm_kwargs),
         "train_head": train_head,
         "backbone_params": backbone_params,
+        "init_seed": seed,
     }
     return model
 

@@ -49,6 +49,7 @@ Ablation variants (``pyra_variant``, ``pyra_activation``) are described in :clas
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -57,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone import load_weights_file
 from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
@@ -359,17 +361,21 @@ def reference_schedule(state_dict: Mapping[str, torch.Tensor]) -> List[int]:
     return [rows.get(i, 0) for i in range(depth)]
 
 
-def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, Mapping[str, torch.Tensor]],
-                              strict: bool = True) -> Dict[str, List[str]]:
+def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+                              strict: bool = True, *, trust_checkpoint: bool = False) -> Dict[str, List[str]]:
     """Load a reference PYRA checkpoint (path or state dict) into a tokentune PYRA model.
 
     With ``strict``, every PYRA/LoRA tensor of the model must be in the checkpoint and every
     checkpoint tensor must exist in the model; backbone tensors missing from the checkpoint are
     allowed (reference runs often save only trained weights). Returns ``missing``/``unexpected``.
+
+    A path is read by :func:`tokentune.backbone.load_weights_file` with weights-only unpickling;
+    a file pickling other objects than tensors, plain values and training arguments is refused
+    with one line naming them. ``trust_checkpoint=True`` unpickles it fully: only for files you
+    trust, it can run any code.
     """
-    if isinstance(checkpoint, str):
-        from .backbone import load_weights_file
-        checkpoint = load_weights_file(checkpoint)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = load_weights_file(os.fspath(checkpoint), trust_checkpoint=trust_checkpoint)
     sd = from_reference_state_dict(checkpoint)
     want = model.state_dict()
     for key, value in sd.items():

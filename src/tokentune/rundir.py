@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .backbone import load_torch_file
 from .errors import TokenTuneError
 from .fileio import (atomic_torch_save, atomic_write, atomic_write_json, check_writable_directory,
                      remove_stale_temporaries)
@@ -104,10 +105,19 @@ class RunDir:
 
     # ------------------------------------------------------------------ reading
     def read_config(self) -> Dict[str, Any]:
+        """``config.json``; a missing, damaged or foreign file is one clear error."""
         if not os.path.isfile(self.config):
             raise TokenTuneError(f"{self.path!r} has no {CONFIG_NAME}; pass a directory written by tokentune "
                                  "train/save_trained")
-        return _read_json(self.config)
+        damaged = ("it records how to rebuild the model, so the run cannot be loaded without it: restore it from a "
+                   "copy, save the model again with save_trained, or train the run again")
+        config = _read_json(self.config, damaged)
+        missing = [k for k in ("model", "method", "num_classes") if k not in config] if isinstance(config, dict) \
+            else ["model"]
+        if missing:
+            raise TokenTuneError(f"{self.config} is not a tokentune model config (it has no {missing[0]!r} entry); "
+                                 f"{damaged}")
+        return config
 
     def read_metrics(self) -> List[Dict[str, Any]]:
         return _read_json(self.metrics) if os.path.isfile(self.metrics) else []
@@ -116,24 +126,21 @@ class RunDir:
         """The resume marker (None when there is none); a corrupt one is one clear error."""
         if not os.path.isfile(self.resume):
             return None
-        try:
-            state = torch.load(self.resume, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem for the user
-            raise TokenTuneError(
-                f"cannot read the resume state {self.resume} ({_one_line(exc)}); it is corrupt: continue from the "
-                "weights of the last finished epoch with --restart-from-weights (resume='weights'; optimizer and "
-                "random state start afresh), or start a new run in another directory") from None
+        fix = ("it is corrupt: continue from the weights of the last finished epoch with --restart-from-weights "
+               "(resume='weights'; optimizer and random state start afresh), or start a new run in another directory")
+        state = load_torch_file(self.resume, fix, opt_in=None)     # weights-only: it holds no code
         if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-            raise TokenTuneError(f"{self.resume} is not a tokentune resume state of format {RESUME_FORMAT}; continue "
-                                 "from the saved weights with --restart-from-weights or start a new run")
+            raise TokenTuneError(f"{self.resume} is not a tokentune resume state of format {RESUME_FORMAT}; {fix}")
         return state
 
 
-def _read_json(path: str):
+def _read_json(path: str, damaged: str = "the file is corrupt"):
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
-        raise TokenTuneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt") from None
+        raise TokenTuneError(f"{path} is damaged (not valid JSON: {exc.msg} at line {exc.lineno}); {damaged}") from None
+    except UnicodeDecodeError:
+        raise TokenTuneError(f"{path} is damaged (not UTF-8 text); {damaged}") from None
     except OSError as exc:
         raise TokenTuneError(f"cannot read {path}: {exc.strerror or _one_line(exc)}") from None

@@ -418,8 +418,15 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
 
 # ----------------------------------------------------------------------------- resume state
 def _spec_key(model: nn.Module) -> Dict[str, Any]:
-    spec = dict(getattr(model, "tokentune_spec", None) or {})
-    return _jsonable({k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")})
+    return _spec_key_of(getattr(model, "tokentune_spec", None) or {})
+
+
+def _spec_key_of(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """What of a build spec (``tokentune_spec`` or a run's config.json) must not change on resume."""
+    key = {k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")}
+    if spec and not spec.get("pretrained"):    # a random backbone is frozen: resuming needs the same one
+        key["init_seed"] = spec.get("init_seed")
+    return _jsonable(key)
 
 
 def _check_resume_compatible(saved_cfg: Dict[str, Any], saved_spec: Optional[Dict[str, Any]], cfg: TrainConfig,
@@ -440,11 +447,13 @@ def _check_resume_compatible(saved_cfg: Dict[str, Any], saved_spec: Optional[Dic
     if cfg.epochs < max(least, 1):
         raise TokenTuneError(f"cannot resume {path} with epochs={cfg.epochs}: {least} epoch(s) are already "
                              f"{'started' if epoch_started else 'done'}; give --epochs {max(least, 1)} or more")
-    if saved_spec is not None and saved_spec != _spec_key(model):
-        spec = _spec_key(model)
-        k = next(k for k in spec if saved_spec.get(k) != spec.get(k))
-        raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec.get(k)!r} and is now "
-                             f"{spec.get(k)!r}; build the model as in the interrupted run")
+    saved_spec, spec = saved_spec or {}, _spec_key(model)
+    diffs = [k for k in spec if k in saved_spec and saved_spec[k] != spec[k]]   # older states lack init_seed
+    if diffs:
+        k = diffs[0]
+        how = f" (create_model(..., seed={saved_spec[k]}))" if k == "init_seed" else ""
+        raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec[k]!r} and is now "
+                             f"{spec[k]!r}; build the model as in the interrupted run{how}")
 
 
 def _adopt_saved_defaults(cfg: TrainConfig, saved_cfg: Dict[str, Any], given: TrainConfig) -> TrainConfig:
@@ -504,6 +513,8 @@ def _start(s: _Session, resume, state: Optional[Dict[str, Any]]) -> Tuple[Progre
                              len(history), state["batches_done"] > 0)
     p = Progress(epoch=state["epoch"], batches_done=state["batches_done"], global_step=state["global_step"],
                  train_time_s=float(state["train_time_s"]), history=history, partial=state["partial"])
+    if "trainable" in state and not _weights_readable(run.weights):
+        _restore_weights(s, state, history)
     if state.get("finished") and cfg.epochs <= len(history):
         s.say(f"{run.path} has finished all {len(history)} epochs; nothing to resume")
         return p, True
@@ -530,6 +541,27 @@ def _start(s: _Session, resume, state: Optional[Dict[str, Any]]) -> Tuple[Progre
     return p, False
 
 
+def _weights_readable(path: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            for name in fh.keys():
+                fh.get_tensor(name)
+        return True
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: all mean "rewrite it"
+        return False
+
+
+def _restore_weights(s: _Session, state: Dict[str, Any], history: List[Dict[str, Any]]) -> None:
+    """Rewrite a missing or damaged ``model.safetensors`` from the trained tensors in ``resume.pt``."""
+    load_state_into(s.model, state["trainable"], source=s.run.resume)
+    if s.inf.is_main:
+        config = dict(s.model.tokentune_spec, **s.records, epochs_done=len(history))
+        s.run.write_model(trained_state_dict(s.model), config)
+    s.say(f"{WEIGHTS_NAME} was missing or damaged: rewritten from {RESUME_NAME} (the weights after epoch {len(history)})")
+
+
 def _restart_from_weights(s: _Session) -> Progress:
     """Continue a run from its ``model.safetensors`` (the last finished epoch) when ``resume.pt`` is
     lost or corrupt: weights and history come back, optimizer and random state start afresh."""
@@ -541,7 +573,7 @@ def _restart_from_weights(s: _Session) -> Progress:
     config = run.read_config()
     saved_cfg = config.get("train_config") or {}
     epochs_done = int(config.get("epochs_done") or 0)
-    _check_resume_compatible(saved_cfg, _spec_key_of_config(config), cfg, s.model, run.weights, epochs_done, False)
+    _check_resume_compatible(saved_cfg, _spec_key_of(config), cfg, s.model, run.weights, epochs_done, False)
     try:
         tensors = load_file(run.weights)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
@@ -555,10 +587,6 @@ def _restart_from_weights(s: _Session) -> Progress:
           "afresh, so the result is not bit-identical to an uninterrupted run")
     return Progress(epoch=epochs_done, global_step=epochs_done * s.steps_per_epoch,
                     train_time_s=sum(float(h.get("time_s") or 0.0) for h in history), history=history)
-
-
-def _spec_key_of_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    return _jsonable({k: config.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")})
 
 
 # ----------------------------------------------------------------------------- one epoch
