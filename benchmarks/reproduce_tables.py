@@ -33,7 +33,6 @@ after each backbone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -83,7 +82,7 @@ class Row:
 def rows_for(backbone: str) -> List[Row]:
     b = BACKBONES[backbone]
     rank, r = b["rank"], b["tome_r"]
-    dyt = f"dyt_bottleneck=8,rate=0.5"
+    dyt = "dyt_bottleneck=8,rate=0.5"
     return [
         Row("lora", "LoRA", f"lora:lora_rank={rank}"),
         Row("tome_low", "ToMe (low)", f"lora+tome:tome_r=low,lora_rank={rank}"),

@@ -1,10 +1,9 @@
 """Measurement instruments: FLOPs (attention counted on CPU), memory, interleaved timing."""
 import torch
+from conftest import tiny
 
 import tokentune
 from tokentune import bench
-
-from conftest import tiny
 
 
 def _vit_macs(tokens, dim, mlp_ratio, patches, patch, num_classes):

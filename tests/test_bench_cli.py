@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny
 
 import tokentune
 from tokentune import bench, bench_cli, cli, dyt
 from tokentune.tome import token_counts
-
-from conftest import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "vit_tiny_patch16_224"

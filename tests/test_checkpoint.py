@@ -7,6 +7,7 @@ import zipfile
 
 import pytest
 import torch
+from conftest import randomize_lora, tiny
 from safetensors.torch import load_file, save_file
 
 import tokentune
@@ -14,8 +15,6 @@ from tokentune import backbone, dyt, pyra
 from tokentune.backbone import create_backbone, load_weights_file
 from tokentune.errors import TokenTuneError
 from tokentune.rundir import RunDir
-
-from conftest import randomize_lora, tiny
 
 
 def _model(method="lora+tome", **kw):

@@ -5,19 +5,18 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_data import break_vtab, make_folder, make_vtab
 
 from tokentune import cli
 from tokentune import config as C
 from tokentune import methods as M
 from tokentune.config import TrainConfig
 from tokentune.tome import Schedule
-from typing import Optional, Sequence, Tuple
-
-from test_data import break_vtab, make_folder, make_vtab
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--pretrained", "none", "--timm", "patch_size=8",
              "--timm", "embed_dim=48", "--timm", "depth=4", "--timm", "num_heads=3", "--image-size", "32",
@@ -299,10 +298,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 
 def test_eval_of_a_run_written_by_the_python_api(tmp_path, capsys):
     import torch
+    from conftest import tiny
+
     import tokentune
     from tokentune.data import load_datasets, set_transforms
     from tokentune.train import train
-    from conftest import tiny
 
     folder = make_folder(tmp_path / "shapes", classes=("a", "b"), per_class=3, splits=("train", "val"))
     train_ds, test_ds = load_datasets(image_folder=str(folder))

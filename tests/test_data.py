@@ -6,17 +6,29 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny
 from PIL import Image
 
 import tokentune
 import tokentune.data as D
-from tokentune.data import (VTAB_TASKS, build_datasets, build_transform, clean_error, image_folder_dataset, image_problem,
-                            load_datasets, load_image, normalization_stats, set_transforms, skipped_summary, to_rgb,
-                            vtab_dataset, vtab_task)
+from tokentune.data import (
+    VTAB_TASKS,
+    build_datasets,
+    build_transform,
+    clean_error,
+    image_folder_dataset,
+    image_problem,
+    load_datasets,
+    load_image,
+    normalization_stats,
+    set_transforms,
+    skipped_summary,
+    to_rgb,
+    vtab_dataset,
+    vtab_task,
+)
 from tokentune.errors import TokenTuneError
 from tokentune.evaluate import evaluate
-
-from conftest import tiny
 
 
 def write_image(path, value=128, size=8, seed=None):

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import randomize_lora, tiny
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokentune
@@ -13,8 +14,6 @@ from tokentune import dyt
 from tokentune.adapter import Adapter, MoEAdapter
 from tokentune.config import TrainConfig, get_recipe
 from tokentune.errors import TokenTuneError
-
-from conftest import randomize_lora, tiny
 
 VARIANTS = ["mlp", "attn", "attn_mlp", "layer"]
 PREFIX = {

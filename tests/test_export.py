@@ -5,14 +5,12 @@ import os
 import pytest
 import timm
 import torch
+from conftest import tiny
 from safetensors.torch import load_file, save_file
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.export import (DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, export_deployed, load_deployed,
-                              read_deployed_config)
-
-from conftest import tiny
+from tokentune.export import DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, export_deployed, load_deployed, read_deployed_config
 
 # options that make each method act on the tiny model (4 blocks, 17 tokens)
 METHOD_OPTIONS = {
@@ -369,6 +367,7 @@ def test_onnx_dyt_skip_form_is_refused_clearly(tmp_path):
 
 def test_onnx_missing_is_a_clear_error(tmp_path, monkeypatch):
     import builtins
+
     from tokentune.export import export_onnx
 
     real_import = builtins.__import__

@@ -4,12 +4,11 @@ import math
 import pytest
 import timm
 import torch
+from conftest import randomize_lora, tiny
 
 import tokentune
 from tokentune.errors import TokenTuneError
 from tokentune.lora import LoRALinear
-
-from conftest import randomize_lora, tiny
 
 
 def test_lora_linear_math_and_merge():

@@ -4,16 +4,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_lora, tiny
 
 import tokentune
 from tokentune.config import TrainConfig, get_recipe
 from tokentune.errors import TokenTuneError
 from tokentune.lora import LoRALinear
-from tokentune.pyra import (GENERATOR, NORM, PYRAConfig, PYRAModulator, from_reference_state_dict,
-                            load_reference_checkpoint, modulators, param_groups, parameter_report,
-                            reference_schedule, to_reference_state_dict)
-
-from conftest import randomize_lora, tiny
+from tokentune.pyra import (
+    GENERATOR,
+    NORM,
+    PYRAConfig,
+    PYRAModulator,
+    from_reference_state_dict,
+    load_reference_checkpoint,
+    modulators,
+    param_groups,
+    parameter_report,
+    reference_schedule,
+    to_reference_state_dict,
+)
 
 SCHEDULE = [5, 3, 2, 1]          # tiny ViT: 17 -> 12 -> 9 -> 7 -> 6 tokens
 MODEL = "vit_tiny_patch16_224"

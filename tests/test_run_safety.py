@@ -7,16 +7,15 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import TINY_ARGS, run
+from test_data import make_folder
+from test_train import assert_same, cfg, make_data, make_model
 
 import tokentune
 from tokentune import cli, fileio
 from tokentune.config import TrainConfig
 from tokentune.errors import TokenTuneError
 from tokentune.train import learning_rate, train
-
-from test_cli import TINY_ARGS, run
-from test_data import make_folder
-from test_train import assert_same, cfg, make_data, make_model
 
 FINAL_SAVE = ["model.safetensors", "config.json", "metrics.json", "results.json", "resume.pt"]
 

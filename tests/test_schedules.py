@@ -1,16 +1,24 @@
 """Merge schedules from targets: token counts, analytic FLOPs, measured speed-ups."""
 import pytest
 import torch
+from conftest import tiny
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.schedules import (PROFILES, ViTDims, flops_ratio, min_final_tokens, parse_target,
-                                 pyra_modulator_flops, schedule_for_flops, schedule_for_speedup,
-                                 schedule_for_tokens, vit_flops)
+from tokentune.schedules import (
+    PROFILES,
+    ViTDims,
+    flops_ratio,
+    min_final_tokens,
+    parse_target,
+    pyra_modulator_flops,
+    schedule_for_flops,
+    schedule_for_speedup,
+    schedule_for_tokens,
+    vit_flops,
+)
 from tokentune.tome import NAMED_SCHEDULES, fit_schedule, token_counts
-
-from conftest import tiny
 
 MODEL = "vit_tiny_patch16_224"
 

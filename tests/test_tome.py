@@ -4,13 +4,11 @@ import math
 import pytest
 import timm
 import torch
+from conftest import randomize_lora, tiny
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.tome import (bipartite_soft_matching, fit_schedule, merge_weighted, parse_schedule,
-                            token_counts)
-
-from conftest import randomize_lora, tiny
+from tokentune.tome import bipartite_soft_matching, fit_schedule, merge_weighted, parse_schedule, token_counts
 
 VARIANTS = {
     "plain": dict(),

@@ -6,16 +6,22 @@ import socket
 
 import pytest
 import torch
+from conftest import tiny
 from safetensors.torch import load_file
 
 import tokentune
 from tokentune import methods as M
 from tokentune.config import TrainConfig
 from tokentune.errors import TokenTuneError
-from tokentune.train import (StopTraining, build_optimizer, learning_rate, param_groups, set_learning_rate, train,
-                             validate_config)
-
-from conftest import tiny
+from tokentune.train import (
+    StopTraining,
+    build_optimizer,
+    learning_rate,
+    param_groups,
+    set_learning_rate,
+    train,
+    validate_config,
+)
 
 
 def make_data(n=32, seed=0, classes=3):

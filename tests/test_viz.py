@@ -6,12 +6,11 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import tiny
 
 import tokentune
 from tokentune import bench, viz
 from tokentune.errors import TokenTuneError
-
-from conftest import tiny
 
 pytest.importorskip("matplotlib")
 
@@ -201,6 +200,7 @@ def _error(capsys, text):
 
 def test_viz_commands(tmp_path, capsys):
     from PIL import Image
+
     from tokentune.export import export_deployed
 
     export_deployed(_tome(), tmp_path / "export")
@@ -288,6 +288,7 @@ def test_dyt_picture_errors():
 
 def test_dyt_viz_commands(tmp_path, capsys):
     from PIL import Image
+
     from tokentune.export import export_deployed
 
     export_deployed(_dyt(), tmp_path / "export")

@@ -14,19 +14,19 @@ Methods (``method=``, joined with ``+``): ``full``, ``linear``, ``lora``, ``adap
 from .adapter import Adapter, AdapterConfig, MoEAdapter
 from .checkpoint import load_trained, save_trained
 from .config import Recipe, TrainConfig, available_recipes, get_recipe
+from .data import build_datasets
 from .deploy import deploy
+from .dyt import DyTConfig
 from .errors import TokenTuneError
+from .evaluate import evaluate
 from .export import export_deployed, export_onnx, load_deployed
 from .lora import LoRAConfig, LoRALinear
 from .methods import available_methods, create_model, register_method
 from .model import AdaptedBlock, TokenState, attention
 from .params import count_parameters, print_trainable_parameters
-from .tome import ToMeConfig, bipartite_soft_matching, merge_weighted
 from .pyra import PYRAConfig
-from .dyt import DyTConfig
-from .data import build_datasets
+from .tome import ToMeConfig, bipartite_soft_matching, merge_weighted
 from .train import train
-from .evaluate import evaluate
 
 __version__ = "0.1.0"
 

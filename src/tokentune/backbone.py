@@ -157,7 +157,7 @@ def _hub_unavailable(name: str) -> Optional[Tuple[str, str]]:
     """
     try:
         from timm.models import get_pretrained_cfg
-        from timm.models._builder import _resolve_pretrained_source   # the source timm will use
+        from timm.models._builder import _resolve_pretrained_source  # the source timm will use
         load_from, location = _resolve_pretrained_source(get_pretrained_cfg(name).to_dict())
     except Exception:  # noqa: BLE001 - no pretrained config, or another timm: let timm report it
         return None

@@ -710,7 +710,7 @@ class _Entry(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         entries = list(getattr(namespace, "entries", None) or [])
         entries.append(("run" if option_string == "--run" else "config", values))
-        setattr(namespace, "entries", entries)
+        namespace.entries = entries
 
 
 def add_bench_options(parser: argparse.ArgumentParser) -> None:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .errors import TokenTuneError
-
 from .fileio import atomic_torch_save, atomic_write, atomic_write_json  # noqa: F401 - re-exported
 from .rundir import CONFIG_NAME, RESUME_NAME, WEIGHTS_NAME, RunDir  # noqa: F401 - re-exported
 

@@ -390,8 +390,8 @@ def _explicit(args) -> Dict[str, Any]:
 
 def _resolve_train_options(args) -> Dict[str, Any]:
     """Merge (lowest to highest): built-in defaults, the resumed run's options, the recipe, explicit options."""
-    from .config import TrainConfig, get_recipe
     from .checkpoint import read_config
+    from .config import TrainConfig, get_recipe
 
     given = _explicit(args)
     opts: Dict[str, Any] = {"model": DEFAULT_MODEL, "method": "lora", "pretrained": True, "num_classes": None,

@@ -311,6 +311,7 @@ class ImageDataset(Dataset):
                 stderr is a terminal; never on non-main processes).
         """
         from tqdm.auto import tqdm
+
         from .evaluate import progress_enabled
 
         show = len(self.samples) > PROGRESS_MIN_IMAGES and progress_enabled(progress)
@@ -479,8 +480,12 @@ def image_folder_dataset(root: str, split: str = "train", classes: Optional[Sequ
 # ----------------------------------------------------------------------------- transforms
 def normalization_stats(normalization: str = "auto", model=None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """(mean, std): ``auto`` = the model's pretrained_cfg (Google ViTs: 0.5/0.5), ``imagenet``, ``inception``."""
-    from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
-                                     IMAGENET_INCEPTION_STD)
+    from timm.data.constants import (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+        IMAGENET_INCEPTION_MEAN,
+        IMAGENET_INCEPTION_STD,
+    )
 
     if normalization == "imagenet":
         return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)

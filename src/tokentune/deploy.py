@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 
 import torch
-
 from torch import nn
 
 from .lora import merge_lora

@@ -96,9 +96,9 @@ from .backbone import load_weights_file
 from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
-from .typecheck import check_fields
 from .methods import Method, register_method
 from .model import Dispatch, TokenState, adapted_blocks
+from .typecheck import check_fields
 
 VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
 TAU_SCHEDULES = ("linear", "cosine", "exponential")

@@ -82,6 +82,7 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Option
         ``{"top1": %, "correct": n, "total": n, "loss": mean cross-entropy}``.
     """
     from tqdm.auto import tqdm
+
     from .data import clean_error
 
     dev = torch.device(device) if isinstance(device, str) else (device or next(model.parameters()).device)

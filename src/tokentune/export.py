@@ -130,6 +130,7 @@ def _meta_leftovers(model: nn.Module) -> List[str]:
 # ----------------------------------------------------------------------------- export
 def _versions() -> Dict[str, str]:
     import timm
+
     from . import __version__
     return {"tokentune": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}
@@ -168,7 +169,7 @@ def apply_preprocessing(model: nn.Module, prep: Optional[Dict[str, Any]]) -> nn.
 
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "_orig_mod") or (hasattr(model, "module") and not hasattr(model, "tokentune_spec")
-                                          and isinstance(getattr(model, "module"), nn.Module)):
+                                          and isinstance(model.module, nn.Module)):
         model = getattr(model, "_orig_mod", None) or model.module
     return model
 

@@ -26,7 +26,7 @@ from .backbone import create_backbone
 from .errors import TokenTuneError
 from .lora import LoRAConfig, apply_lora
 from .model import adapt_vit, adapted_blocks, num_input_tokens
-from .tome import ToMeConfig, TokenMerging, fit_schedule, named_schedule, parse_schedule
+from .tome import TokenMerging, ToMeConfig, fit_schedule, named_schedule, parse_schedule
 
 HEAD_PATTERN = r"^(head|head_dist)\."
 
@@ -216,7 +216,7 @@ def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
     blocks = adapted_blocks(model)
     strict = isinstance(r, (list, str)) or (isinstance(r, tuple) and not (len(r) == 2 and isinstance(r[1], float)))
     if isinstance(r, str):
-        from .schedules import resolve_target   # "tokens:N" / "flops:X" targets
+        from .schedules import resolve_target  # "tokens:N" / "flops:X" targets
         target = resolve_target(model, r)
         r = target if target is not None else named_schedule(model_name, r, len(blocks))
     values = parse_schedule(r, len(blocks))

@@ -62,9 +62,9 @@ from .backbone import load_weights_file
 from .checkpoint import rename_keys
 from .config import Recipe, register_recipe
 from .errors import TokenTuneError
-from .typecheck import check_fields
 from .methods import Method, register_method
 from .model import adapted_blocks
+from .typecheck import check_fields
 
 VARIANTS = ("pyra", "wr", "wd", "matrix", "gated_mlp")
 WR_INITS = ("uniform", "gaussian")

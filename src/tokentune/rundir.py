@@ -25,8 +25,13 @@ import torch
 
 from .backbone import load_torch_file
 from .errors import TokenTuneError
-from .fileio import (atomic_torch_save, atomic_write, atomic_write_json, check_writable_directory,
-                     remove_stale_temporaries)
+from .fileio import (
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    check_writable_directory,
+    remove_stale_temporaries,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -421,7 +421,7 @@ def schedule_for_speedup(model, speedup: float, profile: str = "constant", batch
         _set_schedule(net, schedule, modulator)
         if timer is not None:
             return timer(base_net, images) / timer(net, images)
-        from .bench import measure_throughput   # interleaved rounds, rotating order, no_grad
+        from .bench import measure_throughput  # interleaved rounds, rotating order, no_grad
         stats = measure_throughput({"unmerged": base_net, "candidate": net}, batch_size=batch_size,
                                    image_size=image_size, rounds=runs, warmup=warmup, device=device)
         return stats["candidate"].median / stats["unmerged"].median

@@ -112,7 +112,8 @@ def prepare_image(image: ImageLike, size: Tuple[int, int], mean: Sequence[float]
         pixels = t.clamp(0, 1)
     else:
         from PIL import Image
-        from .data import load_image, to_rgb    # the training data's reading: 16-bit, alpha, EXIF orientation
+
+        from .data import load_image, to_rgb  # the training data's reading: 16-bit, alpha, EXIF orientation
 
         if isinstance(image, (str, os.PathLike)):
             if not os.path.isfile(image):
