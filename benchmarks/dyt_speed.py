@@ -5,8 +5,8 @@ DyT + ToMe) one deployed model (``tokentune.deploy``: inactive tokens really ski
 twice: as it is, and with every token active (``dyt_complete=True``: the same model and weights,
 nothing skipped). A plain timm ViT of the same size is timed as well. All models run side by side
 in one process, in interleaved rounds with rotating order, on the same random batch
-(``tokentune.bench.measure_throughput``). FLOPs are counted on the real forward
-(``tokentune.bench.count_flops``, attention included), so they follow the activation of the batch.
+(``tokentune.measure_throughput``). FLOPs are counted on the real forward
+(``tokentune.count_flops``, attention included), so they follow the activation of the batch.
 
 Activation ~0.5 without training: the models are untrained, so :func:`tokentune.dyt.calibrate_activation`
 shifts every dispatcher's bias (block by block, in one forward) until it activates half of the
@@ -28,7 +28,11 @@ import os
 import torch
 from torch import nn
 
-from tokentune import bench, create_model, deploy, dyt
+from tokentune import create_model, deploy
+from tokentune.core.flops import count_flops
+from tokentune.methods import dyt
+from tokentune.timing import measure_throughput
+from tokentune.tools import measure
 
 # name -> (method, create_model options)
 VARIANTS = {
@@ -55,7 +59,7 @@ class AllActive(nn.Module):
 
 
 def bench_images(batch_size: int, image_size: int, seed: int = 0) -> torch.Tensor:
-    """The batch ``bench.measure_throughput(..., seed=seed)`` times (same generator, same draw)."""
+    """The batch ``measure_throughput(..., seed=seed)`` times (same generator, same draw)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, 3, image_size, image_size, generator=g)
 
@@ -104,14 +108,14 @@ def main() -> None:
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         images = bench_images(bs, args.image_size)
         rates = {n: dyt.calibrate_activation(m, images, args.rate) for n, m in models.items()}
-        flops = {n: (bench.count_flops(m, images) / bs, bench.count_flops(AllActive(m), images) / bs)
+        flops = {n: (count_flops(m, images) / bs, count_flops(AllActive(m), images) / bs)
                  for n, m in models.items()}
-        plain_flops = bench.count_flops(plain, images) / bs
+        plain_flops = count_flops(plain, images) / bs
         timed = {"timm ViT (dense)": plain}
         for n, m in models.items():
             timed[n] = m
             timed[f"{n} [all active]"] = AllActive(m)
-        stats = bench.measure_throughput(timed, batch_size=bs, image_size=args.image_size, rounds=rounds,
+        stats = measure_throughput(timed, batch_size=bs, image_size=args.image_size, rounds=rounds,
                                          warmup=warmup, seed=0)
         base = stats["timm ViT (dense)"]
         rows = [{"model": "timm ViT (dense)", "activation": 1.0, "GMACs": plain_flops / 2e9,
@@ -128,11 +132,11 @@ def main() -> None:
                 "img/s all active": full.median, "speed-up": speed, "speed-up / FLOPs ratio": speed / ratio,
                 "vs timm ViT": dyn.median / base.median, "goal": GOALS.get((n, bs), ""),
             })
-        env = bench.environment("cpu", "fp32")
+        env = measure.environment("cpu", "fp32")
         title = (f"DyT {args.model} {args.image_size}px, batch {bs}, fp32, activation {args.rate:g} "
                  f"(calibrated), {rounds} interleaved rounds")
         prefix = os.path.join(args.out, f"dyt_speed_b{bs}{'_quick' if args.quick else ''}")
-        print(bench.write_results(prefix, rows, env, list(rows[0]), title))
+        print(measure.write_results(prefix, rows, env, list(rows[0]), title))
 
 
 if __name__ == "__main__":

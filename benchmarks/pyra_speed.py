@@ -19,8 +19,11 @@ import os
 
 import torch
 
-from tokentune import bench, create_model, deploy
-from tokentune.tome import named_schedule, token_counts
+from tokentune import create_model, deploy
+from tokentune.core.flops import count_flops
+from tokentune.methods.tome import named_schedule, token_counts
+from tokentune.timing import measure_throughput
+from tokentune.tools import measure
 
 GOALS = {"low": 1.95, "high": 3.35}   # speed-up over deployed LoRA; PYRA/ToMe overhead goal: <= 1%
 
@@ -72,10 +75,10 @@ def main() -> None:
     models, info = build(args.model, args.image_size, args.quick)
     base = next(iter(models))
     images = torch.randn(1, 3, args.image_size, args.image_size)
-    flops = {n: bench.count_flops(m, images) for n, m in models.items()}
+    flops = {n: count_flops(m, images) for n, m in models.items()}
     n_tokens = int(models[base].patch_embed.num_patches) + int(models[base].num_prefix_tokens)
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        stats = bench.measure_throughput(models, batch_size=bs, image_size=args.image_size, rounds=rounds,
+        stats = measure_throughput(models, batch_size=bs, image_size=args.image_size, rounds=rounds,
                                          warmup=1 if args.quick else 2)
         rows = []
         for n, s in stats.items():
@@ -97,11 +100,11 @@ def main() -> None:
             elif meta["kind"] == "lora+tome":
                 row["goal"] = f">= {GOALS[meta['name']]:.2f}x"
             rows.append(row)
-        env = bench.environment("cpu", "fp32")
+        env = measure.environment("cpu", "fp32")
         title = (f"PYRA speed: {args.model} {args.image_size}px, batch {bs}, fp32, CPU, {rounds} interleaved "
                  "rounds, all models deployed (LoRA merged)")
         prefix = os.path.join(args.out, f"pyra_speed_b{bs}{'_quick' if args.quick else ''}")
-        print(bench.write_results(prefix, rows, env, list(rows[0]), title))
+        print(measure.write_results(prefix, rows, env, list(rows[0]), title))
 
 
 if __name__ == "__main__":

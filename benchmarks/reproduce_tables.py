@@ -41,9 +41,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from tokentune import bench
-from tokentune.bench_cli import BenchSettings, measure, parse_config
-from tokentune.checkpoint import atomic_write, atomic_write_json
+from tokentune.fileio import atomic_write_json, atomic_write_text
+from tokentune.tools import measure as bench
+from tokentune.tools.bench import BenchSettings, measure, parse_config
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -207,11 +207,7 @@ def run_backbone(backbone: str, args) -> str:
     md = markdown(backbone, rows, result, args.quick)
     prefix = os.path.join(args.out, f"reproduce_{backbone}_b{args.batch_size}{'_quick' if args.quick else ''}")
 
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            fh.write(md)
-
-    atomic_write(prefix + ".md", write)
+    atomic_write_text(prefix + ".md", md)
     atomic_write_json(prefix + ".json", {
         "title": f"{b['name']} paper tables", "quick": args.quick, "environment": result.environment,
         "settings": result.settings, "rows": rows, "bench_rows": result.rows,

@@ -14,8 +14,11 @@ import os
 
 import torch
 
-from tokentune import bench, create_model, deploy
-from tokentune.tome import token_counts
+from tokentune import create_model, deploy
+from tokentune.core.flops import count_flops
+from tokentune.methods.tome import token_counts
+from tokentune.timing import measure_throughput
+from tokentune.tools import measure
 
 SCHEDULES = {"low": [16] * 11 + [10], "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]}
 
@@ -59,11 +62,11 @@ def main() -> None:
     models, schedules = build(args.model, args.image_size, args.quick, args.compile)
     base_name = next(iter(models))
     images = torch.randn(1, 3, args.image_size, args.image_size)
-    flops = {n: bench.count_flops(m, images) for n, m in models.items() if not n.endswith(" compiled")}
+    flops = {n: count_flops(m, images) for n, m in models.items() if not n.endswith(" compiled")}
     flops.update({n: flops[n[: -len(" compiled")]] for n in models if n.endswith(" compiled")})
     n_tokens = (args.image_size // 16) ** 2 + 1
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        stats = bench.measure_throughput(models, batch_size=bs, image_size=args.image_size, rounds=rounds,
+        stats = measure_throughput(models, batch_size=bs, image_size=args.image_size, rounds=rounds,
                                          warmup=1 if args.quick else 2)
         rows = []
         for n, s in stats.items():
@@ -76,9 +79,9 @@ def main() -> None:
                 "img/s (median)": s.median, "img/s (min-max)": f"{s.low:.2f}-{s.high:.2f}",
                 "speed-up": speed, "speed-up / FLOPs ratio": speed / limit,
             })
-        env = bench.environment("cpu", "fp32")
+        env = measure.environment("cpu", "fp32")
         title = f"{args.model} {args.image_size}px, batch {bs}, fp32, {rounds} interleaved rounds"
-        md = bench.write_results(os.path.join(args.out, f"tome_speed_b{bs}{'_quick' if args.quick else ''}"), rows,
+        md = measure.write_results(os.path.join(args.out, f"tome_speed_b{bs}{'_quick' if args.quick else ''}"), rows,
                                  env, list(rows[0]), title)
         print(md)
 

@@ -3,7 +3,9 @@ import torch
 from conftest import tiny
 
 import tokentune
-from tokentune import bench
+from tokentune import timing
+from tokentune.core import flops as flop_counter
+from tokentune.tools import measure
 
 
 def _vit_macs(tokens, dim, mlp_ratio, patches, patch, num_classes):
@@ -17,14 +19,14 @@ def _vit_macs(tokens, dim, mlp_ratio, patches, patch, num_classes):
 
 def test_flops_count_attention_on_cpu():
     model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=5, **tiny()).eval()
-    flops = bench.count_flops(tokentune.deploy(model), torch.randn(1, 3, 32, 32))
+    flops = flop_counter.count_flops(tokentune.deploy(model), torch.randn(1, 3, 32, 32))
     assert flops == 2 * _vit_macs([17] * 5, 48, 4.0, 16, 8, 5)
 
 
 def test_flops_follow_the_merge_schedule():
     model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=5, tome_r=[4, 3, 2, 1],
                                    **tiny()).eval()
-    flops = bench.count_flops(tokentune.deploy(model), torch.randn(2, 3, 32, 32)) / 2
+    flops = flop_counter.count_flops(tokentune.deploy(model), torch.randn(2, 3, 32, 32)) / 2
     # matching similarity a @ b^T is also a matmul, over the unprotected tokens (CLS sits in A):
     # [ceil(n/2) - 1, head_dim] x [head_dim, floor(n/2)] per image
     tokens = [17, 13, 10, 8, 7]
@@ -34,14 +36,14 @@ def test_flops_follow_the_merge_schedule():
 
 def test_peak_memory_and_timing_structure():
     model = tokentune.create_model("vit_tiny_patch16_224", method="lora", **tiny()).eval()
-    mem = bench.peak_memory(lambda: model(torch.randn(4, 3, 32, 32)), "cpu")
+    mem = measure.peak_memory(lambda: model(torch.randn(4, 3, 32, 32)), "cpu")
     assert mem > 4 * 17 * 48 * 4          # at least one block's activations were alive at once
-    stats = bench.measure_throughput({"a": model, "b": tokentune.deploy(model)}, batch_size=2, image_size=32,
+    stats = timing.measure_throughput({"a": model, "b": tokentune.deploy(model)}, batch_size=2, image_size=32,
                                      rounds=2, warmup=1)
     assert set(stats) == {"a", "b"} and all(s.median > 0 and s.low <= s.median <= s.high for s in stats.values())
-    step = bench.measure_train_step(model, batch_size=2, image_size=32, steps=1, warmup=1)
+    step = measure.measure_train_step(model, batch_size=2, image_size=32, steps=1, warmup=1)
     assert step["seconds_per_step"] > 0 and step["peak_memory_bytes"] > 0
-    env = bench.environment()
+    env = measure.environment()
     assert {"device", "threads", "dtype", "torch", "timm"} <= set(env)
 
 
@@ -50,20 +52,20 @@ def test_peak_memory_counts_new_tensors_not_views_of_parameters():
     # parameter, not an allocation; only the input and output (4 KiB each) are new here
     layer = torch.nn.Linear(1024, 1024)
     with torch.no_grad():
-        mem = bench.peak_memory(lambda: layer(torch.ones(1, 1024)), "cpu")
+        mem = measure.peak_memory(lambda: layer(torch.ones(1, 1024)), "cpu")
     assert mem == 2 * 1024 * 4
     model = tokentune.deploy(tokentune.create_model("vit_tiny_patch16_224", method="lora", **tiny()))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        no_grad = bench.peak_memory(lambda: model(x), "cpu")
+        no_grad = measure.peak_memory(lambda: model(x), "cpu")
     with torch.inference_mode():
-        inference = bench.peak_memory(lambda: model(x), "cpu")
+        inference = measure.peak_memory(lambda: model(x), "cpu")
     assert no_grad == inference
 
 
 def test_random_images_are_the_timed_batch():
-    a = bench.random_images(3, 32, seed=5)
-    assert a.shape == (3, 3, 32, 32) and torch.equal(a, bench.random_images(3, 32, seed=5))
+    a = timing.random_images(3, 32, seed=5)
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, timing.random_images(3, 32, seed=5))
     seen = []
 
     class Spy(torch.nn.Module):
@@ -71,5 +73,5 @@ def test_random_images_are_the_timed_batch():
             seen.append(images.clone())
             return images
 
-    bench.measure_throughput({"m": Spy()}, batch_size=3, image_size=32, rounds=1, warmup=0, seed=5)
+    timing.measure_throughput({"m": Spy()}, batch_size=3, image_size=32, rounds=1, warmup=0, seed=5)
     assert torch.equal(seen[0], a)

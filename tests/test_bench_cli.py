@@ -10,8 +10,11 @@ import torch
 from conftest import tiny
 
 import tokentune
-from tokentune import bench, bench_cli, cli, dyt
-from tokentune.tome import token_counts
+from tokentune import cli, timing
+from tokentune.core import flops as flop_counter
+from tokentune.methods import dyt
+from tokentune.methods.tome import token_counts
+from tokentune.tools import bench as bench_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "vit_tiny_patch16_224"
@@ -42,7 +45,7 @@ def reference(method, images, rate=None, **options):
     counts = tokentune.count_parameters(model)
     if rate is not None:
         dyt.calibrate_activation(model, images, rate)
-    return counts, bench.count_flops(tokentune.deploy(model), images) / images.shape[0]
+    return counts, flop_counter.count_flops(tokentune.deploy(model), images) / images.shape[0]
 
 
 def test_bench_command_outputs(tmp_path, capsys):
@@ -81,7 +84,7 @@ def test_bench_command_outputs(tmp_path, capsys):
     assert list(crows[0]) == list(bench_cli.CSV_KEYS) and [r["label"] for r in crows] == labels
 
     # parameters and FLOPs are exactly what count_parameters / count_flops give for the same model
-    images = bench.random_images(B, 32, seed=0)
+    images = timing.random_images(B, 32, seed=0)
     refs = [reference("lora", images), reference("lora+tome", images, tome_r=[3, 3, 2, 1]),
             reference("pyra", images, tome_r=2), reference("dyt", images, rate=0.5, dyt_variant="layer")]
     for row, crow, (counts, flops) in zip(jrows, crows, refs):

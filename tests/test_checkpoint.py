@@ -11,10 +11,12 @@ from conftest import randomize_lora, tiny
 from safetensors.torch import load_file, save_file
 
 import tokentune
-from tokentune import backbone, dyt, pyra
-from tokentune.backbone import create_backbone, load_weights_file
+from tokentune.core import backbone
+from tokentune.core.backbone import create_backbone
+from tokentune.core.weights import load_weights_file
+from tokentune.engine.rundir import RunDir
 from tokentune.errors import TokenTuneError
-from tokentune.rundir import RunDir
+from tokentune.methods import dyt, pyra
 
 
 def _model(method="lora+tome", **kw):
@@ -82,7 +84,8 @@ def test_backbone_from_google_npz(tmp_path):
             wj = qkv_w[j * dim:(j + 1) * dim]                       # [out, in]
             w[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = wj.T.reshape(dim, heads, dim // heads).numpy()
             w[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = qkv_b[j * dim:(j + 1) * dim].reshape(heads, -1).numpy()
-        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = sd[b + "attn.proj.weight"].T.reshape(heads, dim // heads, dim).numpy()
+        proj = sd[b + "attn.proj.weight"].T
+        w[p + "MultiHeadDotProductAttention_1/out/kernel"] = proj.reshape(heads, dim // heads, dim).numpy()
         w[p + "MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"].numpy()
         for k, n in ((0, "fc1"), (1, "fc2")):
             w[p + f"MlpBlock_3/Dense_{k}/kernel"] = sd[b + f"mlp.{n}.weight"].T.numpy()

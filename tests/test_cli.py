@@ -12,11 +12,10 @@ import torch
 from safetensors.torch import load_file
 from test_data import break_vtab, make_folder, make_vtab
 
-from tokentune import cli
-from tokentune import config as C
-from tokentune import methods as M
-from tokentune.config import TrainConfig
-from tokentune.tome import Schedule
+from tokentune import TrainConfig, cli
+from tokentune.cli import train as cli_train
+from tokentune.core import method as R
+from tokentune.methods.tome import Schedule
 
 TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--pretrained", "none", "--timm", "patch_size=8",
              "--timm", "embed_dim=48", "--timm", "depth=4", "--timm", "num_heads=3", "--image-size", "32",
@@ -37,7 +36,7 @@ def help_text(argv):
 
 # ----------------------------------------------------------------------------- help and options
 def test_every_option_is_documented_in_help():
-    from tokentune.methods import available_methods, get_method
+    from tokentune.core.method import available_methods, get_method
 
     text = " ".join(help_text("train").split())
     for f in dataclasses.fields(TrainConfig):
@@ -80,13 +79,13 @@ def test_new_method_configs_appear_without_touching_the_cli(monkeypatch):
         keep_rate: float = 0.7
         layers: Sequence[int] = (3, 6, 9)
 
-    monkeypatch.setitem(M._REGISTRY, "fancy", M.Method("fancy", FancyConfig, lambda m, c, ctx: None, order=25,
+    monkeypatch.setitem(R._REGISTRY, "fancy", R.Method("fancy", FancyConfig, lambda m, c, ctx: None, order=25,
                                                        summary="a fancy token pruner"))
     text = " ".join(help_text("train").split())
     assert "--fancy-keep-rate FLOAT share of tokens kept in every block. [FLOAT; default: 0.7]" in text
     assert "--fancy-layers VALUE blocks that prune. [INT,INT,...; default: 3,6,9]" in text
     args = cli.build_parser().parse_args(["train", "--method", "lora+fancy", "--fancy-layers", "2,4"])
-    assert cli._resolve_train_options(args)["model_options"] == {"fancy_layers": [2, 4]}
+    assert cli_train._resolve_train_options(args)["model_options"] == {"fancy_layers": [2, 4]}
 
 
 @pytest.mark.parametrize("hint, text, value", [
@@ -107,14 +106,14 @@ def test_value_syntax(hint, text, value):
 
 
 def test_option_parsing_and_recipes(monkeypatch):
-    monkeypatch.setitem(C._RECIPES, "demo-recipe", C.Recipe(
+    monkeypatch.setitem(R._RECIPES, "demo-recipe", R.Recipe(
         "demo-recipe", "lora+tome", model_options={"tome_r": [2, 2], "drop_path_rate": 0.1, "lora_rank": 4},
         train_options={"lr": 5e-3, "epochs": 7, "schedule_step": "epoch"}, summary="test recipe"))
     assert "demo-recipe (test recipe)" in " ".join(help_text("train").split())
     args = cli.build_parser().parse_args(["train", "--recipe", "demo-recipe", "--lr", "1e-3", "--tome-r", "3,1",
                                           "--betas", "0.9,0.99", "--clip-grad", "none", "--grad-checkpointing",
                                           "--no-drop-last"])
-    opts = cli._resolve_train_options(args)
+    opts = cli_train._resolve_train_options(args)
     assert opts["method"] == "lora+tome"
     assert opts["train"] == {"lr": 1e-3, "epochs": 7, "schedule_step": "epoch", "betas": (0.9, 0.99),
                              "clip_grad": None, "grad_checkpointing": True, "drop_last": False}
@@ -260,7 +259,7 @@ def test_bad_images_stop_train_and_eval_in_one_line_unless_skipped(tmp_path, cap
     assert [s["origin"] for s in results["data"]["train"]["skipped"]] == [f"{base}/train800val200.txt:3"]
     assert results["data"]["test"]["num_images"] == 3
     assert json.loads((out / "config.json").read_text())["run"]["cli"]["skip_bad_images"] is True
-    resumed = cli._resolve_train_options(cli.build_parser().parse_args(["train", "--out", str(out), "--resume"]))
+    resumed = cli_train._resolve_train_options(cli.build_parser().parse_args(["train", "--out", str(out), "--resume"]))
     assert resumed["skip_bad_images"] is True                           # --resume keeps the recorded choice
     # eval checks the split it reads in the same way
     evaluate = ["eval", str(out), "--num-workers", "0", "--no-progress"]
@@ -301,8 +300,8 @@ def test_eval_of_a_run_written_by_the_python_api(tmp_path, capsys):
     from conftest import tiny
 
     import tokentune
-    from tokentune.data import load_datasets, set_transforms
-    from tokentune.train import train
+    from tokentune.engine.data import load_datasets, set_transforms
+    from tokentune.engine.training import train
 
     folder = make_folder(tmp_path / "shapes", classes=("a", "b"), per_class=3, splits=("train", "val"))
     train_ds, test_ds = load_datasets(image_folder=str(folder))

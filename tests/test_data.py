@@ -10,12 +10,11 @@ from conftest import tiny
 from PIL import Image
 
 import tokentune
-import tokentune.data as D
-from tokentune.data import (
+import tokentune.engine.data as D
+from tokentune.engine.data import (
     VTAB_TASKS,
     build_datasets,
     build_transform,
-    clean_error,
     image_folder_dataset,
     image_problem,
     load_datasets,
@@ -27,8 +26,9 @@ from tokentune.data import (
     vtab_dataset,
     vtab_task,
 )
+from tokentune.engine.evaluate import evaluate
 from tokentune.errors import TokenTuneError
-from tokentune.evaluate import evaluate
+from tokentune.errors import error_line as clean_error
 
 
 def write_image(path, value=128, size=8, seed=None):
@@ -71,7 +71,8 @@ def test_vtab_registry_has_the_19_tasks_with_groups_and_aliases():
     assert vtab_task("cifar100").name == "cifar" and vtab_task("CIFAR").num_classes == 100
     assert vtab_task("oxford_pet").name == "oxford_iiit_pet" and vtab_task("oxford-iiit-pet").num_classes == 37
     assert vtab_task("sun397").num_classes == 397 and vtab_task("smallnorb_ele").num_classes == 9
-    assert sum(t.num_classes for t in VTAB_TASKS.values()) == 100 + 102 + 47 + 102 + 37 + 10 + 397 + 2 + 10 + 45 + 5 + 8 + 6 + 6 + 4 + 16 + 16 + 18 + 9
+    assert sum(t.num_classes for t in VTAB_TASKS.values()) == (100 + 102 + 47 + 102 + 37 + 10 + 397 + 2 + 10 + 45 + 5
+                                                               + 8 + 6 + 6 + 4 + 16 + 16 + 18 + 9)
 
 
 def test_unknown_vtab_name_suggests_close_names():
@@ -95,7 +96,7 @@ def test_vtab_dataset_reads_list_and_images(tmp_path):
     make_vtab(tmp_path, "cifar100", labels=(0, 99))
     assert vtab_dataset(tmp_path, "cifar", "test").name == "cifar"
     # the one-call helper applies the TrainConfig's data options
-    from tokentune.config import TrainConfig
+    from tokentune import TrainConfig
     train, test = build_datasets(model, TrainConfig(normalization="imagenet"), data_root=str(tmp_path), dataset="eurosat")
     assert len(train) == len(test) == 4 and train[0][0].shape == (3, 32, 32)
     assert not torch.allclose(train[0][0], ds[0][0])                       # imagenet mean/std, not 0.5

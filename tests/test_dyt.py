@@ -10,10 +10,10 @@ from conftest import randomize_lora, tiny
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokentune
-from tokentune import dyt
-from tokentune.adapter import Adapter, MoEAdapter
-from tokentune.config import TrainConfig, get_recipe
+from tokentune import TrainConfig, get_recipe
 from tokentune.errors import TokenTuneError
+from tokentune.methods import dyt
+from tokentune.methods.adapter import Adapter, MoEAdapter
 
 VARIANTS = ["mlp", "attn", "attn_mlp", "layer"]
 PREFIX = {
@@ -345,7 +345,7 @@ def test_loss_matches_reference_composition():
     assert seen == [8]                             # one forward over [x; x]
     # the complete-model pass only when its terms are enabled
     seen.clear()
-    ours.dyt_config = dataclasses.replace(ours.dyt_config, complete_weight=0.0, distill_weight=0.0)
+    ours.tokentune.state["dyt"] = dataclasses.replace(dyt.config_of(ours), complete_weight=0.0, distill_weight=0.0)
     with torch.no_grad():
         loss, logs = dyt.dyt_loss(ours, x, y, F.cross_entropy)
     assert seen == [4] and set(logs) == {"ce", "rate", "rate_loss"}
@@ -517,7 +517,7 @@ def test_deployed_equals_training_model_in_eval(method):
 def test_dyt_tome_order_and_equivalence():
     model = _model(method="dyt+tome", tome_r=[3, 2, 2, 1]).eval()
     _randomize(model)
-    counts = tokentune.tome.token_counts([3, 2, 2, 1], 17)
+    counts = tokentune.methods.tome.token_counts([3, 2, 2, 1], 17)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         dyt.calibrate_activation(model, x, 0.5)
@@ -553,13 +553,12 @@ def test_activation_stats_and_masks():
     stats = dyt.activation_stats(model, data, keep_masks=True)
     assert stats.num_images == 5 and stats.names == [f"blocks.{i}.mlp" for i in range(4)]
     assert stats.masks.shape == (5, 4, 16) and stats.grid == (4, 4)
-    assert model.tokentune_trace_source is False                 # restored
+    assert model.tokentune.trace_source is False                 # a per-forward option: the model is unchanged
     # recompute independently: per-layer rates and the patch masks through the source map
     active_sum, total = torch.zeros(4), torch.zeros(4)
-    model.tokentune_trace_source = True
     for b, (images, _) in enumerate(data):
         with torch.no_grad():
-            _, state = model(images, return_state=True)
+            _, state = model(images, return_state=True, trace_source=True)
         for j, rec in enumerate(dyt.dispatch_records(state)):
             m = rec.mask[:, 1:]
             active_sum[j] += m.sum()
@@ -571,7 +570,6 @@ def test_activation_stats_and_masks():
                     for patch in src[t].nonzero().flatten().tolist():
                         if patch >= 1:
                             assert stats.masks[offset + i, j, patch - 1] == bool(rec.mask[i, t] > 0.5)
-    model.tokentune_trace_source = False
     assert stats.per_layer == pytest.approx((active_sum / total).tolist(), abs=1e-6)
     assert stats.overall == pytest.approx(sum(stats.per_layer) / 4)
     assert "overall activation" in stats.summary()
@@ -590,11 +588,12 @@ def test_recipe_is_valid():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(recipe.train_options) <= fields
     cfg = TrainConfig(**recipe.train_options)
-    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.warmup_epochs, cfg.min_lr) == (1e-3, 1e-4, 64, 100, 10, 1e-5)
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (1e-3, 1e-4, 64, 100)
+    assert (cfg.warmup_epochs, cfg.min_lr) == (10, 1e-5)
     assert cfg.normalization == "inception"
     model = tokentune.create_model("vit_tiny_patch16_224", method=recipe.method, num_classes=5,
                                    **dict(recipe.model_options, **tiny()))
-    assert model.dyt_config.bottleneck == 16 and model.dyt_config.target_rate == 0.5
+    assert dyt.config_of(model).bottleneck == 16 and dyt.config_of(model).target_rate == 0.5
     assert model.head.weight.std().item() == pytest.approx(0.01, rel=0.3)
 
 
@@ -605,7 +604,7 @@ def test_save_and_load_trained_round_trip(tmp_path):
     tokentune.save_trained(model, str(tmp_path))
     torch.manual_seed(0)                       # same random backbone
     loaded = tokentune.load_trained(str(tmp_path)).eval()
-    assert loaded.dyt_config == model.dyt_config
+    assert dyt.config_of(loaded) == dyt.config_of(model)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from tokentune.data import VTAB_TASKS
+from tokentune.engine.data import VTAB_TASKS
+from tokentune.engine.evaluate import read_results, summarize, summary_markdown, write_results
 from tokentune.errors import TokenTuneError
-from tokentune.evaluate import read_results, summarize, summary_markdown, write_results
 
 
 def write_run(root, name, dataset, method, top1, best=None, model="vit_base_patch16_224.orig_in21k", label=None):

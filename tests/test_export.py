@@ -10,7 +10,14 @@ from safetensors.torch import load_file, save_file
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.export import DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, export_deployed, load_deployed, read_deployed_config
+from tokentune.methods.tome import schedule_of
+from tokentune.tools.export import (
+    DEPLOYED_CONFIG,
+    DEPLOYED_WEIGHTS,
+    export_deployed,
+    load_deployed,
+    read_deployed_config,
+)
 
 # options that make each method act on the tiny model (4 blocks, 17 tokens)
 METHOD_OPTIONS = {
@@ -32,11 +39,11 @@ def _cases():
     methods = tokentune.available_methods()
     cases += [(name, name, {}) for name in methods if name not in [c[0] for c in cases]]
     if "pyra" in methods:
-        from tokentune.pyra import VARIANTS
+        from tokentune.methods.pyra import VARIANTS
         cases += [(f"pyra-{v}", "pyra", dict(pyra_variant=v)) for v in VARIANTS if v != "pyra"]
         cases += [("adapter+pyra", "adapter+pyra", {})]
     if "dyt" in methods:
-        from tokentune.dyt import VARIANTS as DYT_VARIANTS
+        from tokentune.methods.dyt import VARIANTS as DYT_VARIANTS
         cases += [(f"dyt-{v}", "dyt", dict(dyt_variant=v)) for v in DYT_VARIANTS if v != "mlp"]
         cases += [("dyt-moe", "dyt", dict(dyt_experts=3)), ("dyt+tome", "dyt+tome", {})]
     return cases
@@ -83,7 +90,7 @@ def test_round_trip_equals_trained_model(spec, tmp_path):
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     assert type(loaded) is type(deployed)
     if "dyt" in spec:                 # dispatchers really skip part of the tokens in the loaded model
-        from tokentune import dyt
+        from tokentune.methods import dyt
         with torch.no_grad():
             _, state = loaded(x, return_state=True)
         assert 0.1 < float(dyt.activation_rate(state)) < 0.9
@@ -116,7 +123,7 @@ def test_tome_export_keeps_schedule_and_state(tmp_path):
     model = _trained("lora+tome", tome_trace_source=True)
     export_deployed(model, tmp_path)
     loaded = load_deployed(tmp_path)
-    assert loaded.tome_schedule == [3, 2, 2, 1] and read_deployed_config(tmp_path)["tome_schedule"] == [3, 2, 2, 1]
+    assert schedule_of(loaded) == [3, 2, 2, 1] and read_deployed_config(tmp_path)["method_state"]["tome"] == [3, 2, 2, 1]
     _, state = loaded(torch.randn(1, 3, 32, 32), return_state=True)
     assert state.source.shape == (1, 17 - 8, 17)
 
@@ -181,7 +188,7 @@ def test_export_from_run_directory_with_pretrained_override(tmp_path):
 
 
 def test_preprocessing_is_recorded_and_restored(tmp_path):
-    from tokentune.data import build_transform
+    from tokentune.engine.data import build_transform
 
     model = _trained("lora+tome")
     export_deployed(model, tmp_path / "a")
@@ -303,7 +310,7 @@ def test_export_errors_are_one_line(tmp_path):
 
 def test_meta_leftovers_fall_back_to_a_real_build(tmp_path, monkeypatch):
     """A method holding a plain tensor attribute cannot be built on the meta device; loading still works."""
-    from tokentune import export as export_mod
+    from tokentune.tools import export as export_mod
 
     model = _trained("lora+tome")
     export_deployed(model, tmp_path)
@@ -332,7 +339,7 @@ def _onnx_round_trip(spec, tmp_path, dynamic_batch=True):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    from tokentune.export import export_onnx
+    from tokentune.tools.export import export_onnx
 
     model = _trained(spec)
     deployed = tokentune.deploy(model)
@@ -358,7 +365,7 @@ def test_onnx_round_trip(spec, tmp_path):
 
 
 def test_onnx_dyt_skip_form_is_refused_clearly(tmp_path):
-    from tokentune.export import export_onnx
+    from tokentune.tools.export import export_onnx
 
     with pytest.raises(TokenTuneError, match="data-dependent shapes.*dyt_mask_form=True") as e:
         export_onnx(_trained("dyt"), tmp_path / "m.onnx", dyt_mask_form=False)
@@ -368,7 +375,7 @@ def test_onnx_dyt_skip_form_is_refused_clearly(tmp_path):
 def test_onnx_missing_is_a_clear_error(tmp_path, monkeypatch):
     import builtins
 
-    from tokentune.export import export_onnx
+    from tokentune.tools.export import export_onnx
 
     real_import = builtins.__import__
 
@@ -441,7 +448,7 @@ def test_export_command_onnx(spec, tmp_path, capsys):
 
 
 def test_shared_tensors_are_stored_once_and_stay_shared(tmp_path):
-    from tokentune.export import _assign, deployed_tensors
+    from tokentune.tools.export import _assign, deployed_tensors
 
     model = _trained("lora+tome")
     model.head_twin = model.head                      # a module reachable under two names

@@ -8,7 +8,7 @@ from conftest import randomize_lora, tiny
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.lora import LoRALinear
+from tokentune.methods.lora import LoRALinear
 
 
 def test_lora_linear_math_and_merge():

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from conftest import randomize_lora, tiny
 
 import tokentune
-from tokentune.config import TrainConfig, get_recipe
+from tokentune import TrainConfig, get_recipe
 from tokentune.errors import TokenTuneError
-from tokentune.lora import LoRALinear
-from tokentune.pyra import (
+from tokentune.methods.lora import LoRALinear
+from tokentune.methods.pyra import (
     GENERATOR,
     NORM,
     PYRAConfig,
@@ -23,6 +23,7 @@ from tokentune.pyra import (
     reference_schedule,
     to_reference_state_dict,
 )
+from tokentune.methods.tome import schedule_of
 
 SCHEDULE = [5, 3, 2, 1]          # tiny ViT: 17 -> 12 -> 9 -> 7 -> 6 tokens
 MODEL = "vit_tiny_patch16_224"
@@ -427,7 +428,7 @@ def test_save_and_load_trained_roundtrip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert loaded.tome_schedule == SCHEDULE and modulators(loaded)[0].variant == "gated_mlp"
+    assert schedule_of(loaded) == SCHEDULE and modulators(loaded)[0].variant == "gated_mlp"
 
 
 def test_recipe_is_the_reference_setting():
@@ -442,7 +443,7 @@ def test_recipe_is_the_reference_setting():
     with torch.device("meta"):
         model = tokentune.create_model("vit_base_patch16_224", method=recipe.method, num_classes=10,
                                        **recipe.model_options)
-    assert model.tome_schedule == [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]
+    assert schedule_of(model) == [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]
     assert model.blocks[0].attn.qkv.rank == 8 and model.blocks[0].attn.qkv.lora_dropout.p == 0.1
     assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     assert get_recipe("pyra-vtab-large").model_options["lora_rank"] == 12

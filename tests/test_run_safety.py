@@ -12,10 +12,9 @@ from test_data import make_folder
 from test_train import assert_same, cfg, make_data, make_model
 
 import tokentune
-from tokentune import cli, fileio
-from tokentune.config import TrainConfig
+from tokentune import TrainConfig, cli, fileio
+from tokentune.engine.training import learning_rate, train
 from tokentune.errors import TokenTuneError
-from tokentune.train import learning_rate, train
 
 FINAL_SAVE = ["model.safetensors", "config.json", "metrics.json", "results.json", "resume.pt"]
 

@@ -6,19 +6,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.schedules import (
+from tokentune.methods.pyra import modulator_flops as pyra_modulator_flops
+from tokentune.methods.tome import (
+    NAMED_SCHEDULES,
     PROFILES,
     ViTDims,
+    fit_schedule,
     flops_ratio,
     min_final_tokens,
     parse_target,
-    pyra_modulator_flops,
     schedule_for_flops,
     schedule_for_speedup,
     schedule_for_tokens,
+    schedule_of,
+    token_counts,
     vit_flops,
 )
-from tokentune.tome import NAMED_SCHEDULES, fit_schedule, token_counts
 
 MODEL = "vit_tiny_patch16_224"
 
@@ -111,10 +114,10 @@ def test_unreachable_flops_target_is_clear():
 # ----------------------------------------------------------------------------- tome_r strings
 def test_target_strings_as_tome_r():
     model = tokentune.create_model(MODEL, method="pyra", tome_r="tokens:6", **tiny())
-    assert token_counts(model.tome_schedule, 17)[-1] == 6
-    assert model.tome_schedule == schedule_for_tokens(17, 4, 6)
+    assert token_counts(schedule_of(model), 17)[-1] == 6
+    assert schedule_of(model) == schedule_for_tokens(17, 4, 6)
     geo = tokentune.create_model(MODEL, method="lora+tome", tome_r="flops:1.5:geometric", **tiny())
-    assert flops_ratio(ViTDims.from_model(geo), geo.tome_schedule) >= 1.5
+    assert flops_ratio(ViTDims.from_model(geo), schedule_of(geo)) >= 1.5
     assert parse_target("flops:2.5") == ("flops", 2.5, "constant") and parse_target("low") is None
     with pytest.raises(TokenTuneError, match="fewest reachable"):
         tokentune.create_model(MODEL, method="pyra", tome_r="tokens:1", **tiny())

@@ -8,7 +8,7 @@ from conftest import randomize_lora, tiny
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.tome import bipartite_soft_matching, fit_schedule, merge_weighted, parse_schedule, token_counts
+from tokentune.methods.tome import bipartite_soft_matching, fit_schedule, merge_weighted, parse_schedule, token_counts
 
 VARIANTS = {
     "plain": dict(),
@@ -153,7 +153,7 @@ def test_schedule_too_large_is_clear_error():
 
 
 def test_named_schedule_vit_b():
-    from tokentune.tome import named_schedule
+    from tokentune.methods.tome import named_schedule
     assert named_schedule("vit_base_patch16_224.orig_in21k", "low", 12) == [16] * 11 + [10]
     assert token_counts(named_schedule("vit_base_patch16_224", "high", 12), 197)[-1] == 5
     with pytest.raises(TokenTuneError, match="no 'low' merge schedule"):

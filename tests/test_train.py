@@ -10,10 +10,9 @@ from conftest import tiny
 from safetensors.torch import load_file
 
 import tokentune
-from tokentune import methods as M
-from tokentune.config import TrainConfig
-from tokentune.errors import TokenTuneError
-from tokentune.train import (
+from tokentune import TrainConfig
+from tokentune.core import method as R
+from tokentune.engine.training import (
     StopTraining,
     build_optimizer,
     learning_rate,
@@ -22,6 +21,7 @@ from tokentune.train import (
     train,
     validate_config,
 )
+from tokentune.errors import TokenTuneError
 
 
 def make_data(n=32, seed=0, classes=3):
@@ -239,8 +239,9 @@ def test_damaged_resume_state_and_another_random_backbone_are_refused(tmp_path):
         train(make_model(seed=5), data, None, cfg(epochs=2), out_dir=str(tmp_path), resume=True, log=None)
     resume = tmp_path / "resume.pt"
     resume.write_bytes(resume.read_bytes()[:300])
-    with pytest.raises(TokenTuneError, match=r"cannot read .*resume\.pt: it is truncated or damaged .*; it is "
-                                             r"corrupt: continue from the weights of the last finished epoch with --restart-from-weights") as e:
+    with pytest.raises(TokenTuneError, match=r"cannot read .*resume\.pt: it is truncated or damaged .*; it is corrupt: "
+                                             r"continue from the weights of the last finished epoch with "
+                                             r"--restart-from-weights") as e:
         train(make_model(), data, None, cfg(epochs=2), out_dir=str(tmp_path), resume=True, log=None)
     assert "\n" not in str(e.value)
     tokentune.load_trained(str(tmp_path))           # as the message says, the saved weights still load
@@ -285,7 +286,7 @@ def test_method_loss_hook_is_used(monkeypatch):
         calls.append(images.shape[0])
         return criterion(logits, targets) + 0.0 * logits.sum(), {"aux": 0.25}
 
-    monkeypatch.setitem(M._REGISTRY, "auxloss", M.Method("auxloss", None, lambda m, c, ctx: None, order=40, loss=loss))
+    monkeypatch.setitem(R._REGISTRY, "auxloss", R.Method("auxloss", None, lambda m, c, ctx: None, order=40, loss=loss))
     model = make_model("lora+auxloss")
     result = train(model, make_data(16), None, cfg(epochs=2), log=None)
     assert calls == [8, 8, 8, 8]
@@ -293,7 +294,7 @@ def test_method_loss_hook_is_used(monkeypatch):
 
 
 def test_amp_modes():
-    from tokentune.evaluate import amp_dtype
+    from tokentune.engine.evaluate import amp_dtype
     cpu = torch.device("cpu")
     assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
     assert amp_dtype("bf16", cpu) is torch.bfloat16 and amp_dtype("fp16", cpu) is torch.float16
@@ -312,7 +313,7 @@ def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from tokentune import distributed as D
+    from tokentune.engine import distributed as D
     model = make_model(lora_dropout=0.0)
     data = make_data(32)
     result = train(model, data, make_data(13, seed=1), cfg(epochs=2, batch_size=4), out_dir=os.path.join(out_dir, "run"),
@@ -338,7 +339,7 @@ def test_two_process_gloo_training_equals_one_process_with_the_same_global_batch
 
 
 def test_distributed_gradient_averaging_and_sampler_shards():
-    from tokentune.distributed import EpochSampler, ShardSampler
+    from tokentune.engine.distributed import EpochSampler, ShardSampler
     shards = [EpochSampler(10, seed=3, rank=r, world_size=2) for r in (0, 1)]
     for s in shards:
         s.set_epoch(4)
@@ -373,7 +374,7 @@ def test_sigterm_stops_after_the_step_with_the_state_saved(tmp_path):
 
 def test_method_step_hook_drives_dyt_temperature_schedule(monkeypatch):
     """Method.on_step runs before every step: DyT's linear tau schedule goes 5 -> 1 over training."""
-    from tokentune import dyt
+    from tokentune.methods import dyt
     model = make_model("dyt", dyt_tau=5.0, dyt_tau_end=1.0, dyt_tau_schedule="linear")
     seen = []
     orig = dyt.TokenDispatcher.forward

@@ -9,8 +9,9 @@ import torch
 from conftest import tiny
 
 import tokentune
-from tokentune import bench, viz
+from tokentune.core.dispatch import activation_stats
 from tokentune.errors import TokenTuneError
+from tokentune.tools import measure, viz
 
 pytest.importorskip("matplotlib")
 
@@ -46,13 +47,11 @@ def test_token_groups_follow_the_token_state(method, kw):
     x = torch.randn(2, 3, 32, 32)
     groups = viz.token_groups(model, x)
     assert sorted(groups) == [1, 2, 3, 4]
-    counts = tokentune.tome.token_counts([3, 2, 2, 1], 16 + prefix)[1:]
+    counts = tokentune.methods.tome.token_counts([3, 2, 2, 1], 16 + prefix)[1:]
     assert [groups[d][1] for d in (1, 2, 3, 4)] == counts
     # the final groups are exactly the tokens the model ends with, with the sizes it carries
-    model.tokentune_trace_source = True
     with torch.no_grad():
-        _, state = model(x, return_state=True)
-    del model.tokentune_trace_source
+        _, state = model(x, return_state=True, trace_source=True)
     g, tokens = groups[4]
     assert g.shape == (2, 4, 4)
     for b in range(2):
@@ -60,8 +59,8 @@ def test_token_groups_follow_the_token_state(method, kw):
         assert len(ids) == tokens - prefix                       # every patch token is some group
         want = state.size[b, prefix + torch.from_numpy(ids), 0]
         assert torch.equal(torch.from_numpy(sizes).float(), want)
-    # tracing was switched off again, hooks removed
-    assert "tokentune_trace_source" not in vars(model)
+    # tracing is a per-forward option (the model is unchanged), hooks removed
+    assert model.tokentune.trace_source is False
     assert all(not blk._forward_hooks for blk in model.blocks)
 
 
@@ -149,7 +148,7 @@ def test_tradeoff_points_join_runs_and_bench_tables(tmp_path):
     rows = [{"model": "lora (merged)", "GMACs": 4.0, "GFLOPs": 8.0, "img/s (median)": 100.0, "img/s (min-max)": "90-110"},
             {"model": "lora+tome", "GMACs": 2.5, "GFLOPs": 5.0, "img/s (median)": 160.0},
             {"model": "pyra", "GMACs": 2.6, "GFLOPs": 5.2, "img/s (median)": 155.0}]
-    bench.write_results(str(tmp_path / "bench"), rows, {"device": "cpu: test", "dtype": "fp32"}, list(rows[0]))
+    measure.write_results(str(tmp_path / "bench"), rows, {"device": "cpu: test", "dtype": "fp32"}, list(rows[0]))
     points = viz.load_tradeoff_points([tmp_path / "runs", tmp_path / "bench.json"], rename={"lora (merged)": "lora"})
     by = {p.label: p for p in points}
     assert by["lora"].accuracy == 71.0 and by["lora"].runs == 2
@@ -201,7 +200,7 @@ def _error(capsys, text):
 def test_viz_commands(tmp_path, capsys):
     from PIL import Image
 
-    from tokentune.export import export_deployed
+    from tokentune.tools.export import export_deployed
 
     export_deployed(_tome(), tmp_path / "export")
     Image.fromarray((_image() * 255).astype(np.uint8)).save(tmp_path / "a.png")
@@ -234,14 +233,13 @@ def _dyt(method="dyt", **kw):
 
 @pytest.mark.parametrize("method,kw", [("dyt", {}), ("dyt+tome", dict(tome_r=2)), ("dyt", dict(dyt_variant="attn_mlp"))])
 def test_dyt_activation_on_images_equals_activation_stats(method, kw):
-    from tokentune import dyt
 
     model = _dyt(method, **kw)
     images = [_image(i) for i in range(3)]
     stats, pixels = viz.dyt_activation(model, images, batch_size=2)
     assert len(pixels) == 3 and pixels[0].shape == (32, 32, 3)
     batch, _ = viz._model_inputs(model, images, None, None)
-    want = dyt.activation_stats(model, [batch], keep_masks=True)
+    want = activation_stats(model, [batch], keep_masks=True)
     assert stats.names == want.names and stats.per_layer == pytest.approx(want.per_layer)
     assert torch.equal(stats.masks, want.masks) and stats.num_images == 3
     assert 0.05 < stats.overall < 0.95                         # the picture shows a real mix
@@ -280,7 +278,7 @@ def test_activated_tokens_dim_exactly_the_skipped_patches(tmp_path, monkeypatch)
 
 
 def test_dyt_picture_errors():
-    with pytest.raises(TokenTuneError, match="no DyT token dispatchers"):
+    with pytest.raises(TokenTuneError, match="no token dispatchers"):
         viz.dyt_activation(_tome(), [_image()])
     with pytest.raises(TokenTuneError, match="dispatcher 7 is outside 0..3"):
         viz.plot_activated_tokens(_dyt(), [_image()], "x.png", layers=[7])
@@ -289,7 +287,7 @@ def test_dyt_picture_errors():
 def test_dyt_viz_commands(tmp_path, capsys):
     from PIL import Image
 
-    from tokentune.export import export_deployed
+    from tokentune.tools.export import export_deployed
 
     export_deployed(_dyt(), tmp_path / "export")
     (tmp_path / "imgs").mkdir()

@@ -10,31 +10,41 @@ Public surface::
 
 Methods (``method=``, joined with ``+``): ``full``, ``linear``, ``lora``, ``adapter``, ``tome``,
 ``pyra`` (= lora+tome+pyra), ``dyt``. See :func:`available_methods`.
-"""
-from .adapter import Adapter, AdapterConfig, MoEAdapter
-from .checkpoint import load_trained, save_trained
-from .config import Recipe, TrainConfig, available_recipes, get_recipe
-from .data import build_datasets
-from .deploy import deploy
-from .dyt import DyTConfig
-from .errors import TokenTuneError
-from .evaluate import evaluate
-from .export import export_deployed, export_onnx, load_deployed
-from .lora import LoRAConfig, LoRALinear
-from .methods import available_methods, create_model, register_method
-from .model import AdaptedBlock, TokenState, attention
-from .params import count_parameters, print_trainable_parameters
-from .pyra import PYRAConfig
-from .tome import ToMeConfig, bipartite_soft_matching, merge_weighted
-from .train import train
 
-__version__ = "0.1.0"
+Layout (the README's Architecture section): ``core`` (composition layer, registry, factory),
+``methods`` (one module or folder per method), ``engine`` (training, data, evaluation, run
+directories), ``tools`` (bench, export, pictures, demo), ``cli``; leaves (errors, file I/O, ...).
+"""
+from . import _compat
+from . import methods as _methods  # noqa: F401 - importing registers the built-in methods
+from .core.attention import attention
+from .core.block import AdaptedBlock
+from .core.deploy import deploy
+from .core.factory import create_model
+from .core.method import Recipe, available_methods, available_recipes, get_recipe, register_method
+from .core.params import count_parameters, print_trainable_parameters
+from .core.state import TokenState
+from .engine.checkpoint import load_trained, save_trained
+from .engine.config import TrainConfig
+from .engine.data import build_datasets
+from .engine.evaluate import evaluate
+from .engine.training import train
+from .errors import TokenTuneError
+from .methods.adapter import Adapter, AdapterConfig, MoEAdapter
+from .methods.dyt import DyTConfig
+from .methods.lora import LoRAConfig, LoRALinear
+from .methods.pyra import PYRAConfig
+from .methods.tome import ToMeConfig, bipartite_soft_matching, merge_weighted
+from .tools.export import export_deployed, export_onnx, load_deployed, open_model
+from .version import __version__
+
+_compat.install()
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdaptedBlock", "DyTConfig", "LoRAConfig", "LoRALinear", "MoEAdapter",
     "PYRAConfig", "Recipe", "ToMeConfig", "TokenState", "TokenTuneError", "TrainConfig", "attention",
     "available_methods", "available_recipes", "bipartite_soft_matching", "build_datasets", "count_parameters",
     "create_model", "deploy", "evaluate", "export_deployed", "export_onnx", "get_recipe", "load_deployed",
-    "load_trained", "merge_weighted", "print_trainable_parameters", "register_method", "save_trained", "train",
-    "__version__",
+    "load_trained", "merge_weighted", "open_model", "print_trainable_parameters", "register_method", "save_trained",
+    "train", "__version__",
 ]

@@ -109,9 +109,9 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` atomically."""
+    """Write ``text`` atomically (newlines as given)."""
     def write(tmp):
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", newline="") as fh:
             fh.write(text)
     atomic_write(path, write)
 

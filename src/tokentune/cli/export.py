@@ -1,0 +1,81 @@
+"""``tokentune export``: write the deployed model of a run (one safetensors file + config; optional ONNX)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..engine.rundir import CONFIG_NAME
+from ..errors import TokenTuneError
+from ..tools.export import (
+    DEPLOYED_CONFIG,
+    DEPLOYED_WEIGHTS,
+    EXPORT_DTYPES,
+    export_deployed,
+    export_onnx,
+    load_deployed,
+    read_deployed_config,
+    trace_options,
+)
+from .options import parse_pretrained
+
+HELP = "write the deployed model of a run (one safetensors file + config; optional ONNX)"
+DESCRIPTION = ("Deploy a run (LoRA merged, method deploy hooks applied) and write OUT/deployed.safetensors with every "
+               "tensor plus OUT/deployed.json; tokentune.load_deployed(OUT) rebuilds it with torch, timm and tokentune "
+               "only. --onnx also writes OUT/model.onnx.")
+
+
+def add(parser: argparse.ArgumentParser) -> None:
+    """Options of ``tokentune export RUN_DIR OUT [--onnx]``."""
+    parser.add_argument("run", metavar="RUN_DIR",
+                        help="a run directory written by 'tokentune train' (or save_trained); with --onnx also an "
+                             "export directory")
+    parser.add_argument("out", metavar="OUT", help="export directory to write (deployed.safetensors, deployed.json)")
+    parser.add_argument("--pretrained", type=parse_pretrained, default=None, metavar="hub|PATH",
+                        help="where the frozen backbone weights come from [default: as recorded in the run]")
+    parser.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default=None,
+                        help="store floating tensors in this precision [default: as trained, usually float32]")
+    parser.add_argument("--verify", action="store_true",
+                        help="reload the written export and check it reproduces the deployed model's outputs")
+    g = parser.add_argument_group("ONNX (needs pip install 'tokentune[onnx]')")
+    g.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (checked with onnxruntime when installed)")
+    g.add_argument("--onnx-file", default="model.onnx", metavar="NAME", help="ONNX file name inside OUT [default: model.onnx]")
+    g.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset [default: the exporter's]")
+    g.add_argument("--static-batch", action="store_true", help="fix the batch size in the graph (default: any batch)")
+    g.add_argument("--batch-size", type=int, default=1, metavar="N", help="example batch size traced [default: 1]")
+
+
+def _size(path: str) -> str:
+    n = os.path.getsize(path)
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
+    source = os.fspath(args.run)
+    if os.path.isfile(os.path.join(source, DEPLOYED_CONFIG)) and not os.path.isfile(os.path.join(source, CONFIG_NAME)):
+        if not args.onnx:
+            raise TokenTuneError(f"{source!r} is already an export; pass --onnx to write its ONNX graph")
+        deployed = load_deployed(source)
+    else:
+        deployed = export_deployed(source, args.out, pretrained=args.pretrained, dtype=args.dtype, verify=args.verify)
+        config = read_deployed_config(args.out)
+        spec = config["spec"]
+        weights = os.path.join(args.out, DEPLOYED_WEIGHTS)
+        print(f"exported {spec['method']} ({spec['model']}, {spec['num_classes']} classes) to {args.out}: "
+              f"{DEPLOYED_WEIGHTS} ({_size(weights)}, {config['num_tensors']} tensors), {DEPLOYED_CONFIG}"
+              f"{'; reload verified' if args.verify else ''}")
+    if args.onnx:
+        path = os.path.join(args.out, args.onnx_file)
+        _, notes = trace_options(deployed)
+        export_onnx(deployed, path, batch_size=args.batch_size, dynamic_batch=not args.static_batch, opset=args.opset,
+                    dyt_mask_form=True if notes else None)
+        try:
+            import onnxruntime  # noqa: F401
+            checked = "outputs checked against PyTorch with onnxruntime"
+        except ImportError:
+            checked = "not checked (onnxruntime is not installed)"
+        print(f"onnx: {path} ({_size(path)}, {'batch ' + str(args.batch_size) if args.static_batch else 'any batch'}); "
+              f"{checked}")
+        for note in notes:
+            print(f"note: {note}")
+    return 0

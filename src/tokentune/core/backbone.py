@@ -1,0 +1,189 @@
+"""Backbones: any timm ViT by name, with weights from the hub or from a local file.
+
+Every checkpoint format is absorbed here, through timm's own loaders:
+
+* ``pretrained=True``: the timm hub weights of ``name`` (``vit_base_patch16_224.orig_in21k`` for
+  the VTAB-1k papers' Google ImageNet-21k ViT-B/16); offline, and without the weights in the local
+  cache, this fails at once with one line saying where to get them;
+* ``pretrained="ViT-B_16.npz"``: Google's original JAX/Flax ``.npz`` (timm's npz loader);
+* ``pretrained="weights.pth"`` / ``".pt"`` / ``".bin"`` / ``".safetensors"``: a timm-style state
+  dict (wrapped in ``state_dict``/``model`` keys or not; DeiT/original key layouts are remapped
+  and position embeddings resampled by timm's checkpoint filter).
+
+A head whose class count differs from ``num_classes`` is dropped and re-initialised.
+
+Weight files are read by :mod:`tokentune.core.weights` (weights-only unpickling).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from typing import List, Optional, Tuple, Union
+
+import timm
+from torch import nn
+
+from ..errors import TokenTuneError
+from ..utils import one_line
+from .weights import load_weights_file
+
+WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
+
+# Names whose weights are NOT what their name suggests (a classic VTAB-1k pitfall).
+_LEGACY_NOTES = {
+    "vit_base_patch16_224_in21k": "vit_base_patch16_224.orig_in21k",
+    "vit_large_patch16_224_in21k": "vit_large_patch16_224.orig_in21k",
+}
+
+# Google's original ImageNet-21k ViT-B/16, the backbone of the VTAB-1k papers (JAX .npz).
+VIT_B16_NPZ_URL = "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    base = name.split(".")[0]
+    if timm.is_model(base):
+        raise TokenTuneError(f"timm has no pretrained tag {name!r}; see timm.list_pretrained('{base}*')")
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')"
+    raise TokenTuneError(f"unknown model {name!r}{hint}")
+
+
+def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False,
+                    num_classes: Optional[int] = None, *, trust_checkpoint: bool = False, **timm_kwargs) -> nn.Module:
+    """Create the timm model ``name`` with weights from the hub (True) or a local file (path).
+
+    ``trust_checkpoint`` unpickles a ``.pth``/``.pt``/``.bin`` file fully (see :func:`load_torch_file`);
+    only for files you trust, it can run code.
+    """
+    check_model_name(name)
+    if num_classes is not None:
+        timm_kwargs["num_classes"] = int(num_classes)
+    if isinstance(pretrained, os.PathLike):
+        pretrained = os.fspath(pretrained)
+    if isinstance(pretrained, str):
+        path = os.path.expanduser(pretrained)
+        if not os.path.isfile(path):
+            raise TokenTuneError(f"pretrained weights file {pretrained!r} does not exist; pass an existing "
+                                 f"{'/'.join(WEIGHT_SUFFIXES)} file or pretrained=True for the hub")
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix not in WEIGHT_SUFFIXES:
+            raise TokenTuneError(f"cannot read weights from {pretrained!r}: unknown suffix {suffix!r}; "
+                                 f"use one of {', '.join(WEIGHT_SUFFIXES)}")
+        overlay = dict(file=path, source="", hf_hub_id=None, url=None)
+        if suffix == ".npz":
+            if not zipfile.is_zipfile(path):   # numpy's .npz is a zip archive; timm's error would blame the model
+                raise TokenTuneError(f"cannot read {pretrained!r}: it is not a complete .npz archive (truncated or "
+                                     f"not numpy's format); download it again, e.g. {VIT_B16_NPZ_URL}")
+            overlay["custom_load"] = True      # timm's loader for Google's JAX checkpoints
+        else:
+            # hand timm the state dict itself so it keeps a head of the right size
+            state_dict = load_weights_file(path, trust_checkpoint=trust_checkpoint)
+            head = state_dict.get("head.weight")
+            overlay.update(state_dict=state_dict, file=None,
+                           num_classes=int(head.shape[0]) if head is not None and head.ndim == 2 else -1)
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+            if isinstance(getattr(model, "pretrained_cfg", None), dict):
+                model.pretrained_cfg.pop("state_dict", None)    # do not keep a second copy alive
+                model.pretrained_cfg["file"] = path
+            return model
+        except TokenTuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
+            raise TokenTuneError(f"weights in {pretrained!r} do not fit {name!r}: {one_line(exc)}; "
+                                 "check that the file is a checkpoint of this architecture") from exc
+    if pretrained:
+        if name in _LEGACY_NOTES:
+            import warnings
+            warnings.warn(f"timm maps {name!r} to AugReg weights; the VTAB-1k papers used Google's original "
+                          f"ImageNet-21k weights, timm name {_LEGACY_NOTES[name]!r}", stacklevel=3)
+        unavailable = _hub_unavailable(name)
+        if unavailable:
+            reason, where = unavailable
+            raise TokenTuneError(
+                f"cannot download the pretrained weights of {name!r}: {reason}, and they are not in the local "
+                f"cache; download them on a machine with internet access ({where}; the VTAB-1k papers' ViT-B/16 is "
+                f"Google's {VIT_B16_NPZ_URL}) and pass the file (pretrained='ViT-B_16.npz', --pretrained PATH), "
+                "or use pretrained=False (--pretrained none) for a random backbone")
+        try:
+            return timm.create_model(name, pretrained=True, **timm_kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise TokenTuneError(
+                f"could not fetch pretrained weights for {name!r} ({one_line(exc)}); download them once and pass "
+                f"the local file, e.g. pretrained='ViT-B_16.npz' (or --pretrained PATH)") from exc
+    return timm.create_model(name, pretrained=False, **timm_kwargs)
+
+
+# ----------------------------------------------------------------------------- hub
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unavailable(name: str) -> Optional[Tuple[str, str]]:
+    """``(why, from where)`` timm cannot download the weights of ``name`` now (None: cached, reachable or unknown).
+
+    Asks timm where it would load them from; weights already in its local cache (Hugging Face or
+    torch hub) need no network and are never probed. Otherwise ``HF_HUB_OFFLINE`` or a host that
+    does not answer within :data:`HUB_PROBE_TIMEOUT_S` means offline: without this check the hub
+    client retries for about a minute, logging a warning per attempt, before it gives up.
+    """
+    try:
+        from timm.models import get_pretrained_cfg
+        from timm.models._builder import _resolve_pretrained_source  # the source timm will use
+        load_from, location = _resolve_pretrained_source(get_pretrained_cfg(name).to_dict())
+    except Exception:  # noqa: BLE001 - no pretrained config, or another timm: let timm report it
+        return None
+    if load_from == "hf-hub":
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, files = (location[0], [location[1]]) if isinstance(location, tuple) else \
+            (location, ["model.safetensors", "pytorch_model.bin"])     # timm prefers the safetensors file
+        repo, _, revision = repo.partition("@")
+        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in files):
+            return None
+        # the variable, read now: huggingface_hub reads it only when it is imported
+        url, where = constants.ENDPOINT, f"{constants.ENDPOINT}/{repo}"
+        if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set", where
+    elif load_from == "url":
+        from timm.models._hub import check_cached_file
+        if check_cached_file(location, check_hash=False):
+            return None
+        url = where = location
+    else:
+        return None
+    if _answers(url, HUB_PROBE_TIMEOUT_S):
+        return None
+    host = urllib.parse.urlparse(url).netloc or url
+    return f"{host} cannot be reached (no answer within {HUB_PROBE_TIMEOUT_S:g} s)", where
+
+
+def _answers(url: str, timeout: float) -> bool:
+    """Whether ``url``'s server answers a HEAD request within ``timeout`` seconds (any HTTP status).
+
+    Runs in a daemon thread: the socket timeout does not bound a hanging DNS lookup, the join does.
+    """
+    answered: List[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass                       # an error status still comes from a reachable server
+        except Exception:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean unreachable
+            return
+        answered.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)

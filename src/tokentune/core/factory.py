@@ -1,0 +1,181 @@
+"""``create_model``: a timm ViT, adapted, with methods applied; the one place methods are applied.
+
+A *method spec* is a ``+``-joined list of method names, e.g. ``"lora"``, ``"lora+tome"``,
+``"adapter+tome"``, ``"full+tome"``, ``"pyra"`` (= ``lora+tome+pyra``), ``"dyt"``. Each method
+has a config dataclass whose fields can be given as prefixed keyword arguments
+(``lora_rank=8``, ``tome_r=[16] * 11 + [10]``) or as a whole config (``lora=LoRAConfig(...)``);
+every other keyword goes to ``timm.create_model`` (``drop_path_rate``, ``img_size``, ...).
+
+Methods are applied in a fixed order: parameter-efficient tuning (``full``, ``linear``, ``lora``,
+``adapter``), then token reduction (``tome``), then what builds on it (``pyra``, ``dyt``).
+Only the parameters a method declares (plus the classification head) are left trainable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import TokenTuneError
+from ..utils import jsonable
+from .backbone import create_backbone
+from .method import BuildContext, Method, available_methods, canonical_spec, parse_method
+from .vit import adapt_vit, spec_of
+
+HEAD_PATTERN = r"^(head|head_dist)\."
+
+
+def _coerce_config(method: Method, value: Any) -> Any:
+    if method.config is None:
+        raise TokenTuneError(f"method {method.name!r} takes no options")
+    if isinstance(value, method.config):
+        return dataclasses.replace(value)
+    if isinstance(value, dict):
+        return make_config(method, value)
+    raise TokenTuneError(f"{method.name}= expects a {method.config.__name__} or a dict, got {type(value).__name__}")
+
+
+def make_config(method: Method, values: Dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(method.config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TokenTuneError(f"unknown {method.name} option(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join(sorted(names))}")
+    return method.config(**values)
+
+
+def split_options(methods: Sequence[Method], options: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Separate method configs (by ``name=`` or ``name_field=``) from timm keyword arguments."""
+    configs: Dict[str, Any] = {}
+    prefixed: Dict[str, Dict[str, Any]] = {}
+    timm_kwargs: Dict[str, Any] = {}
+    by_name = {m.name: m for m in methods}
+    all_names = set(available_methods())
+    for key, value in options.items():
+        if key in by_name:
+            configs[key] = _coerce_config(by_name[key], value)
+            continue
+        owner = next((m for m in sorted(by_name, key=len, reverse=True) if key.startswith(m + "_")), None)
+        if owner is not None and by_name[owner].config is not None:
+            prefixed.setdefault(owner, {})[key[len(owner) + 1:]] = value
+            continue
+        other = next((m for m in all_names if key == m or key.startswith(m + "_")), None)
+        if other is not None and other not in by_name:
+            raise TokenTuneError(f"option {key!r} belongs to method {other!r}, which is not in the method spec; "
+                                 f"add it, e.g. method='{canonical_spec(methods)}+{other}'")
+        timm_kwargs[key] = value
+    for name, values in prefixed.items():
+        base = dataclasses.asdict(configs[name]) if name in configs else {}
+        base.update(values)
+        configs[name] = make_config(by_name[name], base)
+    for m in methods:
+        if m.config is not None and m.name not in configs:
+            configs[m.name] = m.config()
+    return configs, timm_kwargs
+
+
+def check_model_options(method: str, options: Dict[str, Any]) -> None:
+    """Validate a method spec and its options (one clear error) without building anything."""
+    split_options(parse_method(method), options)
+
+
+def mark_trainable(model: nn.Module, methods: Sequence[Method], train_head: bool = True) -> None:
+    """Freeze everything, then unfreeze what the methods (and the head) train."""
+    patterns = [re.compile(p) for m in methods for p in m.trainable]
+    if train_head:
+        patterns.append(re.compile(HEAD_PATTERN))
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(p.search(name) for p in patterns))
+
+
+def init_seed(seed: Optional[int] = None) -> int:
+    """The seed :func:`create_model` initialises a model from: ``seed``, or one taken from torch's global generator.
+
+    With ``seed=None``: the seed of the last ``torch.manual_seed(s)`` while nothing has drawn from
+    the generator since (then ``torch.manual_seed(s); create_model(...)`` builds exactly the model
+    it built before seeds were recorded), else a seed drawn from it. Either way the global
+    generator moves on by one draw, so two models built in a row differ.
+    """
+    if seed is not None:
+        return int(seed)
+    last = torch.initial_seed()
+    fresh = torch.equal(torch.get_rng_state(), torch.Generator().manual_seed(last).get_state())
+    drawn = int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
+    return last if fresh else drawn
+
+
+def create_model(name: str, method: str = "lora", num_classes: Optional[int] = None,
+                 pretrained: Union[bool, str] = False, *, train_head: bool = True,
+                 head_init_std: Optional[float] = None, seed: Optional[int] = None, **options) -> nn.Module:
+    """Build the timm ViT ``name`` with ``method`` applied.
+
+    Args:
+        name: timm model name, e.g. ``vit_base_patch16_224.orig_in21k``, ``deit_small_patch16_224``.
+        method: method spec, e.g. ``"lora"``, ``"lora+tome"``, ``"pyra"``, ``"dyt"``, ``"full"``.
+        num_classes: classes of the new head (None keeps the checkpoint's head).
+        pretrained: False (random init), True (timm hub) or a local ``.npz/.pth/.safetensors`` file.
+        train_head: leave the classification head trainable.
+        head_init_std: re-initialise the head with trunc_normal(std) and zero bias.
+        seed: seed of every random initialisation (the backbone when ``pretrained=False``, new
+            layers, a new head), drawn on torch's CPU generator (models are built on the CPU);
+            None takes one from the global generator (see :func:`init_seed`), which the build
+            does not otherwise touch. Recorded as ``init_seed`` in ``model.tokentune.spec`` and
+            ``config.json``, so :func:`tokentune.load_trained` rebuilds the same frozen weights.
+        **options: method options (``lora_rank=8``, ``tome_r=16``, ``lora=LoRAConfig(...)``) and
+            timm keyword arguments (``drop_path_rate=0.1``, ``img_size=...``).
+
+    Returns:
+        The model (a subclass of the timm model's own class); ``model(x)`` gives logits and
+        ``model(x, return_state=True)`` also the final :class:`tokentune.TokenState`.
+    """
+    methods = parse_method(method)
+    configs, timm_kwargs = split_options(methods, options)
+    seed = init_seed(seed)
+    with torch.random.fork_rng(devices=[]):     # the model depends on the seed alone
+        torch.random.default_generator.manual_seed(seed)
+        model = create_backbone(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+        adapt_vit(model)
+        head = re.compile(HEAD_PATTERN)
+        backbone_params = sum(p.numel() for n, p in model.named_parameters() if not head.search(n))
+        ctx = BuildContext(model_name=name, methods=[m.name for m in methods], configs=configs)
+        stored = dict(configs)
+        for m in methods:
+            recorded = m.apply(model, configs.get(m.name), ctx)
+            if recorded is not None:
+                stored[m.name] = recorded
+        if head_init_std is not None:
+            init_head(model, head_init_std)
+    mark_trainable(model, methods, train_head)
+    model.tokentune.spec = {
+        "model": name,
+        "method": canonical_spec(methods),
+        "num_classes": int(model.num_classes),
+        "pretrained": pretrained if isinstance(pretrained, (bool, str)) else str(pretrained),
+        "configs": jsonable(stored),
+        "timm_kwargs": jsonable(timm_kwargs),
+        "train_head": train_head,
+        "backbone_params": backbone_params,
+        "init_seed": seed,
+    }
+    return model
+
+
+@torch.no_grad()
+def init_head(model: nn.Module, std: float) -> None:
+    """Re-initialise the classification head(s): trunc_normal(std) weights, zero bias."""
+    for attr in ("head", "head_dist"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            nn.init.trunc_normal_(head.weight, std=std)
+            nn.init.zeros_(head.bias)
+
+
+def methods_of(model: nn.Module) -> List[Method]:
+    """The methods a model built by :func:`create_model` carries, in application order."""
+    spec = spec_of(model)
+    if spec is None:
+        raise TokenTuneError("this model was not built by tokentune.create_model")
+    return parse_method(spec["method"])

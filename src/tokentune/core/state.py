@@ -1,0 +1,73 @@
+"""Per-forward token state and dispatch decisions: what travels with the tokens from block to block.
+
+A :class:`TokenState` is created per forward and every block returns a new one instead of
+mutating it, so gradient checkpointing (which re-runs a block in backward) and re-entrant calls
+stay correct. Per-forward switches (``model(x, **options)``) travel in ``TokenState.options``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+
+# ----------------------------------------------------------------------------- token state
+@dataclass(frozen=True)
+class TokenState:
+    """Per-forward information that travels with the tokens.
+
+    Attributes:
+        num_prefix: prefix tokens at the front (CLS, registers, distillation token); never merged
+            or skipped.
+        size: [B, N, 1] how many input patches each token stands for (None = all ones).
+        source: [B, N, N0] 0/1 map from tokens to input tokens, when ``trace_source`` is on.
+        prop_attn: add ``log(size)`` to the attention logits (ToMe's proportional attention).
+        trace_source: maintain ``source``.
+        records: one dict per block that recorded something (token counts, DyT masks, ...).
+        options: per-forward switches passed as ``model(x, **options)`` (e.g. a method's
+            "complete model" pass); read by plug-ins, never by the composition layer.
+    """
+
+    num_prefix: int
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+    prop_attn: bool = False
+    trace_source: bool = False
+    records: Tuple[Dict[str, Any], ...] = ()
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes) -> "TokenState":
+        return dataclasses.replace(self, **changes)
+
+    def record(self, **items) -> "TokenState":
+        return dataclasses.replace(self, records=self.records + (items,))
+
+    def attn_bias(self) -> Optional[torch.Tensor]:
+        """Additive attention bias [B, 1, 1, N] for proportional attention, or None."""
+        if not self.prop_attn or self.size is None:
+            return None
+        return self.size.log().transpose(1, 2).unsqueeze(1)
+
+
+@dataclass
+class Dispatch:
+    """Which tokens take part in a skippable computation, as decided by a token dispatcher.
+
+    Attributes:
+        active: [B, N] bool, the hard decision (prefix tokens are always active).
+        gate: [B, N] float multiplier for the mask-multiply path; in training the straight-through
+            estimator (forward values exactly 0/1, gradient of the soft mask). None = ``active``.
+        skip: compute the active tokens only (gather, compute, scatter back) instead of
+            multiplying by the mask; inference only, it carries no gradient to the dispatcher.
+    """
+
+    active: torch.Tensor
+    gate: Optional[torch.Tensor] = None
+    skip: bool = False
+
+    def multiplier(self, like: torch.Tensor) -> torch.Tensor:
+        """[B, N, 1] mask to multiply an update by."""
+        gate = self.gate if self.gate is not None else self.active.to(like.dtype)
+        return gate.unsqueeze(-1)

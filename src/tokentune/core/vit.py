@@ -1,0 +1,163 @@
+"""A timm ViT with :class:`~tokentune.core.block.AdaptedBlock` s: the forward that threads the
+token state, and the conversion to and from timm's own model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import TokenTuneError
+from ..utils import unwrap_model
+from .block import AdaptedBlock
+from .state import TokenState
+
+
+@dataclass
+class ModelInfo:
+    """Everything tokentune keeps on a model, in one attribute: ``model.tokentune``.
+
+    Attributes:
+        spec: the build spec (JSON: model name, method spec, configs, timm keywords, head, seed,
+            where the pretrained weights came from) that rebuilds the model; None until
+            :func:`tokentune.create_model` has finished.
+        state: per-method build state by method name (e.g. ``"tome"``: the fitted schedule),
+            written by the methods' ``apply`` and read by the same methods.
+        prop_attn: proportional attention (log token sizes added to the attention logits).
+        trace_source: default of the per-forward ``trace_source`` option (keep the token ->
+            input-patch map in the token state).
+        deployed: :func:`tokentune.deploy` has run.
+        export: for a model loaded from an export: its directory and ``deployed.json``.
+    """
+
+    spec: Optional[Dict[str, Any]] = None
+    state: Dict[str, Any] = field(default_factory=dict)
+    prop_attn: bool = False
+    trace_source: bool = False
+    deployed: bool = False
+    export: Optional[Dict[str, Any]] = None
+
+
+def info_of(model: nn.Module) -> Optional[ModelInfo]:
+    """``model.tokentune`` (through compile/DDP wrappers), or None for a model tokentune did not adapt."""
+    info = getattr(unwrap_model(model), "tokentune", None)
+    return info if isinstance(info, ModelInfo) else None
+
+
+def spec_of(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The build spec of a model built by :func:`tokentune.create_model`, else None."""
+    info = info_of(model)
+    return info.spec if info is not None else None
+
+class TokenTuneMixin:
+    """Forward of a timm ViT whose blocks are :class:`AdaptedBlock` s.
+
+    Mixed in front of the timm model's own class (``TokenTuneVisionTransformer`` etc.), so every
+    timm method (``reset_classifier``, ``pretrained_cfg``, ``forward_head``, ...) still works and
+    parameter names stay timm's.
+    """
+
+    tokentune: ModelInfo
+
+    def initial_state(self, x: torch.Tensor, trace_source: Optional[bool] = None, **options) -> TokenState:
+        info = self.tokentune
+        trace = info.trace_source if trace_source is None else bool(trace_source)
+        return TokenState(num_prefix=self.num_prefix_tokens, prop_attn=info.prop_attn, trace_source=trace,
+                          options=options)
+
+    @property
+    def tokentune_spec(self) -> Optional[Dict[str, Any]]:
+        """The build spec (``model.tokentune.spec``; this name stays for one release)."""
+        spec = self.tokentune.spec
+        return dict(spec, deployed=True) if spec is not None and self.tokentune.deployed else spec
+
+    def forward_tokens(self, images: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
+        """Images -> final normalised tokens and the final :class:`TokenState`."""
+        x = self.patch_embed(images)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        state = self.initial_state(x, **options)
+        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x, state = checkpoint(block, x, state, use_reentrant=False)
+            else:
+                x, state = block(x, state)
+        return self.norm(x), state
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(images)[0]
+
+    def forward(self, images: torch.Tensor, return_state: bool = False, **options):
+        """Logits; with ``return_state=True`` also the final :class:`TokenState`.
+
+        ``options`` are per-forward switches: ``trace_source=True`` keeps the token -> input-patch
+        map (``state.source``); every other option reaches the plug-ins through
+        ``TokenState.options`` (e.g. DyT's ``dyt_complete`` and ``dyt_execution``).
+        """
+        x, state = self.forward_tokens(images, **options)
+        logits = self.forward_head(x)
+        return (logits, state) if return_state else logits
+
+
+_CLASS_CACHE: Dict[type, type] = {}
+
+
+def _adapted_class(base: type) -> type:
+    if base not in _CLASS_CACHE:
+        _CLASS_CACHE[base] = type(f"TokenTune{base.__name__}", (TokenTuneMixin, base),
+                                  {"__module__": __name__, "timm_class": base})
+    return _CLASS_CACHE[base]
+
+
+def adapt_vit(model: nn.Module) -> nn.Module:
+    """Convert a timm ViT in place: blocks -> :class:`AdaptedBlock`, forward -> token-state loop."""
+    if isinstance(model, TokenTuneMixin):
+        return model
+    for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head", "num_prefix_tokens"):
+        if not hasattr(model, attr):
+            raise TokenTuneError(
+                f"{type(model).__name__} is not a timm VisionTransformer (no {attr}); "
+                "use a ViT/DeiT model name such as vit_base_patch16_224")
+    if getattr(model, "attn_pool", None) is not None:
+        raise TokenTuneError("models with attention pooling (global_pool='map') are not supported; use 'token' or 'avg'")
+    blocks = [b if isinstance(b, AdaptedBlock) else AdaptedBlock(b) for b in model.blocks]
+    model.blocks = nn.Sequential(*blocks)
+    model.__class__ = _adapted_class(type(model))
+    model.tokentune = ModelInfo()
+    return model
+
+
+def restore_timm(model: nn.Module) -> nn.Module:
+    """Undo :func:`adapt_vit` in place (every plug-in must have been removed)."""
+    if not isinstance(model, TokenTuneMixin):
+        return model
+    model.blocks = nn.Sequential(*[b.to_timm_block() for b in model.blocks])
+    model.__class__ = model.timm_class
+    model.__dict__.pop("tokentune", None)
+    return model
+
+
+def adapted_blocks(model: nn.Module):
+    """The model's :class:`AdaptedBlock` s in order."""
+    return [b for b in model.blocks if isinstance(b, AdaptedBlock)]
+
+
+def input_size(model: nn.Module) -> Tuple[int, int]:
+    """(height, width) of the images the model was built for."""
+    size = getattr(getattr(unwrap_model(model), "patch_embed", None), "img_size", None)
+    if size is None:
+        raise TokenTuneError(f"cannot tell the input size of {type(model).__name__}; build it with img_size")
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return int(size[0]), int(size[1])
+
+
+def num_input_tokens(model: nn.Module) -> int:
+    """Tokens entering the first block at the model's configured input size."""
+    grid = getattr(model.patch_embed, "grid_size", None)
+    if grid is None:
+        raise TokenTuneError("cannot tell the token count of this model; set img_size when creating it")
+    return int(grid[0] * grid[1]) + int(model.num_prefix_tokens)

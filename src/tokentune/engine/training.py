@@ -1,0 +1,838 @@
+"""Training: AdamW with parameter groups, warm-up + cosine schedule, AMP, gradient accumulation,
+checkpoints after every epoch, exact resume, and data parallelism under ``torchrun``.
+
+::
+
+    from tokentune import create_model
+    from tokentune.config import TrainConfig
+    from tokentune.data import build_datasets, vtab_task
+    from tokentune.train import train
+
+    model = create_model("vit_base_patch16_224.orig_in21k", method="lora", pretrained="ViT-B_16.npz",
+                         num_classes=vtab_task("cifar").num_classes)
+    cfg = TrainConfig(epochs=100, batch_size=64, lr=1e-3)
+    train_ds, test_ds = build_datasets(model, cfg, data_root="vtab-1k", dataset="cifar")
+    result = train(model, train_ds, test_ds, cfg, out_dir="runs/cifar-lora")
+    print(result.top1)               # top-1 after the last epoch
+
+What a run directory holds is described in :mod:`tokentune.rundir` (only the main process
+writes). After every epoch (and when stopped) the loop writes a checkpoint as a whole:
+``model.safetensors`` + ``config.json`` (the trained parameters and how to rebuild the model,
+:func:`tokentune.load_trained`), ``metrics.json``, ``results.json`` once finished, and last the
+marker ``resume.pt`` (optimizer, AMP scaler, epoch, step, RNG states per process, sampler
+position, metrics). ``train(..., resume=True)`` continues from the marker and ends with the same
+weights as an uninterrupted run, wherever the previous run was killed.
+
+``train()`` reads as its steps: open the run directory, set up (optimizer, loader), start or
+resume (:class:`Progress`), then per epoch :func:`_train_epoch` (optimizer steps),
+:func:`_finish_epoch` (evaluation) and :func:`_save`.
+
+The training loss is ``criterion(model(images), targets)``, or the ``loss`` hook of a method
+(DyT's rate and distillation losses), called as ``loss(model, images, targets, criterion)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.factory import methods_of
+from ..core.vit import spec_of
+from ..core.weights import load_state_into
+from ..errors import TokenTuneError, error_line
+from ..precision import AMP_MODES, amp_dtype, autocast
+from ..utils import jsonable
+from . import distributed as D
+from .checkpoint import trained_state_dict
+from .config import TrainConfig
+from .data import INTERPOLATIONS, NORMALIZATIONS
+from .distributed import progress_enabled
+from .evaluate import evaluate, read_results, run_results
+from .rundir import RESUME_FORMAT, RESUME_NAME, WEIGHTS_NAME, RunDir
+
+# options that may differ when resuming: they do not change what is computed (``epochs`` may
+# change too, see _check_resume_compatible)
+RESUMABLE_CHANGES = ("eval_every", "num_workers")
+
+
+class StopTraining(Exception):
+    """Raise from a callback to stop after the current optimizer step; the state is saved for resume."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        top1: test top-1 (%) after the last epoch (None if no evaluation ran).
+        best_top1_over_epochs: the best test top-1 of the evaluations during training.
+        best_epoch: the epoch (1-based) of that best value.
+        history: one dict per finished epoch (epoch, train_loss, lr, top1, time_s, hook logs).
+        epochs_done: finished epochs.
+        global_step: optimizer steps done.
+        finished: all epochs done (False when stopped by ``max_steps``, a callback or a signal).
+        train_time_s: training time without evaluation, over all resumed segments.
+        results: the ``results.json`` record (finished runs).
+        stop_reason: why an unfinished run stopped: ``max_steps``, ``callback`` or ``signal``.
+    """
+
+    top1: Optional[float] = None
+    best_top1_over_epochs: Optional[float] = None
+    best_epoch: Optional[int] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    epochs_done: int = 0
+    global_step: int = 0
+    finished: bool = False
+    train_time_s: float = 0.0
+    results: Optional[Dict[str, Any]] = None
+    stop_reason: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- config checks
+def validate_config(cfg: TrainConfig) -> None:
+    """One clear error for any invalid training option."""
+    def bad(name, value, want):
+        raise TokenTuneError(f"invalid {name}={value!r}: {want}")
+
+    cfg = cfg.resolved()
+    if int(cfg.epochs) < 1:
+        bad("epochs", cfg.epochs, "need at least 1")
+    if int(cfg.batch_size) < 1:
+        bad("batch_size", cfg.batch_size, "need at least 1")
+    if int(cfg.grad_accum) < 1:
+        bad("grad_accum", cfg.grad_accum, "need at least 1")
+    if not cfg.lr > 0:
+        bad("lr", cfg.lr, "the peak learning rate must be > 0")
+    for name in ("min_lr", "warmup_lr", "weight_decay", "opt_eps"):
+        if getattr(cfg, name) < 0:
+            bad(name, getattr(cfg, name), "must be >= 0")
+    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
+        bad("warmup_epochs", cfg.warmup_epochs, f"must be >= 0 and smaller than epochs ({cfg.epochs}); "
+            "lower --warmup-epochs")
+    if cfg.schedule_step not in ("iter", "epoch"):
+        bad("schedule_step", cfg.schedule_step, "choose iter or epoch")
+    betas = tuple(cfg.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        bad("betas", cfg.betas, "give two values in [0, 1), e.g. 0.9,0.999")
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+        bad("clip_grad", cfg.clip_grad, "must be > 0 (or None for no clipping)")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        bad("label_smoothing", cfg.label_smoothing, "must be in [0, 1)")
+    if cfg.amp not in AMP_MODES:
+        bad("amp", cfg.amp, f"choose from {', '.join(AMP_MODES)}")
+    if int(cfg.eval_every) < 0:
+        bad("eval_every", cfg.eval_every, "must be >= 0 (0: evaluate after the last epoch only)")
+    if int(cfg.num_workers) < 0:
+        bad("num_workers", cfg.num_workers, "must be >= 0")
+    if cfg.normalization not in NORMALIZATIONS:
+        bad("normalization", cfg.normalization, f"choose from {', '.join(NORMALIZATIONS)}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        bad("interpolation", cfg.interpolation, f"choose from {', '.join(INTERPOLATIONS)}")
+    if cfg.image_size is not None and int(cfg.image_size) < 1:
+        bad("image_size", cfg.image_size, "must be positive")
+    if not isinstance(cfg.param_groups, dict):
+        bad("param_groups", cfg.param_groups, 'give a dict {regex: {"lr": .., "weight_decay": ..}}')
+    for pattern, overrides in cfg.param_groups.items():
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            bad("param_groups", pattern, f"not a regular expression ({exc})")
+        if not isinstance(overrides, dict) or not overrides or set(overrides) - {"lr", "weight_decay"}:
+            bad("param_groups", {pattern: overrides}, 'each pattern maps to {"lr": .., "weight_decay": ..}')
+        if not all(isinstance(v, (int, float)) and v >= 0 for v in overrides.values()):
+            bad("param_groups", {pattern: overrides}, "lr and weight_decay must be numbers >= 0")
+
+
+# ----------------------------------------------------------------------------- optimizer
+def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters.
+
+    * ``no_decay_norm_bias``: no weight decay on 1-D parameters (norm weights, biases,
+      LayerScale gammas) and on what the model lists in ``no_weight_decay()`` (timm: position
+      embedding, CLS/register tokens), as timm's optimizer factory;
+    * ``param_groups``: ``{regex: {"lr": .., "weight_decay": ..}}``, matched with ``re.search``
+      against parameter names, first match wins; a given ``weight_decay`` applies even to 1-D
+      parameters, a given ``lr`` scales the whole schedule of the group by ``lr / cfg.lr``.
+
+    Every group carries ``lr_scale`` (its lr relative to ``cfg.lr``) and ``names``.
+    """
+    patterns = [(re.compile(p), o) for p, o in cfg.param_groups.items()]
+    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
+    used = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr, wd = float(cfg.lr), float(cfg.weight_decay)
+        if cfg.no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias") or name in no_decay):
+            wd = 0.0
+        for i, (pattern, overrides) in enumerate(patterns):
+            if pattern.search(name):
+                used.add(i)
+                lr = float(overrides.get("lr", lr))
+                wd = float(overrides.get("weight_decay", wd))
+                break
+        group = groups.setdefault((lr, wd), {"params": [], "names": [], "lr": lr, "weight_decay": wd,
+                                             "lr_scale": lr / float(cfg.lr)})
+        group["params"].append(p)
+        group["names"].append(name)
+    if not groups:
+        raise TokenTuneError("the model has no trainable parameters; build it with a method that trains something "
+                             "(e.g. method='lora') or keep train_head=True")
+    unused = [p.pattern for i, (p, _) in enumerate(patterns) if i not in used]
+    if unused:
+        raise TokenTuneError(f"param_groups pattern {unused[0]!r} matches no trainable parameter; fix the regex "
+                             f"(trainable names look like {next(iter(groups.values()))['names'][0]!r})")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with ``cfg``'s betas and epsilon."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- schedule
+def _timm_cosine(cfg: TrainConfig, t: float) -> float:
+    """timm's ``CosineLRScheduler`` (t_initial=epochs, warmup_t=warmup_epochs, no warmup prefix, one cycle)."""
+    if t < cfg.warmup_epochs:
+        return cfg.warmup_lr + t * (cfg.lr - cfg.warmup_lr) / cfg.warmup_epochs
+    if t >= cfg.epochs:
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t / cfg.epochs))
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """The base learning rate for optimizer step ``step`` of ``epoch`` (both 0-based).
+
+    * ``schedule_step="iter"`` (DyT/MAE): ``t = epoch + step / steps_per_epoch``; linear warm-up
+      from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then a half-cosine from ``lr`` to
+      ``min_lr`` over the remaining epochs, updated every optimizer step.
+    * ``schedule_step="epoch"`` (PYRA reference): constant within an epoch. The reference steps
+      timm's cosine scheduler with the index of the epoch that just finished, so epoch ``e``
+      trains at the scheduler's value for ``max(e - 1, 0)``: epochs 0 and 1 at ``warmup_lr``,
+      then linear warm-up, then ``min_lr + (lr - min_lr)(1 + cos(pi t / epochs)) / 2``.
+    """
+    cfg = cfg.resolved()
+    if cfg.schedule_step == "epoch":
+        return _timm_cosine(cfg, max(epoch - 1, 0))
+    t = epoch + step / max(steps_per_epoch, 1)
+    warm, total = float(cfg.warmup_epochs), float(cfg.epochs)
+    if t < warm:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * t / warm
+    progress = min((t - warm) / (total - warm), 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ----------------------------------------------------------------------------- loss
+def loss_function(model: nn.Module) -> Callable:
+    """``f(images, targets, criterion) -> (loss, logs)``: a method's loss hook or plain cross-entropy."""
+    try:
+        hooks = [m for m in methods_of(model) if m.loss is not None]
+    except TokenTuneError:   # a model not built by create_model
+        hooks = []
+    if len(hooks) > 1:
+        raise TokenTuneError(f"methods {', '.join(m.name for m in hooks)} each define a training loss; "
+                             "combine at most one of them")
+    if hooks:
+        hook = hooks[0].loss
+        return lambda images, targets, criterion: hook(model, images, targets, criterion)
+    return lambda images, targets, criterion: (criterion(model(images), targets), {})
+
+
+def step_hooks(model: nn.Module) -> List[Callable[[nn.Module, float], None]]:
+    """The methods' per-step hooks (``Method.on_step``), e.g. DyT's temperature schedule."""
+    try:
+        return [m.on_step for m in methods_of(model) if m.on_step is not None]
+    except TokenTuneError:
+        return []
+
+
+# ----------------------------------------------------------------------------- RNG state
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    mt, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (mt, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    mt, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((mt, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- signals
+class _StopFlag:
+    """SIGTERM/SIGINT -> stop after the current step (a second SIGINT interrupts at once)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.previous = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- run state
+@dataclass
+class Progress:
+    """Where a run stands; exactly what ``resume.pt`` restores (besides tensors and RNG states).
+
+    Attributes:
+        epoch: the epoch being trained (0-based); ``len(history)`` between epochs.
+        batches_done: micro-batches of ``epoch`` already trained (0 between epochs).
+        global_step: optimizer steps done.
+        train_time_s: training time without evaluation, over all resumed segments.
+        history: one record per finished epoch.
+        partial: running sums of the epoch in progress (loss, images, hook logs, time).
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    train_time_s: float = 0.0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    partial: Dict[str, Any] = field(default_factory=lambda: _fresh_partial())
+
+
+def _fresh_partial() -> Dict[str, Any]:
+    return {"loss_sum": 0.0, "images": 0, "logs": {}, "time": 0.0}
+
+
+@dataclass
+class _Session:
+    """The objects one call of :func:`train` works with."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    dev: torch.device
+    inf: Any
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    criterion: nn.Module
+    compute_loss: Callable
+    on_step: List[Callable[[nn.Module, float], None]]
+    sampler: Any
+    loader: Any
+    batches: int
+    steps_per_epoch: int
+    run: Optional[RunDir]
+    records: Dict[str, Any]
+    say: Callable[[str], None]
+
+    @property
+    def trainable(self) -> List[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def total_steps(self) -> int:
+        return max(self.cfg.epochs * self.steps_per_epoch, 1)
+
+
+# ----------------------------------------------------------------------------- setup
+def _open_run_dir(out_dir: Optional[str], resume, model: nn.Module, is_main: bool) -> Optional[RunDir]:
+    """The run directory, checked before any work: writable, not holding another run unless resuming."""
+    if out_dir is None:
+        return None
+    if spec_of(model) is None:
+        raise TokenTuneError("saving a run needs a model built by tokentune.create_model; pass out_dir=None "
+                             "to train another model without checkpoints")
+    run = RunDir(out_dir)
+    existing = run.run_files()
+    if existing and not resume:
+        raise TokenTuneError(f"{run.path} already holds a run ({existing[0]}); continue it with resume=True "
+                             "(--resume) or choose another output directory")
+    if is_main:
+        run.prepare()
+    return run
+
+
+def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, inf, run: Optional[RunDir],
+           records: Dict[str, Any], say) -> _Session:
+    """Model on the device, optimizer, AMP scaler, loss, sampler and loader."""
+    model.to(dev)
+    if cfg.grad_checkpointing and not hasattr(model, "set_grad_checkpointing"):
+        raise TokenTuneError(f"{type(model).__name__} does not support gradient checkpointing; set grad_checkpointing=False")
+    if hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(bool(cfg.grad_checkpointing))
+    dtype = amp_dtype(cfg.amp, dev)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=cfg.drop_last, pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed))   # own generator: the global RNG is not consumed
+    batches = len(sampler) // cfg.batch_size if cfg.drop_last else -(-len(sampler) // cfg.batch_size)
+    if batches == 0:
+        raise TokenTuneError(f"the training split has {len(sampler)} images per process, fewer than one batch of "
+                             f"{cfg.batch_size} (drop_last); lower --batch-size or set --drop-last false")
+    return _Session(model=model, cfg=cfg, dev=dev, inf=inf, optimizer=optimizer, scaler=scaler,
+                    criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                    compute_loss=loss_function(model), on_step=step_hooks(model), sampler=sampler, loader=loader,
+                    batches=batches, steps_per_epoch=-(-batches // cfg.grad_accum), run=run, records=records, say=say)
+
+
+# ----------------------------------------------------------------------------- resume state
+def _spec_key(model: nn.Module) -> Dict[str, Any]:
+    return _spec_key_of(spec_of(model) or {})
+
+
+def _spec_key_of(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """What of a build spec (``model.tokentune.spec`` or a run's config.json) must not change on resume."""
+    key = {k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")}
+    if spec and not spec.get("pretrained"):    # a random backbone is frozen: resuming needs the same one
+        key["init_seed"] = spec.get("init_seed")
+    return jsonable(key)
+
+
+def _check_resume_compatible(saved_cfg: Dict[str, Any], saved_spec: Optional[Dict[str, Any]], cfg: TrainConfig,
+                             model: nn.Module, path: str, epochs_done: int, epoch_started: bool) -> None:
+    """Refuse to continue a run with options that change what was computed.
+
+    ``epochs`` may change (extend, or shorten to no fewer than the epochs already trained): the
+    schedule is recomputed for the new length from the current position.
+    """
+    now = jsonable(dataclasses.asdict(cfg))
+    diffs = [k for k in now if k not in RESUMABLE_CHANGES and k != "epochs" and saved_cfg.get(k) != now[k]]
+    if diffs:
+        k = diffs[0]
+        raise TokenTuneError(f"cannot resume {path}: option {k} was {saved_cfg.get(k)!r} and is now {now[k]!r}"
+                             f"{f' (and {len(diffs) - 1} more)' if len(diffs) > 1 else ''}; resume with the "
+                             "run's options or start a new output directory")
+    least = epochs_done + (1 if epoch_started else 0)
+    if cfg.epochs < max(least, 1):
+        raise TokenTuneError(f"cannot resume {path} with epochs={cfg.epochs}: {least} epoch(s) are already "
+                             f"{'started' if epoch_started else 'done'}; give --epochs {max(least, 1)} or more")
+    saved_spec, spec = saved_spec or {}, _spec_key(model)
+    diffs = [k for k in spec if k in saved_spec and saved_spec[k] != spec[k]]   # older states lack init_seed
+    if diffs:
+        k = diffs[0]
+        how = f" (create_model(..., seed={saved_spec[k]}))" if k == "init_seed" else ""
+        raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec[k]!r} and is now "
+                             f"{spec[k]!r}; build the model as in the interrupted run{how}")
+
+
+def _adopt_saved_defaults(cfg: TrainConfig, saved_cfg: Dict[str, Any], given: TrainConfig) -> TrainConfig:
+    """Options left to a default that depends on ``epochs`` keep the run's value when ``epochs`` changes."""
+    if given.warmup_epochs is None and saved_cfg.get("warmup_epochs") is not None:
+        return dataclasses.replace(cfg, warmup_epochs=saved_cfg["warmup_epochs"])
+    return cfg
+
+
+def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:
+    """What ``resume.pt`` holds (collective: every process contributes its RNG state)."""
+    cfg = s.cfg
+    return {
+        "format": RESUME_FORMAT, "epoch": p.epoch, "batches_done": p.batches_done, "global_step": p.global_step,
+        "steps_per_epoch": s.steps_per_epoch,
+        "sampler": {"seed": cfg.seed, "epoch": p.epoch, "start": p.batches_done * cfg.batch_size},
+        "train_time_s": p.train_time_s, "history": p.history, "partial": p.partial, "finished": finished,
+        "train_config": jsonable(dataclasses.asdict(cfg)), "model_spec": _spec_key(s.model),
+        "world_size": s.inf.world_size, "rng": D.all_gather_object(_rng_state(s.dev)),
+        # kept in a finished run too, so that it can be extended with more epochs
+        "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+        "trainable": {n: p_.detach().cpu() for n, p_ in s.model.named_parameters() if p_.requires_grad},
+    }
+
+
+def _save(s: _Session, p: Progress, finished: bool = False, results: Optional[Dict[str, Any]] = None) -> None:
+    """Write the checkpoint of ``p`` as a whole (data files first, the resume marker last)."""
+    state = _resume_state(s, p, finished)            # every process takes part
+    if s.run is not None and s.inf.is_main:
+        config = dict(spec_of(s.model), **s.records, epochs_done=len(p.history))
+        s.run.write_checkpoint(tensors=trained_state_dict(s.model), config=config, history=p.history,
+                               resume_state=state, results=results)
+    D.barrier()
+
+
+def _start(s: _Session, resume, state: Optional[Dict[str, Any]]) -> Tuple[Progress, bool]:
+    """A fresh :class:`Progress`, or the one ``state`` (``resume.pt``) or, with ``resume="weights"``,
+    the saved weights continue; also whether that run has already finished all its epochs."""
+    run, cfg, inf = s.run, s.cfg, s.inf
+    if run is None or not resume:
+        _seed_all(cfg.seed + inf.rank)
+        D.broadcast_module(s.model)
+        return Progress(), False
+    if resume == "weights":
+        return _restart_from_weights(s), False
+    if state is None:
+        if os.path.exists(run.weights):
+            raise TokenTuneError(f"{run.path} holds trained weights but no {RESUME_NAME} to resume exactly from; "
+                                 "continue from those weights with --restart-from-weights (resume='weights'), "
+                                 "or choose a new output directory")
+        s.say(f"no resume state in {run.path}: starting a new run")
+        _seed_all(cfg.seed + inf.rank)
+        D.broadcast_module(s.model)
+        return Progress(), False
+    history = list(state["history"])
+    _check_resume_compatible(state["train_config"], state.get("model_spec"), cfg, s.model, run.resume,
+                             len(history), state["batches_done"] > 0)
+    p = Progress(epoch=state["epoch"], batches_done=state["batches_done"], global_step=state["global_step"],
+                 train_time_s=float(state["train_time_s"]), history=history, partial=state["partial"])
+    if "trainable" in state and not _weights_readable(run.weights):
+        _restore_weights(s, state, history)
+    if state.get("finished") and cfg.epochs <= len(history):
+        s.say(f"{run.path} has finished all {len(history)} epochs; nothing to resume")
+        return p, True
+    if "optimizer" not in state:
+        raise TokenTuneError(f"{run.resume} holds no optimizer state (a finished run saved by an older version); "
+                             "extend it with --restart-from-weights")
+    load_state_into(s.model, state["trainable"], source=run.resume)
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == inf.world_size:
+        _set_rng_state(state["rng"][inf.rank], s.dev)
+    else:
+        if p.batches_done:
+            raise TokenTuneError(f"{run.resume} was saved inside an epoch by {state['world_size']} process(es); "
+                                 f"resume it with the same number of processes (now {inf.world_size})")
+        s.say(f"resuming with {inf.world_size} process(es) instead of {state['world_size']}: "
+              "the continuation is valid but not bit-identical to an uninterrupted run")
+        _seed_all(cfg.seed + inf.rank + 1000 * p.epoch)
+    if cfg.epochs != state["train_config"]["epochs"]:
+        s.say(f"changing the run's length from {state['train_config']['epochs']} to {cfg.epochs} epochs: the learning "
+              "rate schedule continues as if the run had been started with the new length")
+    s.say(f"resuming {run.path} at epoch {p.epoch + 1}/{cfg.epochs}"
+          + (f", step {p.batches_done // cfg.grad_accum}/{s.steps_per_epoch}" if p.batches_done else ""))
+    return p, False
+
+
+def _weights_readable(path: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            for name in fh.keys():
+                fh.get_tensor(name)
+        return True
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: all mean "rewrite it"
+        return False
+
+
+def _restore_weights(s: _Session, state: Dict[str, Any], history: List[Dict[str, Any]]) -> None:
+    """Rewrite a missing or damaged ``model.safetensors`` from the trained tensors in ``resume.pt``."""
+    load_state_into(s.model, state["trainable"], source=s.run.resume)
+    if s.inf.is_main:
+        config = dict(spec_of(s.model), **s.records, epochs_done=len(history))
+        s.run.write_model(trained_state_dict(s.model), config)
+    s.say(f"{WEIGHTS_NAME} was missing or damaged: rewritten from {RESUME_NAME} (the weights after epoch {len(history)})")
+
+
+def _restart_from_weights(s: _Session) -> Progress:
+    """Continue a run from its ``model.safetensors`` (the last finished epoch) when ``resume.pt`` is
+    lost or corrupt: weights and history come back, optimizer and random state start afresh."""
+    from safetensors.torch import load_file
+
+    run, cfg, inf = s.run, s.cfg, s.inf
+    if not os.path.isfile(run.weights):
+        raise TokenTuneError(f"{run.path} holds no {WEIGHTS_NAME} to restart from; start a new run (without resume)")
+    config = run.read_config()
+    saved_cfg = config.get("train_config") or {}
+    epochs_done = int(config.get("epochs_done") or 0)
+    _check_resume_compatible(saved_cfg, _spec_key_of(config), cfg, s.model, run.weights, epochs_done, False)
+    try:
+        tensors = load_file(run.weights)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise TokenTuneError(f"cannot read {run.weights} ({' '.join(str(exc).split())[:160]}); it is corrupt: start a "
+                             "new run") from None
+    load_state_into(s.model, tensors, source=run.weights)
+    history = run.read_metrics()[:epochs_done]
+    _seed_all(cfg.seed + inf.rank + 1000 * epochs_done)
+    D.broadcast_module(s.model)
+    s.say(f"restarting {run.path} from the weights after epoch {epochs_done}: optimizer and random state start "
+          "afresh, so the result is not bit-identical to an uninterrupted run")
+    return Progress(epoch=epochs_done, global_step=epochs_done * s.steps_per_epoch,
+                    train_time_s=sum(float(h.get("time_s") or 0.0) for h in history), history=history)
+
+
+# ----------------------------------------------------------------------------- one epoch
+def _train_epoch(s: _Session, p: Progress, stop_flag: "_StopFlag", callbacks, max_steps: Optional[int],
+                 progress: Optional[bool]) -> Optional[str]:
+    """Train ``p.epoch`` from ``p.batches_done`` to its end or to a stop request; returns the request
+    (``signal``, ``callback``, ``max_steps``; it may come with the epoch's last step) or None."""
+    from tqdm.auto import tqdm
+
+    cfg, epoch = s.cfg, p.epoch
+    s.sampler.set_epoch(epoch, start=p.batches_done * cfg.batch_size)
+    s.model.train()
+    tic = time.perf_counter()
+    bar = tqdm(total=s.batches, initial=p.batches_done, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not progress_enabled(progress), dynamic_ncols=True)
+    batch_iter = iter(s.loader)
+    stop = None
+    try:
+        while p.batches_done < s.batches:
+            stop = _optimizer_step(s, p, batch_iter, bar, callbacks, stop_flag, max_steps)
+            if stop and p.batches_done < s.batches:
+                break
+    finally:
+        bar.close()
+        p.partial["time"] += time.perf_counter() - tic
+    return stop
+
+
+def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_flag, max_steps) -> Optional[str]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns a stop request or None."""
+    cfg, epoch = s.cfg, p.epoch
+    group = min(cfg.grad_accum, s.batches - p.batches_done)
+    step = p.batches_done // cfg.grad_accum
+    lr = learning_rate(cfg, epoch, step, s.steps_per_epoch)
+    set_learning_rate(s.optimizer, lr)
+    for hook in s.on_step:
+        hook(s.model, p.global_step / s.total_steps)
+    dtype = amp_dtype(cfg.amp, s.dev)
+    stats = torch.zeros(4, dtype=torch.float64)   # loss sum, images, non-finite, stop
+    bad_value = value = None
+    for _ in range(group):
+        try:
+            images, targets = next(batch_iter)
+        except TokenTuneError as exc:
+            raise TokenTuneError(error_line(exc)) from None
+        images = images.to(s.dev, non_blocking=True)
+        targets = torch.as_tensor(targets).to(s.dev, non_blocking=True)
+        with autocast(s.dev, dtype):
+            loss, logs = s.compute_loss(images, targets, s.criterion)
+        value = float(loss.detach().float())
+        if not math.isfinite(value):
+            stats[2], bad_value = 1, value
+            break
+        s.scaler.scale(loss / group).backward()
+        stats[0] += value * targets.shape[0]
+        stats[1] += targets.shape[0]
+        for k, v in logs.items():
+            p.partial["logs"][k] = p.partial["logs"].get(k, 0.0) + float(v) * targets.shape[0]
+        bar.update(1)
+    try:
+        for cb in callbacks:
+            cb("step", {"epoch": epoch, "step": step, "global_step": p.global_step + 1, "model": s.model,
+                        "loss": value, "lr": lr})
+    except StopTraining:
+        stats[3] = max(float(stats[3]), 1)
+    if stop_flag.requested:
+        stats[3] = 2
+    if s.inf.enabled:
+        stats = D.all_reduce_sum(stats.to(s.dev)).cpu()
+    if stats[2] > 0:
+        s.optimizer.zero_grad(set_to_none=True)
+        _diverged(s, p, step, lr, bad_value)
+    D.average_gradients(s.trainable)
+    if cfg.clip_grad is not None:
+        s.scaler.unscale_(s.optimizer)
+        nn.utils.clip_grad_norm_(s.trainable, cfg.clip_grad)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    p.global_step += 1
+    p.batches_done += group
+    p.partial["loss_sum"] += float(stats[0])
+    p.partial["images"] += int(stats[1])
+    if bar.n % 10 == 0 or p.batches_done == s.batches:
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)
+    if stats[3] > 0:
+        return "signal" if stats[3] >= 2 else "callback"
+    if max_steps is not None and p.global_step >= max_steps:
+        return "max_steps"
+    return None
+
+
+def _diverged(s: _Session, p: Progress, step: int, lr: float, bad_value: Optional[float]) -> None:
+    kept = (f"the checkpoint after epoch {len(p.history)} is kept in {s.run.path}" if s.run and p.history
+            else "no checkpoint was written yet")
+    raise TokenTuneError(
+        f"training diverged: the loss became "
+        f"{bad_value if bad_value is not None else 'non-finite on another process'} at epoch {p.epoch + 1}, "
+        f"step {step + 1}/{s.steps_per_epoch} (global step {p.global_step + 1}) with lr "
+        f"{learning_rate(s.cfg, p.epoch, step, s.steps_per_epoch):.3g}; lower --lr (e.g. {s.cfg.lr / 10:g}) or set "
+        f"--clip-grad 1.0 ({kept})")
+
+
+def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: Optional[bool]) -> Dict[str, Any]:
+    """Close the epoch: its record (with the test evaluation when due), appended to the history."""
+    cfg, epoch, part = s.cfg, p.epoch, p.partial
+    p.train_time_s += part["time"]
+    lr = learning_rate(cfg, epoch, (s.batches - 1) // cfg.grad_accum, s.steps_per_epoch)
+    record = {"epoch": epoch + 1, "train_loss": part["loss_sum"] / max(part["images"], 1),
+              "lr": lr, "time_s": round(part["time"], 3), "top1": None}
+    record.update({k: v / max(part["images"], 1) for k, v in part["logs"].items()})
+    due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
+    if test_data is not None and (due or epoch == cfg.epochs - 1):
+        metrics = evaluate(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
+                           num_workers=cfg.num_workers, progress=progress, desc="test")
+        record["top1"] = metrics["top1"]
+        record["test_loss"] = metrics["loss"]
+    p.history.append(record)
+    p.epoch, p.batches_done, p.partial = epoch + 1, 0, _fresh_partial()
+    return record
+
+
+# ----------------------------------------------------------------------------- train
+def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfig] = None,
+          out_dir: Optional[str] = None, *, resume: Union[bool, str] = False, device: Optional[str] = None,
+          max_steps: Optional[int] = None, callbacks: Sequence[Callable[[str, Dict[str, Any]], None]] = (),
+          progress: Optional[bool] = None, eval_batch_size: Optional[int] = None,
+          run_info: Optional[Dict[str, Any]] = None, handle_signals: bool = False,
+          log: Optional[Callable[[str], None]] = print) -> TrainResult:
+    """Train ``model`` on ``train_data`` and evaluate on ``test_data``.
+
+    Args:
+        model: built by :func:`tokentune.create_model` (only its trainable parameters train).
+        train_data: a dataset of ``(image tensor, label)`` (e.g. :func:`tokentune.data.vtab_dataset`
+            with transforms set).
+        test_data: evaluated after the 1st epoch, every ``cfg.eval_every`` epochs after it, and
+            after the last (the references' convention); None: no evaluation.
+        cfg: :class:`tokentune.config.TrainConfig`.
+        out_dir: run directory for checkpoints and results (None: nothing is written).
+        resume: ``True``: continue the run in ``out_dir`` exactly from its ``resume.pt`` (a fresh
+            start if the directory holds no run; ``cfg.epochs`` may be raised to extend a run);
+            ``"weights"``: continue from its ``model.safetensors`` and history when ``resume.pt`` is
+            lost or corrupt (optimizer and random state start afresh). Without it an ``out_dir``
+            holding a run is an error, so nothing is overwritten.
+        device: ``auto`` (GPU if available), ``cpu``, ``cuda``, ``cuda:N``.
+        max_steps: stop after this many optimizer steps in total (the state is saved; resume later).
+        callbacks: ``callback(event, info)`` with event ``"step"`` or ``"epoch"``; raising
+            :class:`StopTraining` stops after the step with the state saved.
+        progress: tqdm bars (None: only when stderr is a terminal; never on non-main processes).
+        eval_batch_size: evaluation batch size (default: twice the training batch size).
+        run_info: extra JSON-able information stored in ``config.json`` and ``results.json``.
+        handle_signals: on SIGTERM/SIGINT finish the current step, save the state and stop.
+        log: where progress lines go on the main process (None: silent).
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    given = cfg or TrainConfig()
+    cfg = given.resolved()
+    validate_config(cfg)
+    if resume not in (False, True, "weights"):
+        raise TokenTuneError(f"resume must be True, False or 'weights', got {resume!r}")
+    inf = D.init_distributed(device)
+    dev = D.resolve_device(device)
+    say = (log if (log is not None and inf.is_main) else (lambda *_: None))
+    run = _open_run_dir(out_dir, resume, model, inf.is_main)
+    if len(train_data) == 0:
+        raise TokenTuneError("the training split is empty")
+    state = run.read_resume() if run is not None and resume is True else None
+    if state is not None:
+        cfg = _adopt_saved_defaults(cfg, state["train_config"], given)
+    records = {"train_config": jsonable(dataclasses.asdict(cfg)), "data": run_info_data(train_data, test_data)}
+    if run_info:
+        records["run"] = jsonable(run_info)
+    s = _setup(model, train_data, cfg, dev, inf, run, records, say)
+    p, finished = _start(s, resume, state)
+    del state
+    if finished:
+        return _result(p.history, p.global_step, True, p.train_time_s,
+                       read_results(run.path) if os.path.isfile(run.results) else None)
+    eval_bs = eval_batch_size or 2 * cfg.batch_size
+
+    with _StopFlag(handle_signals) as stop_flag:
+        while p.epoch < cfg.epochs:
+            stop = _train_epoch(s, p, stop_flag, callbacks, max_steps, progress)
+            if p.batches_done < s.batches:    # stopped inside the epoch
+                p.train_time_s += p.partial["time"]
+                p.partial["time"] = 0.0
+                _save(s, p)
+                say(f"stopped at epoch {p.epoch + 1}, step {p.batches_done // cfg.grad_accum}/{s.steps_per_epoch} "
+                    f"(global step {p.global_step}); continue with resume=True (--resume)")
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
+            record = _finish_epoch(s, p, test_data, eval_bs, progress)
+            say(_epoch_line(record, cfg.epochs))
+            if p.epoch < cfg.epochs:
+                _save(s, p)
+            try:
+                for cb in callbacks:
+                    cb("epoch", {"epoch": p.epoch - 1, "global_step": p.global_step, "model": model, "record": record})
+            except StopTraining:
+                stop = "callback"
+            if stop and p.epoch < cfg.epochs:
+                say(f"stopped after epoch {p.epoch}; continue with resume=True (--resume)")
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
+
+    results = run_results(model=model, history=p.history, dataset=records["data"], train_time_s=p.train_time_s,
+                          epochs=cfg.epochs, finished=True, extra={"run": records["run"]} if run_info else None)
+    _save(s, p, finished=True, results=results)
+    return _result(p.history, p.global_step, True, p.train_time_s, results)
+
+
+def run_info_data(train_data, test_data) -> Dict[str, Any]:
+    """Dataset description for run records (name, group, splits, sizes)."""
+    def describe(ds):
+        if ds is None:
+            return None
+        if hasattr(ds, "describe"):
+            return ds.describe()
+        return {"name": getattr(ds, "name", None), "num_images": len(ds)}
+
+    train_d = describe(train_data) or {}
+    return {"name": train_d.get("name"), "kind": train_d.get("kind"), "group": train_d.get("group"),
+            "root": train_d.get("root"),
+            "train": train_d, "test": describe(test_data)}
+
+
+def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
+    line = f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  lr {record['lr']:.2e}"
+    extras = [k for k in record if k not in ("epoch", "train_loss", "lr", "time_s", "top1", "test_loss")]
+    line += "".join(f"  {k} {record[k]:.4f}" for k in extras)
+    if record.get("top1") is not None:
+        line += f"  test top-1 {record['top1']:.2f}%"
+    return line + f"  ({record['time_s']:.1f} s)"
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _result(history, global_step, finished, elapsed, results, stop_reason=None) -> TrainResult:
+    evals = [(h["epoch"], h["top1"]) for h in history if h.get("top1") is not None]
+    best = max(evals, key=lambda e: e[1]) if evals else (None, None)
+    return TrainResult(top1=evals[-1][1] if evals else None, best_top1_over_epochs=best[1], best_epoch=best[0],
+                       history=list(history), epochs_done=len(history), global_step=global_step, finished=finished,
+                       train_time_s=elapsed, results=results, stop_reason=stop_reason)

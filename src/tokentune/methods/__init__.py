@@ -1,0 +1,47 @@
+"""The built-in methods, one module (or folder) each; importing this package registers them.
+
+* :mod:`.tuning`: ``full`` and ``linear``;
+* :mod:`.lora`: LoRA on the blocks' Linear layers (merged for deployment);
+* :mod:`.adapter`: AdaptFormer-style adapters (plain and MoE);
+* :mod:`.tome`: ToMe token merging (matching, schedules, FLOPs, measured speed-up);
+* :mod:`.pyra`: PYRA, the modulation of the tokens ToMe merges;
+* :mod:`.dyt`: Dynamic Tuning, token dispatchers with adapters on every token.
+
+Adding a method: one module or folder here that defines its config dataclass and calls
+``register_method(Method(...))`` at import, an import line below, and its tests (CONTRIBUTING.md).
+Methods of other packages register through the ``tokentune.methods`` entry-point group instead.
+
+The registry itself lives in :mod:`tokentune.core.method`; its names are re-exported here, where
+they lived before (kept for one release).
+"""
+from ..core.factory import (
+                            HEAD_PATTERN,
+                            check_model_options,
+                            create_model,
+                            init_head,
+                            init_seed,
+                            make_config,
+                            mark_trainable,
+                            methods_of,
+                            split_options,
+)
+from ..core.method import (
+                            BuildContext,
+                            Method,
+                            Recipe,
+                            available_methods,
+                            available_recipes,
+                            canonical_spec,
+                            get_method,
+                            get_recipe,
+                            parse_method,
+                            register_method,
+                            register_recipe,
+)
+from . import adapter, dyt, lora, pyra, tome, tuning  # noqa: F401 - registers the built-in methods
+
+__all__ = [
+    "BuildContext", "HEAD_PATTERN", "Method", "Recipe", "available_methods", "available_recipes", "canonical_spec",
+    "check_model_options", "create_model", "get_method", "get_recipe", "init_head", "init_seed", "make_config",
+    "mark_trainable", "methods_of", "parse_method", "register_method", "register_recipe", "split_options",
+]

@@ -1,0 +1,90 @@
+"""DyT's options (:class:`DyTConfig`, defaults: the reference VTAB-1k setting) and their checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ...errors import TokenTuneError
+from ...typecheck import check_fields
+
+VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
+TAU_SCHEDULES = ("linear", "cosine", "exponential")
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class DyTConfig:
+    """Dynamic Tuning options (defaults: the reference VTAB-1k setting).
+
+    Attributes:
+        variant: where tokens are dispatched: ``"mlp"`` (MLP Dispatch, the paper's default and
+            the reference code), ``"attn"``, ``"attn_mlp"`` or ``"layer"``.
+        target_rate: target activation rate ``r`` of the rate loss (reference:
+            ``token_target_ratio``, 0.5).
+        bottleneck: adapter hidden width (reference ``ffn_num``: 16 in the VTAB script; 8 gives
+            the paper's 0.16M parameters, 64 its larger-data setting).
+        adapter_scale: adapter output multiplier (reference: 1.0 on VTAB-1k, 0.1 elsewhere).
+        adapter_dropout: dropout on the adapter's hidden activation in training (reference 0.1).
+        experts: adapter experts; 1 = the reference's plain adapter, >1 = the MoE-adapter
+            (per-image routing from the mean token, experts merged in weight space; paper: 4).
+        tau: Gumbel-sigmoid temperature in training (reference 5, constant).
+        tau_end: temperature at the end of training for a decay schedule (None = constant
+            ``tau``); applied by :func:`update_temperature`, which the training loop calls.
+        tau_schedule: shape of the decay from ``tau`` to ``tau_end``: ``"linear"``,
+            ``"cosine"`` or ``"exponential"``.
+        threshold: a token is active when its (noisy, in training) sigmoid exceeds this (0.5).
+        gumbel_noise: add the logistic (G1 - G2) noise in training (reference: yes).
+        keep_layers: the first ``keep_layers`` blocks have adapters but no dispatcher (all
+            tokens active there; reference ``keep_layers``, 0).
+        rate_weight: weight of the rate loss (reference ``token_loss_ratio``, 2).
+        complete_weight: weight of the complete model's cross-entropy (reference 1; 0 with
+            ``distill_weight`` 0 skips the complete-model pass).
+        distill_weight: weight of KL(complete || dynamic) on the logits (reference 1).
+        inference: in eval mode, ``"skip"`` leaves inactive tokens out of the skipped
+            computation (real speed-up); ``"mask"`` multiplies by the mask like training (the
+            reference training model's evaluation).
+    """
+
+    variant: str = "mlp"
+    target_rate: float = 0.5
+    bottleneck: int = 16
+    adapter_scale: float = 1.0
+    adapter_dropout: float = 0.1
+    experts: int = 1
+    tau: float = 5.0
+    tau_end: Optional[float] = None
+    tau_schedule: str = "linear"
+    threshold: float = 0.5
+    gumbel_noise: bool = True
+    keep_layers: int = 0
+    rate_weight: float = 2.0
+    complete_weight: float = 1.0
+    distill_weight: float = 1.0
+    inference: str = "skip"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "dyt_")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise TokenTuneError(f"invalid dyt_adapter_dropout={self.adapter_dropout}: a dropout probability is in [0, 1)")
+
+
+def validate(cfg: DyTConfig, depth: int) -> None:
+    """One clear error for any option out of range (``depth``: the model's block count)."""
+    if cfg.variant not in VARIANTS:
+        raise TokenTuneError(f"unknown dyt variant {cfg.variant!r}; choose from {', '.join(VARIANTS)}")
+    if not 0.0 <= cfg.target_rate <= 1.0:
+        raise TokenTuneError(f"dyt target_rate must be in [0, 1], got {cfg.target_rate}")
+    if cfg.bottleneck <= 0 or cfg.experts <= 0:
+        raise TokenTuneError(f"dyt bottleneck and experts must be positive, got {cfg.bottleneck} and {cfg.experts}")
+    if cfg.tau <= 0 or (cfg.tau_end is not None and cfg.tau_end <= 0):
+        raise TokenTuneError(f"dyt temperatures must be positive, got tau={cfg.tau}, tau_end={cfg.tau_end}")
+    if cfg.tau_schedule not in TAU_SCHEDULES:
+        raise TokenTuneError(f"unknown dyt tau_schedule {cfg.tau_schedule!r}; choose from {', '.join(TAU_SCHEDULES)}")
+    if not 0.0 < cfg.threshold < 1.0:
+        raise TokenTuneError(f"dyt threshold must be in (0, 1), got {cfg.threshold}")
+    if not 0 <= cfg.keep_layers <= depth:
+        raise TokenTuneError(f"dyt keep_layers={cfg.keep_layers} but the model has {depth} blocks; use 0..{depth}")
+    if min(cfg.rate_weight, cfg.complete_weight, cfg.distill_weight) < 0:
+        raise TokenTuneError("dyt loss weights must be >= 0")
+    if cfg.inference not in ("skip", "mask"):
+        raise TokenTuneError(f"dyt inference must be 'skip' or 'mask', got {cfg.inference!r}")

@@ -1,0 +1,68 @@
+"""DyT's training loss (the method's ``loss`` hook; reference: models/losses.py, engine_finetune.py)."""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.dispatch import activation_rate
+from ...core.state import TokenState
+from ...core.vit import info_of
+from ...errors import TokenTuneError
+
+
+def config_of(model: nn.Module):
+    """The :class:`~tokentune.methods.dyt.config.DyTConfig` a DyT model was built with."""
+    info = info_of(model)                        # through compile / DDP wrappers
+    cfg = info.state.get("dyt") if info is not None else None
+    if cfg is None:
+        raise TokenTuneError("this model has no DyT; build it with method='dyt'")
+    return cfg
+
+
+def rate_loss(state: TokenState, target: float) -> torch.Tensor:
+    """``(mean activation - target)^2`` (DyT's L_rate; 0 without dispatchers)."""
+    rate = activation_rate(state)
+    if rate is None:
+        return torch.zeros(())
+    return (rate - target) ** 2
+
+
+def dyt_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """DyT's training loss (the method's ``loss`` hook).
+
+    One forward call: with complete-model terms enabled the batch is duplicated and its second
+    half runs with every token active (``dyt_complete`` rows), so DDP sees a single forward and
+    every parameter takes part. ``criterion`` gives both cross-entropies (the reference: plain CE).
+    """
+    cfg = config_of(model)
+    B = images.shape[0]
+    complete = cfg.complete_weight > 0 or cfg.distill_weight > 0
+    if complete:
+        rows = torch.zeros(2 * B, dtype=torch.bool, device=images.device)
+        rows[B:] = True
+        logits, state = model(torch.cat([images, images]), return_state=True, dyt_complete=rows)
+        dynamic, full = logits[:B], logits[B:]
+    else:
+        dynamic, state = model(images, return_state=True)
+    ce = criterion(dynamic, targets)
+    loss = ce
+    logs: Dict[str, float] = {"ce": float(ce.detach())}
+    rate = activation_rate(state)
+    if rate is not None:
+        l_rate = (rate - cfg.target_rate) ** 2
+        loss = loss + cfg.rate_weight * l_rate
+        logs.update(rate=float(rate.detach()), rate_loss=float(l_rate.detach()))
+    if complete:
+        if cfg.complete_weight > 0:
+            ce_full = criterion(full, targets)
+            loss = loss + cfg.complete_weight * ce_full
+            logs["ce_complete"] = float(ce_full.detach())
+        if cfg.distill_weight > 0:
+            kl = F.kl_div(F.log_softmax(dynamic, dim=-1), F.log_softmax(full.detach(), dim=-1),
+                          reduction="batchmean", log_target=True)
+            loss = loss + cfg.distill_weight * kl
+            logs["kl"] = float(kl.detach())
+    return loss, logs

@@ -1,0 +1,149 @@
+"""LoRA: low-rank adaptation of frozen linear layers (Hu et al., ICLR 2022).
+
+``W x + b`` becomes ``W x + b + s * B A dropout(x)`` with ``A`` [rank, in] (kaiming-uniform,
+a=sqrt 5), ``B`` [out, rank] (zeros, so training starts from the pretrained model) and
+``s = alpha / rank``. On timm's fused ``qkv`` projection one ``B A`` covers q, k and v, which is
+the "LoRA" of PYRA and NOAH (there: no scaling, i.e. ``alpha = rank``, dropout 0.1).
+
+:class:`LoRALinear` *is* an ``nn.Linear`` that keeps the frozen ``weight``/``bias`` under their
+original names, so ``blocks.0.attn.qkv.weight`` still loads from timm checkpoints; the new
+parameters are ``...qkv.lora_A`` and ``...qkv.lora_B`` (reference PYRA code: ``attn.LoRA_a.weight``
+and ``attn.LoRA_b.weight``). :meth:`LoRALinear.merge` folds ``s B A`` into the weight and returns
+a plain ``nn.Linear`` whose outputs equal the unmerged layer's in eval mode.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.method import Method, register_method
+from ..core.vit import adapted_blocks
+from ..errors import TokenTuneError
+from ..typecheck import check_fields
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA options.
+
+    Attributes:
+        rank: rank of the update ``B A``.
+        alpha: scaling numerator; the update is multiplied by ``alpha / rank``. ``None`` means
+            ``alpha = rank`` (no scaling, as PYRA/NOAH).
+        dropout: dropout on the LoRA input (training only).
+        targets: names of the Linear layers inside each block to adapt (``qkv``, ``proj``,
+            ``fc1``, ``fc2``).
+    """
+
+    rank: int = 8
+    alpha: Optional[float] = None
+    dropout: float = 0.1
+    targets: Sequence[str] = ("qkv",)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "lora_")
+        if self.rank < 1:
+            raise TokenTuneError(f"invalid lora_rank={self.rank}: the rank must be at least 1")
+        if self.alpha is not None and not self.alpha > 0:
+            raise TokenTuneError(f"invalid lora_alpha={self.alpha}: must be > 0 (or none for alpha = rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TokenTuneError(f"invalid lora_dropout={self.dropout}: a dropout probability is in [0, 1)")
+        if not self.targets:
+            raise TokenTuneError("lora_targets is empty; name at least one of qkv, proj, fc1, fc2")
+
+
+class LoRALinear(nn.Linear):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: Optional[float] = None, dropout: float = 0.0) -> None:
+        if rank <= 0:
+            raise TokenTuneError(f"LoRA rank must be positive, got {rank}")
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s B A``: what :meth:`merge` adds to the weight."""
+        delta = self.lora_B @ self.lora_A
+        return delta * self.scaling if self.scaling != 1.0 else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        if self.scaling != 1.0:
+            delta = delta * self.scaling
+        return out + delta
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``W + s B A`` (a new weight tensor; this layer is unchanged)."""
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        merged.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
+        if self.bias is not None:
+            merged.bias.copy_(self.bias)
+        merged.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            merged.bias.requires_grad_(self.bias.requires_grad)
+        return merged
+
+
+def _block_linear(block: nn.Module, target: str) -> tuple:
+    """(parent module, attribute) of a target Linear inside a block."""
+    parents = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
+    if target not in parents:
+        raise TokenTuneError(f"unknown LoRA target {target!r}; choose from {', '.join(parents)}")
+    parent = getattr(block, parents[target])
+    if not isinstance(getattr(parent, target, None), nn.Linear):
+        raise TokenTuneError(f"this backbone's blocks have no Linear '{parents[target]}.{target}' for LoRA")
+    return parent, target
+
+
+def apply_lora(blocks: Sequence[nn.Module], cfg: LoRAConfig) -> None:
+    """Wrap the target Linear layers of every block with :class:`LoRALinear`."""
+    for block in blocks:
+        for target in cfg.targets:
+            parent, attr = _block_linear(block, target)
+            layer = getattr(parent, attr)
+            if not isinstance(layer, LoRALinear):
+                setattr(parent, attr, LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout))
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Replace every :class:`LoRALinear` in ``model`` by its merged ``nn.Linear``; returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merge())
+                count += 1
+    return count
+
+
+def _apply(model: nn.Module, cfg: LoRAConfig, ctx) -> None:
+    apply_lora(adapted_blocks(model), cfg)
+
+
+def _deploy(model: nn.Module) -> None:
+    merge_lora(model)
+
+
+register_method(Method("lora", LoRAConfig, _apply, trainable=(r"\.lora_[AB]$",), order=12, peft=True,
+                       deploy=_deploy, summary="LoRA on the fused qkv projection (mergeable for deployment)"))

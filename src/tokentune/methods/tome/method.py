@@ -1,0 +1,108 @@
+"""The ToMe method: its config, the merge module a block runs, and how the method is applied.
+
+``method="tome"`` (combine with a tuning method: ``lora+tome``, ``adapter+tome``, ``full+tome``)
+gives every block with ``r > 0`` a :class:`TokenMerging` between attention and MLP (the matching
+itself is in :mod:`tokentune.methods.tome.matching`) and switches on proportional attention. The
+fitted per-block schedule is recorded in the build spec and in ``model.tokentune.state["tome"]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ...core.method import Method, register_method
+from ...core.vit import adapted_blocks, num_input_tokens
+from ...errors import TokenTuneError
+from ...typecheck import check_fields
+from .matching import bipartite_soft_matching, max_merge, merge_source, merge_weighted
+from .schedules import Schedule, fit_schedule, named_schedule, parse_schedule, resolve_target
+
+
+@dataclass
+class ToMeConfig:
+    """Token merging options.
+
+    Attributes:
+        r: tokens merged per block: an int, a per-layer list, ``(r, inflect)``, a named
+            schedule (``"low"``/``"high"``, where the backbone has one), or a target derived for
+            this backbone (``"tokens:N"``, ``"flops:X"``, optionally ``":geometric"`` etc.; see
+            :mod:`tokentune.methods.tome.schedules`).
+        prop_attn: add ``log(size)`` to the attention logits (proportional attention).
+        trace_source: record which patches every token stands for (visualisation).
+    """
+
+    r: Schedule = 0
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tome_")
+
+
+class TokenMerging(nn.Module):
+    """The merge step a block runs between attention and MLP.
+
+    ``r`` is this block's merge count; ``modulator`` (optional) rewrites the sources before the
+    merge (PYRA). The module itself has no parameters.
+    """
+
+    def __init__(self, r: int, modulator: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.r = int(r)
+        self.modulator = modulator
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, state):
+        r = min(self.r, max_merge(x.shape[1], state.num_prefix))
+        if r <= 0:
+            return x, state
+        if self.modulator is not None and r != self.r:
+            raise TokenTuneError(
+                f"block expects to merge {self.r} tokens but only {r} of {x.shape[1]} can merge; "
+                "the input has fewer tokens than the schedule was built for (rebuild with this image size)")
+        m = bipartite_soft_matching(keys, r, state.num_prefix)
+        source = state.source
+        if state.trace_source:
+            source = merge_source(source, m, x.shape[1], x)
+        x, size = merge_weighted(x, state.size, m, self.modulator)
+        return x, state.replace(size=size, source=source)
+
+
+def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
+    """A ToMe schedule (int, list, (r, inflect), name or target string) -> one fitted r per block.
+
+    Named and list schedules must fit the token count exactly; int and (r, inflect) schedules
+    are capped per block as ToMe defines them.
+    """
+    blocks = adapted_blocks(model)
+    strict = isinstance(r, (list, str)) or (isinstance(r, tuple) and not (len(r) == 2 and isinstance(r[1], float)))
+    if isinstance(r, str):
+        target = resolve_target(model, r)           # "tokens:N" / "flops:X" targets
+        r = target if target is not None else named_schedule(model_name, r, len(blocks))
+    values = parse_schedule(r, len(blocks))
+    return fit_schedule(values, num_input_tokens(model), model.num_prefix_tokens, strict=strict)
+
+
+def schedule_of(model: nn.Module) -> List[int]:
+    """The fitted per-block merge schedule of a ToMe model (empty without ToMe)."""
+    info = getattr(model, "tokentune", None)
+    return list((info.state.get("tome") if info is not None else None) or [])
+
+
+def apply_tome(model: nn.Module, cfg: ToMeConfig, ctx) -> ToMeConfig:
+    schedule = resolve_merge_schedule(model, cfg.r, ctx.model_name)
+    for block, r in zip(adapted_blocks(model), schedule):
+        block.merge = TokenMerging(r) if r > 0 else None
+    model.tokentune.prop_attn = cfg.prop_attn
+    model.tokentune.trace_source = cfg.trace_source
+    model.tokentune.state["tome"] = schedule
+    return ToMeConfig(r=list(schedule), prop_attn=cfg.prop_attn, trace_source=cfg.trace_source)
+
+
+register_method(Method("tome", ToMeConfig, apply_tome, order=20,
+                       summary="ToMe token merging between attention and MLP (no parameters)"))

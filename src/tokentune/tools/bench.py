@@ -1,0 +1,653 @@
+"""``tokentune bench``: parameters, FLOPs, throughput, latency and memory of several configurations.
+
+Every configuration (a method spec with options, or a trained run / export directory) becomes one
+row. All rows are measured in ONE process, on the same random batch, with the instruments of
+:mod:`tokentune.bench`:
+
+* parameters: total, trainable (peft's count, head included) and the papers' count
+  (:func:`tokentune.params.count_parameters`: backbone without head, as a share of the
+  pretrained backbone);
+* FLOPs of one forward of the *deployed* model on the timed batch, per image
+  (:func:`tokentune.core.flops.count_flops`: ``torch.utils.flop_counter`` with fused attention
+  counted), so ToMe/PYRA schedules and DyT activation rates are reflected; ``GMACs`` = the
+  papers' "GFLOPs" (one multiply-add = 1), ``GFLOPs`` = 2 per multiply-add;
+* inference throughput of the deployed models (:func:`tokentune.deploy`: LoRA merged; plain
+  ``lora`` becomes the plain timm ViT with fused SDPA): warm-up, then timed rounds interleaved
+  across all rows with rotating order (:func:`tokentune.timing.measure_throughput`), median and
+  min-max of images/s; CUDA is synchronised around every timed call;
+* batch-1 latency, measured the same way (interleaved) with batch 1;
+* peak memory of one inference forward (:func:`tokentune.tools.measure.peak_memory`; on CPU the peak of
+  live tensor storage, parameters excluded);
+* training: seconds per step (forward with the method's own training loss, e.g. DyT's
+  complete-model pass and distillation, backward, AdamW step on the trainable parameters) and its
+  peak memory (:func:`tokentune.tools.measure.measure_train_step`). Training steps are timed model by
+  model (not interleaved: every model would have to keep its gradients and optimizer state).
+
+Untrained DyT models have arbitrary activation rates, so their dispatchers are *calibrated*
+(the method's ``set_activation`` hook, DyT: :func:`tokentune.methods.dyt.calibrate_activation`):
+every dispatcher's bias is shifted so that it activates ``rate`` of the patch tokens of the timed batch (default: the config's
+``dyt_target_rate``, 0.5). The table reports the activation measured on that batch.
+
+Configuration syntax (``--config``)::
+
+    METHOD[+METHOD...][:KEY=VALUE[,KEY=VALUE...]]
+
+``METHOD`` is a method spec as in ``tokentune train --method`` (``lora``, ``lora+tome``,
+``pyra``, ``dyt``, ``dyt+tome``, ``adapter+tome``, ``full+tome``, ...). Options are separated by
+commas; a comma that is not followed by ``NAME=`` belongs to the value, so lists keep their
+commas (``tome_r=16x11,10``). Keys:
+
+* ``<method>_<field>`` (``tome_r=low``, ``lora_rank=4``, ``dyt_variant=layer``) or just
+  ``<field>`` when exactly one method of the spec has that field (``r=low``, ``variant=layer``);
+  values use the syntax of ``tokentune train`` (lists ``16,16,10`` or ``16x11,10``, booleans
+  ``true``/``false``, ``none``);
+* ``label=TEXT``: the row's name (default: the configuration text);
+* ``model=NAME``: another timm model for this row (default: ``--model``), e.g. the
+  small-model baseline ``lora:model=vit_small_patch16_224``;
+* ``rate=R``: DyT only, calibrate the dispatchers to activation ``R``; ``rate=none`` keeps
+  them as they are;
+* ``deploy=false``: time the training-form model in eval mode instead of the deployed one;
+* ``timm_<keyword>=VALUE``: a ``timm.create_model`` keyword for this row only
+  (``timm_embed_dim=384``).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import functools
+import gc
+import io
+import json
+import math
+import os
+import re
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..core.deploy import deploy
+from ..core.dispatch import activation_rate, dispatchers
+from ..core.factory import create_model, methods_of
+from ..core.flops import count_flops
+from ..core.method import available_methods, parse_method
+from ..core.params import count_parameters
+from ..core.vit import info_of, input_size, num_input_tokens, spec_of
+from ..engine.distributed import resolve_device
+from ..engine.training import loss_function
+from ..errors import TokenTuneError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..parsing import convert, describe, timm_kwarg
+from ..precision import DTYPES, autocast
+from ..timing import measure_throughput, random_images
+from . import measure as bench
+from .export import open_model
+
+DEFAULT_MODEL = "vit_base_patch16_224"
+RESERVED = ("label", "model", "rate", "deploy")
+AUTO = "auto"
+
+# ----------------------------------------------------------------------------- configurations
+@dataclass
+class Candidate:
+    """One row of a benchmark.
+
+    Attributes:
+        label: the row's name.
+        method: method spec (``"lora+tome"``); ignored for ``run``.
+        options: method options for :func:`tokentune.create_model` (``{"tome_r": "low"}``).
+        model: timm model name (None: the benchmark's model).
+        timm_kwargs: extra ``timm.create_model`` keywords of this row (added to the benchmark's).
+        rate: DyT calibration target: a float in [0, 1], None (keep the dispatchers as they are),
+            or ``"auto"`` (the config's ``dyt_target_rate`` for new models, none for runs).
+        deploy: time the deployed model (:func:`tokentune.deploy`); False times the model as built.
+        run: a training run directory (``tokentune train``) or export directory instead of a
+            method spec.
+        config: the configuration text it was parsed from (for the record).
+    """
+
+    label: str
+    method: str = "lora"
+    options: Dict[str, Any] = field(default_factory=dict)
+    model: Optional[str] = None
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    rate: Union[float, None, str] = AUTO
+    deploy: bool = True
+    run: Optional[str] = None
+    config: str = ""
+
+
+_NEXT_OPTION = re.compile(r",(?=\s*[A-Za-z_][\w-]*\s*=)")
+
+
+def _split_options(text: str) -> List[str]:
+    return [part.strip() for part in _NEXT_OPTION.split(text)]
+
+
+def parse_config(text: str) -> Candidate:
+    """``"lora+tome:tome_r=low,label=ToMe low"`` -> a :class:`Candidate` (one-line errors)."""
+
+    source = str(text)
+    where = f"--config {source!r}"
+    spec, _, opts = source.strip().partition(":")
+    spec = spec.strip()
+    if not spec or not re.fullmatch(r"[A-Za-z0-9_]+(\s*\+\s*[A-Za-z0-9_]+)*", spec):
+        raise TokenTuneError(f"{where}: expected METHOD[+METHOD...][:KEY=VALUE,...], e.g. 'lora+tome:tome_r=low'")
+    try:
+        methods = parse_method(spec)
+    except TokenTuneError as exc:
+        raise TokenTuneError(f"{where}: {exc}") from None
+    fields: Dict[str, Dict[str, Any]] = {}
+    for m in methods:
+        if m.config is not None:
+            fields[m.name] = typing.get_type_hints(m.config)
+    cand = Candidate(label=source.strip(), method=spec.replace(" ", ""), config=source.strip())
+    if not opts.strip():
+        if ":" in source:
+            raise TokenTuneError(f"{where}: nothing after ':'; give KEY=VALUE options or drop the ':'")
+        return cand
+    seen = set()
+    for item in _split_options(opts):
+        key, eq, value = item.partition("=")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not eq or not re.fullmatch(r"[A-Za-z_]\w*", key):
+            raise TokenTuneError(f"{where}: {item!r} is not KEY=VALUE; separate options with ',' "
+                                 "(e.g. 'lora+tome:tome_r=low,label=ToMe low')")
+        if not value:
+            raise TokenTuneError(f"{where}: option {key!r} has no value")
+        if key in seen:
+            raise TokenTuneError(f"{where}: option {key!r} is given twice")
+        seen.add(key)
+        if key in RESERVED:
+            _set_reserved(cand, key, value, where)
+            continue
+        if key.startswith("timm_") and len(key) > 5:
+            cand.timm_kwargs[key[5:]] = timm_kwarg(f"{key[5:]}={value}")[1]
+            continue
+        owner, name = _resolve_key(key, fields, [m.name for m in methods], where)
+        hint = fields[owner][name]
+        try:
+            parsed = convert(hint, value)
+        except (ValueError, TypeError) as exc:
+            raise TokenTuneError(f"{where}: {owner}_{name}={value!r}: {exc} (expected {describe(hint)})") from None
+        cand.options[f"{owner}_{name}"] = parsed
+    if cand.rate not in (AUTO, None) and "dyt" not in [m.name for m in methods]:
+        raise TokenTuneError(f"{where}: rate= calibrates DyT token dispatchers; this spec has none (add dyt)")
+    return cand
+
+
+def _set_reserved(cand: Candidate, key: str, value: str, where: str) -> None:
+
+    if key == "label":
+        cand.label = value
+    elif key == "model":
+        cand.model = value
+    elif key == "deploy":
+        try:
+            cand.deploy = convert(bool, value)
+        except ValueError as exc:
+            raise TokenTuneError(f"{where}: deploy={value!r}: {exc}") from None
+    elif key == "rate":
+        try:
+            rate = convert(Optional[float], value)
+        except ValueError:
+            raise TokenTuneError(f"{where}: rate={value!r} is not a number in [0, 1] or none") from None
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise TokenTuneError(f"{where}: rate={value} is outside [0, 1]")
+        cand.rate = rate
+
+
+def _resolve_key(key: str, fields: Dict[str, Dict[str, Any]], names: List[str], where: str):
+    """``tome_r`` / ``r`` -> ("tome", "r"), or a one-line error naming the valid keys."""
+
+    for owner in sorted(fields, key=len, reverse=True):
+        if key.startswith(owner + "_"):
+            name = key[len(owner) + 1:]
+            if name in fields[owner]:
+                return owner, name
+            raise TokenTuneError(f"{where}: unknown {owner} option {name!r}; {owner} options: "
+                                 f"{', '.join(sorted(fields[owner]))}")
+    owners = [o for o in fields if key in fields[o]]
+    if len(owners) == 1:
+        return owners[0], key
+    if len(owners) > 1:
+        raise TokenTuneError(f"{where}: option {key!r} is ambiguous here; write "
+                             f"{' or '.join(o + '_' + key for o in owners)}")
+    other = next((m for m in available_methods() if key == m or key.startswith(m + "_")), None)
+    if other is not None and other not in names:
+        raise TokenTuneError(f"{where}: option {key!r} belongs to method {other!r}, which is not in the spec "
+                             f"{'+'.join(names)}; add it (e.g. '{'+'.join(names)}+{other}:{key}=...')")
+    valid = [f"{o}_{f}" for o in fields for f in sorted(fields[o])] + [f"{k}=" for k in RESERVED] + ["timm_<keyword>="]
+    raise TokenTuneError(f"{where}: unknown option {key!r}; valid: {', '.join(valid)}")
+
+
+def run_candidate(path: str) -> Candidate:
+    """``--run DIR``: a training run directory or an export directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise TokenTuneError(f"--run {path!r} is not a directory; pass a run directory (tokentune train) or an "
+                             "export directory")
+    label = os.path.basename(os.path.normpath(os.path.abspath(path)))
+    cfg_path = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as fh:
+                recorded = (json.load(fh).get("run") or {}).get("label")
+            label = recorded or label
+        except (OSError, ValueError, AttributeError):
+            pass
+    return Candidate(label=label, method="", run=path, config=f"--run {path}")
+
+
+# ----------------------------------------------------------------------------- building
+def _is_deployed(model: nn.Module) -> bool:
+    """A model from an export (or a plain timm model) is already deployed."""
+    info = info_of(model)
+    return info is None or info.deployed
+
+
+def share_frozen_tensors(model: nn.Module, pool: Dict[tuple, List[torch.Tensor]]) -> int:
+    """Make ``model`` use the tensors of earlier models where its frozen parameters/buffers are
+    identical (same name, shape, dtype, device and values). Saves one copy of the backbone per
+    row (ViT-L); the computation is unchanged. Returns the bytes saved."""
+    saved = 0
+    for prefix, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for attr, t in list(table.items()):
+                if t is None or t.requires_grad:
+                    continue
+                key = (f"{prefix}.{attr}", tuple(t.shape), t.dtype, t.device)
+                for other in pool.get(key, []):
+                    if other is t:
+                        break
+                    if torch.equal(other, t):
+                        table[attr] = other
+                        saved += t.numel() * t.element_size()
+                        break
+                else:
+                    pool.setdefault(key, []).append(t)
+    return saved
+
+
+def _image_size(model: nn.Module) -> int:
+    h, w = input_size(model)
+    if h != w:
+        raise TokenTuneError(f"non-square input size {(h, w)} is not supported by the benchmark")
+    return h
+
+
+@torch.no_grad()
+def _token_counts(model: nn.Module, images: torch.Tensor):
+    """(tokens entering the first block, tokens leaving the last) on one of the timed images."""
+    try:
+        n = num_input_tokens(model)
+    except (TokenTuneError, AttributeError):
+        return None, None
+    if info_of(model) is None:                  # a plain timm model keeps every token
+        return n, n
+    was_training = model.training
+    model.eval()
+    try:
+        _, state = model(images[:1], return_state=True)
+    finally:
+        model.train(was_training)
+    return n, (int(state.size.shape[1]) if state.size is not None else n)
+
+
+def _hook(model: nn.Module, name: str):
+    """The first ``name`` hook of the model's methods (None without one)."""
+    if spec_of(model) is None:
+        return None
+    return next((getattr(m, name) for m in methods_of(model) if getattr(m, name) is not None), None)
+
+
+def _train_loss(model: nn.Module) -> Callable:
+
+    fn = loss_function(model)
+    return lambda images, targets: fn(images, targets, nn.functional.cross_entropy)[0]
+
+
+def _infer(model: nn.Module, images: torch.Tensor, dtype: str, device: torch.device):
+    with torch.inference_mode(), autocast(device, dtype):
+        return model(images)
+
+
+# ----------------------------------------------------------------------------- measuring
+@dataclass
+class BenchSettings:
+    """How a benchmark runs.
+
+    Attributes:
+        model: timm model of the configurations (rows may override it with ``model=``).
+        image_size: input resolution (None: the model's own).
+        batch_size: images per timed forward and per training step.
+        dtype: ``fp32``, or ``bf16``/``fp16`` autocast.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        rounds: timed rounds (every row once per round, rotating order).
+        warmup: untimed forwards per row before timing.
+        latency: measure batch-1 latency too.
+        latency_iters: batch-1 forwards per row and round.
+        memory: measure the peak memory of one inference forward.
+        train: measure the training step.
+        train_steps: timed training steps per row (after one warm-up step).
+        num_classes: classes of the head of new models.
+        pretrained: backbone weights of new models (False: random; speed does not depend on
+            them); for runs None keeps what the run recorded.
+        timm_kwargs: extra ``timm.create_model`` keywords for new models.
+        rate: DyT calibration target for rows without ``rate=`` (None: each row's default).
+        seed: seed of the models' initialisation and of the timed batch.
+        share_weights: share identical frozen tensors between the deployed rows (memory).
+    """
+
+    model: str = DEFAULT_MODEL
+    image_size: Optional[int] = None
+    batch_size: int = 16
+    dtype: str = "fp32"
+    device: str = "cpu"
+    rounds: int = 10
+    warmup: int = 2
+    latency: bool = True
+    latency_iters: int = 3
+    memory: bool = True
+    train: bool = True
+    train_steps: int = 3
+    num_classes: int = 100
+    pretrained: Union[bool, str, None] = None
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    rate: Optional[float] = None
+    seed: int = 0
+    share_weights: bool = True
+
+
+@dataclass
+class BenchResult:
+    """Rows (one dict per candidate, machine-readable keys), the environment and the settings."""
+
+    rows: List[Dict[str, Any]]
+    environment: Dict[str, Any]
+    settings: Dict[str, Any]
+    title: str
+
+
+def _resolve_device(device: str) -> torch.device:
+    return resolve_device(None if device in (None, AUTO) else device)
+
+
+def _mib(n: Optional[int]) -> Optional[float]:
+    return None if n is None else n / 2 ** 20
+
+
+def _say(progress: Optional[Callable[[str], None]], text: str) -> None:
+    if progress is not None:
+        progress(text)
+
+
+def _build(cand: Candidate, s: BenchSettings, device: torch.device):
+
+    torch.manual_seed(s.seed)          # every row of a model starts from the same backbone
+    if cand.run is not None:
+        model = open_model(cand.run, pretrained=s.pretrained)
+        deployed = _is_deployed(model)
+    else:
+        kwargs = dict(s.timm_kwargs)
+        kwargs.update(cand.timm_kwargs)
+        if s.image_size is not None:
+            kwargs.setdefault("img_size", s.image_size)
+        try:
+            model = create_model(cand.model or s.model, method=cand.method, num_classes=s.num_classes,
+                                 pretrained=bool(s.pretrained) if s.pretrained in (None, False, True) else s.pretrained,
+                                 **kwargs, **cand.options)
+        except TypeError as exc:
+            if "unexpected keyword" not in str(exc):
+                raise
+            raise TokenTuneError(f"{cand.config or cand.label}: {exc}; check the --timm keywords") from None
+        deployed = False
+    return model.to(device), deployed
+
+
+def measure(candidates: Sequence[Candidate], settings: BenchSettings,
+            progress: Optional[Callable[[str], None]] = None) -> BenchResult:
+    """Build, deploy and measure every candidate; returns one row per candidate, in order."""
+
+    if not candidates:
+        raise TokenTuneError("nothing to measure; give at least one --config (e.g. --config lora) or --run DIR")
+    s = settings
+    if s.dtype not in DTYPES:
+        raise TokenTuneError(f"unknown dtype {s.dtype!r}; choose from {', '.join(DTYPES)}")
+    for name, value in (("batch size", s.batch_size), ("rounds", s.rounds), ("latency iterations", s.latency_iters),
+                        ("training steps", s.train_steps)):
+        if value < 1:
+            raise TokenTuneError(f"{name} must be at least 1, got {value}")
+    if s.warmup < 0:
+        raise TokenTuneError(f"warm-up must be >= 0, got {s.warmup}")
+    device = _resolve_device(s.device)
+    labels: Dict[str, int] = {}
+    rows: List[Dict[str, Any]] = []
+    timed: Dict[str, nn.Module] = {}
+    pool: Dict[tuple, List[torch.Tensor]] = {}
+    image_size = s.image_size
+    images = None
+    for i, cand in enumerate(candidates):
+        label = cand.label
+        if label in labels:             # rows are keyed by label: keep them apart
+            labels[label] += 1
+            label = f"{label} ({labels[label]})"
+        labels.setdefault(label, 1)
+        _say(progress, f"[{i + 1}/{len(candidates)}] {label}: building")
+        t0 = time.perf_counter()
+        model, is_deployed = _build(cand, s, device)
+        size = _image_size(model)
+        if image_size is None:
+            image_size = size
+        elif size != image_size:
+            raise TokenTuneError(f"{label}: the model takes {size}px images but the benchmark uses {image_size}px; "
+                                 "every row needs the same input size (--image-size)")
+        if images is None:
+            images = random_images(s.batch_size, image_size, s.seed, device)
+        counts = count_parameters(model)
+        row: Dict[str, Any] = {
+            "label": label, "config": cand.config, "run": os.path.abspath(cand.run) if cand.run else None,
+            "model": ((spec_of(model) or {}).get("model")
+                      or cand.model or (s.model if cand.run is None else type(model).__name__)),
+            "method": (spec_of(model) or {}).get("method", cand.method or "deployed"),
+            "options": {k: v for k, v in cand.options.items()},
+            "deployed": bool(cand.deploy or is_deployed),
+            "params_total": int(counts["total"]),
+            "params_trainable": None if is_deployed else int(counts["trainable"]),
+            "paper_trainable": None if is_deployed else int(counts["paper_trainable"]),
+            "paper_pct": None if is_deployed else float(counts["paper_pct"]),
+            "backbone_params": int(counts["backbone"]),
+        }
+        row["tokens_in"], row["tokens_out"] = _token_counts(model, images)
+        # token dispatchers (DyT): untrained ones are put at an activation rate on the timed batch
+        has_dispatchers = bool(dispatchers(model))
+        set_activation, target = _hook(model, "set_activation"), _hook(model, "activation_target")
+        rate = cand.rate
+        if rate == AUTO:
+            rate = s.rate if s.rate is not None else (
+                target(model) if target is not None and cand.run is None else None)
+        if rate is not None and has_dispatchers:
+            if set_activation is None:
+                raise TokenTuneError(f"{label}: rate= needs a method that can set its dispatchers' activation rate")
+            set_activation(model, images, float(rate))
+        elif cand.rate not in (AUTO, None) and not has_dispatchers:
+            raise TokenTuneError(f"{label}: rate= calibrates token dispatchers (DyT); this model has none")
+        row["calibrated_rate"] = float(rate) if (rate is not None and has_dispatchers) else None
+        if is_deployed:
+            net = model.eval()
+        elif cand.deploy:
+            net = deploy(model)
+        else:
+            net = copy.deepcopy(model).eval()
+        if s.share_weights:
+            share_frozen_tensors(net, pool)
+        flops = count_flops(net, images) / s.batch_size
+        row.update(flops=flops, gflops=flops / 1e9, gmacs=flops / 2e9)
+        row["activation"] = None
+        if has_dispatchers:
+            with torch.inference_mode():
+                _, state = net(images, return_state=True)
+            rate_now = activation_rate(state)
+            row["activation"] = None if rate_now is None else float(rate_now)
+        row["infer_peak_mib"] = (_mib(bench.peak_memory(functools.partial(_infer, net, images, s.dtype, device),
+                                                        device)) if s.memory else None)
+        row["train_step_s"] = row["train_img_per_s"] = row["train_peak_mib"] = None
+        if s.train and not is_deployed and any(p.requires_grad for p in model.parameters()):
+            _say(progress, f"[{i + 1}/{len(candidates)}] {label}: training step")
+            step = bench.measure_train_step(model, batch_size=s.batch_size, image_size=image_size,
+                                            steps=s.train_steps, warmup=1, dtype=s.dtype, device=device,
+                                            loss=_train_loss(model))
+            row.update(train_step_s=step["seconds_per_step"], train_img_per_s=s.batch_size / step["seconds_per_step"],
+                       train_peak_mib=_mib(step["peak_memory_bytes"]))
+        del model
+        gc.collect()
+        timed[label] = net
+        rows.append(row)
+        _say(progress, f"[{i + 1}/{len(candidates)}] {label}: {row['gmacs']:.3g} GMACs, "
+                       f"{row['params_total'] / 1e6:.2f}M params ({time.perf_counter() - t0:.1f} s)")
+    _time_all(timed, rows, s, image_size, device, progress)
+    base = rows[0]
+    for row in rows:
+        row["flops_ratio"] = base["flops"] / row["flops"] if row["flops"] else None
+        row["speedup"] = row["img_per_s"] / base["img_per_s"]
+        if row.get("latency_ms") is not None:
+            row["latency_speedup"] = base["latency_ms"] / row["latency_ms"]
+    env = bench.environment(device, s.dtype)
+    settings_record = {k: v for k, v in dataclasses.asdict(s).items()}
+    settings_record.update(image_size=image_size, device=str(device), baseline=base["label"])
+    title = (f"{s.model if all(r['model'] == s.model for r in rows) else 'several models'} {image_size}px, "
+             f"batch {s.batch_size}, {s.dtype}, {device}, {torch.get_num_threads()} threads, {s.rounds} interleaved "
+             f"rounds after {s.warmup} warm-up")
+    return BenchResult(rows=rows, environment=env, settings=settings_record, title=title)
+
+
+def _time_all(timed: Dict[str, nn.Module], rows: List[Dict[str, Any]], s: BenchSettings, image_size: int,
+              device: torch.device, progress) -> None:
+    start = time.perf_counter()
+
+    def report(what):
+        def cb(done, total):
+            if done == 0:
+                _say(progress, f"{what}: warm-up done, timing {total} rounds")
+                return
+            elapsed = time.perf_counter() - start
+            left = elapsed / done * (total - done)
+            _say(progress, f"{what}: round {done}/{total} ({elapsed:.0f} s, about {left:.0f} s left)")
+        return cb
+
+    _say(progress, f"throughput: {len(timed)} model(s), batch {s.batch_size}, {s.warmup} warm-up + {s.rounds} rounds")
+    stats = measure_throughput(timed, batch_size=s.batch_size, image_size=image_size, rounds=s.rounds,
+                                     warmup=s.warmup, dtype=s.dtype, device=device, seed=s.seed,
+                                     progress=report("throughput"))
+    for row in rows:
+        st = stats[row["label"]]
+        row.update(img_per_s=st.median, img_per_s_low=st.low, img_per_s_high=st.high,
+                   batch_ms=1000.0 * st.seconds_per_batch)
+    for row in rows:
+        row["latency_ms"] = row["latency_ms_low"] = row["latency_ms_high"] = None
+    if s.latency:
+        start = time.perf_counter()
+        lat = measure_throughput(timed, batch_size=1, image_size=image_size, rounds=s.rounds,
+                                       warmup=max(s.warmup, 1), iters_per_round=s.latency_iters, dtype=s.dtype,
+                                       device=device, seed=s.seed, progress=report("batch-1 latency"))
+        for row in rows:
+            st = lat[row["label"]]
+            row.update(latency_ms=1000.0 / st.median, latency_ms_low=1000.0 / st.high,
+                       latency_ms_high=1000.0 / st.low)
+
+
+# ----------------------------------------------------------------------------- reporting
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return format(value, spec)
+
+
+def display_rows(result: BenchResult) -> List[Dict[str, str]]:
+    """The table shown on screen and in Markdown (formatted strings; the JSON keeps raw numbers)."""
+    rows = result.rows
+    several_models = len({r["model"] for r in rows}) > 1
+    any_dyt = any(r["activation"] is not None for r in rows)
+    any_train = any(r["train_step_s"] is not None for r in rows)
+    any_mem = any(r["infer_peak_mib"] is not None for r in rows)
+    any_latency = any(r.get("latency_ms") is not None for r in rows)
+    out = []
+    for r in rows:
+        d: Dict[str, str] = {"config": r["label"]}
+        if several_models:
+            d["model"] = r["model"]
+        d["method"] = r["method"]
+        d["params"] = f"{r['params_total'] / 1e6:.2f}M"
+        d["trainable"] = _fmt(r["params_trainable"], ",")
+        d["paper count (%)"] = ("" if r["paper_trainable"] is None
+                                else f"{r['paper_trainable']:,} ({r['paper_pct']:.3f}%)")
+        d["tokens"] = ("" if r["tokens_in"] is None else
+                       f"{r['tokens_in']}" if r["tokens_in"] == r["tokens_out"] else f"{r['tokens_in']}->{r['tokens_out']}")
+        if any_dyt:
+            d["active"] = "" if r["activation"] is None else f"{100 * r['activation']:.1f}%"
+        d["GMACs"] = f"{r['gmacs']:.3f}" if r["gmacs"] < 1 else f"{r['gmacs']:.2f}"
+        d["FLOPs ratio"] = _fmt(r["flops_ratio"], ".2f") + "x"
+        d["img/s"] = f"{r['img_per_s']:.1f}"
+        d["img/s min-max"] = f"{r['img_per_s_low']:.1f}-{r['img_per_s_high']:.1f}"
+        d["speed-up"] = f"{r['speedup']:.2f}x"
+        if any_latency:
+            d["b1 latency ms"] = _fmt(r["latency_ms"], ".2f")
+        if any_mem:
+            d["infer MiB"] = _fmt(r["infer_peak_mib"], ".1f")
+        if any_train:
+            d["train s/step"] = _fmt(r["train_step_s"], ".3f")
+            d["train MiB"] = _fmt(r["train_peak_mib"], ".1f")
+        out.append(d)
+    return out
+
+
+NOTES = ("GMACs: multiply-adds per image of the deployed model on the timed batch (the papers' \"GFLOPs\"; "
+         "attention counted). FLOPs ratio and speed-up: relative to the first row (>1 = fewer FLOPs / faster). "
+         "img/s: median over interleaved rounds, min-max beside it. paper count: trainable backbone parameters "
+         "without head, as a share of the pretrained backbone (as PYRA/DyT count). tokens: entering the first "
+         "block -> after the last. active: DyT activation rate measured on the timed batch. infer/train MiB: "
+         "peak memory of one forward / training step (CPU: live tensors, parameters excluded).")
+
+
+def markdown(result: BenchResult) -> str:
+    """Title, environment, table and notes as Markdown."""
+    env = ", ".join(f"{k}={v}" for k, v in result.environment.items())
+    table = display_rows(result)
+    return (f"## tokentune bench: {result.title}\n\nEnvironment: {env}\n\n"
+            f"{bench.markdown_table(table, list(table[0]))}\n\n{NOTES}\n")
+
+
+CSV_KEYS = ("label", "model", "method", "config", "run", "deployed", "params_total", "params_trainable",
+            "paper_trainable", "paper_pct", "backbone_params", "tokens_in", "tokens_out", "calibrated_rate",
+            "activation", "flops", "gflops", "gmacs", "flops_ratio", "img_per_s", "img_per_s_low", "img_per_s_high",
+            "batch_ms", "speedup", "latency_ms", "latency_ms_low", "latency_ms_high", "latency_speedup",
+            "infer_peak_mib", "train_step_s", "train_img_per_s", "train_peak_mib")
+
+
+def write_outputs(result: BenchResult, directory: str, name: str) -> Dict[str, str]:
+    """Write ``<name>.md``, ``<name>.json`` and ``<name>.csv`` into ``directory`` (atomically)."""
+
+    paths = {ext: os.path.join(directory, f"{name}.{ext}") for ext in ("md", "json", "csv")}
+    text = markdown(result)
+
+    atomic_write_text(paths["md"], text)
+    atomic_write_json(paths["json"], {"title": result.title, "environment": result.environment,
+                                      "settings": result.settings, "rows": result.rows})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_KEYS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_KEYS})
+    atomic_write_text(paths["csv"], buf.getvalue())
+    return paths
+
+
+def default_name(result: BenchResult) -> str:
+    s = result.settings
+    arch = str(s["model"]).split(".")[0]
+    dev = str(s["device"]).split(":")[0]
+    return f"bench-{arch}-{s['image_size']}px-b{s['batch_size']}-{s['dtype']}-{dev}"

@@ -1,0 +1,330 @@
+"""``tokentune demo``: the whole pipeline offline, on real images, in about a minute on a laptop CPU.
+
+1. scikit-learn's handwritten digits (1,797 real 8x8 scans) are written as an image folder
+   (``digits/pretrain`` with classes 0-4, ``digits/new`` with classes 5-9);
+2. a tiny ViT (timm's ViT at 32x32 input, 4x4 patches: 64 patches + CLS) is pre-trained from
+   scratch on digits 0-4 with ``tokentune.train`` (method ``full``): our stand-in for a
+   pretrained backbone, obtained without any download;
+3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
+   probe, LoRA, LoRA + ToMe, and PYRA / DyT when installed), through the same
+   ``create_model -> train -> deploy -> evaluate`` path as real runs;
+4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
+   adds per image and throughput, measured side by side in one process on the same batch.
+
+Everything is seeded; a second run reuses the pre-trained backbone from the cache if enabled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..core.deploy import deploy
+from ..core.factory import create_model
+from ..core.flops import count_flops
+from ..core.params import count_parameters
+from ..core.vit import num_input_tokens
+from ..engine.config import TrainConfig
+from ..engine.data import load_datasets, set_transforms
+from ..engine.evaluate import evaluate
+from ..engine.training import train
+from ..errors import TokenTuneError
+from ..fileio import atomic_write
+from ..timing import measure_throughput
+from ..version import __version__
+
+BACKBONE = "vit_tiny_patch16_224"   # timm's ViT-Ti architecture family, built at demo size below
+
+
+@dataclass
+class DemoRow:
+    """One row of the demo table.
+
+    Attributes:
+        label: row label.
+        method: method spec (rows whose methods are not installed are skipped).
+        options: ``create_model`` options for this row.
+        merge: add the demo's ToMe schedule (``tome_r``) to the options.
+    """
+
+    label: str
+    method: str
+    options: Dict[str, Any] = field(default_factory=dict)
+    merge: bool = False
+
+
+# LoRA on every linear layer of the blocks: at this width (64) qkv alone is too little capacity
+_LORA = {"lora_rank": 8, "lora_targets": ["qkv", "proj", "fc1", "fc2"]}
+
+#: The rows of the table; add a method by appending a DemoRow.
+ROWS: List[DemoRow] = [
+    DemoRow("linear probe", "linear"),
+    DemoRow("LoRA r=8", "lora", dict(_LORA)),
+    DemoRow("LoRA r=8 + ToMe", "lora+tome", dict(_LORA), merge=True),
+    DemoRow("PYRA (LoRA r=8 + ToMe)", "pyra", dict(_LORA), merge=True),
+    DemoRow("DyT", "dyt"),
+]
+
+
+@dataclass
+class DemoConfig:
+    """Options of the offline demo.
+
+    Attributes:
+        pretrain_epochs: epochs of pre-training the tiny ViT on digits 0-4.
+        epochs: epochs of adapting it to digits 5-9, for every method.
+        lr: peak learning rate of the adaptation (pre-training uses 3e-3).
+        batch_size: training batch size.
+        patch_size: ViT patch size on the 32x32 input (4: 64 patches + CLS = 65 tokens).
+        embed_dim: ViT width.
+        depth: ViT blocks.
+        tome_r: ToMe merge schedule (tokens merged in each block) of the merging rows.
+        bench_batch: images per forward pass in the throughput measurement.
+        bench_rounds: timed forward passes per model (interleaved across models; median reported).
+        threads: torch CPU threads (default 1: the demo's tiny matrices gain little from more threads,
+            and one thread keeps the run fast and its timings stable on a busy machine; 0: torch's
+            default).
+        seed: seed of the data split, initialisation and training order.
+        cache: reuse the pre-trained tiny ViT from the cache (``$XDG_CACHE_HOME/tokentune`` or
+            ``~/.cache/tokentune``) and store it there after pre-training (a few hundred KB).
+        workdir: where the digit images and run directories go (default: a temporary folder,
+            removed at the end).
+        progress: print training progress lines.
+    """
+
+    pretrain_epochs: int = 8
+    epochs: int = 20
+    lr: float = 1e-2
+    batch_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 64
+    depth: int = 4
+    tome_r: Sequence[int] = (16, 12, 8, 6)
+    bench_batch: int = 256
+    bench_rounds: int = 10
+    threads: int = 1
+    seed: int = 0
+    cache: bool = True
+    workdir: Optional[str] = None
+    progress: bool = False
+
+
+# ----------------------------------------------------------------------------- data
+def write_digits(root: str, seed: int = 0) -> Dict[str, str]:
+    """Write scikit-learn's digits as two image folders; returns their paths.
+
+    ``pretrain``: digits 0-4, 80 % train / 20 % test. ``new``: digits 5-9, 50 % / 50 %.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise TokenTuneError("the demo needs scikit-learn for its bundled digits; pip install 'tokentune[demo]'") from None
+    import numpy as np
+    from PIL import Image
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    paths = {}
+    for task, classes, train_share in (("pretrain", range(0, 5), 0.8), ("new", range(5, 10), 0.5)):
+        base = os.path.join(root, task)
+        for c in classes:
+            idx = np.flatnonzero(digits.target == c)
+            idx = idx[rng.permutation(len(idx))]
+            cut = int(round(train_share * len(idx)))
+            for split, part in (("train", idx[:cut]), ("test", idx[cut:])):
+                folder = os.path.join(base, split, str(c))
+                os.makedirs(folder, exist_ok=True)
+                for i in part:
+                    Image.fromarray(images[i], mode="L").save(os.path.join(folder, f"{i:04d}.png"))
+        paths[task] = base
+    return paths
+
+
+class _Memo(torch.utils.data.Dataset):
+    """Decode and transform every image once (the transform is deterministic: no augmentation)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.items = [None] * len(dataset)
+        for attr in ("name", "group", "describe", "num_classes", "classes"):
+            if hasattr(dataset, attr):
+                setattr(self, attr, getattr(dataset, attr))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if self.items[i] is None:
+            self.items[i] = self.dataset[i]
+        return self.items[i]
+
+
+def _load_folder(path: str, model):
+
+    train_ds, test_ds = load_datasets(image_folder=path, train_split="train", test_split="test")
+    set_transforms([train_ds, test_ds], model)
+    return _Memo(train_ds), _Memo(test_ds)
+
+
+# ----------------------------------------------------------------------------- measurement
+def count_macs(model: nn.Module, images: torch.Tensor) -> float:
+    """Multiply-adds per image, attention included."""
+    return count_flops(model, images) / 2 / images.shape[0]
+
+
+def _token_path(model: nn.Module, images: torch.Tensor) -> str:
+
+    with torch.inference_mode():
+        _, state = model.eval()(images[:2], return_state=True)
+    first = num_input_tokens(model)
+    last = state.size.shape[1] if state.size is not None else first
+    return f"{first} -> {last}" if last != first else f"{first}"
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _cache_path(cfg: DemoConfig, arch: Dict[str, Any]) -> str:
+
+    key = json.dumps({"arch": arch, "epochs": cfg.pretrain_epochs, "seed": cfg.seed, "bs": cfg.batch_size,
+                      "v": __version__, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tokentune", "demo", f"vit-digits-{digest}.safetensors")
+
+
+def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]] = None,
+             out=print) -> List[Dict[str, Any]]:
+    """Run the demo and print its table; returns one dict per row."""
+
+    cfg = cfg or DemoConfig()
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=max(1, cfg.embed_dim // 16), global_pool="avg")
+    tokens = (32 // cfg.patch_size) ** 2
+    workdir = cfg.workdir or tempfile.mkdtemp(prefix="tokentune-demo-")
+    os.makedirs(workdir, exist_ok=True)
+    log = out if cfg.progress else None
+    todo = list(ROWS if rows is None else rows)
+    skipped = [r.method for r in (ROWS if rows is None else rows) if r not in todo]
+    steps = len(todo) + 2
+    try:
+        folders = write_digits(os.path.join(workdir, "digits"), cfg.seed)
+        where = "" if cfg.workdir else " (temporary; keep them with --workdir DIR)"
+        out(f"tokentune demo: scikit-learn's 1,797 handwritten digits (8x8 scans) written as image folders "
+            f"{folders['pretrain']} (digits 0-4) and {folders['new']} (digits 5-9){where}")
+
+        # -- 1. a "pretrained" backbone: pre-train on digits 0-4 (or take it from the cache)
+        cache = _cache_path(cfg, arch) if cfg.cache else None
+        backbone_file = os.path.join(workdir, "pretrained-digits-0-4.safetensors")
+        torch.manual_seed(cfg.seed)
+        base = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
+        pre_train, pre_test = _load_folder(folders["pretrain"], base)
+        what = (f"a timm ViT (32x32 input upscaled bicubic, {cfg.patch_size}x{cfg.patch_size} patches = {tokens} "
+                f"patch tokens + CLS, width {cfg.embed_dim}, depth {cfg.depth}, average pooling)")
+        if cache and os.path.isfile(cache):
+            shutil.copyfile(cache, backbone_file)
+            out(f"[1/{steps}] {what} pre-trained on digits 0-4: taken from the cache {cache}")
+        else:
+            pre_cfg = TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=3e-3, min_lr=1e-5,
+                                  warmup_epochs=1, warmup_lr=1e-6, weight_decay=0.05, eval_every=0, num_workers=0,
+                                  seed=cfg.seed)
+            tic = time.perf_counter()
+            result = train(base, pre_train, pre_test, pre_cfg, out_dir=os.path.join(workdir, "runs", "pretrain"),
+                           progress=False, log=log)
+            shutil.copyfile(os.path.join(workdir, "runs", "pretrain", "model.safetensors"), backbone_file)
+            out(f"[1/{steps}] pre-trained {what} from scratch on {len(pre_train)} digits 0-4 in "
+                f"{time.perf_counter() - tic:.0f} s: top-1 {result.top1:.1f}% on {len(pre_test)} held-out ones")
+            if cache:
+                atomic_write(cache, lambda tmp: shutil.copyfile(backbone_file, tmp))
+
+        # -- 2. adapt to digits 5-9 with every available method
+        table = []
+        deployed: Dict[str, nn.Module] = {}
+        new_train = new_test = None
+        for step, row in enumerate(todo, 2):
+            options = dict(row.options)
+            if row.merge:
+                options["tome_r"] = list(cfg.tome_r)
+            torch.manual_seed(cfg.seed)
+            model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=backbone_file,
+                                 head_init_std=0.01, **arch, **options)
+            if new_train is None:
+                new_train, new_test = _load_folder(folders["new"], model)
+            tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=1e-5, warmup_epochs=1,
+                               warmup_lr=1e-6, weight_decay=1e-4, eval_every=0, num_workers=0, seed=cfg.seed)
+            slug = "".join(ch if ch.isalnum() else "-" for ch in row.label.lower()).strip("-")
+            tic = time.perf_counter()
+            train(model, new_train, new_test, tcfg, out_dir=os.path.join(workdir, "runs", slug), progress=False,
+                  log=log)
+            train_s = time.perf_counter() - tic
+            params = count_parameters(model)
+            sample = torch.stack([new_test[i][0] for i in range(min(8, len(new_test)))])
+            token_path = _token_path(model, sample)
+            fast = deploy(model)
+            acc = evaluate(fast, new_test, batch_size=256, amp="off", progress=False)["top1"]
+            deployed[row.label] = fast
+            table.append({"label": row.label, "method": model.tokentune_spec["method"], "top1": acc,
+                          "trainable": params["trainable"], "tokens": token_path,
+                          "macs": count_macs(fast, sample), "train_s": train_s})
+            out(f"[{step}/{steps}] {row.label}: adapted to digits 5-9 in {train_s:.0f} s ({cfg.epochs} epochs on "
+                f"{len(new_train)} images), top-1 {acc:.1f}% on {len(new_test)} held-out ones")
+
+        # -- 3. throughput of the deployed models, side by side on one batch
+        n = len(new_test)
+        batch = torch.stack([new_test[i % n][0] for i in range(cfg.bench_batch)])
+        speed = {k: v.median for k, v in measure_throughput(deployed, images=batch, rounds=cfg.bench_rounds).items()}
+        for rec in table:
+            rec["img_per_s"] = speed[rec["label"]]
+        out(f"[{steps}/{steps}] throughput of the deployed models measured side by side")
+    finally:
+        if cfg.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if cfg.threads:
+            torch.set_num_threads(threads)
+
+    out("")
+    out(format_table(table, table[0]))
+    out("")
+    out(f"top-1: deployed model on the {n} held-out digits 5-9 (chance 20%). trainable params: including the "
+        "5-class head. tokens: entering the first block -> leaving the last. MMACs: multiply-adds per image "
+        "counted by torch's FLOP counter, attention included.")
+    out(f"img/s: deployed models (LoRA merged into the weights), fp32, batch {cfg.bench_batch}, "
+        f"{cfg.threads or threads} CPU thread(s), median of {cfg.bench_rounds} interleaved rounds in one process"
+        + ("; the linear probe and merged LoRA run the same network, so their difference is measurement noise."
+           if {"linear", "lora"} <= {r["method"] for r in table} else "."))
+    if skipped:
+        out(f"not installed, skipped: {', '.join(skipped)}")
+    out(f"total time {time.perf_counter() - start:.0f} s")
+    return table
+
+
+def format_table(table: List[Dict[str, Any]], ref: Dict[str, Any]) -> str:
+    header = ["method", "top-1 (5-9)", "trainable params", "tokens (in -> out)", "MMACs/img", "img/s"]
+    rows = [[r["label"], f"{r['top1']:.1f}%", f"{r['trainable']:,}", r["tokens"],
+             f"{r['macs'] / 1e6:.1f} ({100 * r['macs'] / ref['macs']:.0f}%)",
+             f"{r['img_per_s']:,.0f} ({r['img_per_s'] / ref['img_per_s']:.2f}x)"] for r in table]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def main() -> None:   # python -m tokentune.demo
+    run_demo(DemoConfig())
+
+
+if __name__ == "__main__":
+    main()

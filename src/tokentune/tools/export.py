@@ -1,0 +1,580 @@
+"""Deployment export: one safetensors file with every tensor of the deployed model, plus its recipe.
+
+An *export directory* holds:
+
+* ``deployed.safetensors``: every parameter and buffer of ``tokentune.deploy(model)`` (LoRA merged
+  into the weights, the merge schedule and PYRA modulation in place, DyT dispatchers switched to
+  real token skipping: whatever :func:`tokentune.deploy` produces), under their module names;
+* ``deployed.json``: how to rebuild that structure (timm name, method spec and configs, timm
+  keyword arguments, number of classes), the input preprocessing (size, resize filter,
+  mean/std, as trained), the export format version and the library versions it was written with.
+
+:func:`load_deployed` needs only torch, timm and tokentune: it rebuilds the structure with
+``create_model(..., pretrained=False)`` on the ``meta`` device (no random initialisation, no
+weights downloaded), calls :func:`tokentune.deploy` and assigns the stored tensors, requiring the
+names and shapes to match exactly. The names differ from a training run directory's
+(``model.safetensors``/``config.json``), so exporting into a run directory overwrites nothing.
+
+:func:`export_onnx` writes an ONNX graph of a deployed model (optional ``onnx`` extra); see its
+docstring for what exports.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import warnings
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import timm
+import torch
+from torch import nn
+
+from ..core.deploy import deploy
+from ..core.factory import create_model, methods_of
+from ..core.vit import info_of, input_size, spec_of
+from ..core.weights import load_safetensors
+from ..engine.checkpoint import load_trained, read_config
+from ..engine.data import normalization_stats
+from ..engine.rundir import CONFIG_NAME, WEIGHTS_NAME
+from ..errors import TokenTuneError
+from ..fileio import atomic_write, atomic_write_json
+from ..utils import jsonable, one_line, unwrap_model
+from ..version import __version__
+
+DEPLOYED_WEIGHTS = "deployed.safetensors"
+DEPLOYED_CONFIG = "deployed.json"
+FORMAT = "tokentune-deployed"
+FORMAT_VERSION = 1
+
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_REEXPORT = "re-export the model from its run directory (tokentune export RUN_DIR OUT)"
+
+
+# ----------------------------------------------------------------------------- tensors
+def _tensor_slots(model: nn.Module) -> Dict[str, List[Tuple[nn.Module, str, bool]]]:
+    """Every parameter and buffer (persistent or not), grouped by identity.
+
+    Returns ``{first qualified name: [(module, attribute, is_parameter), ...]}``: a tensor shared
+    by several modules is stored once, under its first name, and assigned to every slot.
+    """
+    groups: Dict[int, str] = {}
+    slots: Dict[str, List[Tuple[nn.Module, str, bool]]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+            for attr, tensor in table.items():
+                if tensor is None:
+                    continue
+                name = f"{prefix}.{attr}" if prefix else attr
+                key = id(tensor)
+                if key not in groups:
+                    groups[key] = name
+                    slots[name] = []
+                slots[groups[key]].append((module, attr, is_param))
+    return slots
+
+
+def deployed_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """Every tensor of ``model`` by name, detached, contiguous, on the CPU (floats cast to ``dtype``)."""
+    out = {}
+    for name, slots in _tensor_slots(model).items():
+        module, attr, is_param = slots[0]
+        t = (module._parameters if is_param else module._buffers)[attr].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.to("cpu").contiguous()
+    return out
+
+
+def _assign(model: nn.Module, tensors: Dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Put ``tensors`` into ``model`` by name; the names and shapes must match exactly."""
+    slots = _tensor_slots(model)
+    unexpected = sorted(set(tensors) - set(slots))
+    missing = sorted(set(slots) - set(tensors))
+    if unexpected:
+        raise TokenTuneError(f"{source} does not fit the rebuilt model: tensor {unexpected[0]!r} (and {len(unexpected) - 1} "
+                             f"more) has no place in it{hint}; re-export the model with this version")
+    if missing:
+        raise TokenTuneError(f"{source} does not fit the rebuilt model: tensor {missing[0]!r} (and {len(missing) - 1} more) "
+                             f"is missing from the file{hint}; re-export the model with this version")
+    for name, group in slots.items():
+        module, attr, is_param = group[0]
+        want = tuple((module._parameters if is_param else module._buffers)[attr].shape)
+        got = tuple(tensors[name].shape)
+        if got != want:
+            raise TokenTuneError(f"{source} does not fit the rebuilt model: tensor {name!r} has shape {got} in the file "
+                                 f"but {want} in the model built from its config{hint}")
+    for name, group in slots.items():
+        value = _own_storage(tensors[name])
+        if group[0][2]:
+            value = nn.Parameter(value, requires_grad=False)   # one object, shared by every slot
+        for module, attr, is_param in group:
+            (module._parameters if is_param else module._buffers)[attr] = value
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in memory of its own, allocated by PyTorch.
+
+    safetensors returns views into one buffer holding the whole file, at offsets that are only
+    4-byte aligned. CPU kernels (BLAS gemv/gemm, vectorised reductions) treat a misaligned start
+    with a separate head loop, which changes the summation order: the loaded model then differs
+    from the exported one in the last bits (seen on AMD EPYC for PYRA's small matrix products).
+    A fresh allocation is aligned like every tensor of the model that was exported, so both run
+    the same kernels on the same values.
+    """
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _meta_leftovers(model: nn.Module) -> List[str]:
+    """Names of tensors still on the meta device (plain tensor attributes a method may hold)."""
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    for prefix, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                left.append(f"{prefix}.{attr}" if prefix else attr)
+    return left
+
+
+# ----------------------------------------------------------------------------- export
+def _versions() -> Dict[str, str]:
+
+    return {"tokentune": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def preprocessing_of(model: nn.Module, run_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """How inputs of ``model`` are prepared: resize to ``image_size`` (no crop), ``mean``/``std``.
+
+    From a run's ``config.json`` (its ``train_config``: normalization, interpolation) when given,
+    else the defaults of training (``auto`` normalisation = the model's pretrained mean/std, bicubic).
+    """
+
+    train_cfg = (run_config or {}).get("train_config") or {}
+    normalization = train_cfg.get("normalization") or "auto"
+    mean, std = normalization_stats(normalization, model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return {"image_size": [int(v) for v in size] if size is not None else None, "crop": False,
+            "interpolation": train_cfg.get("interpolation") or "bicubic", "normalization": normalization,
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def apply_preprocessing(model: nn.Module, prep: Optional[Dict[str, Any]]) -> nn.Module:
+    """Record ``prep`` in the model's ``pretrained_cfg`` (mean, std, interpolation, input size), so
+    ``tokentune.data.build_transform(model)`` and timm's ``resolve_data_config`` give its
+    preprocessing."""
+    if not prep:
+        return model
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.update(mean=tuple(prep["mean"]), std=tuple(prep["std"]), interpolation=prep.get("interpolation", "bicubic"))
+    if prep.get("image_size"):
+        cfg["input_size"] = (3, *prep["image_size"])
+    model.pretrained_cfg = cfg
+    return model
+
+
+def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str, None]
+                ) -> Tuple[nn.Module, Optional[Dict[str, Any]]]:
+    """A tokentune model from a model (compiled or DDP-wrapped ones unwrapped) or a training run directory."""
+    if isinstance(source, nn.Module):
+        return unwrap_model(source), None
+    directory = os.fspath(source)
+    if not os.path.isdir(directory):
+        raise TokenTuneError(f"{directory!r} is not a directory; pass a model or a run directory written by "
+                             "tokentune train/save_trained")
+    if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)) and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        raise TokenTuneError(f"{directory!r} is already a deployed export; load it with tokentune.load_deployed")
+    return load_trained(directory, pretrained=pretrained), read_config(directory)
+
+
+def _deployed(model: nn.Module) -> Tuple[nn.Module, Dict[str, Any]]:
+    """``(deployed model, build spec)`` of a tokentune model (deployed here unless it already is)."""
+    info = info_of(model)
+    if info is None or info.spec is None:
+        raise TokenTuneError(f"cannot export a {type(model).__name__} that tokentune did not build: its build spec is "
+                             "gone (deploy() drops it from plain timm models); pass the model before deploy() "
+                             "or its run directory")
+    spec = dict(info.spec)
+    return (model if info.deployed else deploy(model)), spec
+
+
+def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathLike, *,
+                    pretrained: Union[bool, str, None] = None, dtype: Optional[str] = None,
+                    verify: bool = False) -> nn.Module:
+    """Write the deployed model to ``out_dir`` (``deployed.safetensors`` + ``deployed.json``).
+
+    Args:
+        model_or_run_dir: a model built by :func:`tokentune.create_model` (trained or not; it is
+            deployed on a copy, the model itself is unchanged), an already deployed tokentune model
+            that kept its plug-ins, or a run directory written by :func:`tokentune.save_trained`.
+        out_dir: export directory (created; existing export files are replaced atomically).
+        pretrained: for a run directory, where the frozen backbone comes from (default: as
+            recorded in its ``config.json``); e.g. a local ``.npz`` when the recorded path moved.
+        dtype: store floating tensors as ``"float32"``, ``"float16"`` or ``"bfloat16"`` (default:
+            as they are). The loaded model then runs in that dtype.
+        verify: rebuild the model from the written files and check its outputs equal the deployed
+            model's on a random batch (one extra model in memory).
+
+    Returns:
+        The deployed model that was written.
+    """
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise TokenTuneError(f"unknown export dtype {dtype!r}; choose from {', '.join(EXPORT_DTYPES)}")
+    model, run_config = _model_from(model_or_run_dir, pretrained)
+    deployed, spec = _deployed(model)
+    out_dir = os.fspath(out_dir)
+    tensors = deployed_tensors(deployed, EXPORT_DTYPES[dtype] if dtype else None)
+    from safetensors.torch import save_file
+
+    weights = os.path.join(out_dir, DEPLOYED_WEIGHTS)
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "tokentune": FORMAT}))
+    grid = getattr(getattr(deployed, "patch_embed", None), "img_size", None)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": _versions(),
+        "spec": spec,
+        "deployed_class": f"{type(deployed).__module__}.{type(deployed).__qualname__}",
+        "plain_timm": not hasattr(deployed, "timm_class"),
+        "image_size": list(grid) if grid is not None else None,
+        "num_prefix_tokens": int(getattr(deployed, "num_prefix_tokens", 0)),
+        "method_state": jsonable(info_of(deployed).state) if info_of(deployed) is not None else {},
+        "preprocessing": preprocessing_of(deployed, run_config),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "num_tensors": len(tensors),
+        "num_elements": int(sum(t.numel() for t in tensors.values())),
+    }
+    atomic_write_json(os.path.join(out_dir, DEPLOYED_CONFIG), config)   # written last: marks a complete export
+    if verify:
+        check_export(deployed, out_dir)
+    return deployed
+
+
+# ----------------------------------------------------------------------------- load
+def read_deployed_config(out_dir: PathLike) -> Dict[str, Any]:
+    """``deployed.json`` of an export directory, checked for format and version."""
+    out_dir = os.fspath(out_dir)
+    if not os.path.isdir(out_dir):
+        raise TokenTuneError(f"export directory {out_dir!r} does not exist; write one with tokentune.export_deployed "
+                             "or `tokentune export RUN_DIR OUT`")
+    path = os.path.join(out_dir, DEPLOYED_CONFIG)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(out_dir, CONFIG_NAME)) and os.path.isfile(os.path.join(out_dir, WEIGHTS_NAME)):
+            raise TokenTuneError(f"{out_dir!r} is a training run directory, not an export; export it first with "
+                                 "tokentune.export_deployed or `tokentune export RUN_DIR OUT` (or use load_trained)")
+        raise TokenTuneError(f"{out_dir!r} has no {DEPLOYED_CONFIG}; pass a directory written by tokentune.export_deployed")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise TokenTuneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); {_REEXPORT}") from exc
+    except UnicodeDecodeError as exc:
+        raise TokenTuneError(f"{path} is damaged (not UTF-8 text); {_REEXPORT}") from exc
+    found = config.get("format") if isinstance(config, dict) else None
+    if found != FORMAT:
+        raise TokenTuneError(f"{path} is not a tokentune deployed-model config (format {found!r}, expected "
+                             f"{FORMAT!r}); re-export the model")
+    version = config.get("format_version")
+    written_by = (config.get("versions") or {}).get("tokentune", "?")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise TokenTuneError(f"{path} has export format version {version!r} (written by tokentune {written_by}) but "
+                             f"tokentune {__version__} reads version {FORMAT_VERSION}; upgrade tokentune to load it")
+    for key in ("spec",):
+        if not isinstance(config.get(key), dict):
+            raise TokenTuneError(f"{path} has no {key!r} entry; re-export the model")
+    return config
+
+
+def build_deployed_structure(config: Dict[str, Any], device: Union[str, torch.device, None] = "meta") -> nn.Module:
+    """The deployed model's structure from a ``deployed.json`` config, without loading weights.
+
+    Built on ``device`` (``meta``: no memory, no random initialisation).
+    """
+
+    spec = config["spec"]
+    options = dict(spec.get("timm_kwargs", {}))
+    for name, cfg in spec.get("configs", {}).items():
+        options[name] = cfg
+    written_by = (config.get("versions") or {}).get("tokentune", "?")
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            # meta tensors draw nothing: any seed builds the structure; the recorded one keeps the spec as exported
+            model = create_model(spec["model"], method=spec["method"], num_classes=spec["num_classes"],
+                                 pretrained=False, train_head=spec.get("train_head", True),
+                                 seed=spec.get("init_seed", 0), **options)
+            return deploy(model, inplace=True)
+    except TokenTuneError as exc:
+        raise TokenTuneError(f"cannot rebuild the exported model (written by tokentune {written_by}): {exc}") from exc
+    except KeyError as exc:
+        raise TokenTuneError(f"the export config lacks {exc}; re-export the model") from exc
+
+
+def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", compile: bool = False) -> nn.Module:
+    """Rebuild a model written by :func:`export_deployed`; its eval outputs equal the trained model's.
+
+    Needs only torch, timm and tokentune: no pretrained weights, no model hub, no training code.
+
+    Args:
+        out_dir: the export directory.
+        device: where the tensors are loaded.
+        compile: return ``torch.compile(model)`` (the first calls compile; outputs agree with the
+            eager model to float rounding, not bit for bit).
+
+    Returns:
+        The deployed model in eval mode with gradients off: a plain timm model when no plug-in is
+        left (``lora``), otherwise tokentune's model with its plug-ins.
+    """
+
+    config = read_deployed_config(out_dir)
+    weights = os.path.join(os.fspath(out_dir), DEPLOYED_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise TokenTuneError(f"{os.fspath(out_dir)!r} has {DEPLOYED_CONFIG} but no {DEPLOYED_WEIGHTS}; {_REEXPORT}")
+    tensors = load_safetensors(weights, _REEXPORT, device=str(device))
+    written_timm = (config.get("versions") or {}).get("timm")
+    hint = f" (exported with timm {written_timm}, this is timm {timm.__version__})" \
+        if written_timm and written_timm != timm.__version__ else ""
+    model = build_deployed_structure(config, device="meta")
+    _assign(model, tensors, weights, hint)
+    if _meta_leftovers(model):
+        # a method keeps tensors outside parameters/buffers: build on a real device instead
+        model = build_deployed_structure(config, device=device)
+        _assign(model, tensors, weights, hint)
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    info = info_of(model)
+    if info is not None:
+        info.export = {"dir": os.fspath(out_dir), "config": config}
+    apply_preprocessing(model, config.get("preprocessing"))
+    return torch.compile(model) if compile else model
+
+
+@torch.no_grad()
+def check_export(deployed: nn.Module, out_dir: PathLike, batch_size: int = 2, atol: float = 1e-5) -> float:
+    """Reload ``out_dir`` and compare its outputs with ``deployed`` on a random batch.
+
+    Returns the largest absolute difference; raises :class:`TokenTuneError` above ``atol``.
+    """
+    loaded = load_deployed(out_dir, device=_device_of(deployed))
+    images = example_images(deployed, batch_size, seed=0)
+    diff = float((loaded(images).float() - deployed.eval()(images).float()).abs().max())
+    if not diff <= atol:
+        raise TokenTuneError(f"the reloaded export differs from the deployed model by {diff:.3g} (> {atol:g}); "
+                             "please report this with the model's method spec")
+    return diff
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def example_images(model: nn.Module, batch_size: int = 1, image_size: Union[int, Tuple[int, int], None] = None,
+                   seed: int = 0) -> torch.Tensor:
+    """A reproducible random batch at the model's input size, on its device and in its dtype."""
+    if image_size is None:
+        h, w = input_size(model)
+    elif isinstance(image_size, int):
+        h = w = image_size
+    else:
+        h, w = image_size
+    p = next(iter(model.parameters()), None)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, h, w, generator=g)
+    if p is not None:
+        images = images.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+    return images
+
+
+# ----------------------------------------------------------------------------- ONNX
+def _require_onnx():
+    missing = []
+    for module in ("onnx", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise TokenTuneError(f"ONNX export needs {' and '.join(missing)}; install them with "
+                             "pip install 'tokentune[onnx]'")
+
+
+def _as_deployed(model: Union[nn.Module, PathLike], pretrained: Union[bool, str, None] = None) -> nn.Module:
+    """A deployed model from a model, an export directory or a run directory."""
+    if isinstance(model, nn.Module):
+        model = unwrap_model(model)
+        info = info_of(model)
+        if info is not None and info.spec is not None and not info.deployed:
+            return deploy(model)
+        return model.eval()
+    directory = os.fspath(model)
+    if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)):
+        return load_deployed(directory)
+    return _deployed(_model_from(directory, pretrained)[0])[0]
+
+
+def trace_options(model: nn.Module) -> Tuple[Dict[str, Any], List[str]]:
+    """The forward options that make ``model`` traceable, and what they cost: asked of each method
+    through its ``trace_options`` hook (e.g. DyT runs in its mask form)."""
+    if spec_of(model) is None:
+        return {}, []
+    options: Dict[str, Any] = {}
+    notes: List[str] = []
+    for method in methods_of(model):
+        if method.trace_options is not None:
+            more, note = method.trace_options(model)
+            options.update(more)
+            if note:
+                notes.append(note)
+    return options, notes
+
+
+def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
+                image_size: Union[int, Tuple[int, int], None] = None, batch_size: int = 1, *,
+                dynamic_batch: bool = True, opset: Optional[int] = None, verify: Optional[bool] = None,
+                atol: float = 1e-4, dyt_mask_form: Optional[bool] = None) -> str:
+    """Export a deployed model to ONNX (one self-contained ``.onnx`` file, weights inside).
+
+    What exports: every deployed model whose token counts are fixed by its configuration: plain
+    and LoRA-merged timm ViTs, adapters, ToMe (``lora+tome``, ``adapter+tome``, ``full+tome``)
+    and PYRA, whose merge schedules fix the token count of every block, so the graph has static
+    shapes apart from the batch. Matching (argsort, gather), the row merges (index_select,
+    index_add) and proportional attention become ordinary ONNX operators.
+
+    DyT: its deployed form skips inactive tokens with data-dependent shapes (how many tokens a
+    batch keeps decides the gathered sizes and which code path runs), which the exporter cannot
+    trace. DyT models are exported in their *mask form* instead (``dyt_execution="mask"``: every
+    token goes through the skippable computation and its update is multiplied by the 0/1 mask),
+    which gives the same outputs but none of DyT's savings inside the ONNX graph. Pass
+    ``dyt_mask_form=False`` to get an error instead; ``True`` to accept it without a warning.
+
+    Args:
+        model: a deployed model, a tokentune model (deployed here), an export directory
+            (:func:`export_deployed`) or a training run directory.
+        path: the ``.onnx`` file to write (atomically).
+        image_size: input height/width (default: the size the model was built for; ToMe
+            schedules and position embeddings are fixed to it).
+        batch_size: batch of the example input; with ``dynamic_batch`` the graph accepts any batch
+            (a batch of 2 is traced when 1 is asked, since a traced size 1 is specialised).
+        dynamic_batch: make the batch dimension symbolic.
+        opset: ONNX opset (default: the exporter's).
+        verify: compare onnxruntime's outputs with PyTorch's on random inputs and raise above
+            ``atol`` (default: when onnxruntime is installed).
+        atol: tolerance of that check.
+        dyt_mask_form: accept the traceable form a method asks for (its ``trace_options`` hook;
+            DyT: the mask form): None: yes, with a warning; True: yes, silently; False: raise.
+
+    Returns:
+        ``path``.
+    """
+    deployed = _as_deployed(model)
+    deployed.eval()
+    options, notes = trace_options(deployed)
+    if notes:
+        if dyt_mask_form is False:
+            raise TokenTuneError(f"{notes[0]}; pass dyt_mask_form=True to accept that, or serve the model with PyTorch")
+        if dyt_mask_form is None:
+            warnings.warn("; ".join(notes), stacklevel=2)
+    _require_onnx()
+    path = os.fspath(path)
+    traced_batch = max(int(batch_size), 2) if dynamic_batch else int(batch_size)
+    images = example_images(deployed, traced_batch, image_size, seed=0)
+    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    kwargs = dict(input_names=["images"], output_names=["logits"], dynamo=True, external_data=False,
+                  dynamic_shapes=dynamic_shapes, verbose=False)
+    if opset is not None:
+        kwargs["opset_version"] = int(opset)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(_OnnxWrapper(deployed, options).eval(), (images,), **kwargs)
+    except TokenTuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - exporter failures become one line naming the cause
+        raise TokenTuneError(f"ONNX export of this {_describe(deployed)} failed: {one_line(exc, 240)}") from exc
+    _save_onnx(program, path)
+    if verify is None:
+        try:
+            import onnxruntime  # noqa: F401
+            verify = True
+        except ImportError:
+            verify = False
+    if verify:
+        batches = sorted({1, int(batch_size), traced_batch + 1}) if dynamic_batch else [int(batch_size)]
+        for b in batches:
+            diff = check_onnx(path, deployed, example_images(deployed, b, image_size, seed=b))
+            if not diff <= atol:
+                raise TokenTuneError(f"the ONNX graph differs from PyTorch by {diff:.3g} (> {atol:g}) at batch {b}; "
+                                     "please report this with the model's method spec")
+    return path
+
+
+def _save_onnx(program, path: str) -> None:
+    """Save an ONNX program atomically; graphs over protobuf's 2 GB limit keep their weights in
+    ``<path>.data`` beside it (written first, so the graph never points to a missing file)."""
+    import shutil
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=".tmp-onnx-", dir=directory)
+    try:
+        tmp = os.path.join(tmpdir, os.path.basename(path))
+        program.save(tmp)                  # the exporter moves weights out itself above 2 GB
+        names = sorted(os.listdir(tmpdir), key=lambda n: n == os.path.basename(path))   # the graph last
+        for name in names:
+            os.replace(os.path.join(tmpdir, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class _OnnxWrapper(nn.Module):
+    """``images -> logits`` only (fixed per-forward options, no token state) for tracing."""
+
+    def __init__(self, model: nn.Module, options: Optional[Dict[str, Any]] = None) -> None:
+        super().__init__()
+        self.model = model
+        self.options = dict(options or {})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images, **self.options)
+
+
+@torch.no_grad()
+def check_onnx(path: PathLike, model: nn.Module, images: torch.Tensor) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's logits on ``images``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise TokenTuneError("checking an ONNX graph needs onnxruntime; pip install 'tokentune[onnx]'") from exc
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: images.detach().cpu().float().numpy()})[0]
+    want = model.eval()(images).float().cpu().numpy()
+    return float(abs(got - want).max())
+
+
+def _describe(model: nn.Module) -> str:
+    spec = spec_of(model) or {}
+    return f"{spec.get('method', type(model).__name__)} model" if spec else f"{type(model).__name__}"
+
+
+# ----------------------------------------------------------------------------- loading any saved model
+def open_model(path: PathLike, pretrained: Union[bool, str, None] = None,
+               device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """A model in eval mode from an export directory (:func:`load_deployed`) or a training run
+    directory (:func:`tokentune.load_trained`, with ``pretrained`` overriding the backbone source);
+    either way it carries its input preprocessing (size, filter, mean/std) in ``pretrained_cfg``."""
+    directory = os.fspath(path)
+    if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)):
+        return load_deployed(directory, device=device)
+    if not os.path.isdir(directory):
+        raise TokenTuneError(f"{directory!r} does not exist; pass a run directory or an export directory")
+    model = load_trained(directory, pretrained=pretrained).to(device).eval()
+    return apply_preprocessing(model, preprocessing_of(model, read_config(directory)))
+
+
+load_model = open_model   # the name before open_model; kept for one release
