@@ -34,3 +34,47 @@ def test_the_public_api_keeps_its_names():
     assert callable(tokentune.train) and callable(tokentune.deploy)     # functions, as before
     from tokentune import methods as M  # the registry names are still there
     assert M.create_model is tokentune.create_model and "lora" in M.available_methods()
+
+
+def test_train_and_deploy_are_functions_and_their_modules_are_named():
+    import tokentune.engine.training as module
+    assert module.train is tokentune.train
+    with pytest.raises(ModuleNotFoundError, match="tokentune.train is a function .*its module is tokentune.engine.training"):
+        importlib.import_module("tokentune.train")
+
+
+def test_methods_of_other_packages_register_through_entry_points(monkeypatch, tmp_path):
+    """A plug-in package declares ``[project.entry-points."tokentune.methods"]``; its module registers
+    its method on import, which happens the first time the registry is asked."""
+    from importlib.metadata import EntryPoint
+
+    from tokentune.core import method as registry
+
+    (tmp_path / "my_plugin.py").write_text(
+        "from tokentune.core.method import Method, register_method\n"
+        "register_method(Method('plugged', None, lambda model, cfg, ctx: None, order=25, summary='from a plug-in'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [EntryPoint(name="plugged", value="my_plugin", group=registry.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: eps if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.delitem(sys.modules, "my_plugin", raising=False)      # imported afresh, forgotten after
+    try:
+        assert "plugged" in registry.available_methods()
+        model = tokentune.create_model("vit_tiny_patch16_224", method="lora+plugged", img_size=32, patch_size=8,
+                                       embed_dim=48, depth=1, num_heads=3)
+        assert model.tokentune.spec["method"] == "lora+plugged"
+    finally:
+        registry._REGISTRY.pop("plugged", None)
+
+
+def test_a_broken_plugin_is_one_line(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from tokentune.core import method as registry
+    from tokentune.errors import TokenTuneError
+
+    eps = [EntryPoint(name="broken", value="no_such_module_anywhere", group=registry.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: eps)
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    with pytest.raises(TokenTuneError, match="the method plug-in 'broken' .* failed to import: ModuleNotFoundError"):
+        registry.get_method("broken")

@@ -339,7 +339,7 @@ def _onnx_round_trip(spec, tmp_path, dynamic_batch=True):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    from tokentune.tools.export import export_onnx
+    from tokentune.tools.onnx import export_onnx
 
     model = _trained(spec)
     deployed = tokentune.deploy(model)
@@ -365,7 +365,7 @@ def test_onnx_round_trip(spec, tmp_path):
 
 
 def test_onnx_dyt_skip_form_is_refused_clearly(tmp_path):
-    from tokentune.tools.export import export_onnx
+    from tokentune.tools.onnx import export_onnx
 
     with pytest.raises(TokenTuneError, match="data-dependent shapes.*dyt_mask_form=True") as e:
         export_onnx(_trained("dyt"), tmp_path / "m.onnx", dyt_mask_form=False)
@@ -375,7 +375,7 @@ def test_onnx_dyt_skip_form_is_refused_clearly(tmp_path):
 def test_onnx_missing_is_a_clear_error(tmp_path, monkeypatch):
     import builtins
 
-    from tokentune.tools.export import export_onnx
+    from tokentune.tools.onnx import export_onnx
 
     real_import = builtins.__import__
 

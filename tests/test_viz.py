@@ -12,6 +12,8 @@ import tokentune
 from tokentune.core.dispatch import activation_stats
 from tokentune.errors import TokenTuneError
 from tokentune.tools import measure, viz
+from tokentune.tools.viz import common as viz_common
+from tokentune.tools.viz import merge as viz_merge
 
 pytest.importorskip("matplotlib")
 
@@ -90,9 +92,9 @@ def test_group_colours_are_group_means():
     pixels[:, :2, 0] = 1.0
     groups = np.array([[0, 0], [1, 1]])                          # top row of patches one group, bottom another
     pixels[:2, :2, 1] = 1.0
-    out = viz._group_colours(pixels, groups, "mean")
+    out = viz_merge._group_colours(pixels, groups, "mean")
     assert np.allclose(out[0, 0], [0.5, 0.5, 0]) and np.allclose(out[3, 3], [0.5, 0, 0])
-    segs = viz._boundaries(groups, 4, 4)
+    segs = viz_merge._boundaries(groups, 4, 4)
     assert len(segs) == 2                                        # one horizontal border, two patches long
 
 
@@ -105,7 +107,7 @@ def test_merged_tokens_errors():
     with pytest.raises(TokenTuneError, match="does not exist"):
         viz.plot_merged_tokens(_tome(), "missing.jpg", "x.png")
     with pytest.raises(TokenTuneError, match="unknown style"):
-        viz._group_colours(np.zeros((4, 4, 3)), np.zeros((2, 2), dtype=int), "fancy")
+        viz_merge._group_colours(np.zeros((4, 4, 3)), np.zeros((2, 2), dtype=int), "fancy")
 
 
 def test_missing_matplotlib_is_one_clear_line(monkeypatch):
@@ -119,7 +121,7 @@ def test_missing_matplotlib_is_one_clear_line(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     with pytest.raises(TokenTuneError, match=r"pip install 'tokentune\[viz\]'"):
-        viz._matplotlib()
+        viz_common._matplotlib()
 
 
 def _write_runs(root, runs):
@@ -238,7 +240,7 @@ def test_dyt_activation_on_images_equals_activation_stats(method, kw):
     images = [_image(i) for i in range(3)]
     stats, pixels = viz.dyt_activation(model, images, batch_size=2)
     assert len(pixels) == 3 and pixels[0].shape == (32, 32, 3)
-    batch, _ = viz._model_inputs(model, images, None, None)
+    batch, _ = viz_common._model_inputs(model, images, None, None)
     want = activation_stats(model, [batch], keep_masks=True)
     assert stats.names == want.names and stats.per_layer == pytest.approx(want.per_layer)
     assert torch.equal(stats.masks, want.masks) and stats.num_images == 3

@@ -35,7 +35,8 @@ from .methods.dyt import DyTConfig
 from .methods.lora import LoRAConfig, LoRALinear
 from .methods.pyra import PYRAConfig
 from .methods.tome import ToMeConfig, bipartite_soft_matching, merge_weighted
-from .tools.export import export_deployed, export_onnx, load_deployed, open_model
+from .tools.export import export_deployed, load_deployed, open_model
+from .tools.onnx import export_onnx
 from .version import __version__
 
 _compat.install()

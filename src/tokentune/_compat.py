@@ -37,10 +37,14 @@ MOVED: Dict[str, Tuple[str, ...]] = {
     "tokentune.rundir": ("tokentune.engine.rundir",),
     "tokentune.bench": ("tokentune.tools.measure", "tokentune.core.flops", "tokentune.timing"),
     "tokentune.bench_cli": ("tokentune.tools.bench", "tokentune.cli.bench"),
-    "tokentune.export": ("tokentune.tools.export", "tokentune.cli.export"),
+    "tokentune.export": ("tokentune.tools.export", "tokentune.tools.onnx", "tokentune.cli.export"),
     "tokentune.viz": ("tokentune.tools.viz", "tokentune.cli.viz"),
     "tokentune.demo": ("tokentune.tools.demo",),
 }
+
+
+#: old modules whose name is now a function of the public API
+FUNCTIONS = {"tokentune.train": "tokentune.engine.training", "tokentune.deploy": "tokentune.core.deploy"}
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -50,6 +54,9 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self._specs = {}
 
     def find_spec(self, fullname, path=None, target=None):
+        if fullname in FUNCTIONS:
+            raise ModuleNotFoundError(f"{fullname} is a function (from tokentune import {fullname.split('.')[1]}); "
+                                      f"its module is {FUNCTIONS[fullname]}", name=fullname)
         if fullname not in MOVED:
             return None
         return importlib.util.spec_from_loader(fullname, self)

@@ -11,11 +11,11 @@ from ..tools.export import (
     DEPLOYED_WEIGHTS,
     EXPORT_DTYPES,
     export_deployed,
-    export_onnx,
     load_deployed,
     read_deployed_config,
     trace_options,
 )
+from ..tools.onnx import export_onnx
 from .options import parse_pretrained
 
 HELP = "write the deployed model of a run (one safetensors file + config; optional ONNX)"

@@ -36,15 +36,12 @@ import dataclasses
 import json
 import math
 import os
-import random
-import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -52,19 +49,26 @@ from ..core.factory import methods_of
 from ..core.vit import spec_of
 from ..core.weights import load_state_into
 from ..errors import TokenTuneError, error_line
-from ..precision import AMP_MODES, amp_dtype, autocast
+from ..precision import amp_dtype, autocast
 from ..utils import jsonable
 from . import distributed as D
 from .checkpoint import trained_state_dict
 from .config import TrainConfig
-from .data import INTERPOLATIONS, NORMALIZATIONS
 from .distributed import progress_enabled
 from .evaluate import evaluate, read_results, run_results
+from .optim import build_optimizer, learning_rate, param_groups, set_learning_rate, validate_config  # noqa: F401
+from .resume import (
+    Progress,
+    adopt_saved_defaults,
+    check_resume_compatible,
+    fresh_partial,
+    rng_state,
+    seed_all,
+    set_rng_state,
+    spec_key,
+    spec_key_of,
+)
 from .rundir import RESUME_FORMAT, RESUME_NAME, WEIGHTS_NAME, RunDir
-
-# options that may differ when resuming: they do not change what is computed (``epochs`` may
-# change too, see _check_resume_compatible)
-RESUMABLE_CHANGES = ("eval_every", "num_workers")
 
 
 class StopTraining(Exception):
@@ -100,147 +104,6 @@ class TrainResult:
     stop_reason: Optional[str] = None
 
 
-# ----------------------------------------------------------------------------- config checks
-def validate_config(cfg: TrainConfig) -> None:
-    """One clear error for any invalid training option."""
-    def bad(name, value, want):
-        raise TokenTuneError(f"invalid {name}={value!r}: {want}")
-
-    cfg = cfg.resolved()
-    if int(cfg.epochs) < 1:
-        bad("epochs", cfg.epochs, "need at least 1")
-    if int(cfg.batch_size) < 1:
-        bad("batch_size", cfg.batch_size, "need at least 1")
-    if int(cfg.grad_accum) < 1:
-        bad("grad_accum", cfg.grad_accum, "need at least 1")
-    if not cfg.lr > 0:
-        bad("lr", cfg.lr, "the peak learning rate must be > 0")
-    for name in ("min_lr", "warmup_lr", "weight_decay", "opt_eps"):
-        if getattr(cfg, name) < 0:
-            bad(name, getattr(cfg, name), "must be >= 0")
-    if cfg.warmup_epochs < 0 or cfg.warmup_epochs >= cfg.epochs:
-        bad("warmup_epochs", cfg.warmup_epochs, f"must be >= 0 and smaller than epochs ({cfg.epochs}); "
-            "lower --warmup-epochs")
-    if cfg.schedule_step not in ("iter", "epoch"):
-        bad("schedule_step", cfg.schedule_step, "choose iter or epoch")
-    betas = tuple(cfg.betas)
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        bad("betas", cfg.betas, "give two values in [0, 1), e.g. 0.9,0.999")
-    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
-        bad("clip_grad", cfg.clip_grad, "must be > 0 (or None for no clipping)")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        bad("label_smoothing", cfg.label_smoothing, "must be in [0, 1)")
-    if cfg.amp not in AMP_MODES:
-        bad("amp", cfg.amp, f"choose from {', '.join(AMP_MODES)}")
-    if int(cfg.eval_every) < 0:
-        bad("eval_every", cfg.eval_every, "must be >= 0 (0: evaluate after the last epoch only)")
-    if int(cfg.num_workers) < 0:
-        bad("num_workers", cfg.num_workers, "must be >= 0")
-    if cfg.normalization not in NORMALIZATIONS:
-        bad("normalization", cfg.normalization, f"choose from {', '.join(NORMALIZATIONS)}")
-    if cfg.interpolation not in INTERPOLATIONS:
-        bad("interpolation", cfg.interpolation, f"choose from {', '.join(INTERPOLATIONS)}")
-    if cfg.image_size is not None and int(cfg.image_size) < 1:
-        bad("image_size", cfg.image_size, "must be positive")
-    if not isinstance(cfg.param_groups, dict):
-        bad("param_groups", cfg.param_groups, 'give a dict {regex: {"lr": .., "weight_decay": ..}}')
-    for pattern, overrides in cfg.param_groups.items():
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            bad("param_groups", pattern, f"not a regular expression ({exc})")
-        if not isinstance(overrides, dict) or not overrides or set(overrides) - {"lr", "weight_decay"}:
-            bad("param_groups", {pattern: overrides}, 'each pattern maps to {"lr": .., "weight_decay": ..}')
-        if not all(isinstance(v, (int, float)) and v >= 0 for v in overrides.values()):
-            bad("param_groups", {pattern: overrides}, "lr and weight_decay must be numbers >= 0")
-
-
-# ----------------------------------------------------------------------------- optimizer
-def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
-    """AdamW parameter groups of the trainable parameters.
-
-    * ``no_decay_norm_bias``: no weight decay on 1-D parameters (norm weights, biases,
-      LayerScale gammas) and on what the model lists in ``no_weight_decay()`` (timm: position
-      embedding, CLS/register tokens), as timm's optimizer factory;
-    * ``param_groups``: ``{regex: {"lr": .., "weight_decay": ..}}``, matched with ``re.search``
-      against parameter names, first match wins; a given ``weight_decay`` applies even to 1-D
-      parameters, a given ``lr`` scales the whole schedule of the group by ``lr / cfg.lr``.
-
-    Every group carries ``lr_scale`` (its lr relative to ``cfg.lr``) and ``names``.
-    """
-    patterns = [(re.compile(p), o) for p, o in cfg.param_groups.items()]
-    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
-    used = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lr, wd = float(cfg.lr), float(cfg.weight_decay)
-        if cfg.no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias") or name in no_decay):
-            wd = 0.0
-        for i, (pattern, overrides) in enumerate(patterns):
-            if pattern.search(name):
-                used.add(i)
-                lr = float(overrides.get("lr", lr))
-                wd = float(overrides.get("weight_decay", wd))
-                break
-        group = groups.setdefault((lr, wd), {"params": [], "names": [], "lr": lr, "weight_decay": wd,
-                                             "lr_scale": lr / float(cfg.lr)})
-        group["params"].append(p)
-        group["names"].append(name)
-    if not groups:
-        raise TokenTuneError("the model has no trainable parameters; build it with a method that trains something "
-                             "(e.g. method='lora') or keep train_head=True")
-    unused = [p.pattern for i, (p, _) in enumerate(patterns) if i not in used]
-    if unused:
-        raise TokenTuneError(f"param_groups pattern {unused[0]!r} matches no trainable parameter; fix the regex "
-                             f"(trainable names look like {next(iter(groups.values()))['names'][0]!r})")
-    return list(groups.values())
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with ``cfg``'s betas and epsilon."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps,
-                             weight_decay=cfg.weight_decay)
-
-
-# ----------------------------------------------------------------------------- schedule
-def _timm_cosine(cfg: TrainConfig, t: float) -> float:
-    """timm's ``CosineLRScheduler`` (t_initial=epochs, warmup_t=warmup_epochs, no warmup prefix, one cycle)."""
-    if t < cfg.warmup_epochs:
-        return cfg.warmup_lr + t * (cfg.lr - cfg.warmup_lr) / cfg.warmup_epochs
-    if t >= cfg.epochs:
-        return cfg.min_lr
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t / cfg.epochs))
-
-
-def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
-    """The base learning rate for optimizer step ``step`` of ``epoch`` (both 0-based).
-
-    * ``schedule_step="iter"`` (DyT/MAE): ``t = epoch + step / steps_per_epoch``; linear warm-up
-      from ``warmup_lr`` to ``lr`` over ``warmup_epochs``, then a half-cosine from ``lr`` to
-      ``min_lr`` over the remaining epochs, updated every optimizer step.
-    * ``schedule_step="epoch"`` (PYRA reference): constant within an epoch. The reference steps
-      timm's cosine scheduler with the index of the epoch that just finished, so epoch ``e``
-      trains at the scheduler's value for ``max(e - 1, 0)``: epochs 0 and 1 at ``warmup_lr``,
-      then linear warm-up, then ``min_lr + (lr - min_lr)(1 + cos(pi t / epochs)) / 2``.
-    """
-    cfg = cfg.resolved()
-    if cfg.schedule_step == "epoch":
-        return _timm_cosine(cfg, max(epoch - 1, 0))
-    t = epoch + step / max(steps_per_epoch, 1)
-    warm, total = float(cfg.warmup_epochs), float(cfg.epochs)
-    if t < warm:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * t / warm
-    progress = min((t - warm) / (total - warm), 1.0)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 # ----------------------------------------------------------------------------- loss
 def loss_function(model: nn.Module) -> Callable:
     """``f(images, targets, criterion) -> (loss, logs)``: a method's loss hook or plain cross-entropy."""
@@ -263,32 +126,6 @@ def step_hooks(model: nn.Module) -> List[Callable[[nn.Module, float], None]]:
         return [m.on_step for m in methods_of(model) if m.on_step is not None]
     except TokenTuneError:
         return []
-
-
-# ----------------------------------------------------------------------------- RNG state
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-def _rng_state(device: torch.device) -> Dict[str, Any]:
-    mt, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (mt, keys.tolist(), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    mt, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((mt, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -314,32 +151,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-# ----------------------------------------------------------------------------- run state
-@dataclass
-class Progress:
-    """Where a run stands; exactly what ``resume.pt`` restores (besides tensors and RNG states).
-
-    Attributes:
-        epoch: the epoch being trained (0-based); ``len(history)`` between epochs.
-        batches_done: micro-batches of ``epoch`` already trained (0 between epochs).
-        global_step: optimizer steps done.
-        train_time_s: training time without evaluation, over all resumed segments.
-        history: one record per finished epoch.
-        partial: running sums of the epoch in progress (loss, images, hook logs, time).
-    """
-
-    epoch: int = 0
-    batches_done: int = 0
-    global_step: int = 0
-    train_time_s: float = 0.0
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    partial: Dict[str, Any] = field(default_factory=lambda: _fresh_partial())
-
-
-def _fresh_partial() -> Dict[str, Any]:
-    return {"loss_sum": 0.0, "images": 0, "logs": {}, "time": 0.0}
 
 
 @dataclass
@@ -416,53 +227,6 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
                     batches=batches, steps_per_epoch=-(-batches // cfg.grad_accum), run=run, records=records, say=say)
 
 
-# ----------------------------------------------------------------------------- resume state
-def _spec_key(model: nn.Module) -> Dict[str, Any]:
-    return _spec_key_of(spec_of(model) or {})
-
-
-def _spec_key_of(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """What of a build spec (``model.tokentune.spec`` or a run's config.json) must not change on resume."""
-    key = {k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")}
-    if spec and not spec.get("pretrained"):    # a random backbone is frozen: resuming needs the same one
-        key["init_seed"] = spec.get("init_seed")
-    return jsonable(key)
-
-
-def _check_resume_compatible(saved_cfg: Dict[str, Any], saved_spec: Optional[Dict[str, Any]], cfg: TrainConfig,
-                             model: nn.Module, path: str, epochs_done: int, epoch_started: bool) -> None:
-    """Refuse to continue a run with options that change what was computed.
-
-    ``epochs`` may change (extend, or shorten to no fewer than the epochs already trained): the
-    schedule is recomputed for the new length from the current position.
-    """
-    now = jsonable(dataclasses.asdict(cfg))
-    diffs = [k for k in now if k not in RESUMABLE_CHANGES and k != "epochs" and saved_cfg.get(k) != now[k]]
-    if diffs:
-        k = diffs[0]
-        raise TokenTuneError(f"cannot resume {path}: option {k} was {saved_cfg.get(k)!r} and is now {now[k]!r}"
-                             f"{f' (and {len(diffs) - 1} more)' if len(diffs) > 1 else ''}; resume with the "
-                             "run's options or start a new output directory")
-    least = epochs_done + (1 if epoch_started else 0)
-    if cfg.epochs < max(least, 1):
-        raise TokenTuneError(f"cannot resume {path} with epochs={cfg.epochs}: {least} epoch(s) are already "
-                             f"{'started' if epoch_started else 'done'}; give --epochs {max(least, 1)} or more")
-    saved_spec, spec = saved_spec or {}, _spec_key(model)
-    diffs = [k for k in spec if k in saved_spec and saved_spec[k] != spec[k]]   # older states lack init_seed
-    if diffs:
-        k = diffs[0]
-        how = f" (create_model(..., seed={saved_spec[k]}))" if k == "init_seed" else ""
-        raise TokenTuneError(f"cannot resume {path}: the model's {k} was {saved_spec[k]!r} and is now "
-                             f"{spec[k]!r}; build the model as in the interrupted run{how}")
-
-
-def _adopt_saved_defaults(cfg: TrainConfig, saved_cfg: Dict[str, Any], given: TrainConfig) -> TrainConfig:
-    """Options left to a default that depends on ``epochs`` keep the run's value when ``epochs`` changes."""
-    if given.warmup_epochs is None and saved_cfg.get("warmup_epochs") is not None:
-        return dataclasses.replace(cfg, warmup_epochs=saved_cfg["warmup_epochs"])
-    return cfg
-
-
 def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:
     """What ``resume.pt`` holds (collective: every process contributes its RNG state)."""
     cfg = s.cfg
@@ -471,8 +235,8 @@ def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:
         "steps_per_epoch": s.steps_per_epoch,
         "sampler": {"seed": cfg.seed, "epoch": p.epoch, "start": p.batches_done * cfg.batch_size},
         "train_time_s": p.train_time_s, "history": p.history, "partial": p.partial, "finished": finished,
-        "train_config": jsonable(dataclasses.asdict(cfg)), "model_spec": _spec_key(s.model),
-        "world_size": s.inf.world_size, "rng": D.all_gather_object(_rng_state(s.dev)),
+        "train_config": jsonable(dataclasses.asdict(cfg)), "model_spec": spec_key(s.model),
+        "world_size": s.inf.world_size, "rng": D.all_gather_object(rng_state(s.dev)),
         # kept in a finished run too, so that it can be extended with more epochs
         "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
         "trainable": {n: p_.detach().cpu() for n, p_ in s.model.named_parameters() if p_.requires_grad},
@@ -494,7 +258,7 @@ def _start(s: _Session, resume, state: Optional[Dict[str, Any]]) -> Tuple[Progre
     the saved weights continue; also whether that run has already finished all its epochs."""
     run, cfg, inf = s.run, s.cfg, s.inf
     if run is None or not resume:
-        _seed_all(cfg.seed + inf.rank)
+        seed_all(cfg.seed + inf.rank)
         D.broadcast_module(s.model)
         return Progress(), False
     if resume == "weights":
@@ -505,11 +269,11 @@ def _start(s: _Session, resume, state: Optional[Dict[str, Any]]) -> Tuple[Progre
                                  "continue from those weights with --restart-from-weights (resume='weights'), "
                                  "or choose a new output directory")
         s.say(f"no resume state in {run.path}: starting a new run")
-        _seed_all(cfg.seed + inf.rank)
+        seed_all(cfg.seed + inf.rank)
         D.broadcast_module(s.model)
         return Progress(), False
     history = list(state["history"])
-    _check_resume_compatible(state["train_config"], state.get("model_spec"), cfg, s.model, run.resume,
+    check_resume_compatible(state["train_config"], state.get("model_spec"), cfg, s.model, run.resume,
                              len(history), state["batches_done"] > 0)
     p = Progress(epoch=state["epoch"], batches_done=state["batches_done"], global_step=state["global_step"],
                  train_time_s=float(state["train_time_s"]), history=history, partial=state["partial"])
@@ -525,14 +289,14 @@ def _start(s: _Session, resume, state: Optional[Dict[str, Any]]) -> Tuple[Progre
     s.optimizer.load_state_dict(state["optimizer"])
     s.scaler.load_state_dict(state["scaler"])
     if state["world_size"] == inf.world_size:
-        _set_rng_state(state["rng"][inf.rank], s.dev)
+        set_rng_state(state["rng"][inf.rank], s.dev)
     else:
         if p.batches_done:
             raise TokenTuneError(f"{run.resume} was saved inside an epoch by {state['world_size']} process(es); "
                                  f"resume it with the same number of processes (now {inf.world_size})")
         s.say(f"resuming with {inf.world_size} process(es) instead of {state['world_size']}: "
               "the continuation is valid but not bit-identical to an uninterrupted run")
-        _seed_all(cfg.seed + inf.rank + 1000 * p.epoch)
+        seed_all(cfg.seed + inf.rank + 1000 * p.epoch)
     if cfg.epochs != state["train_config"]["epochs"]:
         s.say(f"changing the run's length from {state['train_config']['epochs']} to {cfg.epochs} epochs: the learning "
               "rate schedule continues as if the run had been started with the new length")
@@ -573,7 +337,7 @@ def _restart_from_weights(s: _Session) -> Progress:
     config = run.read_config()
     saved_cfg = config.get("train_config") or {}
     epochs_done = int(config.get("epochs_done") or 0)
-    _check_resume_compatible(saved_cfg, _spec_key_of(config), cfg, s.model, run.weights, epochs_done, False)
+    check_resume_compatible(saved_cfg, spec_key_of(config), cfg, s.model, run.weights, epochs_done, False)
     try:
         tensors = load_file(run.weights)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
@@ -581,7 +345,7 @@ def _restart_from_weights(s: _Session) -> Progress:
                              "new run") from None
     load_state_into(s.model, tensors, source=run.weights)
     history = run.read_metrics()[:epochs_done]
-    _seed_all(cfg.seed + inf.rank + 1000 * epochs_done)
+    seed_all(cfg.seed + inf.rank + 1000 * epochs_done)
     D.broadcast_module(s.model)
     s.say(f"restarting {run.path} from the weights after epoch {epochs_done}: optimizer and random state start "
           "afresh, so the result is not bit-identical to an uninterrupted run")
@@ -705,7 +469,7 @@ def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: O
         record["top1"] = metrics["top1"]
         record["test_loss"] = metrics["loss"]
     p.history.append(record)
-    p.epoch, p.batches_done, p.partial = epoch + 1, 0, _fresh_partial()
+    p.epoch, p.batches_done, p.partial = epoch + 1, 0, fresh_partial()
     return record
 
 
@@ -757,7 +521,7 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
         raise TokenTuneError("the training split is empty")
     state = run.read_resume() if run is not None and resume is True else None
     if state is not None:
-        cfg = _adopt_saved_defaults(cfg, state["train_config"], given)
+        cfg = adopt_saved_defaults(cfg, state["train_config"], given)
     records = {"train_config": jsonable(dataclasses.asdict(cfg)), "data": run_info_data(train_data, test_data)}
     if run_info:
         records["run"] = jsonable(run_info)
