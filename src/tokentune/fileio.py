@@ -49,6 +49,13 @@ def _reason(exc: BaseException, directory: str) -> str:
     return f"{text}; {hint}"
 
 
+def _make_directory(directory: str, what: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise TokenTuneError(f"cannot create the {what} {directory}: {_reason(exc, os.path.dirname(directory))}") from None
+
+
 def fsync_directory(directory: str) -> None:
     """Flush a directory entry (a rename) to disk; a no-op where directories cannot be opened."""
     try:
@@ -71,10 +78,7 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
     """
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise TokenTuneError(f"cannot create the directory {directory}: {_reason(exc, os.path.dirname(directory))}") from None
+    _make_directory(directory, "directory")
     tmp = os.path.join(directory, f"{TMP_PREFIX}{os.path.basename(path)}-{secrets.token_hex(4)}")
     try:
         try:
@@ -148,10 +152,7 @@ def check_writable_directory(directory: str, what: str = "output directory") -> 
     directory = os.path.abspath(os.path.expanduser(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise TokenTuneError(f"the {what} {directory} is a file, not a directory; choose another path")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        raise TokenTuneError(f"cannot create the {what} {directory}: {_reason(exc, os.path.dirname(directory))}") from None
+    _make_directory(directory, what)
     probe = os.path.join(directory, f"{TMP_PREFIX}probe-{secrets.token_hex(4)}")
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
