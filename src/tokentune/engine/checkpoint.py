@@ -90,7 +90,7 @@ def load_trained(directory: str, pretrained: Union[bool, str, None] = None, mode
         model = create_model(config["model"], method=config["method"], num_classes=config["num_classes"],
                              pretrained=source, train_head=config.get("train_head", True),
                              seed=_init_seed_of(directory, config, source), **options)
-    path = os.path.join(directory, WEIGHTS_NAME)
+    path = RunDir(directory).weights
     if not os.path.isfile(path):
         raise TokenTuneError(f"{directory!r} has no {WEIGHTS_NAME}; the run saved no weights yet")
     load_state_into(model, load_safetensors(path, _weights_fix(directory, config)), source=path)

@@ -34,7 +34,7 @@ from ..version import __version__
 from . import distributed as D
 from .data import VTAB_GROUPS, VTAB_TASKS, vtab_task
 from .distributed import progress_enabled  # noqa: F401 - re-exported
-from .rundir import RESULTS_NAME
+from .rundir import RESULTS_NAME, RunDir
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -120,7 +120,7 @@ def run_results(*, model: nn.Module, history: Sequence[Dict[str, Any]], dataset:
 
 
 def write_results(directory: str, record: Dict[str, Any]) -> str:
-    path = os.path.join(directory, RESULTS_NAME)
+    path = RunDir(directory).results
     atomic_write_json(path, record)
     return path
 

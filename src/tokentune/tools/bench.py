@@ -58,7 +58,6 @@ import dataclasses
 import functools
 import gc
 import io
-import json
 import math
 import os
 import re
@@ -78,6 +77,7 @@ from ..core.method import available_methods, parse_method
 from ..core.params import count_parameters
 from ..core.vit import info_of, input_size, num_input_tokens, spec_of
 from ..engine.distributed import resolve_device
+from ..engine.rundir import RunDir
 from ..engine.training import loss_function
 from ..errors import TokenTuneError
 from ..fileio import atomic_write_json, atomic_write_text
@@ -232,13 +232,11 @@ def run_candidate(path: str) -> Candidate:
         raise TokenTuneError(f"--run {path!r} is not a directory; pass a run directory (tokentune train) or an "
                              "export directory")
     label = os.path.basename(os.path.normpath(os.path.abspath(path)))
-    cfg_path = os.path.join(path, "config.json")
-    if os.path.isfile(cfg_path):
+    run = RunDir(path)
+    if os.path.isfile(run.config):
         try:
-            with open(cfg_path) as fh:
-                recorded = (json.load(fh).get("run") or {}).get("label")
-            label = recorded or label
-        except (OSError, ValueError, AttributeError):
+            label = (run.read_config().get("run") or {}).get("label") or label
+        except TokenTuneError:          # a damaged config: the folder name labels the row
             pass
     return Candidate(label=label, method="", run=path, config=f"--run {path}")
 

@@ -35,6 +35,7 @@ from ..core.vit import num_input_tokens
 from ..engine.config import TrainConfig
 from ..engine.data import load_datasets, set_transforms
 from ..engine.evaluate import evaluate
+from ..engine.rundir import RunDir
 from ..engine.training import train
 from ..errors import TokenTuneError
 from ..fileio import atomic_write
@@ -242,7 +243,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
             tic = time.perf_counter()
             result = train(base, pre_train, pre_test, pre_cfg, out_dir=os.path.join(workdir, "runs", "pretrain"),
                            progress=False, log=log)
-            shutil.copyfile(os.path.join(workdir, "runs", "pretrain", "model.safetensors"), backbone_file)
+            shutil.copyfile(RunDir(os.path.join(workdir, "runs", "pretrain")).weights, backbone_file)
             out(f"[1/{steps}] pre-trained {what} from scratch on {len(pre_train)} digits 0-4 in "
                 f"{time.perf_counter() - tic:.0f} s: top-1 {result.top1:.1f}% on {len(pre_test)} held-out ones")
             if cache:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ...engine.evaluate import summarize
+from ...engine.rundir import RESULTS_NAME, RunDir
 from ...errors import TokenTuneError
 from .common import (
     PathLike,
@@ -114,9 +115,9 @@ def _json_files(paths: Iterable[PathLike]) -> List[str]:
         if os.path.isfile(p):
             files.append(p)
         elif os.path.isdir(p):
-            found = sorted(os.path.join(d, "results.json") for d, _, names in os.walk(p) if "results.json" in names)
+            found = sorted(RunDir(d).results for d, _, names in os.walk(p) if RESULTS_NAME in names)
             if not found:
-                raise TokenTuneError(f"no results.json under {p!r}; pass run directories, result files or bench JSON files")
+                raise TokenTuneError(f"no {RESULTS_NAME} under {p!r}; pass run directories, result files or bench JSON files")
             files.extend(found)
         else:
             raise TokenTuneError(f"{p!r} does not exist; pass run directories, result files or bench JSON files")
@@ -149,7 +150,7 @@ def load_tradeoff_points(paths: Iterable[PathLike], rename: Optional[Dict[str, s
     points: Dict[str, TradeoffPoint] = {}
     acc_sum: Dict[str, float] = {}
     files = _json_files(paths)
-    runs = [f for f in files if os.path.basename(f) == "results.json"]
+    runs = [f for f in files if os.path.basename(f) == RESULTS_NAME]
     if runs:
         # runs of tokentune train: per-method accuracy as the VTAB-1k table gives it (seeds averaged
         # per task, then the mean of the Natural/Specialized/Structured means when all are present)
