@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 from typing import Any
+
+from .errors import TokenTuneError
 
 
 def one_line(exc: BaseException, limit: int = 160) -> str:
@@ -37,3 +40,18 @@ def unwrap_model(model: Any) -> Any:
         if inner is None:
             return model
         model = inner
+
+
+def require_extra(module: str, extra: str, purpose: str) -> Any:
+    """Import the optional package ``module``, or fail with one line naming the extra to install.
+
+    Args:
+        module: the import name (``peft``, ``huggingface_hub``, ...).
+        extra: tokentune's optional extra that brings it (``pip install 'tokentune[extra]'``).
+        purpose: what needs it, for the message (``"reading peft adapters"``).
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TokenTuneError(f"{purpose} needs the optional package {module!r}; "
+                             f"pip install 'tokentune[{extra}]'") from None

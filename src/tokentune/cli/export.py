@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..engine.rundir import CONFIG_NAME
 from ..errors import TokenTuneError
 from ..tools.export import (
     DEPLOYED_CONFIG,
     DEPLOYED_WEIGHTS,
     EXPORT_DTYPES,
     export_deployed,
+    is_export,
     load_deployed,
     read_deployed_config,
     trace_options,
@@ -52,7 +52,7 @@ def _size(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
     source = os.fspath(args.run)
-    if os.path.isfile(os.path.join(source, DEPLOYED_CONFIG)) and not os.path.isfile(os.path.join(source, CONFIG_NAME)):
+    if is_export(source):
         if not args.onnx:
             raise TokenTuneError(f"{source!r} is already an export; pass --onnx to write its ONNX graph")
         deployed = load_deployed(source)

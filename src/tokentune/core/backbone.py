@@ -17,6 +17,7 @@ Weight files are read by :mod:`tokentune.core.weights` (weights-only unpickling)
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import threading
 import urllib.error
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..errors import TokenTuneError
 from ..utils import one_line
+from .hub import HF_HUB, LOCAL_DIR, hub_snapshot, split_source
 from .weights import load_weights_file
 
 WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
@@ -64,9 +66,12 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
     ``trust_checkpoint`` unpickles a ``.pth``/``.pt``/``.bin`` file fully (see :func:`load_torch_file`);
     only for files you trust, it can run code.
     """
-    check_model_name(name)
     if num_classes is not None:
         timm_kwargs["num_classes"] = int(num_classes)
+    source, ident = split_source(name)
+    if source is not None:
+        return _sourced_backbone(name, source, ident, pretrained, **timm_kwargs)
+    check_model_name(name)
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     if isinstance(pretrained, str):
@@ -121,6 +126,54 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
                 f"could not fetch pretrained weights for {name!r} ({one_line(exc)}); download them once and pass "
                 f"the local file, e.g. pretrained='ViT-B_16.npz' (or --pretrained PATH)") from exc
     return timm.create_model(name, pretrained=False, **timm_kwargs)
+
+
+# ----------------------------------------------------------------------------- hf-hub: and local-dir: models
+#: what a hub repository of a timm model must provide: its config, and the weights when loading them
+_HUB_CONFIG = ["config.json"]
+_HUB_WEIGHTS = [["model.safetensors"], ["pytorch_model.bin", "*.pth"]]
+
+
+def architecture_of(name: str, model: Optional[nn.Module] = None) -> str:
+    """The timm name of ``name``: ``name`` itself, or for an ``hf-hub:``/``local-dir:`` model the
+    ``architecture`` its ``config.json`` names (as recorded in the built ``model``'s pretrained_cfg)."""
+    if split_source(name)[0] is not None and model is not None:
+        return str((getattr(model, "pretrained_cfg", None) or {}).get("architecture") or name)
+    return name
+
+
+def _sourced_backbone(name: str, source: str, ident: str, pretrained, **timm_kwargs) -> nn.Module:
+    """A model from a folder or hub repository written by timm (``config.json`` + weights)."""
+    if isinstance(pretrained, (str, os.PathLike)):
+        raise TokenTuneError(f"{name!r} brings its own weights; pass pretrained=True to load them (--pretrained hub) or "
+                             "False for a random backbone, not a weights file")
+    if source == HF_HUB:
+        folder = hub_snapshot(ident, f"the model {name}", _HUB_CONFIG)
+        for patterns in (_HUB_WEIGHTS if pretrained else []):
+            hub_snapshot(ident, f"the weights of {name}", patterns)
+            if any(os.path.isfile(os.path.join(folder, p)) for p in patterns if "*" not in p):
+                break
+    else:
+        folder = os.path.expanduser(ident)
+    config = os.path.join(folder, "config.json")
+    if not os.path.isfile(config):
+        raise TokenTuneError(f"{name!r} has no config.json; timm models saved with timm's save_for_hf / push_to_hf_hub "
+                             "(or tokentune.export_deployed of a plain model) hold one")
+    try:
+        with open(config, encoding="utf-8") as fh:
+            architecture = json.load(fh).get("architecture")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise TokenTuneError(f"{config} is not a timm model config ({one_line(exc)})") from None
+    if isinstance(architecture, str) and architecture.startswith("tokentune-"):
+        raise TokenTuneError(f"{name!r} is a tokentune run or export, not a timm backbone; open it with "
+                             "tokentune.load_trained / tokentune.load_deployed")
+    if not architecture or not timm.is_model(architecture):
+        raise TokenTuneError(f"{config} names architecture {architecture!r}, which timm {timm.__version__} does not know")
+    try:
+        return timm.create_model(f"{LOCAL_DIR}:{folder}", pretrained=bool(pretrained), **timm_kwargs)
+    except Exception as exc:  # noqa: BLE001 - one line for any loader failure
+        raise TokenTuneError(f"cannot build {name!r}: {one_line(exc)}; check that the folder holds a timm model's "
+                             "config.json and weights") from exc
 
 
 # ----------------------------------------------------------------------------- hub

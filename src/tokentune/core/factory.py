@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import TokenTuneError
 from ..utils import jsonable
-from .backbone import create_backbone
+from .backbone import architecture_of, create_backbone
 from .method import BuildContext, Method, available_methods, canonical_spec, parse_method
 from .vit import adapt_vit, spec_of
 
@@ -140,7 +140,7 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
         adapt_vit(model)
         head = re.compile(HEAD_PATTERN)
         backbone_params = sum(p.numel() for n, p in model.named_parameters() if not head.search(n))
-        ctx = BuildContext(model_name=name, methods=[m.name for m in methods], configs=configs)
+        ctx = BuildContext(model_name=architecture_of(name, model), methods=[m.name for m in methods], configs=configs)
         stored = dict(configs)
         for m in methods:
             recorded = m.apply(model, configs.get(m.name), ctx)

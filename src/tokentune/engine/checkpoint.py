@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.factory import create_model
+from ..core.hub import resolve_location
 from ..core.vit import spec_of
 from ..core.weights import load_safetensors, load_state_into, rename_keys  # noqa: F401 - re-exported
 from ..errors import TokenTuneError
@@ -69,24 +70,33 @@ def _weights_fix(directory: str, config: Dict[str, Any]) -> str:
 
 
 def load_trained(directory: str, pretrained: Union[bool, str, None] = None, model: Optional[nn.Module] = None) -> nn.Module:
-    """Rebuild the model saved in ``directory`` and load its trained parameters.
+    """Rebuild the model saved in ``directory`` (a folder, ``local-dir:DIR`` or ``hf-hub:owner/repo``)
+    and load its trained parameters.
 
     The model is rebuilt with the recorded ``init_seed`` (see :func:`tokentune.create_model`), so
     frozen weights that were randomly initialised (a random backbone, a frozen new head) equal
     the saved model's; without a recorded seed (older runs) a random backbone is refused.
 
     Args:
-        directory: written by :func:`save_trained` (or ``tokentune train``).
-        pretrained: override where the frozen backbone weights come from (default: as recorded).
+        directory: written by :func:`save_trained` (or ``tokentune train``), also as
+            ``local-dir:DIR`` or as a hub repository ``hf-hub:owner/repo[@revision]`` that
+            :func:`tokentune.push_to_hub` wrote (only its config and weights are fetched).
+        pretrained: override where the frozen backbone weights come from (default: as recorded;
+            a recorded weights file is looked up relative to the run directory).
         model: load into this model instead of rebuilding one.
     """
-
+    directory = resolve_location(os.fspath(directory), "the run", allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
     config = read_config(directory)
     if model is None:
         options = dict(config.get("timm_kwargs", {}))
         for name, cfg in config.get("configs", {}).items():
             options[name] = cfg
         source = config.get("pretrained", False) if pretrained is None else pretrained
+        if pretrained is None and isinstance(source, str) and not os.path.isfile(source):
+            raise TokenTuneError(f"the run in {directory!r} was trained from the weights file "
+                                 f"{os.path.basename(source)!r}, which is not at {source!r} (the path is recorded "
+                                 f"relative to the run directory); pass pretrained=PATH (--pretrained PATH), or "
+                                 f"pretrained=True for the timm hub weights of {config['model']!r}")
         model = create_model(config["model"], method=config["method"], num_classes=config["num_classes"],
                              pretrained=source, train_head=config.get("train_head", True),
                              seed=_init_seed_of(directory, config, source), **options)

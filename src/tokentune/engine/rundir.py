@@ -3,7 +3,8 @@
 A run directory holds::
 
     model.safetensors   the trained tensors (LoRA, adapters, PYRA, dispatchers, head; all for "full")
-    config.json         how to rebuild the model (timm name, method spec, configs, ...) + run records
+    config.json         how to rebuild the model (timm name, method spec, configs, ...) + run records;
+                        local paths in it are relative to the directory, and timm refuses it (TIMM_GUARD)
     metrics.json        one record per finished epoch
     results.json        the final record (only once the run has finished)
     resume.pt           the commit marker: epoch, step, optimizer, RNG states, trained tensors
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..core.hub import portable_backbone, resolved_backbone
 from ..core.weights import load_torch_file
 from ..errors import TokenTuneError
 from ..fileio import (
@@ -39,6 +41,10 @@ METRICS_NAME = "metrics.json"
 RESULTS_NAME = "results.json"
 RESUME_NAME = "resume.pt"
 RESUME_FORMAT = 1
+#: ``architecture`` entry of a run's ``config.json``. timm reads a folder's ``config.json`` for
+#: ``timm.create_model("local-dir:DIR")`` / ``"hf-hub:REPO"``; a run directory holds only the trained
+#: tensors, so timm must refuse it: it stops at this name with "Unknown model (...)", which says what to do.
+TIMM_GUARD = "tokentune-run: not a timm model, load it with tokentune.load_trained"
 
 
 def _one_line(exc: BaseException, limit: int = 160) -> str:
@@ -96,7 +102,18 @@ class RunDir:
         from safetensors.torch import save_file
 
         atomic_write(self.weights, lambda tmp: save_file(tensors, tmp))
-        atomic_write_json(self.config, config)
+        atomic_write_json(self.config, self._portable(config))
+
+    def _portable(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """``config`` as written: the backbone recorded as a name or hub id, a local weights file or
+        ``local-dir:`` model relative to this directory (never an absolute path), and the
+        :data:`TIMM_GUARD` entry (see :meth:`read_config` for the inverse)."""
+        out = portable_backbone(config, self.path)
+        cli = (out.get("run") or {}).get("cli")
+        if isinstance(cli, dict):
+            out["run"] = dict(out["run"], cli=portable_backbone(cli, self.path))
+        out["architecture"] = TIMM_GUARD
+        return out
 
     def write_checkpoint(self, *, tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
                          history: List[Dict[str, Any]], resume_state: Dict[str, Any],
@@ -122,6 +139,11 @@ class RunDir:
         if missing:
             raise TokenTuneError(f"{self.config} is not a tokentune model config (it has no {missing[0]!r} entry); "
                                  f"{damaged}")
+        config = resolved_backbone(config, self.path)
+        config.pop("architecture", None)
+        cli = (config.get("run") or {}).get("cli")
+        if isinstance(cli, dict):
+            config["run"] = dict(config["run"], cli=resolved_backbone(cli, self.path))
         return config
 
     def read_metrics(self) -> List[Dict[str, Any]]:

@@ -7,13 +7,29 @@ An *export directory* holds:
   real token skipping: whatever :func:`tokentune.deploy` produces), under their module names;
 * ``deployed.json``: how to rebuild that structure (timm name, method spec and configs, timm
   keyword arguments, number of classes), the input preprocessing (size, resize filter,
-  mean/std, as trained), the export format version and the library versions it was written with.
+  mean/std, as trained, also as timm's ``pretrained_cfg``), the export format version and the
+  library versions it was written with;
+* ``config.json``: timm's model config (``architecture``, ``num_classes``, ``model_args``,
+  ``pretrained_cfg``), so timm's own tools see the training transform:
+  ``timm.data.resolve_model_data_config`` gives ``crop_pct=1.0``, ``crop_mode="squash"`` (a resize
+  to the input size, no crop), the resize filter and mean/std. A plain timm export (``lora``,
+  ``linear``, ``full``) loads in timm alone: ``timm.create_model("local-dir:DIR", pretrained=True)``
+  (or ``"hf-hub:REPO"`` once pushed) gives the same outputs.
+
+**Guard.** An export that needs tokentune's forward (ToMe, PYRA, DyT, adapters) must not load
+silently as a plain ViT, which would compute something else (no merging, no skipping). Its
+``config.json`` names the architecture :data:`GUARD_ARCHITECTURE`, so timm stops with "Unknown
+model (tokentune-deployed ...: load it with tokentune.load_deployed)"; its safetensors file holds
+one extra tensor, :data:`GUARD_TENSOR`, so a strict ``load_state_dict`` into a plain ViT (timm's
+``pretrained_cfg_overlay=dict(file=...)`` path included) fails naming it; and the file's header
+metadata says ``tokentune_plain_timm: false`` and which methods it needs.
 
 :func:`load_deployed` needs only torch, timm and tokentune: it rebuilds the structure with
 ``create_model(..., pretrained=False)`` on the ``meta`` device (no random initialisation, no
 weights downloaded), calls :func:`tokentune.deploy` and assigns the stored tensors, requiring the
-names and shapes to match exactly. The names differ from a training run directory's
-(``model.safetensors``/``config.json``), so exporting into a run directory overwrites nothing.
+names and shapes to match exactly. The weights' names differ from a training run directory's
+(``model.safetensors``), and inside a run directory the export leaves out timm's ``config.json``
+(the run's stays), so exporting into a run directory overwrites nothing.
 
 :func:`tokentune.tools.onnx.export_onnx` writes an ONNX graph of a deployed model.
 """
@@ -23,6 +39,7 @@ import contextlib
 import json
 import os
 import platform
+import tempfile
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import timm
@@ -31,18 +48,28 @@ from torch import nn
 
 from ..core.deploy import deploy
 from ..core.factory import create_model, methods_of
+from ..core.hub import resolve_location
 from ..core.vit import info_of, input_size, spec_of
 from ..core.weights import load_safetensors
 from ..engine.checkpoint import load_trained, read_config
 from ..engine.data import normalization_stats
-from ..engine.rundir import CONFIG_NAME, WEIGHTS_NAME
+from ..engine.rundir import CONFIG_NAME, WEIGHTS_NAME, RunDir
 from ..errors import TokenTuneError
 from ..fileio import atomic_write, atomic_write_json
 from ..utils import jsonable, unwrap_model
 from ..version import __version__
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft
 
 DEPLOYED_WEIGHTS = "deployed.safetensors"
 DEPLOYED_CONFIG = "deployed.json"
+TIMM_CONFIG = "config.json"
+#: the extra tensor of an export that a plain timm ViT cannot run (uint8 bytes of the method spec)
+#: the files of an export (what is fetched from a hub repository)
+EXPORT_FILES = [DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, TIMM_CONFIG]
+#: what :func:`open_model` fetches from a hub repository: an export, a run's model, a peft adapter
+OPEN_FILES = EXPORT_FILES + [CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+GUARD_TENSOR = "tokentune_export.needs_tokentune_load_deployed"
+GUARD_ARCHITECTURE = "tokentune-deployed {method}: not a plain timm model, load it with tokentune.load_deployed"
 FORMAT = "tokentune-deployed"
 FORMAT_VERSION = 1
 
@@ -160,18 +187,63 @@ def preprocessing_of(model: nn.Module, run_config: Optional[Dict[str, Any]] = No
             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
+def timm_data_config(prep: Dict[str, Any]) -> Dict[str, Any]:
+    """``prep`` (:func:`preprocessing_of`) as timm's data-config entries of a ``pretrained_cfg``.
+
+    tokentune resizes to the input size without cropping; in timm's terms that is ``crop_pct=1.0``
+    with ``crop_mode="squash"`` (resize both sides to ``input_size / crop_pct``, then a centre crop
+    of the same size, which keeps everything), so ``timm.data.create_transform(
+    **timm.data.resolve_model_data_config(model))`` builds the training transform.
+    """
+    cfg: Dict[str, Any] = {"mean": tuple(prep["mean"]), "std": tuple(prep["std"]),
+                           "interpolation": prep.get("interpolation", "bicubic"), "crop_pct": 1.0, "crop_mode": "squash"}
+    if prep.get("image_size"):
+        cfg["input_size"] = (3, *prep["image_size"])
+    return cfg
+
+
 def apply_preprocessing(model: nn.Module, prep: Optional[Dict[str, Any]]) -> nn.Module:
-    """Record ``prep`` in the model's ``pretrained_cfg`` (mean, std, interpolation, input size), so
-    ``tokentune.data.build_transform(model)`` and timm's ``resolve_data_config`` give its
+    """Record ``prep`` in the model's ``pretrained_cfg`` (see :func:`timm_data_config`), so
+    ``tokentune.data.build_transform(model)`` and timm's ``resolve_model_data_config`` give its
     preprocessing."""
     if not prep:
         return model
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg.update(mean=tuple(prep["mean"]), std=tuple(prep["std"]), interpolation=prep.get("interpolation", "bicubic"))
-    if prep.get("image_size"):
-        cfg["input_size"] = (3, *prep["image_size"])
+    for key in ("test_input_size", "test_crop_pct", "test_crop_mode"):   # timm prefers these at test time
+        cfg.pop(key, None)
+    cfg.update(timm_data_config(prep))
     model.pretrained_cfg = cfg
     return model
+
+
+def timm_config(deployed: nn.Module, spec: Dict[str, Any], prep: Dict[str, Any], plain: bool) -> Dict[str, Any]:
+    """The ``config.json`` timm reads from a folder or hub repository (``local-dir:``/``hf-hub:``).
+
+    Written by timm's own ``save_config_for_hf`` (the model arguments timm recorded when it built
+    the backbone), with the training transform as its ``pretrained_cfg`` data config; an export
+    that is not a plain timm model names :data:`GUARD_ARCHITECTURE` instead of its architecture.
+    """
+    from timm.models._hub import save_config_for_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, TIMM_CONFIG)
+        save_config_for_hf(deployed, path)
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    pretrained_cfg = dict(config.get("pretrained_cfg") or {})
+    for key in ("test_input_size", "test_crop_pct", "test_crop_mode", "file", "hf_hub_id", "url", "tag"):
+        pretrained_cfg.pop(key, None)
+    pretrained_cfg.update(jsonable(timm_data_config(prep)), num_classes=int(spec["num_classes"]))
+    config["pretrained_cfg"] = pretrained_cfg
+    if not plain:
+        config["architecture"] = GUARD_ARCHITECTURE.format(method=spec["method"])
+    return config
+
+
+def is_export(directory: PathLike) -> bool:
+    """Whether ``directory`` is an export directory (not a run directory an export was written into)."""
+    directory = os.fspath(directory)
+    return os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)) and not RunDir(directory).run_files()
 
 
 def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str, None]
@@ -183,7 +255,7 @@ def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str,
     if not os.path.isdir(directory):
         raise TokenTuneError(f"{directory!r} is not a directory; pass a model or a run directory written by "
                              "tokentune train/save_trained")
-    if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)) and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+    if is_export(directory):
         raise TokenTuneError(f"{directory!r} is already a deployed export; load it with tokentune.load_deployed")
     return load_trained(directory, pretrained=pretrained), read_config(directory)
 
@@ -225,10 +297,18 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
     deployed, spec = _deployed(model)
     out_dir = os.fspath(out_dir)
     tensors = deployed_tensors(deployed, EXPORT_DTYPES[dtype] if dtype else None)
+    plain = not hasattr(deployed, "timm_class")
+    metadata = {"format": "pt", "tokentune": FORMAT, "tokentune_method": spec["method"],
+                "tokentune_plain_timm": "true" if plain else "false"}
+    if not plain:
+        tensors[GUARD_TENSOR] = torch.tensor(list(spec["method"].encode()), dtype=torch.uint8)
+        metadata["tokentune_note"] = (f"needs tokentune.load_deployed: a plain timm ViT loading these tensors would run "
+                                      f"without {spec['method']}'s token reduction or plug-ins")
     from safetensors.torch import save_file
 
     weights = os.path.join(out_dir, DEPLOYED_WEIGHTS)
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "tokentune": FORMAT}))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    prep = preprocessing_of(deployed, run_config)
     grid = getattr(getattr(deployed, "patch_embed", None), "img_size", None)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
     config = {
@@ -237,15 +317,18 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
         "versions": _versions(),
         "spec": spec,
         "deployed_class": f"{type(deployed).__module__}.{type(deployed).__qualname__}",
-        "plain_timm": not hasattr(deployed, "timm_class"),
+        "plain_timm": plain,
         "image_size": list(grid) if grid is not None else None,
         "num_prefix_tokens": int(getattr(deployed, "num_prefix_tokens", 0)),
         "method_state": jsonable(info_of(deployed).state) if info_of(deployed) is not None else {},
-        "preprocessing": preprocessing_of(deployed, run_config),
+        "preprocessing": prep,
+        "pretrained_cfg": jsonable(timm_data_config(prep)),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "num_tensors": len(tensors),
+        "num_tensors": len(tensors) - (0 if plain else 1),
         "num_elements": int(sum(t.numel() for t in tensors.values())),
     }
+    if not RunDir(out_dir).run_files():      # inside a run directory its own config.json stays
+        atomic_write_json(os.path.join(out_dir, TIMM_CONFIG), timm_config(deployed, spec, prep, plain))
     atomic_write_json(os.path.join(out_dir, DEPLOYED_CONFIG), config)   # written last: marks a complete export
     if verify:
         check_export(deployed, out_dir)
@@ -317,7 +400,8 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
     Needs only torch, timm and tokentune: no pretrained weights, no model hub, no training code.
 
     Args:
-        out_dir: the export directory.
+        out_dir: the export directory, ``local-dir:DIR`` or a hub repository ``hf-hub:owner/repo``
+            that :func:`tokentune.push_to_hub` wrote.
         device: where the tensors are loaded.
         compile: return ``torch.compile(model)`` (the first calls compile; outputs agree with the
             eager model to float rounding, not bit for bit).
@@ -326,12 +410,13 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
         The deployed model in eval mode with gradients off: a plain timm model when no plug-in is
         left (``lora``), otherwise tokentune's model with its plug-ins.
     """
-
+    out_dir = resolve_location(os.fspath(out_dir), "the export", allow_patterns=EXPORT_FILES)
     config = read_deployed_config(out_dir)
     weights = os.path.join(os.fspath(out_dir), DEPLOYED_WEIGHTS)
     if not os.path.isfile(weights):
         raise TokenTuneError(f"{os.fspath(out_dir)!r} has {DEPLOYED_CONFIG} but no {DEPLOYED_WEIGHTS}; {_REEXPORT}")
     tensors = load_safetensors(weights, _REEXPORT, device=str(device))
+    tensors.pop(GUARD_TENSOR, None)
     written_timm = (config.get("versions") or {}).get("timm")
     hint = f" (exported with timm {written_timm}, this is timm {timm.__version__})" \
         if written_timm and written_timm != timm.__version__ else ""
@@ -428,14 +513,19 @@ def describe_model(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- loading any saved model
 def open_model(path: PathLike, pretrained: Union[bool, str, None] = None,
                device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """A model in eval mode from an export directory (:func:`load_deployed`) or a training run
-    directory (:func:`tokentune.load_trained`, with ``pretrained`` overriding the backbone source);
-    either way it carries its input preprocessing (size, filter, mean/std) in ``pretrained_cfg``."""
-    directory = os.fspath(path)
-    if os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)):
+    """A model in eval mode from an export directory (:func:`load_deployed`), a training run
+    directory (:func:`tokentune.load_trained`, with ``pretrained`` overriding the backbone source)
+    or a peft LoRA adapter of a timm ViT (:func:`tokentune.load_peft`), each also as ``local-dir:DIR``
+    or ``hf-hub:owner/repo``; it carries its input preprocessing (size, filter, mean/std) in
+    ``pretrained_cfg``."""
+    directory = resolve_location(os.fspath(path), "the model", allow_patterns=OPEN_FILES)
+    if is_export(directory):
         return load_deployed(directory, device=device)
     if not os.path.isdir(directory):
-        raise TokenTuneError(f"{directory!r} does not exist; pass a run directory or an export directory")
+        raise TokenTuneError(f"{directory!r} does not exist; pass a run directory, an export directory or a peft adapter")
+    if os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        model = load_peft(directory, pretrained=pretrained).to(device).eval()
+        return apply_preprocessing(model, preprocessing_of(model))
     model = load_trained(directory, pretrained=pretrained).to(device).eval()
     return apply_preprocessing(model, preprocessing_of(model, read_config(directory)))
 
