@@ -180,7 +180,7 @@ def test_export_from_run_directory_with_pretrained_override(tmp_path):
     # the recorded backbone file moved: point to its new place
     moved = tmp_path / "moved.safetensors"
     os.replace(weights, moved)
-    with pytest.raises(TokenTuneError, match="does not exist"):
+    with pytest.raises(TokenTuneError, match="backbone.safetensors.*pass pretrained=PATH"):
         export_deployed(run, tmp_path / "out2")
     export_deployed(run, tmp_path / "out2", pretrained=str(moved))
     with torch.no_grad():

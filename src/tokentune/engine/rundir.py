@@ -88,6 +88,18 @@ class RunDir:
         """The files that make this directory a run (weights or resume marker) that exist."""
         return [n for n in (RESUME_NAME, WEIGHTS_NAME) if os.path.exists(self.file(n))]
 
+    def is_run(self) -> bool:
+        """Whether the directory holds a run: a resume marker, or a ``config.json`` written by :meth:`write_model`
+        (not timm's ``config.json`` of an export)."""
+        if os.path.isfile(self.resume):
+            return True
+        try:
+            with open(self.config, encoding="utf-8") as fh:
+                config = json.load(fh)
+            return config.get("architecture") == TIMM_GUARD or "method" in config    # older runs: no guard
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def prepare(self) -> List[str]:
         """Create the directory, prove it writable, delete temporaries a killed writer left.
 

@@ -64,8 +64,10 @@ DEPLOYED_WEIGHTS = "deployed.safetensors"
 DEPLOYED_CONFIG = "deployed.json"
 TIMM_CONFIG = "config.json"
 #: the extra tensor of an export that a plain timm ViT cannot run (uint8 bytes of the method spec)
+#: the name of a plain timm export's weights in a hub repository (timm's ``hf-hub:`` loader reads only this name)
+HUB_WEIGHTS = "model.safetensors"
 #: the files of an export (what is fetched from a hub repository)
-EXPORT_FILES = [DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, TIMM_CONFIG]
+EXPORT_FILES = [DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, TIMM_CONFIG, HUB_WEIGHTS]
 #: what :func:`open_model` fetches from a hub repository: an export, a run's model, a peft adapter
 OPEN_FILES = EXPORT_FILES + [CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG, ADAPTER_WEIGHTS]
 GUARD_TENSOR = "tokentune_export.needs_tokentune_load_deployed"
@@ -243,7 +245,7 @@ def timm_config(deployed: nn.Module, spec: Dict[str, Any], prep: Dict[str, Any],
 def is_export(directory: PathLike) -> bool:
     """Whether ``directory`` is an export directory (not a run directory an export was written into)."""
     directory = os.fspath(directory)
-    return os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)) and not RunDir(directory).run_files()
+    return os.path.isfile(os.path.join(directory, DEPLOYED_CONFIG)) and not RunDir(directory).is_run()
 
 
 def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str, None]
@@ -413,6 +415,8 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
     out_dir = resolve_location(os.fspath(out_dir), "the export", allow_patterns=EXPORT_FILES)
     config = read_deployed_config(out_dir)
     weights = os.path.join(os.fspath(out_dir), DEPLOYED_WEIGHTS)
+    if not os.path.isfile(weights) and config.get("plain_timm"):
+        weights = os.path.join(os.fspath(out_dir), HUB_WEIGHTS)      # a plain export as pushed to the hub
     if not os.path.isfile(weights):
         raise TokenTuneError(f"{os.fspath(out_dir)!r} has {DEPLOYED_CONFIG} but no {DEPLOYED_WEIGHTS}; {_REEXPORT}")
     tensors = load_safetensors(weights, _REEXPORT, device=str(device))
