@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.tools.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft, save_peft
+from tokentune.methods.lora.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft, save_peft
 
 peft = pytest.importorskip("peft")
 
@@ -122,3 +122,18 @@ def test_export_refuses_what_peft_cannot_hold(tmp_path):
     with pytest.raises(TokenTuneError, match="LoRA"):
         save_peft(tokentune.create_model(NAME, method="adapter", num_classes=5, **tiny()), tmp_path / "q")
     assert not (tmp_path / "p" / ADAPTER_WEIGHTS).exists()
+
+
+def test_export_command_writes_peft_format(tmp_path, base_file, capsys):
+    from tokentune.cli import main
+
+    model = tokentune.create_model(NAME, method="lora", num_classes=5, pretrained=str(base_file), **tiny()).eval()
+    randomize_lora(model)
+    tokentune.save_trained(model, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "adapter"), "--format", "peft"]) == 0
+    loaded = peft.PeftModel.from_pretrained(timm_base(base_file), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert (loaded(X) - model(X)).abs().max() < 1e-5
+    tokentune.save_trained(tokentune.create_model(NAME, method="adapter", num_classes=5, **tiny()), tmp_path / "ad")
+    assert main(["export", str(tmp_path / "ad"), str(tmp_path / "x"), "--format", "peft"]) == 2
+    assert "offer no 'peft' format" in capsys.readouterr().err

@@ -33,12 +33,12 @@ from .errors import TokenTuneError
 from .methods.adapter import Adapter, AdapterConfig, MoEAdapter
 from .methods.dyt import DyTConfig
 from .methods.lora import LoRAConfig, LoRALinear
+from .methods.lora.peft import load_peft, save_peft
 from .methods.pyra import PYRAConfig
 from .methods.tome import ToMeConfig, bipartite_soft_matching, merge_weighted
-from .tools.export import export_deployed, load_deployed, open_model
+from .tools.export import export_deployed, export_format, load_deployed, open_model
 from .tools.hub import push_to_hub
 from .tools.onnx import export_onnx
-from .tools.peft import load_peft, save_peft
 from .version import __version__
 
 _compat.install()
@@ -47,7 +47,7 @@ __all__ = [
     "Adapter", "AdapterConfig", "AdaptedBlock", "DyTConfig", "LoRAConfig", "LoRALinear", "MoEAdapter",
     "PYRAConfig", "Recipe", "ToMeConfig", "TokenState", "TokenTuneError", "TrainConfig", "attention",
     "available_methods", "available_recipes", "bipartite_soft_matching", "build_datasets", "count_parameters",
-    "create_model", "deploy", "evaluate", "export_deployed", "export_onnx", "get_recipe", "load_deployed",
+    "create_model", "deploy", "evaluate", "export_deployed", "export_format", "export_onnx", "get_recipe", "load_deployed",
     "load_peft", "load_trained", "merge_weighted", "open_model", "print_trainable_parameters", "push_to_hub",
     "register_method", "save_peft", "save_trained", "train", "__version__",
 ]

@@ -10,11 +10,13 @@ from ..tools.export import (
     DEPLOYED_WEIGHTS,
     EXPORT_DTYPES,
     export_deployed,
+    export_format,
     is_export,
     load_deployed,
     read_deployed_config,
     trace_options,
 )
+from ..tools.hub import push_to_hub
 from ..tools.onnx import export_onnx
 from .options import parse_pretrained
 
@@ -36,6 +38,12 @@ def add(parser: argparse.ArgumentParser) -> None:
                         help="store floating tensors in this precision [default: as trained, usually float32]")
     parser.add_argument("--verify", action="store_true",
                         help="reload the written export and check it reproduces the deployed model's outputs")
+    parser.add_argument("--format", default="deployed", metavar="NAME",
+                        help="'deployed' (the deployed model, as above) or a format a method of the run offers: 'peft' "
+                             "writes a LoRA run's adapter_config.json + adapter_model.safetensors for peft "
+                             "[default: deployed]")
+    parser.add_argument("--push-to-hub", metavar="OWNER/REPO", default=None,
+                        help="then upload OUT to this Hugging Face hub repository (needs a login: huggingface-cli login)")
     g = parser.add_argument_group("ONNX (needs pip install 'tokentune[onnx]')")
     g.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (checked with onnxruntime when installed)")
     g.add_argument("--onnx-file", default="model.onnx", metavar="NAME", help="ONNX file name inside OUT [default: model.onnx]")
@@ -52,6 +60,12 @@ def _size(path: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
     source = os.fspath(args.run)
+    if args.format != "deployed":
+        if args.onnx:
+            raise TokenTuneError(f"--onnx writes the deployed model's graph; leave it out with --format {args.format}")
+        export_format(source, args.out, args.format, pretrained=args.pretrained)
+        print(f"wrote the {args.format} format of {source} to {args.out}")
+        return _push(args)
     if is_export(source):
         if not args.onnx:
             raise TokenTuneError(f"{source!r} is already an export; pass --onnx to write its ONNX graph")
@@ -78,4 +92,10 @@ def run(args: argparse.Namespace) -> int:
               f"{checked}")
         for note in notes:
             print(f"note: {note}")
+    return _push(args)
+
+
+def _push(args: argparse.Namespace) -> int:
+    if args.push_to_hub:
+        print(f"pushed {args.out} to hf-hub:{args.push_to_hub}: {push_to_hub(args.out, args.push_to_hub)}")
     return 0

@@ -20,6 +20,9 @@ from ..utils import one_line, require_extra
 
 HF_HUB = "hf-hub"
 LOCAL_DIR = "local-dir"
+#: peft's adapter files (:mod:`tokentune.methods.lora.peft` reads and writes them)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def split_source(name: str) -> Tuple[Optional[str], str]:

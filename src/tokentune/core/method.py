@@ -57,6 +57,9 @@ class Method:
             token dispatchers at an activation rate on ``images`` (benchmarks of untrained models).
         activation_target: ``activation_target(model) -> rate or None``, the rate the method trains
             its dispatchers towards (the benchmarks' default for :attr:`set_activation`).
+        save_formats: other libraries' formats the method's trained tensors can be written in,
+            ``{format: save(model, directory)}`` (LoRA: ``"peft"``); :func:`tokentune.export_format`
+            and ``tokentune export --format`` ask for them.
     """
 
     name: str
@@ -76,6 +79,7 @@ class Method:
     trace_options: Optional[Callable[[nn.Module], Tuple[Dict[str, Any], Optional[str]]]] = None
     set_activation: Optional[Callable[[nn.Module, torch.Tensor, float], float]] = None
     activation_target: Optional[Callable[[nn.Module], Optional[float]]] = None
+    save_formats: Dict[str, Callable[[nn.Module, str], Any]] = field(default_factory=dict)
 
 
 _REGISTRY: Dict[str, Method] = {}

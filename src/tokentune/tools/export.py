@@ -48,7 +48,7 @@ from torch import nn
 
 from ..core.deploy import deploy
 from ..core.factory import create_model, methods_of
-from ..core.hub import resolve_location
+from ..core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_location
 from ..core.vit import info_of, input_size, spec_of
 from ..core.weights import load_safetensors
 from ..engine.checkpoint import load_trained, read_config
@@ -58,7 +58,6 @@ from ..errors import TokenTuneError
 from ..fileio import atomic_write, atomic_write_json
 from ..utils import jsonable, unwrap_model
 from ..version import __version__
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_peft
 
 DEPLOYED_WEIGHTS = "deployed.safetensors"
 DEPLOYED_CONFIG = "deployed.json"
@@ -337,6 +336,30 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
     return deployed
 
 
+def export_format(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathLike, fmt: str, *,
+                  pretrained: Union[bool, str, None] = None) -> Any:
+    """Write a model's trained tensors in another library's format that one of its methods offers
+    (``Method.save_formats``: ``"peft"`` for a LoRA, see :func:`tokentune.save_peft`).
+
+    Args:
+        model_or_run_dir: a model built by :func:`tokentune.create_model`, or a run directory.
+        out_dir: where to write.
+        fmt: the format name.
+        pretrained: for a run directory, where the frozen backbone comes from (default: as recorded).
+
+    Returns:
+        What the method's writer returns (peft: the adapter config).
+    """
+    model, _ = _model_from(model_or_run_dir, pretrained)
+    if spec_of(model) is None:
+        raise TokenTuneError(f"cannot write the {fmt!r} format of a model tokentune did not build")
+    offered = {name: m for m in methods_of(model) for name in m.save_formats}
+    if fmt not in offered:
+        raise TokenTuneError(f"the methods of this {spec_of(model)['method']} model offer no {fmt!r} format (offered: "
+                             f"{', '.join(sorted(offered)) or 'none'}); peft's format needs a LoRA model")
+    return offered[fmt].save_formats[fmt](model, os.fspath(out_dir))
+
+
 # ----------------------------------------------------------------------------- load
 def read_deployed_config(out_dir: PathLike) -> Dict[str, Any]:
     """``deployed.json`` of an export directory, checked for format and version."""
@@ -517,19 +540,17 @@ def describe_model(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- loading any saved model
 def open_model(path: PathLike, pretrained: Union[bool, str, None] = None,
                device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """A model in eval mode from an export directory (:func:`load_deployed`), a training run
-    directory (:func:`tokentune.load_trained`, with ``pretrained`` overriding the backbone source)
-    or a peft LoRA adapter of a timm ViT (:func:`tokentune.load_peft`), each also as ``local-dir:DIR``
-    or ``hf-hub:owner/repo``; it carries its input preprocessing (size, filter, mean/std) in
-    ``pretrained_cfg``."""
+    """A model in eval mode from an export directory (:func:`load_deployed`) or a training run
+    directory (:func:`tokentune.load_trained`, with ``pretrained`` overriding the backbone source),
+    each also as ``local-dir:DIR`` or ``hf-hub:owner/repo``; it carries its input preprocessing
+    (size, filter, mean/std) in ``pretrained_cfg``."""
     directory = resolve_location(os.fspath(path), "the model", allow_patterns=OPEN_FILES)
     if is_export(directory):
         return load_deployed(directory, device=device)
     if not os.path.isdir(directory):
         raise TokenTuneError(f"{directory!r} does not exist; pass a run directory, an export directory or a peft adapter")
     if os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-        model = load_peft(directory, pretrained=pretrained).to(device).eval()
-        return apply_preprocessing(model, preprocessing_of(model))
+        raise TokenTuneError(f"{directory!r} is a peft adapter; load it with tokentune.load_peft(DIR, MODEL_NAME)")
     model = load_trained(directory, pretrained=pretrained).to(device).eval()
     return apply_preprocessing(model, preprocessing_of(model, read_config(directory)))
 

@@ -24,13 +24,12 @@ from typing import List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..core.hub import split_revision
+from ..core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, split_revision
 from ..engine.checkpoint import save_trained
 from ..engine.rundir import CONFIG_NAME, METRICS_NAME, RESULTS_NAME, WEIGHTS_NAME, RunDir
 from ..errors import TokenTuneError
 from ..utils import one_line, require_extra
 from .export import DEPLOYED_CONFIG, DEPLOYED_WEIGHTS, HUB_WEIGHTS, TIMM_CONFIG, is_export, read_deployed_config
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 PathLike = Union[str, "os.PathLike[str]"]
 

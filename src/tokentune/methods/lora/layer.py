@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.method import Method, register_method
-from ..core.vit import adapted_blocks
-from ..errors import TokenTuneError
-from ..typecheck import check_fields
+from ...errors import TokenTuneError
+from ...typecheck import check_fields
 
 
 @dataclass
@@ -136,14 +134,3 @@ def merge_lora(model: nn.Module) -> int:
                 count += 1
     return count
 
-
-def _apply(model: nn.Module, cfg: LoRAConfig, ctx) -> None:
-    apply_lora(adapted_blocks(model), cfg)
-
-
-def _deploy(model: nn.Module) -> None:
-    merge_lora(model)
-
-
-register_method(Method("lora", LoRAConfig, _apply, trainable=(r"\.lora_[AB]$",), order=12, peft=True,
-                       deploy=_deploy, summary="LoRA on the fused qkv projection (mergeable for deployment)"))

@@ -35,18 +35,16 @@ import timm
 import torch
 from torch import nn
 
-from ..core.factory import HEAD_PATTERN, create_model, methods_of
-from ..core.hub import portable_backbone, resolve_location, resolved_backbone, split_source
-from ..core.vit import spec_of
-from ..core.weights import load_safetensors, load_state_into
-from ..errors import TokenTuneError
-from ..fileio import atomic_write, atomic_write_json
-from ..methods.lora import LoRALinear
-from ..utils import unwrap_model
-from ..version import __version__
+from ...core.factory import HEAD_PATTERN, create_model, methods_of
+from ...core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, portable_backbone, resolve_location, resolved_backbone, split_source
+from ...core.vit import spec_of
+from ...core.weights import load_safetensors, load_state_into
+from ...errors import TokenTuneError
+from ...fileio import atomic_write, atomic_write_json
+from ...utils import unwrap_model
+from ...version import __version__
+from .layer import LoRALinear
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 #: tokentune's LoRA targets and the module they are inside a timm block
 TARGET_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
