@@ -18,6 +18,7 @@ from ..errors import TokenTuneError, error_line
 from ..version import __version__
 from . import bench, demo, export, summarize, train, viz
 from . import eval as eval_
+from .config import add_config_options, apply_config_file, config_path, leaf_parser, render_config
 from .options import DEFAULT_MODEL, DataclassOption, add_dataclass_options, convert, describe, field_docs  # noqa: F401
 
 
@@ -69,17 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
         cmd.add(p)
         p.set_defaults(_run=cmd.run)
+        for leaf in _leaves(p):
+            add_config_options(leaf)
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> List[argparse.ArgumentParser]:
+    """The parsers that hold a command's options: itself, or its sub-subcommands (``viz merge``, ...)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return [parser] if sub is None else [leaf for p in dict.fromkeys(sub.choices.values()) for leaf in _leaves(p)]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``tokentune`` console script; returns the exit code."""
     try:
         parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        leaf = leaf_parser(parser, argv)
+        path = config_path(leaf, argv) if leaf is not None else None
+        if leaf is not None and path is not None:
+            apply_config_file(leaf, path)
         args = parser.parse_args(argv)
         if getattr(args, "_run", None) is None:
             parser.print_help()
             return 2
+        if getattr(args, "print_config", False):
+            print(render_config(leaf, args), end="")
+            return 0
         return int(args._run(args) or 0)
     except TokenTuneError as exc:
         rank = os.environ.get("RANK", "0")

@@ -114,7 +114,8 @@ def add_dataclass_options(group, cls: type, prefix: str, dest_prefix: str,
         kwargs = dict(dest=dest, type=parse, default=argparse.SUPPRESS, help=help_text, metavar=_metavar(hint))
         if hint is bool:
             kwargs.update(nargs="?", const=True)
-        group.add_argument(flag, **kwargs)
+        action = group.add_argument(flag, **kwargs)
+        action.tokentune_default = default       # what --print-config shows when the option is not given
         if hint is bool and not f.name.startswith("no_"):
             no_flag = "--no-" + prefix + f.name.replace("_", "-")
             group.add_argument(no_flag, dest=dest, action="store_const", const=False, default=argparse.SUPPRESS,

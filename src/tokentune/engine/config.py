@@ -59,6 +59,38 @@ class TrainConfig:
             model's; the CLI builds the model at this size).
         interpolation: resize filter: bicubic (the references), bilinear, nearest, lanczos, box
             or hamming.
+        optimizer: ``"adamw"`` (the references), ``"sgd"`` (with ``momentum``; the VPT-protocol
+            baselines), or any optimizer name timm's ``create_optimizer_v2`` knows (``lamb``,
+            ``lion``, ``adan``, ``nadamw``, ...; they take ``opt_eps``, ``betas`` and ``momentum``
+            where they have them).
+        momentum: SGD momentum (and that of timm optimizers that have one).
+        layer_decay: layer-wise learning-rate decay (BEiT/MAE): block ``i`` of ``L`` trains at
+            ``lr * layer_decay ** (L - i)``, the embeddings at ``layer_decay ** (L + 1)``, the
+            final norm and head at ``lr``; None: off.
+        lr_schedule: ``"cosine"`` (warm-up + cosine, see ``schedule_step``) or one of timm's
+            schedulers as ``"timm:cosine"``, ``"timm:step"`` (``decay_rate`` every
+            ``decay_epochs``), ``"timm:poly"``, ``"timm:tanh"`` (with this config's warm-up, lr,
+            min_lr and epochs; per step or per epoch by ``schedule_step``).
+        decay_epochs: epochs between decays of ``timm:step``.
+        decay_rate: factor of each decay of ``timm:step`` (and the power of ``timm:poly``).
+        ema_decay: keep an exponential moving average of the trained weights,
+            ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step (e.g. 0.9998);
+            evaluation and the saved ``model.safetensors`` use it, ``resume.pt`` keeps both. None: off.
+        augment: ``"none"`` (resize only: the VTAB-1k protocol of the papers) or ``"timm"``: timm's
+            training transform for full-size datasets (random-resized crop, horizontal flip,
+            ``auto_augment``, random erasing ``reprob``), which :func:`tokentune.train` sets as the
+            training split's ``transform``; the test split keeps the plain resize.
+        auto_augment: timm's auto-augment policy with ``augment="timm"`` (``rand-m9-mstd0.5-inc1``:
+            DeiT's RandAugment; ``none`` for no policy).
+        reprob: random-erasing probability with ``augment="timm"``.
+        mixup: mixup alpha (timm's ``Mixup``; 0: off); targets become soft, label smoothing
+            moves into them.
+        cutmix: cutmix alpha (0: off); with both, each batch uses one of them at random.
+        loggers: where metrics go besides the run directory's ``log.jsonl`` and ``metrics.csv``
+            (always written): ``tensorboard`` (``pip install 'tokentune[tensorboard]'``, logs in
+            ``<run>/tensorboard``), ``wandb`` (``pip install 'tokentune[wandb]'``; ``WANDB_MODE``,
+            ``WANDB_PROJECT`` as usual).
+        log_every: write the training loss and lr every N optimizer steps.
     """
 
     epochs: int = 100
@@ -87,6 +119,20 @@ class TrainConfig:
     normalization: str = "auto"
     image_size: Optional[int] = None
     interpolation: str = "bicubic"
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    layer_decay: Optional[float] = None
+    lr_schedule: str = "cosine"
+    decay_epochs: float = 30.0
+    decay_rate: float = 0.1
+    ema_decay: Optional[float] = None
+    augment: str = "none"
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    loggers: Tuple[str, ...] = ()
+    log_every: int = 10
 
     def __post_init__(self) -> None:
         check_fields(self)

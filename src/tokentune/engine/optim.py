@@ -2,6 +2,7 @@
 per step or per epoch, and the checks of every training option."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Dict, List, Tuple
@@ -57,6 +58,32 @@ def validate_config(cfg: TrainConfig) -> None:
         bad("interpolation", cfg.interpolation, f"choose from {', '.join(INTERPOLATIONS)}")
     if cfg.image_size is not None and int(cfg.image_size) < 1:
         bad("image_size", cfg.image_size, "must be positive")
+    if cfg.optimizer not in ("adamw", "sgd") and not _timm_optimizer_known(cfg.optimizer):
+        bad("optimizer", cfg.optimizer, "choose adamw, sgd or an optimizer name of timm.optim.list_optimizers()")
+    if not 0.0 <= cfg.momentum < 1.0:
+        bad("momentum", cfg.momentum, "must be in [0, 1)")
+    if cfg.layer_decay is not None and not 0.0 < cfg.layer_decay <= 1.0:
+        bad("layer_decay", cfg.layer_decay, "must be in (0, 1] (e.g. 0.65), or None for no layer-wise decay")
+    if cfg.lr_schedule != "cosine" and cfg.lr_schedule not in TIMM_SCHEDULES:
+        bad("lr_schedule", cfg.lr_schedule, f"choose cosine or one of {', '.join(TIMM_SCHEDULES)}")
+    if not cfg.decay_epochs > 0 or not cfg.decay_rate > 0:
+        bad("decay_epochs/decay_rate", (cfg.decay_epochs, cfg.decay_rate), "both must be > 0")
+    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+        bad("ema_decay", cfg.ema_decay, "must be in (0, 1), e.g. 0.9998, or None for no EMA")
+    if cfg.augment not in ("none", "timm"):
+        bad("augment", cfg.augment, "choose none (the VTAB-1k protocol) or timm (full-size datasets)")
+    if not 0.0 <= cfg.reprob <= 1.0:
+        bad("reprob", cfg.reprob, "a probability is in [0, 1]")
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        bad("mixup/cutmix", (cfg.mixup, cfg.cutmix), "alphas must be >= 0 (0: off)")
+    unknown = [name for name in cfg.loggers if name not in ("tensorboard", "wandb")]
+    if unknown:
+        bad("loggers", list(cfg.loggers), "choose from tensorboard, wandb (log.jsonl and metrics.csv are always written)")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and (int(cfg.batch_size) % 2 or not cfg.drop_last):
+        bad("batch_size", cfg.batch_size, "mixup/cutmix mix each batch with its reverse: use an even batch size and "
+            "drop_last=True")
+    if int(cfg.log_every) < 1:
+        bad("log_every", cfg.log_every, "need at least 1")
     if not isinstance(cfg.param_groups, dict):
         bad("param_groups", cfg.param_groups, 'give a dict {regex: {"lr": .., "weight_decay": ..}}')
     for pattern, overrides in cfg.param_groups.items():
@@ -77,14 +104,18 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
     * ``no_decay_norm_bias``: no weight decay on 1-D parameters (norm weights, biases,
       LayerScale gammas) and on what the model lists in ``no_weight_decay()`` (timm: position
       embedding, CLS/register tokens), as timm's optimizer factory;
+    * ``layer_decay``: the lr of a parameter of layer ``i`` (:func:`layer_id`) of a depth-``L`` ViT
+      is scaled by ``layer_decay ** (L + 1 - i)`` (BEiT, MAE; timm's ``param_groups_layer_decay``);
     * ``param_groups``: ``{regex: {"lr": .., "weight_decay": ..}}``, matched with ``re.search``
       against parameter names, first match wins; a given ``weight_decay`` applies even to 1-D
-      parameters, a given ``lr`` scales the whole schedule of the group by ``lr / cfg.lr``.
+      parameters, a given ``lr`` scales the whole schedule of the group by ``lr / cfg.lr`` (it
+      replaces the layer-wise value).
 
     Every group carries ``lr_scale`` (its lr relative to ``cfg.lr``) and ``names``.
     """
     patterns = [(re.compile(p), o) for p, o in cfg.param_groups.items()]
     no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    depth = len(getattr(model, "blocks", ()))
     groups: Dict[Tuple[float, float], Dict[str, Any]] = {}
     used = set()
     for name, p in model.named_parameters():
@@ -93,6 +124,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
         lr, wd = float(cfg.lr), float(cfg.weight_decay)
         if cfg.no_decay_norm_bias and (p.ndim <= 1 or name.endswith(".bias") or name in no_decay):
             wd = 0.0
+        if cfg.layer_decay is not None:
+            lr *= cfg.layer_decay ** (depth + 1 - layer_id(name, depth))
         for i, (pattern, overrides) in enumerate(patterns):
             if pattern.search(name):
                 used.add(i)
@@ -113,10 +146,42 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with ``cfg``'s betas and epsilon."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps,
-                             weight_decay=cfg.weight_decay)
+def layer_id(name: str, depth: int) -> int:
+    """Layer of a ViT parameter for layer-wise lr decay: 0 for the embeddings (patch embedding,
+    position embedding, CLS/register tokens), ``i + 1`` for ``blocks.i``, ``depth + 1`` for the rest
+    (final norm, pooling, head) — the assignment of BEiT/MAE and timm's ``param_groups_layer_decay``."""
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    if name.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "dist_token", "norm_pre")):
+        return 0
+    return depth + 1
+
+
+def _timm_optimizer_known(name: str) -> bool:
+    from timm.optim import list_optimizers
+
+    return name.lower() in list_optimizers()
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.optimizer`` over :func:`param_groups`: torch's AdamW (betas, epsilon) or
+    SGD (momentum), or timm's ``create_optimizer_v2`` for its other optimizers."""
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.opt_eps,
+                                 weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    from timm.optim import create_optimizer_v2
+
+    extra = {"betas": tuple(cfg.betas), "eps": cfg.opt_eps}
+    try:
+        return create_optimizer_v2(groups, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum, **extra)
+    except TypeError:          # an optimizer without betas/eps
+        return create_optimizer_v2(groups, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -139,8 +204,11 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: 
       timm's cosine scheduler with the index of the epoch that just finished, so epoch ``e``
       trains at the scheduler's value for ``max(e - 1, 0)``: epochs 0 and 1 at ``warmup_lr``,
       then linear warm-up, then ``min_lr + (lr - min_lr)(1 + cos(pi t / epochs)) / 2``.
+    * ``lr_schedule="timm:<name>"``: timm's scheduler of that name (:func:`_timm_schedule_lr`).
     """
     cfg = cfg.resolved()
+    if cfg.lr_schedule != "cosine":
+        return _timm_schedule_lr(cfg, epoch, step, steps_per_epoch)
     if cfg.schedule_step == "epoch":
         return _timm_cosine(cfg, max(epoch - 1, 0))
     t = epoch + step / max(steps_per_epoch, 1)
@@ -149,6 +217,36 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: 
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * t / warm
     progress = min((t - warm) / (total - warm), 1.0)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+TIMM_SCHEDULES = ("timm:cosine", "timm:step", "timm:poly", "timm:tanh")
+
+
+@functools.lru_cache(maxsize=8)
+def _timm_scheduler(sched: str, lr: float, epochs: int, warmup_epochs: float, warmup_lr: float, min_lr: float,
+                    decay_epochs: float, decay_rate: float, on_epochs: bool, steps_per_epoch: int):
+    """timm's scheduler on a stand-in optimizer: only its pure ``_get_lr(t)`` is used."""
+    from timm.scheduler import create_scheduler_v2
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler, _ = create_scheduler_v2(
+        dummy, sched=sched, num_epochs=epochs, decay_epochs=decay_epochs, decay_rate=decay_rate, min_lr=min_lr,
+        warmup_lr=warmup_lr, warmup_epochs=int(math.ceil(warmup_epochs)), warmup_prefix=False, cooldown_epochs=0,
+        step_on_epochs=on_epochs, updates_per_epoch=steps_per_epoch)
+    return scheduler
+
+
+def _timm_schedule_lr(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The lr timm's scheduler gives at epoch ``epoch`` (``schedule_step="epoch"``, as timm's train
+    script steps it: epoch ``e`` trains at the value for ``e``) or at optimizer update
+    ``epoch * steps_per_epoch + step`` (``"iter"``); a pure function of the position, so a resumed
+    run continues the same schedule. The warm-up is rounded up to whole epochs (timm counts it so)."""
+    scheduler = _timm_scheduler(cfg.lr_schedule.split(":", 1)[1], float(cfg.lr), int(cfg.epochs),
+                                float(cfg.warmup_epochs), float(cfg.warmup_lr), float(cfg.min_lr),
+                                float(cfg.decay_epochs), float(cfg.decay_rate), cfg.schedule_step == "epoch",
+                                max(steps_per_epoch, 1))
+    t = epoch if cfg.schedule_step == "epoch" else epoch * max(steps_per_epoch, 1) + step
+    return float(scheduler._get_lr(t)[0])
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

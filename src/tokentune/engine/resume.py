@@ -19,7 +19,9 @@ from .config import TrainConfig
 
 # options that may differ when resuming: they do not change what is computed (``epochs`` may
 # change too, see check_resume_compatible)
-RESUMABLE_CHANGES = ("eval_every", "num_workers")
+RESUMABLE_CHANGES = ("eval_every", "num_workers", "loggers", "log_every")
+#: defaults of options added after runs were saved: a saved config without them had these values
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 # ----------------------------------------------------------------------------- run state
@@ -93,6 +95,7 @@ def check_resume_compatible(saved_cfg: Dict[str, Any], saved_spec: Optional[Dict
     schedule is recomputed for the new length from the current position.
     """
     now = jsonable(dataclasses.asdict(cfg))
+    saved_cfg = dict(jsonable(_DEFAULTS), **saved_cfg)
     diffs = [k for k in now if k not in RESUMABLE_CHANGES and k != "epochs" and saved_cfg.get(k) != now[k]]
     if diffs:
         k = diffs[0]

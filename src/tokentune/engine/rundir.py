@@ -8,6 +8,9 @@ A run directory holds::
     metrics.json        one record per finished epoch
     results.json        the final record (only once the run has finished)
     resume.pt           the commit marker: epoch, step, optimizer, RNG states, trained tensors
+    log.jsonl           training loss/lr every log_every steps and every epoch's record (engine.loggers)
+    metrics.csv         the epoch records as a table
+    tensorboard/        TensorBoard events, when that logger is on
 
 A checkpoint is the set of these files. :meth:`RunDir.write_checkpoint` writes the data files
 first and the marker ``resume.pt`` last, each atomically (:mod:`tokentune.fileio`). Whatever
@@ -40,6 +43,9 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 RESULTS_NAME = "results.json"
 RESUME_NAME = "resume.pt"
+LOG_NAME = "log.jsonl"
+CSV_NAME = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
 RESUME_FORMAT = 1
 #: ``architecture`` entry of a run's ``config.json``. timm reads a folder's ``config.json`` for
 #: ``timm.create_model("local-dir:DIR")`` / ``"hf-hub:REPO"``; a run directory holds only the trained

@@ -32,6 +32,7 @@ The training loss is ``criterion(model(images), targets)``, or the ``loss`` hook
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,10 +53,13 @@ from ..errors import TokenTuneError, error_line
 from ..precision import amp_dtype, autocast
 from ..utils import jsonable
 from . import distributed as D
+from .augment import augment_training_split, batch_mixer
 from .checkpoint import trained_state_dict
 from .config import TrainConfig
 from .distributed import progress_enabled
+from .ema import TrainedEMA
 from .evaluate import evaluate, read_results, run_results
+from .loggers import LoggingCallback, training_loggers
 from .optim import build_optimizer, learning_rate, param_groups, set_learning_rate, validate_config  # noqa: F401
 from .resume import (
     Progress,
@@ -173,6 +177,14 @@ class _Session:
     run: Optional[RunDir]
     records: Dict[str, Any]
     say: Callable[[str], None]
+    mixer: Any = None                       # timm's Mixup (cfg.mixup/cutmix), see engine.augment
+    ema: Optional[TrainedEMA] = None        # the moving average of the trained weights (cfg.ema_decay)
+
+    def trained_tensors(self) -> Dict[str, torch.Tensor]:
+        """What ``model.safetensors`` holds: the trained tensors, averaged when EMA is on."""
+        if self.ema is None:
+            return trained_state_dict(self.model)
+        return {n: t.contiguous() for n, t in self.ema.state_dict().items()}
 
     @property
     def trainable(self) -> List[nn.Parameter]:
@@ -221,8 +233,11 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
     if batches == 0:
         raise TokenTuneError(f"the training split has {len(sampler)} images per process, fewer than one batch of "
                              f"{cfg.batch_size} (drop_last); lower --batch-size or set --drop-last false")
-    return _Session(model=model, cfg=cfg, dev=dev, inf=inf, optimizer=optimizer, scaler=scaler,
-                    criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+    augment_training_split(train_data, model, cfg, say)
+    mixer = batch_mixer(cfg, getattr(model, "num_classes", 0))
+    return _Session(model=model, cfg=cfg, dev=dev, inf=inf, optimizer=optimizer, scaler=scaler, mixer=mixer,
+                    # with mixup the smoothing is in the soft targets
+                    criterion=nn.CrossEntropyLoss(label_smoothing=0.0 if mixer else cfg.label_smoothing),
                     compute_loss=loss_function(model), on_step=step_hooks(model), sampler=sampler, loader=loader,
                     batches=batches, steps_per_epoch=-(-batches // cfg.grad_accum), run=run, records=records, say=say)
 
@@ -240,6 +255,7 @@ def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:
         # kept in a finished run too, so that it can be extended with more epochs
         "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
         "trainable": {n: p_.detach().cpu() for n, p_ in s.model.named_parameters() if p_.requires_grad},
+        **({"ema": s.ema.state_dict()} if s.ema is not None else {}),
     }
 
 
@@ -248,7 +264,7 @@ def _save(s: _Session, p: Progress, finished: bool = False, results: Optional[Di
     state = _resume_state(s, p, finished)            # every process takes part
     if s.run is not None and s.inf.is_main:
         config = dict(spec_of(s.model), **s.records, epochs_done=len(p.history))
-        s.run.write_checkpoint(tensors=trained_state_dict(s.model), config=config, history=p.history,
+        s.run.write_checkpoint(tensors=s.trained_tensors(), config=config, history=p.history,
                                resume_state=state, results=results)
     D.barrier()
 
@@ -322,7 +338,7 @@ def _restore_weights(s: _Session, state: Dict[str, Any], history: List[Dict[str,
     load_state_into(s.model, state["trainable"], source=s.run.resume)
     if s.inf.is_main:
         config = dict(spec_of(s.model), **s.records, epochs_done=len(history))
-        s.run.write_model(trained_state_dict(s.model), config)
+        s.run.write_model(state.get("ema") or trained_state_dict(s.model), config)
     s.say(f"{WEIGHTS_NAME} was missing or damaged: rewritten from {RESUME_NAME} (the weights after epoch {len(history)})")
 
 
@@ -398,6 +414,8 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
             raise TokenTuneError(error_line(exc)) from None
         images = images.to(s.dev, non_blocking=True)
         targets = torch.as_tensor(targets).to(s.dev, non_blocking=True)
+        if s.mixer is not None:
+            images, targets = s.mixer(images, targets)
         with autocast(s.dev, dtype):
             loss, logs = s.compute_loss(images, targets, s.criterion)
         value = float(loss.detach().float())
@@ -429,6 +447,8 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
         nn.utils.clip_grad_norm_(s.trainable, cfg.clip_grad)
     s.scaler.step(s.optimizer)
     s.scaler.update()
+    if s.ema is not None:
+        s.ema.update(s.model)
     s.optimizer.zero_grad(set_to_none=True)
     p.global_step += 1
     p.batches_done += group
@@ -464,8 +484,9 @@ def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: O
     record.update({k: v / max(part["images"], 1) for k, v in part["logs"].items()})
     due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
     if test_data is not None and (due or epoch == cfg.epochs - 1):
-        metrics = evaluate(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
-                           num_workers=cfg.num_workers, progress=progress, desc="test")
+        with s.ema.applied(s.model) if s.ema is not None else contextlib.nullcontext():
+            metrics = evaluate(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
+                               num_workers=cfg.num_workers, progress=progress, desc="test")
         record["top1"] = metrics["top1"]
         record["test_loss"] = metrics["loss"]
     p.history.append(record)
@@ -527,12 +548,34 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
         records["run"] = jsonable(run_info)
     s = _setup(model, train_data, cfg, dev, inf, run, records, say)
     p, finished = _start(s, resume, state)
+    s.ema = _moving_average(s, state if resume is True else None)
     del state
     if finished:
         return _result(p.history, p.global_step, True, p.train_time_s,
                        read_results(run.path) if os.path.isfile(run.results) else None)
     eval_bs = eval_batch_size or 2 * cfg.batch_size
+    logging = LoggingCallback(training_loggers(run, cfg.loggers, records) if inf.is_main else [], cfg.log_every)
+    callbacks = [logging, *callbacks]
+    try:
+        return _epochs(s, p, model, test_data, eval_bs, callbacks, max_steps, progress, handle_signals, run_info)
+    finally:
+        logging.close()
 
+
+def _moving_average(s: _Session, state: Optional[Dict[str, Any]]) -> Optional[TrainedEMA]:
+    """The EMA of the trained weights (``cfg.ema_decay``): from the current weights, or as ``resume.pt`` kept it."""
+    if s.cfg.ema_decay is None:
+        return None
+    ema = TrainedEMA(s.model, s.cfg.ema_decay)
+    if state is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
+    return ema
+
+
+def _epochs(s: _Session, p: Progress, model: nn.Module, test_data, eval_bs: int, callbacks, max_steps, progress,
+            handle_signals: bool, run_info) -> TrainResult:
+    """The epochs from ``p`` to the end (or a stop request), then the final checkpoint."""
+    cfg, say, records = s.cfg, s.say, s.records
     with _StopFlag(handle_signals) as stop_flag:
         while p.epoch < cfg.epochs:
             stop = _train_epoch(s, p, stop_flag, callbacks, max_steps, progress)
