@@ -28,6 +28,7 @@ from .engine.checkpoint import load_trained, save_trained
 from .engine.config import TrainConfig
 from .engine.data import build_datasets
 from .engine.evaluate import evaluate
+from .engine.sources import ImageSource, StreamDataset, WebDatasetShards
 from .engine.training import train
 from .errors import TokenTuneError
 from .methods.adapter import Adapter, AdapterConfig, MoEAdapter
@@ -44,10 +45,10 @@ from .version import __version__
 _compat.install()
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdaptedBlock", "DyTConfig", "LoRAConfig", "LoRALinear", "MoEAdapter",
-    "PYRAConfig", "Recipe", "ToMeConfig", "TokenState", "TokenTuneError", "TrainConfig", "attention",
+    "Adapter", "AdapterConfig", "AdaptedBlock", "DyTConfig", "ImageSource", "LoRAConfig", "LoRALinear", "MoEAdapter",
+    "PYRAConfig", "Recipe", "StreamDataset", "ToMeConfig", "TokenState", "TokenTuneError", "TrainConfig", "attention",
     "available_methods", "available_recipes", "bipartite_soft_matching", "build_datasets", "count_parameters",
     "create_model", "deploy", "evaluate", "export_deployed", "export_format", "export_onnx", "get_recipe", "load_deployed",
     "load_peft", "load_trained", "merge_weighted", "open_model", "print_trainable_parameters", "push_to_hub",
-    "register_method", "save_peft", "save_trained", "train", "__version__",
+    "register_method", "save_peft", "save_trained", "train", "WebDatasetShards", "__version__",
 ]

@@ -35,6 +35,7 @@ from . import distributed as D
 from .data import VTAB_GROUPS, VTAB_TASKS, vtab_task
 from .distributed import progress_enabled  # noqa: F401 - re-exported
 from .rundir import RESULTS_NAME, RunDir
+from .sources import StreamDataset, as_training_data, stream_loader
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -42,7 +43,8 @@ from .rundir import RESULTS_NAME, RunDir
 def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Optional[str] = None,
              amp: str = "auto", num_workers: int = 0, progress: Optional[bool] = None,
              desc: str = "eval") -> Dict[str, float]:
-    """Top-1 accuracy (%) of ``model`` on ``dataset`` (items ``(image tensor, label)``).
+    """Top-1 accuracy (%) of ``model`` on ``dataset`` (items ``(image tensor, label)``; an iterable or a
+    :class:`~tokentune.engine.sources.StreamDataset` is read to its end, or to its ``epoch_size``).
 
     Under ``torchrun`` every process evaluates its own shard and the counts are summed, so the
     result is exact (no padded duplicates).
@@ -56,9 +58,15 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Option
     dev = torch.device(device) if isinstance(device, str) else (device or next(model.parameters()).device)
     dtype = amp_dtype(amp, dev)
     inf = D.info()
-    sampler = D.ShardSampler(len(dataset), inf.rank, inf.world_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                         pin_memory=dev.type == "cuda", generator=torch.Generator())
+    dataset = as_training_data(dataset)
+    if isinstance(dataset, StreamDataset):     # every process reads its share of the whole stream
+        dataset.set_epoch(0)
+        _, loader = stream_loader(dataset, batch_size, num_workers, False, dev.type == "cuda", inf.rank, inf.world_size,
+                                  torch.Generator())        # its own generator: evaluation draws nothing from training's
+    else:
+        sampler = D.ShardSampler(len(dataset), inf.rank, inf.world_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                             pin_memory=dev.type == "cuda", generator=torch.Generator())
     was_training = model.training
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64)

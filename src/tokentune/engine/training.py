@@ -73,6 +73,7 @@ from .resume import (
     spec_key_of,
 )
 from .rundir import RESUME_FORMAT, RESUME_NAME, WEIGHTS_NAME, RunDir
+from .sources import StreamDataset, as_training_data, stream_loader
 
 
 class StopTraining(Exception):
@@ -224,14 +225,21 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
     dtype = amp_dtype(cfg.amp, dev)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        drop_last=cfg.drop_last, pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed))   # own generator: the global RNG is not consumed
-    batches = len(sampler) // cfg.batch_size if cfg.drop_last else -(-len(sampler) // cfg.batch_size)
+    generator = torch.Generator().manual_seed(cfg.seed)      # own generator: the global RNG is not consumed
+    if isinstance(train_data, StreamDataset):                # an iterable source (engine.sources): epochs of it
+        sampler, loader = stream_loader(train_data, cfg.batch_size, cfg.num_workers, cfg.drop_last, dev.type == "cuda",
+                                        inf.rank, inf.world_size, generator)
+        per_process = train_data.per_process()
+    else:
+        sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
+        loader = torch.utils.data.DataLoader(
+            train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+            drop_last=cfg.drop_last, pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
+            generator=generator)
+        per_process = len(sampler)
+    batches = per_process // cfg.batch_size if cfg.drop_last else -(-per_process // cfg.batch_size)
     if batches == 0:
-        raise TokenTuneError(f"the training split has {len(sampler)} images per process, fewer than one batch of "
+        raise TokenTuneError(f"the training split has {per_process} images per process, fewer than one batch of "
                              f"{cfg.batch_size} (drop_last); lower --batch-size or set --drop-last false")
     augment_training_split(train_data, model, cfg, say)
     mixer = batch_mixer(cfg, getattr(model, "num_classes", 0))
@@ -506,7 +514,10 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
     Args:
         model: built by :func:`tokentune.create_model` (only its trainable parameters train).
         train_data: a dataset of ``(image tensor, label)`` (e.g. :func:`tokentune.data.vtab_dataset`
-            with transforms set).
+            with transforms set; any source through :mod:`tokentune.engine.sources`: torchvision and
+            Hugging Face datasets as :class:`~tokentune.engine.sources.ImageSource`, iterables and
+            webdataset shards as :class:`~tokentune.engine.sources.StreamDataset`, whose epochs and
+            resume are described there).
         test_data: evaluated after the 1st epoch, every ``cfg.eval_every`` epochs after it, and
             after the last (the references' convention); None: no evaluation.
         cfg: :class:`tokentune.config.TrainConfig`.
@@ -538,6 +549,9 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
     dev = D.resolve_device(device)
     say = (log if (log is not None and inf.is_main) else (lambda *_: None))
     run = _open_run_dir(out_dir, resume, model, inf.is_main)
+    train_data = as_training_data(train_data)
+    if isinstance(train_data, StreamDataset):
+        train_data.per_process()                   # a stream needs an epoch size
     if len(train_data) == 0:
         raise TokenTuneError("the training split is empty")
     state = run.read_resume() if run is not None and resume is True else None

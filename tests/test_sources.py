@@ -1,0 +1,147 @@
+"""Data from anywhere: torchvision and Hugging Face datasets, iterable streams and webdataset shards
+train and evaluate like tokentune's own datasets; a stream's epochs are the same with any number of
+loader workers, and a run stopped inside an epoch resumes to the uninterrupted run's weights."""
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+from PIL import Image
+from safetensors.torch import load_file
+
+import tokentune
+from tokentune import ImageSource, StreamDataset, TrainConfig
+from tokentune.engine.data import build_transform, set_transforms
+from tokentune.engine.evaluate import evaluate
+from tokentune.engine.training import train
+from tokentune.errors import TokenTuneError
+
+
+def photos(n=24, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = i % classes
+        array = rng.integers(0, 120, (36, 40, 3), dtype=np.uint8)
+        array[..., label] += 100                     # a learnable colour cue
+        out.append((Image.fromarray(array), label))
+    return out
+
+
+class Photos(torch.utils.data.IterableDataset):
+    """A deterministic stream that counts its epochs (set_epoch) and reshuffles per epoch."""
+
+    def __init__(self, items):
+        self.items, self.epoch = items, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = np.random.default_rng(100 + self.epoch).permutation(len(self.items))
+        for i in order:
+            yield self.items[i]
+
+
+def model(seed=0):
+    return tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=3, seed=seed, **tiny())
+
+
+def cfg(**kw):
+    base = dict(epochs=2, batch_size=4, lr=1e-3, warmup_epochs=0, num_workers=0, eval_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_torchvision_dataset_and_evaluation_equal_the_tensor_dataset():
+    from torchvision.datasets import FakeData
+
+    fake = FakeData(size=10, image_size=(3, 36, 40), num_classes=3, random_offset=3)
+    m = model().eval()
+    source = ImageSource(fake, name="fake")
+    set_transforms([source], m)
+    assert source.num_classes == 3 and len(source) == 10
+    transform = build_transform(m)
+    tensors = torch.utils.data.TensorDataset(torch.stack([transform(fake[i][0]) for i in range(10)]),
+                                             torch.tensor([fake[i][1] for i in range(10)]))
+    assert evaluate(m, source, batch_size=4) == evaluate(m, tensors, batch_size=4)
+
+
+def test_hugging_face_dataset_dict_rows(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    items = photos(12)
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["a", "b", "c"])})
+    ds = datasets.Dataset.from_dict({"img": [p for p, _ in items], "fine_label": [y for _, y in items]},
+                                    features=features)
+    source = ImageSource(ds, name="hf-photos")
+    assert source.num_classes == 3
+    m = model()
+    set_transforms([source], m)
+    result = train(m, source, source, cfg(epochs=1), log=None, out_dir=str(tmp_path / "run"))
+    assert result.finished and result.results["dataset"] == "hf-photos" and result.results["data"]["kind"] == "source"
+    plain = [(build_transform(m)(to), y) for to, y in items]
+    tensors = torch.utils.data.TensorDataset(torch.stack([x for x, _ in plain]), torch.tensor([y for _, y in plain]))
+    assert evaluate(m, source, batch_size=5) == evaluate(m, tensors, batch_size=5)
+    with pytest.raises(TokenTuneError, match="image column"):
+        ImageSource(ds.rename_column("img", "picture"))[0]
+
+
+def _stream(items=None, **kw):
+    stream = StreamDataset(Photos(items or photos(24)), epoch_size=kw.pop("epoch_size", 20), num_classes=3, **kw)
+    stream.transform = build_transform(model())
+    return stream
+
+
+def test_stream_epochs_are_the_same_with_loader_workers_and_resume_exactly(tmp_path):
+    c = cfg(epochs=2)
+    train(model(), _stream(), _stream(epoch_size=None), c, out_dir=str(tmp_path / "a"), log=None)
+    train(model(), _stream(), _stream(epoch_size=None), cfg(epochs=2, num_workers=2), out_dir=str(tmp_path / "w"),
+          log=None)
+    train(model(), _stream(), None, c, out_dir=str(tmp_path / "b"), log=None, max_steps=3)   # inside epoch 1
+    train(model(), _stream(), _stream(epoch_size=None), c, out_dir=str(tmp_path / "b"), log=None, resume=True)
+    a, w, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "awb")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a[k], w[k]), k                        # loader workers: the same batches
+    # evaluation reads the whole stream (24 samples), each sample once
+    m = tokentune.load_trained(tmp_path / "a")
+    assert evaluate(m, _stream(epoch_size=None), batch_size=5)["total"] == 24
+
+
+def test_short_stream_is_one_line(tmp_path):
+    with pytest.raises(TokenTuneError, match="ended after 24 samples.*epoch_size=40") as info:
+        train(model(), _stream(epoch_size=40), None, cfg(epochs=1, batch_size=8), log=None)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TokenTuneError, match="epoch_size"):
+        train(model(), StreamDataset(Photos(photos(4))), None, cfg(epochs=1), log=None)
+
+
+def test_webdataset_shards(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    items = photos(16)
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"shard-{shard:06d}.tar")) as sink:
+            for i in range(8):
+                image, label = items[shard * 8 + i]
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                sink.write({"__key__": f"s{shard}_{i:03d}", "png": buf.getvalue(), "cls": str(label).encode()})
+    urls = str(tmp_path / "shard-{000000..000001}.tar")
+    shards = tokentune.WebDatasetShards(urls, seed=1)
+    stream = StreamDataset(shards, epoch_size=16, num_classes=3, name="shards")
+    stream.transform = build_transform(model())
+    orders = []
+    for epoch in (0, 1, 0):
+        stream.set_epoch(epoch)
+        orders.append([int(y) for _, y in stream])
+    assert orders[0] == orders[2] and len(orders[0]) == 16          # an epoch is always the same sequence
+    assert sorted(orders[0]) == sorted(y for _, y in items)
+    c = cfg(epochs=2)
+    train(model(), stream, None, c, out_dir=str(tmp_path / "a"), log=None)
+    train(model(), stream, None, c, out_dir=str(tmp_path / "b"), log=None, max_steps=5)
+    train(model(), stream, None, c, out_dir=str(tmp_path / "b"), log=None, resume=True)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert os.path.isfile(tmp_path / "a" / "metrics.csv")
