@@ -145,3 +145,55 @@ def test_webdataset_shards(tmp_path):
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert os.path.isfile(tmp_path / "a" / "metrics.csv")
+
+
+# ----------------------------------------------------------------------------- prepare-vtab
+def _dump(root, counts=(("train800", 6), ("val200", 3), ("test", 4)), classes=3):
+    rng = np.random.default_rng(0)
+    for split, n in counts:
+        for i in range(n):
+            d = root / split / str(i % classes)
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"img{i}.png")
+
+
+def test_prepare_vtab_from_split_folders_is_read_by_training(tmp_path, capsys):
+    from tokentune.cli import main
+    from tokentune.engine.data import vtab_dataset
+
+    _dump(tmp_path / "dump")
+    assert main(["data", "prepare-vtab", str(tmp_path / "dump"), "--task", "eurosat", "--out", str(tmp_path / "vtab")]) == 0
+    out = capsys.readouterr().out
+    assert "train800 6" in out and "train800val200 9" in out and "note: train800 has 6 images (VTAB-1k: 800)" in out
+    train_ds = vtab_dataset(str(tmp_path / "vtab"), "eurosat", "train800val200")
+    test_ds = vtab_dataset(str(tmp_path / "vtab"), "eurosat", "test")
+    assert len(train_ds) == 9 and len(test_ds) == 4 and train_ds.num_classes == 10
+    first = (tmp_path / "vtab" / "eurosat" / "train800.txt").read_text().splitlines()[0]
+    assert first == "images/train800/000000.png 0"
+    # the bytes are copied, not re-encoded
+    src = sorted((tmp_path / "dump" / "train800" / "0").iterdir())[0].read_bytes()
+    assert (tmp_path / "vtab" / "eurosat" / "images" / "train800" / "000000.png").read_bytes() == src
+    assert main(["data", "prepare-vtab", str(tmp_path / "dump"), "--task", "eurosat", "--out", str(tmp_path / "v"),
+                 "--splits", "val200=validation"]) == 2
+    assert "lacks the split val200 (as 'validation')" in capsys.readouterr().err
+
+
+def test_prepare_vtab_from_a_saved_datasetdict(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from tokentune.engine.data import vtab_dataset
+    from tokentune.tools.vtab import prepare_vtab
+
+    parts = {}
+    for split, n in (("train", 5), ("validation", 2), ("test", 3)):
+        items = photos(n, seed=len(parts))
+        parts[split] = datasets.Dataset.from_dict({"image": [p for p, _ in items], "label": [y for _, y in items]},
+                                                  features=datasets.Features({"image": datasets.Image(),
+                                                                              "label": datasets.Value("int64")}))
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
+    counts = prepare_vtab(str(tmp_path / "hf"), str(tmp_path / "vtab"), "dtd",
+                          splits={"train800": "train", "val200": "validation"})
+    assert counts == {"train800": 5, "val200": 2, "test": 3, "train800val200": 7}
+    ds = vtab_dataset(str(tmp_path / "vtab"), "dtd", "test")
+    image, label = ds[1]
+    assert label == photos(3, seed=2)[1][1]
+    assert np.array_equal(np.asarray(image), np.asarray(photos(3, seed=2)[1][0]))     # lossless

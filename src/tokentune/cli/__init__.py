@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 from ..errors import TokenTuneError, error_line
 from ..version import __version__
-from . import bench, demo, export, summarize, train, viz
+from . import bench, data, demo, export, summarize, train, viz
 from . import eval as eval_
 from .config import add_config_options, apply_config_file, config_path, leaf_parser, render_config
 from .options import DEFAULT_MODEL, DataclassOption, add_dataclass_options, convert, describe, field_docs  # noqa: F401
@@ -39,7 +39,7 @@ def _command(module) -> Command:
 #: Subcommands in ``--help`` order.
 COMMANDS: Dict[str, Command] = {
     "train": _command(train), "eval": _command(eval_), "summarize": _command(summarize), "demo": _command(demo),
-    "export": _command(export), "viz": _command(viz), "bench": _command(bench),
+    "export": _command(export), "viz": _command(viz), "bench": _command(bench), "data": _command(data),
 }
 
 
@@ -56,6 +56,8 @@ EPILOG = """examples:
   tokentune summarize runs/
   tokentune export runs/cifar-lora exported/cifar-lora --onnx
   tokentune viz merge runs/cifar-pyra image.jpg --out merge.png
+  tokentune data prepare-vtab dumps/cifar --task cifar --out vtab-1k
+  tokentune train --config cifar-lora.yaml --lr 3e-3
 Run 'tokentune COMMAND --help' for every option of a command."""
 
 

@@ -27,7 +27,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import TokenTuneError
-from ..fileio import atomic_write
+from ..fileio import atomic_write_text
 from ..utils import jsonable, require_extra
 from .rundir import CSV_NAME, LOG_NAME, TENSORBOARD_DIR, RunDir
 
@@ -74,7 +74,7 @@ class FileLogger(Logger):
                     kept.append(rec)
         self.epochs = [r for r in kept if r.get("kind") == "epoch"]
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        atomic_write(self.path, lambda tmp: _write_text(tmp, text))
+        atomic_write_text(self.path, text)
 
     def log(self, kind: str, record: Dict[str, Any]) -> None:
         if not self.started:
@@ -93,12 +93,10 @@ class FileLogger(Logger):
         writer.writeheader()
         writer.writerows(self.epochs)
         text = out.getvalue()
-        atomic_write(self.run.file(CSV_NAME), lambda tmp: _write_text(tmp, text))
+        atomic_write_text(self.run.file(CSV_NAME), text)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
+
 
 
 class TensorBoardLogger(Logger):
