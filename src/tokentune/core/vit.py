@@ -99,8 +99,26 @@ class TokenTuneMixin:
         ``TokenState.options`` (e.g. DyT's ``dyt_complete`` and ``dyt_execution``).
         """
         x, state = self.forward_tokens(images, **options)
-        logits = self.forward_head(x)
+        logits = self.forward_head_sized(x, state)
         return (logits, state) if return_state else logits
+
+    def forward_head_sized(self, x: torch.Tensor, state: TokenState, pre_logits: bool = False) -> torch.Tensor:
+        """timm's ``forward_head``, with an attention-pool head (``global_pool="map"``: SigLIP, ...)
+        weighting merged tokens by their size.
+
+        A token that stands for ``s`` patches enters the pool's softmax as ``s`` copies of itself
+        would: ``log(s)`` is added to its attention logit (proportional attention, as in the
+        blocks). With every size 1 (no merging) this is timm's pool exactly.
+        """
+        pool = getattr(self, "attn_pool", None)
+        if pool is None or state.size is None:
+            return self.forward_head(x, pre_logits=pre_logits)
+        size = state.size
+        if not getattr(self, "pool_include_prefix", False):
+            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+        x = pool(x, attn_mask=size.log().to(x.dtype).transpose(1, 2).unsqueeze(1))
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
 
 
 _CLASS_CACHE: Dict[type, type] = {}
@@ -117,13 +135,15 @@ def adapt_vit(model: nn.Module) -> nn.Module:
     """Convert a timm ViT in place: blocks -> :class:`AdaptedBlock`, forward -> token-state loop."""
     if isinstance(model, TokenTuneMixin):
         return model
+    if type(model).__name__ == "Eva":
+        raise TokenTuneError("timm's Eva models (EVA, EVA-02, DINOv3, PE, vit_*_rope_*: rotary position embeddings, "
+                             "EvaBlock) are not supported yet; use a VisionTransformer model (ViT, DeiT, DINOv2, CLIP, "
+                             "SigLIP), see README 'Which timm models work'")
     for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head", "num_prefix_tokens"):
         if not hasattr(model, attr):
             raise TokenTuneError(
                 f"{type(model).__name__} is not a timm VisionTransformer (no {attr}); "
                 "use a ViT/DeiT model name such as vit_base_patch16_224")
-    if getattr(model, "attn_pool", None) is not None:
-        raise TokenTuneError("models with attention pooling (global_pool='map') are not supported; use 'token' or 'avg'")
     blocks = [b if isinstance(b, AdaptedBlock) else AdaptedBlock(b) for b in model.blocks]
     model.blocks = nn.Sequential(*blocks)
     model.__class__ = _adapted_class(type(model))
