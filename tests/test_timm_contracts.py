@@ -119,3 +119,40 @@ def test_local_dir_backbone_from_timms_save_for_hf(tmp_path, monkeypatch):
         tokentune.create_model(f"local-dir:{tmp_path / 'backbone'}", pretrained="x.npz")
     with pytest.raises(TokenTuneError, match="tokentune run or export"):
         tokentune.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
+
+
+# ----------------------------------------------------------------------------- attention-pool heads
+SIGLIP = "vit_base_patch16_siglip_224"
+MAP = tiny(class_token=False, global_pool="map", no_embed_class=True)
+
+
+def test_map_head_without_merging_is_timms_model():
+    base = timm.create_model(SIGLIP, num_classes=5, **MAP).eval()
+    model = tokentune.create_model(SIGLIP, method="lora+tome", tome_r=0, num_classes=5, **MAP).eval()
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        assert (model(X) - base(X)).abs().max() < 1e-5
+
+
+def test_map_head_weights_a_merged_token_as_its_copies():
+    """The pool over merged tokens with sizes == timm's pool over every token repeated size times."""
+    model = tokentune.create_model(SIGLIP, method="lora+tome", tome_r=[4, 3, 2, 1], num_classes=5, **MAP).eval()
+    with torch.no_grad():
+        x, state = model.forward_tokens(X)
+        assert state.size is not None and int(state.size.max()) > 1
+        ours = model.forward_head_sized(x, state, pre_logits=True)
+        copies = [torch.repeat_interleave(x[b], state.size[b, :, 0].round().long(), dim=0) for b in range(len(X))]
+        theirs = torch.stack([model.attn_pool(c[None])[0] for c in copies])
+        assert (ours - theirs).abs().max() < 1e-5
+        unweighted = model.attn_pool(x)
+        assert (ours - unweighted).abs().max() > 1e-4       # the sizes matter
+    deployed = tokentune.deploy(model)
+    with torch.no_grad():
+        assert (deployed(X) - model(X)).abs().max() < 1e-5
+
+
+def test_eva_models_are_refused_by_name():
+    with pytest.raises(TokenTuneError, match="Eva models.*not supported") as info:
+        tokentune.create_model("eva02_tiny_patch14_224", method="lora", num_classes=3, img_size=28, depth=1, embed_dim=48,
+                               num_heads=3)
+    assert "\n" not in str(info.value)
