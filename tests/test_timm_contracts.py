@@ -115,6 +115,12 @@ def test_local_dir_backbone_from_timms_save_for_hf(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "run")
     with torch.no_grad():
         assert (tokentune.load_trained(tmp_path / "run").eval()(X) - model(X)).abs().max() < 1e-6
+    # an export of it is self-contained: it loads without the backbone folder
+    tokentune.export_deployed(model, tmp_path / "export")
+    shutil.move(str(tmp_path / "backbone"), str(tmp_path / "gone"))
+    with torch.no_grad():
+        assert (tokentune.load_deployed(tmp_path / "export")(X) - model(X)).abs().max() < 1e-5
+    shutil.move(str(tmp_path / "gone"), str(tmp_path / "backbone"))
     with pytest.raises(TokenTuneError, match="brings its own weights"):
         tokentune.create_model(f"local-dir:{tmp_path / 'backbone'}", pretrained="x.npz")
     with pytest.raises(TokenTuneError, match="tokentune run or export"):

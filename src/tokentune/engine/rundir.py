@@ -126,12 +126,16 @@ class RunDir:
         """``config`` as written: the backbone recorded as a name or hub id, a local weights file or
         ``local-dir:`` model relative to this directory (never an absolute path), and the
         :data:`TIMM_GUARD` entry (see :meth:`read_config` for the inverse)."""
-        out = portable_backbone(config, self.path)
-        cli = (out.get("run") or {}).get("cli")
-        if isinstance(cli, dict):
-            out["run"] = dict(out["run"], cli=portable_backbone(cli, self.path))
+        out = self._portable_run(portable_backbone(config, self.path))
         out["architecture"] = TIMM_GUARD
         return out
+
+    def _portable_run(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """``record`` with the command line's backbone (``run.cli``) relative to this directory."""
+        cli = (record.get("run") or {}).get("cli")
+        if isinstance(cli, dict):
+            record = dict(record, run=dict(record["run"], cli=portable_backbone(cli, self.path)))
+        return record
 
     def write_checkpoint(self, *, tensors: Dict[str, torch.Tensor], config: Dict[str, Any],
                          history: List[Dict[str, Any]], resume_state: Dict[str, Any],
@@ -140,7 +144,7 @@ class RunDir:
         self.write_model(tensors, config)
         atomic_write_json(self.metrics, history)
         if results is not None:
-            atomic_write_json(self.results, results)
+            atomic_write_json(self.results, self._portable_run(results))
         atomic_torch_save(self.resume, resume_state)
 
     # ------------------------------------------------------------------ reading

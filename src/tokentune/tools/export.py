@@ -46,9 +46,10 @@ import timm
 import torch
 from torch import nn
 
+from ..core.backbone import architecture_of
 from ..core.deploy import deploy
 from ..core.factory import create_model, methods_of
-from ..core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_location
+from ..core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_location, split_source
 from ..core.vit import info_of, input_size, spec_of
 from ..core.weights import load_safetensors
 from ..engine.checkpoint import load_trained, read_config
@@ -232,13 +233,28 @@ def timm_config(deployed: nn.Module, spec: Dict[str, Any], prep: Dict[str, Any],
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
     pretrained_cfg = dict(config.get("pretrained_cfg") or {})
-    for key in ("test_input_size", "test_crop_pct", "test_crop_mode", "file", "hf_hub_id", "url", "tag"):
+    for key in ("test_input_size", "test_crop_pct", "test_crop_mode", "file", "hf_hub_id", "url", "tag", "source"):
         pretrained_cfg.pop(key, None)
     pretrained_cfg.update(jsonable(timm_data_config(prep)), num_classes=int(spec["num_classes"]))
     config["pretrained_cfg"] = pretrained_cfg
+    # timm versions that record no construction arguments: the build's own keywords rebuild the model
+    args = dict(jsonable(spec.get("timm_kwargs") or {}), **(config.get("model_args") or {}))
+    config["model_args"] = dict(args, num_classes=int(spec["num_classes"]))
+    config["num_classes"] = int(spec["num_classes"])
     if not plain:
         config["architecture"] = GUARD_ARCHITECTURE.format(method=spec["method"])
     return config
+
+
+def self_contained_spec(spec: Dict[str, Any], deployed: nn.Module, timm_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The build spec an export records: a backbone named ``hf-hub:``/``local-dir:`` becomes its timm
+    architecture with the construction arguments timm recorded, so the export rebuilds without that
+    folder or repository."""
+    if split_source(spec["model"])[0] is None:
+        return spec
+    architecture = architecture_of(spec["model"], deployed)
+    args = {k: v for k, v in (timm_cfg.get("model_args") or {}).items() if k != "num_classes"}
+    return dict(spec, model=architecture, timm_kwargs=args, source_model=spec["model"])
 
 
 def is_export(directory: PathLike) -> bool:
@@ -310,6 +326,8 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
     weights = os.path.join(out_dir, DEPLOYED_WEIGHTS)
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     prep = preprocessing_of(deployed, run_config)
+    timm_cfg = timm_config(deployed, spec, prep, plain)
+    spec = self_contained_spec(spec, deployed, timm_cfg)
     grid = getattr(getattr(deployed, "patch_embed", None), "img_size", None)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
     config = {
@@ -329,7 +347,7 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
         "num_elements": int(sum(t.numel() for t in tensors.values())),
     }
     if not RunDir(out_dir).run_files():      # inside a run directory its own config.json stays
-        atomic_write_json(os.path.join(out_dir, TIMM_CONFIG), timm_config(deployed, spec, prep, plain))
+        atomic_write_json(os.path.join(out_dir, TIMM_CONFIG), timm_cfg)
     atomic_write_json(os.path.join(out_dir, DEPLOYED_CONFIG), config)   # written last: marks a complete export
     if verify:
         check_export(deployed, out_dir)
