@@ -215,3 +215,32 @@ def test_timm_augmentation_and_mixup_train(tmp_path):
     assert "RandAugment" in repr(train_ds.transform) or "rand" in repr(train_ds.transform).lower()
     with pytest.raises(TokenTuneError, match="even batch size"):
         train(model, train_ds, None, cfg(epochs=1, warmup_epochs=0, batch_size=3, mixup=0.2), log=None)
+
+
+@pytest.mark.parametrize("module,extra,call", [
+    ("wandb", "wandb", lambda tmp: train(make_model(), make_data(), None, cfg(loggers=("wandb",)), out_dir=str(tmp),
+                                         log=None)),
+    ("tensorboard", "tensorboard", lambda tmp: train(make_model(), make_data(), None, cfg(loggers=("tensorboard",)),
+                                                     out_dir=str(tmp), log=None)),
+    ("huggingface_hub", "hub", lambda tmp: tokentune.push_to_hub(make_model(), "me/x")),
+    ("webdataset", "webdataset", lambda tmp: tokentune.WebDatasetShards(["a.tar"])),
+])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, module, extra, call):
+    import sys
+    monkeypatch.setitem(sys.modules, module, None)        # import fails as if it were not installed
+    with pytest.raises(TokenTuneError, match=rf"pip install 'tokentune\[{extra}\]'") as info:
+        call(tmp_path / "run")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = make_data()
+    train(make_model(), data, data, cfg(epochs=1, warmup_epochs=0, loggers=("wandb",), log_every=1),
+          out_dir=str(tmp_path), log=None)
+    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    assert any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / runs[0]))

@@ -560,18 +560,18 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
     records = {"train_config": jsonable(dataclasses.asdict(cfg)), "data": run_info_data(train_data, test_data)}
     if run_info:
         records["run"] = jsonable(run_info)
-    s = _setup(model, train_data, cfg, dev, inf, run, records, say)
-    p, finished = _start(s, resume, state)
-    s.ema = _moving_average(s, state if resume is True else None)
-    del state
-    if finished:
-        return _result(p.history, p.global_step, True, p.train_time_s,
-                       read_results(run.path) if os.path.isfile(run.results) else None)
-    eval_bs = eval_batch_size or 2 * cfg.batch_size
     logging = LoggingCallback(training_loggers(run, cfg.loggers, records) if inf.is_main else [], cfg.log_every)
-    callbacks = [logging, *callbacks]
     try:
-        return _epochs(s, p, model, test_data, eval_bs, callbacks, max_steps, progress, handle_signals, run_info)
+        s = _setup(model, train_data, cfg, dev, inf, run, records, say)
+        p, finished = _start(s, resume, state)
+        s.ema = _moving_average(s, state if resume is True else None)
+        del state
+        if finished:
+            return _result(p.history, p.global_step, True, p.train_time_s,
+                           read_results(run.path) if os.path.isfile(run.results) else None)
+        eval_bs = eval_batch_size or 2 * cfg.batch_size
+        return _epochs(s, p, model, test_data, eval_bs, [logging, *callbacks], max_steps, progress, handle_signals,
+                       run_info)
     finally:
         logging.close()
 
