@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import TokenTuneError
 from ..utils import jsonable
 from .backbone import architecture_of, create_backbone
+from .hub import absolute_source
 from .method import BuildContext, Method, available_methods, canonical_spec, parse_method
 from .vit import adapt_vit, spec_of
 
@@ -150,7 +151,7 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
             init_head(model, head_init_std)
     mark_trainable(model, methods, train_head)
     model.tokentune.spec = {
-        "model": name,
+        "model": absolute_source(name),
         "method": canonical_spec(methods),
         "num_classes": int(model.num_classes),
         "pretrained": pretrained if isinstance(pretrained, (bool, str)) else str(pretrained),

@@ -86,6 +86,12 @@ def resolve_location(location: str, what: str, allow_patterns: Optional[Sequence
     return os.path.expanduser(ident)
 
 
+def absolute_source(name: str) -> str:
+    """``local-dir:`` names with an absolute path (a build spec names its folder from anywhere); others as they are."""
+    source, ident = split_source(name)
+    return f"{LOCAL_DIR}:{os.path.abspath(os.path.expanduser(ident))}" if source == LOCAL_DIR else name
+
+
 # ----------------------------------------------------------------------------- portable records
 def portable_path(path: str, base_dir: str) -> str:
     """``path`` as recorded in a file of ``base_dir``: relative to it (``/``-separated), never absolute.

@@ -41,8 +41,9 @@ def save_trained(model: nn.Module, directory: str, extra: Optional[Dict[str, Any
 
 
 def read_config(directory: str) -> Dict[str, Any]:
-    """``config.json`` of a run directory, as a dict; a missing or damaged file is one clear error."""
-    return RunDir(directory).read_config()
+    """``config.json`` of a run directory (also ``local-dir:DIR`` or ``hf-hub:owner/repo``), as a dict;
+    a missing or damaged file is one clear error."""
+    return RunDir(resolve_location(os.fspath(directory), "the run", [CONFIG_NAME, WEIGHTS_NAME])).read_config()
 
 
 def _init_seed_of(directory: str, config: Dict[str, Any], pretrained: Union[bool, str]) -> Optional[int]:
