@@ -116,18 +116,18 @@ def test_timm_schedulers_match_timm():
 # ----------------------------------------------------------------------------- loggers
 def test_file_logs_and_resume_rewrites_them_as_uninterrupted(tmp_path):
     data = make_data()
-    train(make_model(), data, data, cfg(epochs=3, log_every=1), out_dir=str(tmp_path / "a"), log=None)
-    train(make_model(), data, data, cfg(epochs=3, log_every=1), out_dir=str(tmp_path / "b"), log=None, max_steps=3)
+    train(make_model(), data, None, cfg(epochs=3, log_every=1), out_dir=str(tmp_path / "a"), log=None)
+    train(make_model(), data, None, cfg(epochs=3, log_every=1), out_dir=str(tmp_path / "b"), log=None, max_steps=3)
     # the killed run logged more after its checkpoint: a resume drops it
     with open(tmp_path / "b" / "log.jsonl", "a") as fh:
         fh.write(json.dumps({"kind": "step", "global_step": 4, "epoch": 2, "loss": 99.0}) + "\n" + '{"kind": "st')
-    train(make_model(), data, data, cfg(epochs=3, log_every=1), out_dir=str(tmp_path / "b"), log=None, resume=True)
+    train(make_model(), data, None, cfg(epochs=3, log_every=1), out_dir=str(tmp_path / "b"), log=None, resume=True)
     a = [json.loads(x) for x in open(tmp_path / "a" / "log.jsonl")]
     b = [json.loads(x) for x in open(tmp_path / "b" / "log.jsonl")]
     assert [(r["kind"], r["global_step"]) for r in a] == [(r["kind"], r["global_step"]) for r in b]
     assert [r.get("loss", r.get("train_loss")) for r in a] == [r.get("loss", r.get("train_loss")) for r in b]
     csv = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
-    assert csv[0].startswith("epoch,train_loss,lr") and len(csv) == 4
+    assert csv[0].startswith("epoch,train_loss,lr,time_s") and len(csv) == 4
     import csv as csvlib
     rows = [[{k: v for k, v in r.items() if k != "time_s"} for r in csvlib.DictReader(open(tmp_path / d / "metrics.csv"))]
             for d in ("a", "b")]
