@@ -103,7 +103,6 @@ def test_stream_stopped_inside_an_epoch_resumes_exactly(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.slow
 def test_stream_batches_do_not_depend_on_loader_workers(tmp_path):
     c = cfg(epochs=2)
     train(model(), _stream(), _stream(epoch_size=None), c, out_dir=str(tmp_path / "a"), log=None)
