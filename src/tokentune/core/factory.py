@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import TokenTuneError
 from ..utils import jsonable
 from .backbone import create_backbone
+from .features import features_only as feature_extractor
 from .method import BuildContext, Method, available_methods, canonical_spec, parse_method
 from .vit import adapt_vit, spec_of
 
@@ -125,12 +126,20 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
             does not otherwise touch. Recorded as ``init_seed`` in ``model.tokentune.spec`` and
             ``config.json``, so :func:`tokentune.load_trained` rebuilds the same frozen weights.
         **options: method options (``lora_rank=8``, ``tome_r=16``, ``lora=LoRAConfig(...)``) and
-            timm keyword arguments (``drop_path_rate=0.1``, ``img_size=...``).
+            timm keyword arguments (``drop_path_rate=0.1``, ``img_size=...``). ``features_only=True``
+            (with ``out_indices``, default the last 3 blocks) returns timm's feature extractor over the
+            adapted model instead, as ``timm.create_model(..., features_only=True)`` does for ViTs
+            (see :func:`tokentune.core.features.features_only`).
 
     Returns:
         The model (a subclass of the timm model's own class); ``model(x)`` gives logits and
         ``model(x, return_state=True)`` also the final :class:`tokentune.TokenState`.
     """
+    if options.pop("features_only", False):
+        out_indices = options.pop("out_indices", 3)
+        model = create_model(name, method, num_classes, pretrained, train_head=train_head,
+                             head_init_std=head_init_std, seed=seed, **options)
+        return feature_extractor(model, out_indices=out_indices, prune=True)
     methods = parse_method(method)
     configs, timm_kwargs = split_options(methods, options)
     seed = init_seed(seed)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import TokenTuneError
 from ..utils import unwrap_model
 from .block import AdaptedBlock
+from .features import forward_intermediates
 from .state import TokenState
 
 
@@ -88,8 +89,17 @@ class TokenTuneMixin:
                 x, state = block(x, state)
         return self.norm(x), state
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(images)[0]
+    def forward_features(self, images: torch.Tensor, **options) -> torch.Tensor:
+        return self.forward_tokens(images, **options)[0]
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False, **options):
+        """timm's ``forward_intermediates`` (same arguments and outputs) with merged tokens unmerged
+        to the patch grid; ``options`` are per-forward switches (:mod:`tokentune.core.features`)."""
+        return forward_intermediates(self, x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                     stop_early=stop_early, output_fmt=output_fmt,
+                                     intermediates_only=intermediates_only, output_dict=output_dict, **options)
 
     def forward(self, images: torch.Tensor, return_state: bool = False, **options):
         """Logits; with ``return_state=True`` also the final :class:`TokenState`.
