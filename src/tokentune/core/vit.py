@@ -102,15 +102,20 @@ class TokenTuneMixin:
                                      intermediates_only=intermediates_only, output_dict=output_dict, **options)
 
     def forward(self, images: torch.Tensor, return_state: bool = False, **options):
-        """Logits; with ``return_state=True`` also the final :class:`TokenState`.
+        """Logits (a task's outputs with a task head); with ``return_state=True`` also the final
+        :class:`TokenState`.
 
         ``options`` are per-forward switches: ``trace_source=True`` keeps the token -> input-patch
         map (``state.source``); every other option reaches the plug-ins through
         ``TokenState.options`` (e.g. DyT's ``dyt_complete`` and ``dyt_execution``).
         """
-        x, state = self.forward_tokens(images, **options)
-        logits = self.forward_head(x)
-        return (logits, state) if return_state else logits
+        head = self._modules.get("task_head")        # a task's head (segmentation, video) takes over
+        if head is not None:
+            out, state = head(self, images, **options)
+        else:
+            x, state = self.forward_tokens(images, **options)
+            out = self.forward_head(x)
+        return (out, state) if return_state else out
 
 
 _CLASS_CACHE: Dict[type, type] = {}

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from ..core.factory import create_model
+from ..core.factory import create_model, rebuild_options
 from ..core.vit import spec_of
 from ..core.weights import load_safetensors, load_state_into, rename_keys  # noqa: F401 - re-exported
 from ..errors import TokenTuneError
@@ -83,9 +83,7 @@ def load_trained(directory: str, pretrained: Union[bool, str, None] = None, mode
 
     config = read_config(directory)
     if model is None:
-        options = dict(config.get("timm_kwargs", {}))
-        for name, cfg in config.get("configs", {}).items():
-            options[name] = cfg
+        options = rebuild_options(config)
         source = config.get("pretrained", False) if pretrained is None else pretrained
         model = create_model(config["model"], method=config["method"], num_classes=config["num_classes"],
                              pretrained=source, train_head=config.get("train_head", True),

@@ -88,12 +88,13 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Option
 # ----------------------------------------------------------------------------- per-run results
 def run_results(*, model: nn.Module, history: Sequence[Dict[str, Any]], dataset: Optional[Dict[str, Any]] = None,
                 train_time_s: float = 0.0, epochs: int = 0, finished: bool = True,
-                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The ``results.json`` record of a run (see the module docstring)."""
+                extra: Optional[Dict[str, Any]] = None, metric: str = "top1") -> Dict[str, Any]:
+    """The ``results.json`` record of a run (see the module docstring); a task's run reports its own
+    ``metric`` (e.g. ``miou``, ``best_miou_over_epochs``) and names it under ``metric``."""
 
-    evals = [{"epoch": h["epoch"], "top1": h["top1"]} for h in history if h.get("top1") is not None]
+    evals = [{"epoch": h["epoch"], metric: h[metric]} for h in history if h.get(metric) is not None]
     last = evals[-1] if evals else None
-    best = max(evals, key=lambda e: e["top1"]) if evals else None
+    best = max(evals, key=lambda e: e[metric]) if evals else None
     spec = spec_of(model) or {}
     dataset = dict(dataset or {})
     record = {
@@ -101,9 +102,10 @@ def run_results(*, model: nn.Module, history: Sequence[Dict[str, Any]], dataset:
         "group": dataset.get("group"),
         "method": spec.get("method"),
         "model": spec.get("model"),
-        "top1": last["top1"] if last else None,
-        "top1_epoch": last["epoch"] if last else None,
-        "best_top1_over_epochs": best["top1"] if best else None,
+        **({"task": spec.get("task"), "metric": metric} if spec.get("task") else {}),
+        metric: last[metric] if last else None,
+        f"{metric}_epoch": last["epoch"] if last else None,
+        f"best_{metric}_over_epochs": best[metric] if best else None,
         "best_epoch": best["epoch"] if best else None,
         "evaluations": evals,
         "epochs": epochs,

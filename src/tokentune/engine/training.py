@@ -29,6 +29,11 @@ resume (:class:`Progress`), then per epoch :func:`_train_epoch` (optimizer steps
 
 The training loss is ``criterion(model(images), targets)``, or the ``loss`` hook of a method
 (DyT's rate and distillation losses), called as ``loss(model, images, targets, criterion)``.
+
+A model built for a task (:mod:`tokentune.core.task`: segmentation, video) brings its own loss
+module (``Task.criterion``), evaluation and headline metric (``Task.evaluate``, ``Task.metric``,
+e.g. mIoU); batches are ``(inputs, targets)`` pairs either way. Image classification is the
+default: cross-entropy, top-1.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 
 from ..core.factory import methods_of
+from ..core.task import task_of
 from ..core.vit import spec_of
 from ..core.weights import load_state_into
 from ..errors import TokenTuneError, error_line
@@ -80,9 +86,10 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        top1: test top-1 (%) after the last epoch (None if no evaluation ran).
+        top1: test top-1 (%) after the last epoch (None if no evaluation ran or the task reports
+            another metric).
         best_top1_over_epochs: the best test top-1 of the evaluations during training.
-        best_epoch: the epoch (1-based) of that best value.
+        best_epoch: the epoch (1-based) of the best value of :attr:`metric`.
         history: one dict per finished epoch (epoch, train_loss, lr, top1, time_s, hook logs).
         epochs_done: finished epochs.
         global_step: optimizer steps done.
@@ -90,6 +97,9 @@ class TrainResult:
         train_time_s: training time without evaluation, over all resumed segments.
         results: the ``results.json`` record (finished runs).
         stop_reason: why an unfinished run stopped: ``max_steps``, ``callback`` or ``signal``.
+        metric: the metric the run reports (``top1``; a task's, e.g. ``miou``).
+        score: that metric after the last epoch (= ``top1`` for classification).
+        best_score_over_epochs: its best value over the evaluations (optimistic, as labelled).
     """
 
     top1: Optional[float] = None
@@ -102,6 +112,9 @@ class TrainResult:
     train_time_s: float = 0.0
     results: Optional[Dict[str, Any]] = None
     stop_reason: Optional[str] = None
+    metric: str = "top1"
+    score: Optional[float] = None
+    best_score_over_epochs: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------- loss
@@ -118,6 +131,22 @@ def loss_function(model: nn.Module) -> Callable:
         hook = hooks[0].loss
         return lambda images, targets, criterion: hook(model, images, targets, criterion)
     return lambda images, targets, criterion: (criterion(model(images), targets), {})
+
+
+def criterion_of(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The loss module: the task's (``Task.criterion``) or cross-entropy with the config's label smoothing."""
+    task = task_of(model)
+    if task is not None and task.criterion is not None:
+        return task.criterion(cfg)
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def evaluator_of(model: nn.Module) -> Tuple[Callable[..., Dict[str, Any]], str]:
+    """``(evaluate function, the metric it reports)``: the task's, or top-1 classification."""
+    task = task_of(model)
+    if task is not None and task.evaluate is not None:
+        return task.evaluate, task.metric
+    return evaluate, "top1"
 
 
 def step_hooks(model: nn.Module) -> List[Callable[[nn.Module, float], None]]:
@@ -222,7 +251,7 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
         raise TokenTuneError(f"the training split has {len(sampler)} images per process, fewer than one batch of "
                              f"{cfg.batch_size} (drop_last); lower --batch-size or set --drop-last false")
     return _Session(model=model, cfg=cfg, dev=dev, inf=inf, optimizer=optimizer, scaler=scaler,
-                    criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                    criterion=criterion_of(model, cfg),
                     compute_loss=loss_function(model), on_step=step_hooks(model), sampler=sampler, loader=loader,
                     batches=batches, steps_per_epoch=-(-batches // cfg.grad_accum), run=run, records=records, say=say)
 
@@ -459,14 +488,15 @@ def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: O
     cfg, epoch, part = s.cfg, p.epoch, p.partial
     p.train_time_s += part["time"]
     lr = learning_rate(cfg, epoch, (s.batches - 1) // cfg.grad_accum, s.steps_per_epoch)
+    evaluate_fn, metric = evaluator_of(s.model)
     record = {"epoch": epoch + 1, "train_loss": part["loss_sum"] / max(part["images"], 1),
-              "lr": lr, "time_s": round(part["time"], 3), "top1": None}
+              "lr": lr, "time_s": round(part["time"], 3), metric: None}
     record.update({k: v / max(part["images"], 1) for k, v in part["logs"].items()})
     due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
     if test_data is not None and (due or epoch == cfg.epochs - 1):
-        metrics = evaluate(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
-                           num_workers=cfg.num_workers, progress=progress, desc="test")
-        record["top1"] = metrics["top1"]
+        metrics = evaluate_fn(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
+                              num_workers=cfg.num_workers, progress=progress, desc="test")
+        record[metric] = metrics[metric]
         record["test_loss"] = metrics["loss"]
     p.history.append(record)
     p.epoch, p.batches_done, p.partial = epoch + 1, 0, fresh_partial()
@@ -528,9 +558,10 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
     s = _setup(model, train_data, cfg, dev, inf, run, records, say)
     p, finished = _start(s, resume, state)
     del state
+    metric = evaluator_of(model)[1]
     if finished:
         return _result(p.history, p.global_step, True, p.train_time_s,
-                       read_results(run.path) if os.path.isfile(run.results) else None)
+                       read_results(run.path) if os.path.isfile(run.results) else None, metric=metric)
     eval_bs = eval_batch_size or 2 * cfg.batch_size
 
     with _StopFlag(handle_signals) as stop_flag:
@@ -542,9 +573,9 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
                 _save(s, p)
                 say(f"stopped at epoch {p.epoch + 1}, step {p.batches_done // cfg.grad_accum}/{s.steps_per_epoch} "
                     f"(global step {p.global_step}); continue with resume=True (--resume)")
-                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop, metric)
             record = _finish_epoch(s, p, test_data, eval_bs, progress)
-            say(_epoch_line(record, cfg.epochs))
+            say(_epoch_line(record, cfg.epochs, metric))
             if p.epoch < cfg.epochs:
                 _save(s, p)
             try:
@@ -554,12 +585,13 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
                 stop = "callback"
             if stop and p.epoch < cfg.epochs:
                 say(f"stopped after epoch {p.epoch}; continue with resume=True (--resume)")
-                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop, metric)
 
     results = run_results(model=model, history=p.history, dataset=records["data"], train_time_s=p.train_time_s,
-                          epochs=cfg.epochs, finished=True, extra={"run": records["run"]} if run_info else None)
+                          epochs=cfg.epochs, finished=True, extra={"run": records["run"]} if run_info else None,
+                          metric=metric)
     _save(s, p, finished=True, results=results)
-    return _result(p.history, p.global_step, True, p.train_time_s, results)
+    return _result(p.history, p.global_step, True, p.train_time_s, results, metric=metric)
 
 
 def run_info_data(train_data, test_data) -> Dict[str, Any]:
@@ -577,12 +609,12 @@ def run_info_data(train_data, test_data) -> Dict[str, Any]:
             "train": train_d, "test": describe(test_data)}
 
 
-def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
+def _epoch_line(record: Dict[str, Any], epochs: int, metric: str = "top1") -> str:
     line = f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  lr {record['lr']:.2e}"
-    extras = [k for k in record if k not in ("epoch", "train_loss", "lr", "time_s", "top1", "test_loss")]
+    extras = [k for k in record if k not in ("epoch", "train_loss", "lr", "time_s", metric, "test_loss")]
     line += "".join(f"  {k} {record[k]:.4f}" for k in extras)
-    if record.get("top1") is not None:
-        line += f"  test top-1 {record['top1']:.2f}%"
+    if record.get(metric) is not None:
+        line += f"  test {'top-1' if metric == 'top1' else metric} {record[metric]:.2f}%"
     return line + f"  ({record['time_s']:.1f} s)"
 
 
@@ -594,9 +626,12 @@ def _read_json(path: str):
         return None
 
 
-def _result(history, global_step, finished, elapsed, results, stop_reason=None) -> TrainResult:
-    evals = [(h["epoch"], h["top1"]) for h in history if h.get("top1") is not None]
+def _result(history, global_step, finished, elapsed, results, stop_reason=None, metric: str = "top1") -> TrainResult:
+    evals = [(h["epoch"], h[metric]) for h in history if h.get(metric) is not None]
     best = max(evals, key=lambda e: e[1]) if evals else (None, None)
-    return TrainResult(top1=evals[-1][1] if evals else None, best_top1_over_epochs=best[1], best_epoch=best[0],
+    last = evals[-1][1] if evals else None
+    top1 = metric == "top1"
+    return TrainResult(top1=last if top1 else None, best_top1_over_epochs=best[1] if top1 else None, best_epoch=best[0],
                        history=list(history), epochs_done=len(history), global_step=global_step, finished=finished,
-                       train_time_s=elapsed, results=results, stop_reason=stop_reason)
+                       train_time_s=elapsed, results=results, stop_reason=stop_reason, metric=metric, score=last,
+                       best_score_over_epochs=best[1])
