@@ -41,6 +41,37 @@ def _merges_before(blocks: Sequence[nn.Module], last: int) -> bool:
     return any(getattr(b, "merge", None) is not None for b in list(blocks)[:last + 1])
 
 
+def run_levels(model: nn.Module, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+               norm: bool = False, stop_early: bool = False,
+               **options) -> Tuple[torch.Tensor, List[torch.Tensor], TokenState]:
+    """Run the adapted ViT and keep the outputs of the blocks in ``indices`` (timm's rule: the last n
+    blocks for an int, all for None), optionally through the final norm, unmerged to the input tokens.
+
+    Returns the last block's tokens (merged, not normalised), the levels [B, N0, C] (prefix tokens
+    included) and the final :class:`TokenState` (what a task head needs, e.g. for DyT's losses).
+    """
+    take, last = feature_take_indices(len(model.blocks), indices)
+    take = set(int(i) for i in take)
+    blocks = model.blocks if not stop_early else model.blocks[:last + 1]
+    if _merges_before(blocks, last):
+        options["trace_source"] = True                     # unmerging needs the source map
+    tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    state: TokenState = model.initial_state(tokens, **options)
+    use_ckpt = model.grad_checkpointing and model.training and torch.is_grad_enabled()
+    levels = []
+    for i, block in enumerate(blocks):
+        tokens, state = checkpoint(block, tokens, state, use_reentrant=False) if use_ckpt else block(tokens, state)
+        if i in take:
+            levels.append(unmerge(model.norm(tokens) if norm else tokens, state.source))
+    return tokens, levels, state
+
+
+def to_grid(model: nn.Module, levels: Sequence[torch.Tensor], image_hw: Tuple[int, int]) -> List[torch.Tensor]:
+    """Patch tokens [B, N0 - prefix, C] -> feature maps [B, C, H, W] on the patch grid."""
+    H, W = model.patch_embed.dynamic_feat_size(image_hw)
+    return [y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous() for y in levels]
+
+
 def forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                           return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                           output_fmt: str = "NCHW", intermediates_only: bool = False, output_dict: bool = False,
@@ -56,26 +87,12 @@ def forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Optional[U
     """
     if output_fmt not in OUTPUT_FORMATS:
         raise TokenTuneError(f"output_fmt must be one of {', '.join(OUTPUT_FORMATS)}, got {output_fmt!r}")
-    take, last = feature_take_indices(len(model.blocks), indices)
-    take = set(int(i) for i in take)
-    B, _, height, width = x.shape
-    blocks = model.blocks if not stop_early else model.blocks[:last + 1]
-    if _merges_before(blocks, last):
-        options["trace_source"] = True                     # unmerging needs the source map
-    tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    state: TokenState = model.initial_state(tokens, **options)
-    use_ckpt = model.grad_checkpointing and model.training and torch.is_grad_enabled()
-    levels = []
-    for i, block in enumerate(blocks):
-        tokens, state = checkpoint(block, tokens, state, use_reentrant=False) if use_ckpt else block(tokens, state)
-        if i in take:
-            levels.append(unmerge(model.norm(tokens) if norm else tokens, state.source))
+    tokens, levels, _ = run_levels(model, x, indices, norm, stop_early, **options)
     p = model.num_prefix_tokens
     prefix = [y[:, :p] for y in levels] if p else None
     levels = [y[:, p:] for y in levels]
     if output_fmt == "NCHW":
-        H, W = model.patch_embed.dynamic_feat_size((height, width))
-        levels = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in levels]
+        levels = to_grid(model, levels, tuple(x.shape[-2:]))
     if output_dict:
         out: Dict[str, Any] = {"image_intermediates": levels}
         if prefix is not None and return_prefix_tokens:

@@ -70,8 +70,8 @@ class Task:
             :func:`tokentune.engine.evaluate.evaluate`).
         load_data: ``load_data(...) -> (train, test)`` datasets without transforms, as the command
             line builds them (see the task's module for its arguments).
-        set_transforms: ``set_transforms(datasets, model, train_config)`` gives the datasets the
-            task's transforms for ``model``.
+        set_transforms: ``set_transforms(train, test, model, train_config)`` gives the datasets (either
+            may be None) the task's training and evaluation transforms for ``model``.
     """
 
     name: str

@@ -27,8 +27,14 @@ from .rundir import CONFIG_NAME, RESUME_NAME, WEIGHTS_NAME, RunDir  # noqa: F401
 
 
 def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The trainable parameters, detached, contiguous and on the CPU."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters, detached, contiguous and on the CPU, and the buffers of the modules that
+    own one (BatchNorm's running statistics in a task head: they change in training too)."""
+    out = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for name, buf in module.named_buffers(prefix=prefix, recurse=False):
+                out[name] = buf.detach().to("cpu").contiguous()
+    return out
 
 
 def save_trained(model: nn.Module, directory: str, extra: Optional[Dict[str, Any]] = None) -> None:

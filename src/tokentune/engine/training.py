@@ -268,7 +268,7 @@ def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:
         "world_size": s.inf.world_size, "rng": D.all_gather_object(rng_state(s.dev)),
         # kept in a finished run too, so that it can be extended with more epochs
         "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
-        "trainable": {n: p_.detach().cpu() for n, p_ in s.model.named_parameters() if p_.requires_grad},
+        "trainable": trained_state_dict(s.model),
     }
 
 
