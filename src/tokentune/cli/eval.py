@@ -106,7 +106,8 @@ def _task_split(task, args, cli, train_cfg, config, split, model):
                            dataset=args.dataset or (None if args.image_folder else cli.get("dataset")),
                            image_folder=args.image_folder or (None if args.data else cli.get("image_folder")),
                            train_split=None, test_split=split, num_classes=config.get("num_classes"),
-                           skip_bad_images=args.skip_bad_images, progress=False if args.no_progress else None)
+                           skip_bad_images=args.skip_bad_images, progress=False if args.no_progress else None,
+                           options=config.get("task_config"))
     task.set_transforms(None, ds, model, TrainConfig(normalization=train_cfg.get("normalization", "auto"),
                                                      image_size=train_cfg.get("image_size")))
     return ds

@@ -115,7 +115,7 @@ def _resolve_train_options(args) -> Dict[str, Any]:
         opts["recipe"] = recipe.name
         opts["method"] = recipe.method
         for k, v in recipe.model_options.items():
-            if k in ("model", "pretrained", "num_classes", "head_init_std", "train_head"):
+            if k in ("model", "pretrained", "num_classes", "head_init_std", "train_head", "task"):
                 opts[k] = v
             else:
                 opts["model_options"][k] = v
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     say = print if inf.is_main else (lambda *a, **k: None)
     task = get_task(opts["task"]) if opts["task"] else None
     load = task.load_data if task is not None else load_datasets
-    extra = {"num_classes": opts["num_classes"]} if task is not None else {}
+    extra = {"num_classes": opts["num_classes"], "options": opts["model_options"]} if task is not None else {}
     try:
         train_ds, test_ds = load(data_root=opts["data"], dataset=opts["dataset"], image_folder=opts["image_folder"],
                                  train_split=cfg.train_split, test_split=cfg.test_split,

@@ -110,11 +110,12 @@ def criterion(cfg: TrainConfig) -> nn.Module:
 
 def load_data(*, data_root: Optional[str] = None, dataset: Optional[str] = None, image_folder: Optional[str] = None,
               train_split: Optional[str] = "training", test_split: str = "validation", num_classes: Optional[int] = None,
-              skip_bad_images: bool = False, progress: Optional[bool] = None
-              ) -> Tuple[SegmentationDataset, SegmentationDataset]:
+              skip_bad_images: bool = False, progress: Optional[bool] = None, options: Optional[dict] = None
+              ) -> Tuple[Optional[SegmentationDataset], SegmentationDataset]:
     """(train, test) without transforms: ADE20K (``data_root``, ``dataset`` ``ade20k`` or None) or an
     image + mask folder (``image_folder`` with ``num_classes``); every pair checked (:func:`check_pairs`).
-    ``train_split=None`` loads the test split only (train is None)."""
+    ``train_split=None`` loads the test split only (train is None); ``options`` (the model's task
+    options) are not needed here."""
     if image_folder is not None and (dataset is not None or data_root is not None):
         raise TokenTuneError("give either ADE20K (--data ROOT [--dataset ade20k]) or --image-folder DIR, not both")
     if image_folder is not None:
