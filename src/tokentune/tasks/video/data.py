@@ -110,7 +110,7 @@ def clip_span(frames: int, rate: int) -> int:
     return (frames - 1) * rate + 1 if rate > 0 else frames
 
 
-def train_indices(length: int, frames: int, rate: int, rng: random.Random) -> List[int]:
+def random_indices(length: int, frames: int, rate: int, rng: random.Random) -> List[int]:
     """A random clip (the reference's ``_random_sample_frame_idx``; short videos repeat their last frame)."""
     if rate <= 0:                                     # TSN: a random frame of each segment
         seg = (length - 1) / frames
@@ -121,7 +121,7 @@ def train_indices(length: int, frames: int, rate: int, rng: random.Random) -> Li
     return [start + i * rate for i in range(frames)]
 
 
-def test_indices(length: int, frames: int, rate: int, clips: int) -> List[List[int]]:
+def eval_indices(length: int, frames: int, rate: int, clips: int) -> List[List[int]]:
     """``clips`` clips spread evenly over the video (the reference's ``get_temporal_crops_index``)."""
     if rate <= 0:                                     # the middle frame of each segment
         seg = (length - 1) / frames
@@ -252,9 +252,9 @@ class VideoDataset(Dataset):
         n = self.length(index)
         rng = random.Random(int(torch.randint(0, 2 ** 62, (1,)).item()))    # follows torch's (resumable) RNG
         if self.clips:
-            clips = test_indices(n, self.frames, self.sampling_rate, self.clips)
+            clips = eval_indices(n, self.frames, self.sampling_rate, self.clips)
         else:
-            clips = [train_indices(n, self.frames, self.sampling_rate, rng)]
+            clips = [random_indices(n, self.frames, self.sampling_rate, rng)]
         views = []
         for indices in clips:
             frames = read_frames(path, indices)
