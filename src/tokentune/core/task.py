@@ -39,6 +39,9 @@ class TaskHead(nn.Module):
     :class:`~tokentune.core.state.TokenState` (DyT's records reach its loss through it).
     """
 
+    #: what one sample is (benchmarks report per-sample numbers: per image, per clip)
+    unit: str = "image"
+
     def forward(self, model: nn.Module, inputs: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
         raise NotImplementedError
 

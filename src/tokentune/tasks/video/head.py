@@ -71,6 +71,8 @@ def _per_frame(options: Dict[str, Any], clips: int, repeat: int) -> Dict[str, An
 class VideoHead(TaskHead):
     """Frames through the backbone, then attentive or mean pooling, then the model's classifier."""
 
+    unit = "clip"
+
     def __init__(self, dim: int, num_heads: int, pool: str = "attentive", frames: int = 8) -> None:
         super().__init__()
         if pool not in POOLS:
