@@ -170,3 +170,14 @@ def test_cli_trains_resumes_evaluates_and_exports_frame_folders(tmp_path, capsys
 def test_a_video_model_refuses_images_in_one_line():
     with pytest.raises(TokenTuneError, match=r"clips \[B, T, 3, H, W\]"):
         video_model()(torch.randn(2, 3, 32, 32))
+
+
+def test_token_pictures_of_a_clips_frames(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tokentune.tools.viz.dispatch import plot_activated_tokens
+
+    model = video_model("dyt")
+    calibrate_activation(model, torch.randn(1, 4, 3, 32, 32), 0.5)
+    frames = [torch.rand(3, 32, 32) for _ in range(4)]           # the frames of one clip, as pictures
+    plot_activated_tokens(model, frames, str(tmp_path / "tokens.png"))
+    assert (tmp_path / "tokens.png").stat().st_size > 0
