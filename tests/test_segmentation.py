@@ -203,3 +203,18 @@ def test_cli_trains_resumes_evaluates_and_exports(tmp_path, capsys):
 def test_cli_refuses_task_options_without_the_task(tmp_path, capsys):
     assert cli.main(["train", "--image-folder", str(tmp_path), "--segmentation-channels", "8"]) == 2
     assert "need --task segmentation" in capsys.readouterr().err
+
+
+def test_summarize_puts_task_runs_in_their_own_columns(tmp_path):
+    from tokentune.engine.evaluate import summarize, summary_markdown
+
+    for name, rec in (("seg", {"dataset": "ade20k", "method": "dyt", "task": "segmentation", "metric": "miou",
+                               "miou": 41.5, "best_miou_over_epochs": 42.0, "data": {"kind": "ade20k"}}),
+                      ("cls", {"dataset": "cifar", "method": "dyt", "top1": 70.0, "data": {"kind": "vtab"}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(rec))
+    summary = summarize([str(tmp_path)])
+    assert summary["tasks"] == ["cifar"] and summary["other_datasets"] == ["ade20k (miou)"]
+    assert summary["other_rows"][0]["per_dataset"] == {"ade20k (miou)": 41.5}
+    assert summarize([str(tmp_path)], metric="best_top1_over_epochs")["other_rows"][0]["per_dataset"]["ade20k (miou)"] == 42.0
+    assert "ade20k (miou)" in summary_markdown(summary)

@@ -211,8 +211,8 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
     Returns:
         A dict with ``rows`` (one per label with VTAB-1k runs: per-task accuracy, group means,
         ``mean_of_groups``, ``mean_of_tasks``, task counts), ``tasks`` (their column order),
-        ``other_rows`` (one per label with runs on image folders or other non-VTAB data:
-        ``per_dataset`` accuracy and ``runs_per_dataset``; never part of a VTAB mean),
+        ``other_rows`` (one per label with runs on image folders, other non-VTAB data and tasks,
+        whose column names the task's metric, e.g. ``ade20k (miou)``: ``per_dataset`` accuracy and ``runs_per_dataset``; never part of a VTAB mean),
         ``other_datasets`` (their column order, by dataset name) and ``metric``. Several runs of
         the same label and dataset (seeds) are averaged and counted.
     """
@@ -239,12 +239,14 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
     vtab: Dict[str, Dict[str, List[float]]] = {}
     other: Dict[str, Dict[str, List[float]]] = {}
     for rec in records:
-        value = rec.get(metric)
+        own = rec.get("metric") or "top1"          # a task's run reports its own metric (e.g. miou)
+        value = rec.get(metric if own == "top1" else (own if metric == "top1" else f"best_{own}_over_epochs"))
         if value is None:
             continue
-        task = _vtab_task_of(rec)
+        task = _vtab_task_of(rec) if own == "top1" and not rec.get("task") else None
         cells = (vtab if task else other).setdefault(row_label(rec), {})
-        cells.setdefault(task or _dataset_name(rec), []).append(float(value))
+        column = _dataset_name(rec) + (f" ({own})" if own != "top1" else "")
+        cells.setdefault(task or column, []).append(float(value))
     if not vtab and not other:
         raise TokenTuneError(f"none of the {len(records)} run(s) has a {metric} value; they have not finished an evaluation")
     tasks = {t for cells in vtab.values() for t in cells}
