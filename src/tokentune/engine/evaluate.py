@@ -212,7 +212,8 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
         A dict with ``rows`` (one per label with VTAB-1k runs: per-task accuracy, group means,
         ``mean_of_groups``, ``mean_of_tasks``, task counts), ``tasks`` (their column order),
         ``other_rows`` (one per label with runs on image folders, other non-VTAB data and tasks,
-        whose column names the task's metric, e.g. ``ade20k (miou)``: ``per_dataset`` accuracy and ``runs_per_dataset``; never part of a VTAB mean),
+        whose column names the task's metric, e.g. ``ade20k (miou)``: ``per_dataset`` accuracy and
+        ``runs_per_dataset``; never part of a VTAB mean),
         ``other_datasets`` (their column order, by dataset name) and ``metric``. Several runs of
         the same label and dataset (seeds) are averaged and counted.
     """
