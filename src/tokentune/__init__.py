@@ -17,6 +17,7 @@ directories), ``tools`` (bench, export, pictures, demo), ``cli``; leaves (errors
 """
 from . import _compat
 from . import methods as _methods  # noqa: F401 - importing registers the built-in methods
+from . import tasks as _tasks  # noqa: F401 - importing registers the built-in tasks
 from .core.attention import attention
 from .core.block import AdaptedBlock
 from .core.deploy import deploy

@@ -22,7 +22,7 @@ from ..tools.bench import (
     run_candidate,
     write_outputs,
 )
-from .options import parse_pretrained, timm_kwarg
+from .options import add_task_options, parse_pretrained, timm_kwarg
 
 HELP = "measure parameters, FLOPs, throughput, latency and memory of configurations side by side"
 DESCRIPTION = ("Build every configuration (--config METHOD[:OPTIONS]) or trained run (--run DIR), deploy it, and "
@@ -92,6 +92,7 @@ def add(parser: argparse.ArgumentParser) -> None:
                    help="extra timm.create_model keyword for new models, repeatable (e.g. --timm embed_dim=64)")
     g.add_argument("--rate", type=float, default=None, metavar="R",
                    help="calibrate every DyT row without its own rate= (runs included) to activation R")
+    add_task_options(parser)
     g = parser.add_argument_group("how to measure")
     g.add_argument("--batch-size", type=int, default=16, metavar="N", help="batch of the throughput and training "
                    "measurements [default: 16]")
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
                              device=args.device, rounds=args.rounds, warmup=args.warmup, latency=not args.no_latency,
                              latency_iters=args.latency_iters, memory=not args.no_memory, train=not args.no_train,
                              train_steps=args.train_steps, num_classes=args.num_classes, pretrained=args.pretrained,
-                             timm_kwargs=dict(args.timm or []), rate=args.rate, seed=args.seed)
+                             timm_kwargs=dict(args.timm or []), rate=args.rate, seed=args.seed,
+                             task=_task(args), task_options=_task_options(args))
     if args.rate is not None and not 0.0 <= args.rate <= 1.0:
         raise TokenTuneError(f"--rate must be in [0, 1], got {args.rate}")
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
@@ -147,3 +149,21 @@ def run(args: argparse.Namespace) -> int:
     paths = write_outputs(result, args.out, args.name or default_name(result))
     print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
     return 0
+
+
+def _task(args: argparse.Namespace):
+    task = getattr(args, "task", None)
+    return None if task in (None, "classification") else task
+
+
+def _task_options(args: argparse.Namespace):
+    """``--<task>-<field>`` values as ``<task>_<field>`` keywords; only the chosen task's."""
+    task = _task(args)
+    options = {}
+    for key, value in vars(args).items():
+        if key.startswith("k__"):
+            _, owner, name = key.split("__", 2)
+            if owner != task:
+                raise TokenTuneError(f"--{owner}-{name.replace('_', '-')} needs --task {owner}")
+            options[f"{owner}_{name}"] = value
+    return options

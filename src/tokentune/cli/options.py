@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..core.method import available_methods, get_method
+from ..core.task import available_tasks, get_task
 from ..parsing import _is_sequence, _priority, convert, describe, parse_bool, parse_pretrained, timm_kwarg  # noqa: F401 - re-exported
 
 DEFAULT_MODEL = "vit_base_patch16_224.orig_in21k"
@@ -157,5 +158,20 @@ def add_method_options(parser, defaults: Optional[Dict[str, Any]] = None) -> Lis
         g = parser.add_argument_group(f"{name} options", f"{method.summary} (used when --method includes {name})"
                                       .replace("%", "%%"))
         for opt in add_dataclass_options(g, method.config, f"{name}-", f"m__{name}__"):
+            options.append((name, opt))
+    return options
+
+
+def add_task_options(parser) -> List[Tuple[str, DataclassOption]]:
+    """``--task`` and one option group per registered task (``--<task>-<field>``, dest ``k__<task>__<field>``)."""
+    parser.add_argument("--task", metavar="NAME", default=argparse.SUPPRESS,
+                        help="what the model learns: classification (images -> a class) or "
+                             + ", ".join(f"{n} ({get_task(n).summary})" for n in available_tasks())
+                             + " [default: classification]")
+    options = []
+    for name in available_tasks():
+        task = get_task(name)
+        g = parser.add_argument_group(f"{name} options", f"{task.summary} (used with --task {name})".replace("%", "%%"))
+        for opt in add_dataclass_options(g, task.config, f"{name}-", f"k__{name}__"):
             options.append((name, opt))
     return options

@@ -9,6 +9,7 @@ from typing import Any, Dict
 from ..core.factory import check_model_options, create_model
 from ..core.method import available_recipes, get_recipe
 from ..core.params import count_parameters
+from ..core.task import available_tasks, get_task
 from ..engine import distributed as D
 from ..engine.checkpoint import read_config
 from ..engine.config import TrainConfig
@@ -21,12 +22,13 @@ from .options import (
     add_data_options,
     add_dataclass_options,
     add_method_options,
+    add_task_options,
     parse_bool,
     parse_pretrained,
     timm_kwarg,
 )
 
-HELP = "fine-tune a ViT with a method on VTAB-1k or an image folder"
+HELP = "fine-tune a ViT with a method on VTAB-1k, an image folder, or a task's data (segmentation, video)"
 DESCRIPTION = ("Train, evaluate after the 1st epoch, every --eval-every epochs and at the end, and write a "
                "run directory (checkpoint after every epoch; --resume continues an interrupted run). "
                "Multi-GPU: torchrun --nproc_per_node N -m tokentune train ... "
@@ -65,6 +67,7 @@ def add(parser: argparse.ArgumentParser) -> None:
                         + (", ".join(f"{n} ({r.summary})" if r.summary else n for n, r in sorted(recipes.items()))
                            or "none registered").replace("%", "%%"))
     add_data_options(parser)
+    add_task_options(parser)
     g = parser.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
                    help="run directory for checkpoints and results [default: runs/<dataset>-<method>]")
@@ -100,7 +103,7 @@ def _resolve_train_options(args) -> Dict[str, Any]:
     opts: Dict[str, Any] = {"model": DEFAULT_MODEL, "method": "lora", "pretrained": True, "num_classes": None,
                             "head_init_std": None, "train_head": True, "model_options": {}, "train": {},
                             "data": None, "dataset": None, "image_folder": None, "recipe": None,
-                            "skip_bad_images": False}
+                            "skip_bad_images": False, "task": None}
     out = given.get("out")
     if (given.get("resume") or given.get("restart_from_weights")) and out and os.path.isfile(os.path.join(out, CONFIG_NAME)):
         saved = (read_config(out).get("run") or {}).get("cli")
@@ -112,7 +115,7 @@ def _resolve_train_options(args) -> Dict[str, Any]:
         opts["recipe"] = recipe.name
         opts["method"] = recipe.method
         for k, v in recipe.model_options.items():
-            if k in ("model", "pretrained", "num_classes", "head_init_std", "train_head"):
+            if k in ("model", "pretrained", "num_classes", "head_init_std", "train_head", "task"):
                 opts[k] = v
             else:
                 opts["model_options"][k] = v
@@ -122,7 +125,7 @@ def _resolve_train_options(args) -> Dict[str, Any]:
             raise TokenTuneError(f"recipe {recipe.name!r} sets unknown training option(s) {', '.join(bad)}")
         opts["train"].update(recipe.train_options)
     for k in ("model", "method", "pretrained", "num_classes", "head_init_std", "train_head", "data", "dataset",
-              "image_folder"):
+              "image_folder", "task"):
         if k in given and given[k] is not None:
             opts[k] = given[k]
     if given.get("skip_bad_images"):         # a bare flag: without it a resumed run keeps its recorded choice
@@ -136,9 +139,15 @@ def _resolve_train_options(args) -> Dict[str, Any]:
     for k, v in given.items():
         if k.startswith("t__"):
             opts["train"][k[3:]] = v
-        elif k.startswith("m__"):
-            _, method, field = k.split("__", 2)
-            opts["model_options"][f"{method}_{field}"] = v
+        elif k.startswith("m__") or k.startswith("k__"):     # a method's or a task's option
+            _, owner, field = k.split("__", 2)
+            opts["model_options"][f"{owner}_{field}"] = v
+    if opts["task"] == "classification":
+        opts["task"] = None
+    task = opts["task"]
+    stray = sorted({t for t in available_tasks() for k in opts["model_options"] if k.startswith(t + "_") and t != task})
+    if stray:
+        raise TokenTuneError(f"--{stray[0]}-... options need --task {stray[0]}")
     return opts
 
 
@@ -151,11 +160,14 @@ def run(args: argparse.Namespace) -> int:
     given = _explicit(args)
     inf = D.init_distributed(given.get("device"))
     say = print if inf.is_main else (lambda *a, **k: None)
+    task = get_task(opts["task"]) if opts["task"] else None
+    load = task.load_data if task is not None else load_datasets
+    extra = {"num_classes": opts["num_classes"], "options": opts["model_options"]} if task is not None else {}
     try:
-        train_ds, test_ds = load_datasets(data_root=opts["data"], dataset=opts["dataset"],
-                                          image_folder=opts["image_folder"], train_split=cfg.train_split,
-                                          test_split=cfg.test_split, skip_bad_images=opts["skip_bad_images"],
-                                          progress=False if given.get("no_progress") else None)
+        train_ds, test_ds = load(data_root=opts["data"], dataset=opts["dataset"], image_folder=opts["image_folder"],
+                                 train_split=cfg.train_split, test_split=cfg.test_split,
+                                 skip_bad_images=opts["skip_bad_images"],
+                                 progress=False if given.get("no_progress") else None, **extra)
         skipped = skipped_summary([train_ds, test_ds])
         if skipped:
             say(f"{skipped} (all of them are listed in the run's config.json and results.json)")
@@ -168,8 +180,11 @@ def run(args: argparse.Namespace) -> int:
         # the training seed initialises the model: every process builds the same new layers
         model = create_model(opts["model"], method=opts["method"], num_classes=num_classes,
                              pretrained=opts["pretrained"], train_head=opts["train_head"],
-                             head_init_std=opts["head_init_std"], seed=cfg.seed, **model_options)
-        set_transforms([train_ds, test_ds], model, cfg.image_size, cfg.normalization, cfg.interpolation)
+                             head_init_std=opts["head_init_std"], seed=cfg.seed, task=opts["task"], **model_options)
+        if task is not None:
+            task.set_transforms(train_ds, test_ds, model, cfg)
+        else:
+            set_transforms([train_ds, test_ds], model, cfg.image_size, cfg.normalization, cfg.interpolation)
         out = given.get("out") or os.path.join("runs", f"{train_ds.name}-{model.tokentune.spec['method']}")
         c = count_parameters(model)
         say(f"model {opts['model']} method {model.tokentune.spec['method']}: {c['trainable']:,} trainable of "
@@ -178,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             f"({test_ds.split}), {num_classes} classes; {inf.world_size} process(es); run directory {out}")
         cli_record = {k: opts[k] for k in ("model", "method", "pretrained", "num_classes", "head_init_std",
                                            "train_head", "data", "dataset", "image_folder", "recipe",
-                                           "skip_bad_images")}
+                                           "skip_bad_images", "task")}
         cli_record["data"] = os.path.abspath(opts["data"]) if opts["data"] else None
         cli_record["image_folder"] = os.path.abspath(opts["image_folder"]) if opts["image_folder"] else None
         cli_record.update(model_options=opts["model_options"], train=opts["train"])
@@ -192,8 +207,9 @@ def run(args: argparse.Namespace) -> int:
                        eval_batch_size=given.get("eval_batch_size"), run_info=run_info, handle_signals=True)
     finally:
         D.shutdown()
-    if result.finished and result.top1 is not None:
-        say(f"top-1 after the last epoch: {result.top1:.2f}%   (best of the evaluated epochs, selected on the test "
-            f"split and so optimistic: {result.best_top1_over_epochs:.2f}% at epoch {result.best_epoch})")
+    if result.finished and result.score is not None:
+        name = "top-1" if result.metric == "top1" else result.metric
+        say(f"{name} after the last epoch: {result.score:.2f}%   (best of the evaluated epochs, selected on the test "
+            f"split and so optimistic: {result.best_score_over_epochs:.2f}% at epoch {result.best_epoch})")
         say(f"results: {RunDir(out).results}")
     return 130 if result.stop_reason == "signal" else 0

@@ -40,7 +40,8 @@ def deploy(model: nn.Module, inplace: bool = False, compile: bool = False) -> nn
             if method.deploy is not None:
                 method.deploy(model)
         info = model.tokentune
-        if not (info.prop_attn or info.trace_source) and not any(b.plugins() for b in adapted_blocks(model)):
+        plain = not (info.prop_attn or info.trace_source or "task_head" in model._modules)
+        if plain and not any(b.plugins() for b in adapted_blocks(model)):
             restore_timm(model)
         else:
             info.deployed = True

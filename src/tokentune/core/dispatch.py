@@ -129,7 +129,8 @@ def activation_stats(model: nn.Module, data: Iterable, device: Union[str, torch.
 
     Args:
         model: a model with token dispatchers, e.g. DyT (evaluated in eval mode; its mode is restored).
-        data: a DataLoader or any iterable of image batches or ``(images, targets, ...)``.
+        data: a DataLoader or any iterable of image batches or ``(images, targets, ...)``; batches of
+            clips ([B, T, 3, H, W], a video task's) count and picture their frames as images.
         device: where to run (default: the model's device).
         keep_masks: also return every image's masks on the patch grid (for visualisation).
         max_batches: stop after this many batches.
@@ -152,7 +153,9 @@ def activation_stats(model: nn.Module, data: Iterable, device: Union[str, torch.
             if max_batches is not None and step >= max_batches:
                 break
             images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            _, state = core(images.to(device), return_state=True, trace_source=trace)
+            if images.dim() > 4:            # clips [B, T, 3, H, W] (or views of clips): statistics of their frames
+                images = images.flatten(0, images.dim() - 4)
+            _, state = core.forward_tokens(images.to(device), trace_source=trace)
             records = dispatch_records(state)
             if not sums:
                 names = [f"blocks.{r.layer}.{r.kind}" for r in records]

@@ -22,11 +22,14 @@ from torch import nn
 from ..errors import TokenTuneError
 from ..utils import jsonable
 from .backbone import architecture_of, create_backbone
+from .features import features_only as feature_extractor
 from .hub import absolute_source
 from .method import BuildContext, Method, available_methods, canonical_spec, parse_method
+from .task import Task, get_task
 from .vit import adapt_vit, spec_of
 
-HEAD_PATTERN = r"^(head|head_dist)\."
+# the classification head(s) and a task's head: trained with train_head, outside the papers' counts
+HEAD_PATTERN = r"^(head|head_dist|task_head)\."
 
 
 def _coerce_config(method: Method, value: Any) -> Any:
@@ -108,9 +111,36 @@ def init_seed(seed: Optional[int] = None) -> int:
     return last if fresh else drawn
 
 
+def _task_config(task: Task, options: Dict[str, Any]) -> Any:
+    """Take the task's options (``<task>=cfg`` or ``<task>_<field>=``) out of ``options``; its config."""
+    values: Dict[str, Any] = {}
+    whole = options.pop(task.name, None)
+    if whole is not None:
+        values.update(dataclasses.asdict(whole) if dataclasses.is_dataclass(whole) else dict(whole))
+    for key in [k for k in options if k.startswith(task.name + "_")]:
+        values[key[len(task.name) + 1:]] = options.pop(key)
+    names = {f.name for f in dataclasses.fields(task.config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TokenTuneError(f"unknown {task.name} option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    return task.config(**values)
+
+
+def rebuild_options(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The :func:`create_model` keywords that rebuild the model of a build spec (or a run's config.json),
+    besides name, method, num_classes and pretrained: timm keywords, method configs, the task and its config."""
+    options = dict(spec.get("timm_kwargs", {}))
+    options.update(spec.get("configs", {}))
+    if spec.get("task"):
+        options["task"] = spec["task"]
+        options[spec["task"]] = spec.get("task_config") or {}
+    return options
+
+
 def create_model(name: str, method: str = "lora", num_classes: Optional[int] = None,
                  pretrained: Union[bool, str] = False, *, train_head: bool = True,
-                 head_init_std: Optional[float] = None, seed: Optional[int] = None, **options) -> nn.Module:
+                 head_init_std: Optional[float] = None, seed: Optional[int] = None, task: Optional[str] = None,
+                 **options) -> nn.Module:
     """Build the timm ViT ``name`` with ``method`` applied.
 
     Args:
@@ -120,19 +150,34 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
         pretrained: False (random init), True (timm hub) or a local ``.npz/.pth/.safetensors`` file.
         train_head: leave the classification head trainable.
         head_init_std: re-initialise the head with trunc_normal(std) and zero bias.
+        task: ``None`` (image classification) or a registered task (``"segmentation"``, ``"video"``;
+            :mod:`tokentune.tasks`) whose head is added (``model.task_head``) with the options
+            ``<task>_<field>=`` (``video_frames=8``); ``num_classes`` is then the task's class count.
         seed: seed of every random initialisation (the backbone when ``pretrained=False``, new
             layers, a new head), drawn on torch's CPU generator (models are built on the CPU);
             None takes one from the global generator (see :func:`init_seed`), which the build
             does not otherwise touch. Recorded as ``init_seed`` in ``model.tokentune.spec`` and
             ``config.json``, so :func:`tokentune.load_trained` rebuilds the same frozen weights.
         **options: method options (``lora_rank=8``, ``tome_r=16``, ``lora=LoRAConfig(...)``) and
-            timm keyword arguments (``drop_path_rate=0.1``, ``img_size=...``).
+            timm keyword arguments (``drop_path_rate=0.1``, ``img_size=...``). ``features_only=True``
+            (with ``out_indices``, default the last 3 blocks) returns timm's feature extractor over the
+            adapted model instead, as ``timm.create_model(..., features_only=True)`` does for ViTs
+            (see :func:`tokentune.core.features.features_only`).
 
     Returns:
         The model (a subclass of the timm model's own class); ``model(x)`` gives logits and
         ``model(x, return_state=True)`` also the final :class:`tokentune.TokenState`.
     """
+    if options.pop("features_only", False):
+        out_indices = options.pop("out_indices", 3)
+        model = create_model(name, method, num_classes, pretrained, train_head=train_head,
+                             head_init_std=head_init_std, seed=seed, **options)
+        return feature_extractor(model, out_indices=out_indices, prune=True)
     methods = parse_method(method)
+    task_def = get_task(task) if task else None
+    task_cfg = _task_config(task_def, options) if task_def is not None else None
+    if task_def is not None and not num_classes:
+        raise TokenTuneError(f"the {task} task needs num_classes (its class count)")
     configs, timm_kwargs = split_options(methods, options)
     seed = init_seed(seed)
     with torch.random.fork_rng(devices=[]):     # the model depends on the seed alone
@@ -147,13 +192,15 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
             recorded = m.apply(model, configs.get(m.name), ctx)
             if recorded is not None:
                 stored[m.name] = recorded
+        if task_def is not None:
+            task_cfg = task_def.apply(model, task_cfg, int(num_classes)) or task_cfg
         if head_init_std is not None:
             init_head(model, head_init_std)
     mark_trainable(model, methods, train_head)
     model.tokentune.spec = {
         "model": absolute_source(name),
         "method": canonical_spec(methods),
-        "num_classes": int(model.num_classes),
+        "num_classes": int(num_classes if task_def is not None else model.num_classes),
         "pretrained": pretrained if isinstance(pretrained, (bool, str)) else str(pretrained),
         "configs": jsonable(stored),
         "timm_kwargs": jsonable(timm_kwargs),
@@ -161,6 +208,8 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
         "backbone_params": backbone_params,
         "init_seed": seed,
     }
+    if task_def is not None:
+        model.tokentune.spec.update(task=task_def.name, task_config=jsonable(task_cfg))
     return model
 
 

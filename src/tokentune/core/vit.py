@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import TokenTuneError
 from ..utils import unwrap_model
 from .block import AdaptedBlock
+from .features import forward_intermediates
 from .state import TokenState
 
 
@@ -88,19 +89,33 @@ class TokenTuneMixin:
                 x, state = block(x, state)
         return self.norm(x), state
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(images)[0]
+    def forward_features(self, images: torch.Tensor, **options) -> torch.Tensor:
+        return self.forward_tokens(images, **options)[0]
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, output_dict: bool = False, **options):
+        """timm's ``forward_intermediates`` (same arguments and outputs) with merged tokens unmerged
+        to the patch grid; ``options`` are per-forward switches (:mod:`tokentune.core.features`)."""
+        return forward_intermediates(self, x, indices, return_prefix_tokens=return_prefix_tokens, norm=norm,
+                                     stop_early=stop_early, output_fmt=output_fmt,
+                                     intermediates_only=intermediates_only, output_dict=output_dict, **options)
 
     def forward(self, images: torch.Tensor, return_state: bool = False, **options):
-        """Logits; with ``return_state=True`` also the final :class:`TokenState`.
+        """Logits (a task's outputs with a task head); with ``return_state=True`` also the final
+        :class:`TokenState`.
 
         ``options`` are per-forward switches: ``trace_source=True`` keeps the token -> input-patch
         map (``state.source``); every other option reaches the plug-ins through
         ``TokenState.options`` (e.g. DyT's ``dyt_complete`` and ``dyt_execution``).
         """
-        x, state = self.forward_tokens(images, **options)
-        logits = self.forward_head_sized(x, state)
-        return (logits, state) if return_state else logits
+        head = self._modules.get("task_head")        # a task's head (segmentation, video) takes over
+        if head is not None:
+            out, state = head(self, images, **options)
+        else:
+            x, state = self.forward_tokens(images, **options)
+            out = self.forward_head_sized(x, state)
+        return (out, state) if return_state else out
 
     def forward_head_sized(self, x: torch.Tensor, state: TokenState, pre_logits: bool = False) -> torch.Tensor:
         """timm's ``forward_head``, with an attention-pool head (``global_pool="map"``: SigLIP, ...)

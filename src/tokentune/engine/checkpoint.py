@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from ..core.factory import create_model
+from ..core.factory import create_model, rebuild_options
 from ..core.hub import resolve_location
 from ..core.vit import spec_of
 from ..core.weights import load_safetensors, load_state_into, rename_keys  # noqa: F401 - re-exported
@@ -28,8 +28,14 @@ from .rundir import CONFIG_NAME, RESUME_NAME, WEIGHTS_NAME, RunDir  # noqa: F401
 
 
 def trained_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The trainable parameters, detached, contiguous and on the CPU."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters, detached, contiguous and on the CPU, and the buffers of the modules that
+    own one (BatchNorm's running statistics in a task head: they change in training too)."""
+    out = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for name, buf in module.named_buffers(prefix=prefix, recurse=False):
+                out[name] = buf.detach().to("cpu").contiguous()
+    return out
 
 
 def save_trained(model: nn.Module, directory: str, extra: Optional[Dict[str, Any]] = None) -> None:
@@ -89,9 +95,7 @@ def load_trained(directory: str, pretrained: Union[bool, str, None] = None, mode
     directory = resolve_location(os.fspath(directory), "the run", allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
     config = read_config(directory)
     if model is None:
-        options = dict(config.get("timm_kwargs", {}))
-        for name, cfg in config.get("configs", {}).items():
-            options[name] = cfg
+        options = rebuild_options(config)
         source = config.get("pretrained", False) if pretrained is None else pretrained
         if pretrained is None and isinstance(source, str) and not os.path.isfile(source):
             raise TokenTuneError(f"the run in {directory!r} was trained from the weights file "

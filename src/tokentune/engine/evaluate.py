@@ -96,12 +96,13 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Option
 # ----------------------------------------------------------------------------- per-run results
 def run_results(*, model: nn.Module, history: Sequence[Dict[str, Any]], dataset: Optional[Dict[str, Any]] = None,
                 train_time_s: float = 0.0, epochs: int = 0, finished: bool = True,
-                extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The ``results.json`` record of a run (see the module docstring)."""
+                extra: Optional[Dict[str, Any]] = None, metric: str = "top1") -> Dict[str, Any]:
+    """The ``results.json`` record of a run (see the module docstring); a task's run reports its own
+    ``metric`` (e.g. ``miou``, ``best_miou_over_epochs``) and names it under ``metric``."""
 
-    evals = [{"epoch": h["epoch"], "top1": h["top1"]} for h in history if h.get("top1") is not None]
+    evals = [{"epoch": h["epoch"], metric: h[metric]} for h in history if h.get(metric) is not None]
     last = evals[-1] if evals else None
-    best = max(evals, key=lambda e: e["top1"]) if evals else None
+    best = max(evals, key=lambda e: e[metric]) if evals else None
     spec = spec_of(model) or {}
     dataset = dict(dataset or {})
     record = {
@@ -109,9 +110,10 @@ def run_results(*, model: nn.Module, history: Sequence[Dict[str, Any]], dataset:
         "group": dataset.get("group"),
         "method": spec.get("method"),
         "model": spec.get("model"),
-        "top1": last["top1"] if last else None,
-        "top1_epoch": last["epoch"] if last else None,
-        "best_top1_over_epochs": best["top1"] if best else None,
+        **({"task": spec.get("task"), "metric": metric} if spec.get("task") else {}),
+        metric: last[metric] if last else None,
+        f"{metric}_epoch": last["epoch"] if last else None,
+        f"best_{metric}_over_epochs": best[metric] if best else None,
         "best_epoch": best["epoch"] if best else None,
         "evaluations": evals,
         "epochs": epochs,
@@ -217,8 +219,9 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
     Returns:
         A dict with ``rows`` (one per label with VTAB-1k runs: per-task accuracy, group means,
         ``mean_of_groups``, ``mean_of_tasks``, task counts), ``tasks`` (their column order),
-        ``other_rows`` (one per label with runs on image folders or other non-VTAB data:
-        ``per_dataset`` accuracy and ``runs_per_dataset``; never part of a VTAB mean),
+        ``other_rows`` (one per label with runs on image folders, other non-VTAB data and tasks,
+        whose column names the task's metric, e.g. ``ade20k (miou)``: ``per_dataset`` accuracy and
+        ``runs_per_dataset``; never part of a VTAB mean),
         ``other_datasets`` (their column order, by dataset name) and ``metric``. Several runs of
         the same label and dataset (seeds) are averaged and counted.
     """
@@ -245,12 +248,14 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
     vtab: Dict[str, Dict[str, List[float]]] = {}
     other: Dict[str, Dict[str, List[float]]] = {}
     for rec in records:
-        value = rec.get(metric)
+        own = rec.get("metric") or "top1"          # a task's run reports its own metric (e.g. miou)
+        value = rec.get(metric if own == "top1" else (own if metric == "top1" else f"best_{own}_over_epochs"))
         if value is None:
             continue
-        task = _vtab_task_of(rec)
+        task = _vtab_task_of(rec) if own == "top1" and not rec.get("task") else None
         cells = (vtab if task else other).setdefault(row_label(rec), {})
-        cells.setdefault(task or _dataset_name(rec), []).append(float(value))
+        column = _dataset_name(rec) + (f" ({own})" if own != "top1" else "")
+        cells.setdefault(task or column, []).append(float(value))
     if not vtab and not other:
         raise TokenTuneError(f"none of the {len(records)} run(s) has a {metric} value; they have not finished an evaluation")
     tasks = {t for cells in vtab.values() for t in cells}

@@ -82,6 +82,7 @@ def spec_key(model: nn.Module) -> Dict[str, Any]:
 def spec_key_of(spec: Dict[str, Any]) -> Dict[str, Any]:
     """What of a build spec (``model.tokentune.spec`` or a run's config.json) must not change on resume."""
     key = {k: spec.get(k) for k in ("model", "method", "num_classes", "configs", "train_head")}
+    key.update({k: spec[k] for k in ("task", "task_config") if spec.get(k) is not None})   # only runs of a task
     if spec and not spec.get("pretrained"):    # a random backbone is frozen: resuming needs the same one
         key["init_seed"] = spec.get("init_seed")
     return jsonable(key)

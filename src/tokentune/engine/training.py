@@ -29,6 +29,11 @@ resume (:class:`Progress`), then per epoch :func:`_train_epoch` (optimizer steps
 
 The training loss is ``criterion(model(images), targets)``, or the ``loss`` hook of a method
 (DyT's rate and distillation losses), called as ``loss(model, images, targets, criterion)``.
+
+A model built for a task (:mod:`tokentune.core.task`: segmentation, video) brings its own loss
+module (``Task.criterion``), evaluation and headline metric (``Task.evaluate``, ``Task.metric``,
+e.g. mIoU); batches are ``(inputs, targets)`` pairs either way. Image classification is the
+default: cross-entropy, top-1.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ import torch
 from torch import nn
 
 from ..core.factory import methods_of
+from ..core.task import task_of
 from ..core.vit import spec_of
 from ..core.weights import load_state_into
 from ..errors import TokenTuneError, error_line
@@ -85,9 +91,10 @@ class TrainResult:
     """What :func:`train` returns.
 
     Attributes:
-        top1: test top-1 (%) after the last epoch (None if no evaluation ran).
+        top1: test top-1 (%) after the last epoch (None if no evaluation ran or the task reports
+            another metric).
         best_top1_over_epochs: the best test top-1 of the evaluations during training.
-        best_epoch: the epoch (1-based) of that best value.
+        best_epoch: the epoch (1-based) of the best value of :attr:`metric`.
         history: one dict per finished epoch (epoch, train_loss, lr, top1, time_s, hook logs).
         epochs_done: finished epochs.
         global_step: optimizer steps done.
@@ -95,6 +102,9 @@ class TrainResult:
         train_time_s: training time without evaluation, over all resumed segments.
         results: the ``results.json`` record (finished runs).
         stop_reason: why an unfinished run stopped: ``max_steps``, ``callback`` or ``signal``.
+        metric: the metric the run reports (``top1``; a task's, e.g. ``miou``).
+        score: that metric after the last epoch (= ``top1`` for classification).
+        best_score_over_epochs: its best value over the evaluations (optimistic, as labelled).
     """
 
     top1: Optional[float] = None
@@ -107,6 +117,9 @@ class TrainResult:
     train_time_s: float = 0.0
     results: Optional[Dict[str, Any]] = None
     stop_reason: Optional[str] = None
+    metric: str = "top1"
+    score: Optional[float] = None
+    best_score_over_epochs: Optional[float] = None
 
 
 # ----------------------------------------------------------------------------- loss
@@ -123,6 +136,23 @@ def loss_function(model: nn.Module) -> Callable:
         hook = hooks[0].loss
         return lambda images, targets, criterion: hook(model, images, targets, criterion)
     return lambda images, targets, criterion: (criterion(model(images), targets), {})
+
+
+def criterion_of(model: nn.Module, cfg: TrainConfig, label_smoothing: Optional[float] = None) -> nn.Module:
+    """The loss module: the task's (``Task.criterion``) or cross-entropy with ``label_smoothing``
+    (default: the config's)."""
+    task = task_of(model)
+    if task is not None and task.criterion is not None:
+        return task.criterion(cfg)
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing if label_smoothing is None else label_smoothing)
+
+
+def evaluator_of(model: nn.Module) -> Tuple[Callable[..., Dict[str, Any]], str]:
+    """``(evaluate function, the metric it reports)``: the task's, or top-1 classification."""
+    task = task_of(model)
+    if task is not None and task.evaluate is not None:
+        return task.evaluate, task.metric
+    return evaluate, "top1"
 
 
 def step_hooks(model: nn.Module) -> List[Callable[[nn.Module, float], None]]:
@@ -245,7 +275,7 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
     mixer = batch_mixer(cfg, getattr(model, "num_classes", 0))
     return _Session(model=model, cfg=cfg, dev=dev, inf=inf, optimizer=optimizer, scaler=scaler, mixer=mixer,
                     # with mixup the smoothing is in the soft targets
-                    criterion=nn.CrossEntropyLoss(label_smoothing=0.0 if mixer else cfg.label_smoothing),
+                    criterion=criterion_of(model, cfg, label_smoothing=0.0 if mixer else cfg.label_smoothing),
                     compute_loss=loss_function(model), on_step=step_hooks(model), sampler=sampler, loader=loader,
                     batches=batches, steps_per_epoch=-(-batches // cfg.grad_accum), run=run, records=records, say=say)
 
@@ -262,7 +292,7 @@ def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:
         "world_size": s.inf.world_size, "rng": D.all_gather_object(rng_state(s.dev)),
         # kept in a finished run too, so that it can be extended with more epochs
         "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
-        "trainable": {n: p_.detach().cpu() for n, p_ in s.model.named_parameters() if p_.requires_grad},
+        "trainable": trained_state_dict(s.model),
         **({"ema": s.ema.state_dict()} if s.ema is not None else {}),
     }
 
@@ -487,15 +517,16 @@ def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: O
     cfg, epoch, part = s.cfg, p.epoch, p.partial
     p.train_time_s += part["time"]
     lr = learning_rate(cfg, epoch, (s.batches - 1) // cfg.grad_accum, s.steps_per_epoch)
+    evaluate_fn, metric = evaluator_of(s.model)
     record = {"epoch": epoch + 1, "train_loss": part["loss_sum"] / max(part["images"], 1),
-              "lr": lr, "time_s": round(part["time"], 3), "top1": None}
+              "lr": lr, "time_s": round(part["time"], 3), metric: None}
     record.update({k: v / max(part["images"], 1) for k, v in part["logs"].items()})
     due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
     if test_data is not None and (due or epoch == cfg.epochs - 1):
         with s.ema.applied(s.model) if s.ema is not None else contextlib.nullcontext():
-            metrics = evaluate(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
-                               num_workers=cfg.num_workers, progress=progress, desc="test")
-        record["top1"] = metrics["top1"]
+            metrics = evaluate_fn(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
+                                  num_workers=cfg.num_workers, progress=progress, desc="test")
+        record[metric] = metrics[metric]
         record["test_loss"] = metrics["loss"]
     p.history.append(record)
     p.epoch, p.batches_done, p.partial = epoch + 1, 0, fresh_partial()
@@ -566,12 +597,13 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
         p, finished = _start(s, resume, state)
         s.ema = _moving_average(s, state if resume is True else None)
         del state
+        metric = evaluator_of(model)[1]
         if finished:
             return _result(p.history, p.global_step, True, p.train_time_s,
-                           read_results(run.path) if os.path.isfile(run.results) else None)
+                           read_results(run.path) if os.path.isfile(run.results) else None, metric=metric)
         eval_bs = eval_batch_size or 2 * cfg.batch_size
         return _epochs(s, p, model, test_data, eval_bs, [logging, *callbacks], max_steps, progress, handle_signals,
-                       run_info)
+                       run_info, metric)
     finally:
         logging.close()
 
@@ -587,7 +619,7 @@ def _moving_average(s: _Session, state: Optional[Dict[str, Any]]) -> Optional[Tr
 
 
 def _epochs(s: _Session, p: Progress, model: nn.Module, test_data, eval_bs: int, callbacks, max_steps, progress,
-            handle_signals: bool, run_info) -> TrainResult:
+            handle_signals: bool, run_info, metric: str = "top1") -> TrainResult:
     """The epochs from ``p`` to the end (or a stop request), then the final checkpoint."""
     cfg, say, records = s.cfg, s.say, s.records
     with _StopFlag(handle_signals) as stop_flag:
@@ -599,9 +631,9 @@ def _epochs(s: _Session, p: Progress, model: nn.Module, test_data, eval_bs: int,
                 _save(s, p)
                 say(f"stopped at epoch {p.epoch + 1}, step {p.batches_done // cfg.grad_accum}/{s.steps_per_epoch} "
                     f"(global step {p.global_step}); continue with resume=True (--resume)")
-                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop, metric)
             record = _finish_epoch(s, p, test_data, eval_bs, progress)
-            say(_epoch_line(record, cfg.epochs))
+            say(_epoch_line(record, cfg.epochs, metric))
             if p.epoch < cfg.epochs:
                 _save(s, p)
             try:
@@ -611,12 +643,13 @@ def _epochs(s: _Session, p: Progress, model: nn.Module, test_data, eval_bs: int,
                 stop = "callback"
             if stop and p.epoch < cfg.epochs:
                 say(f"stopped after epoch {p.epoch}; continue with resume=True (--resume)")
-                return _result(p.history, p.global_step, False, p.train_time_s, None, stop)
+                return _result(p.history, p.global_step, False, p.train_time_s, None, stop, metric)
 
     results = run_results(model=model, history=p.history, dataset=records["data"], train_time_s=p.train_time_s,
-                          epochs=cfg.epochs, finished=True, extra={"run": records["run"]} if run_info else None)
+                          epochs=cfg.epochs, finished=True, extra={"run": records["run"]} if run_info else None,
+                          metric=metric)
     _save(s, p, finished=True, results=results)
-    return _result(p.history, p.global_step, True, p.train_time_s, results)
+    return _result(p.history, p.global_step, True, p.train_time_s, results, metric=metric)
 
 
 def run_info_data(train_data, test_data) -> Dict[str, Any]:
@@ -634,12 +667,12 @@ def run_info_data(train_data, test_data) -> Dict[str, Any]:
             "train": train_d, "test": describe(test_data)}
 
 
-def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
+def _epoch_line(record: Dict[str, Any], epochs: int, metric: str = "top1") -> str:
     line = f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  lr {record['lr']:.2e}"
-    extras = [k for k in record if k not in ("epoch", "train_loss", "lr", "time_s", "top1", "test_loss")]
+    extras = [k for k in record if k not in ("epoch", "train_loss", "lr", "time_s", metric, "test_loss")]
     line += "".join(f"  {k} {record[k]:.4f}" for k in extras)
-    if record.get("top1") is not None:
-        line += f"  test top-1 {record['top1']:.2f}%"
+    if record.get(metric) is not None:
+        line += f"  test {'top-1' if metric == 'top1' else metric} {record[metric]:.2f}%"
     return line + f"  ({record['time_s']:.1f} s)"
 
 
@@ -651,9 +684,12 @@ def _read_json(path: str):
         return None
 
 
-def _result(history, global_step, finished, elapsed, results, stop_reason=None) -> TrainResult:
-    evals = [(h["epoch"], h["top1"]) for h in history if h.get("top1") is not None]
+def _result(history, global_step, finished, elapsed, results, stop_reason=None, metric: str = "top1") -> TrainResult:
+    evals = [(h["epoch"], h[metric]) for h in history if h.get(metric) is not None]
     best = max(evals, key=lambda e: e[1]) if evals else (None, None)
-    return TrainResult(top1=evals[-1][1] if evals else None, best_top1_over_epochs=best[1], best_epoch=best[0],
+    last = evals[-1][1] if evals else None
+    top1 = metric == "top1"
+    return TrainResult(top1=last if top1 else None, best_top1_over_epochs=best[1] if top1 else None, best_epoch=best[0],
                        history=list(history), epochs_done=len(history), global_step=global_step, finished=finished,
-                       train_time_s=elapsed, results=results, stop_reason=stop_reason)
+                       train_time_s=elapsed, results=results, stop_reason=stop_reason, metric=metric, score=last,
+                       best_score_over_epochs=best[1])

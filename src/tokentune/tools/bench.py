@@ -75,6 +75,7 @@ from ..core.factory import create_model, methods_of
 from ..core.flops import count_flops
 from ..core.method import available_methods, parse_method
 from ..core.params import count_parameters
+from ..core.task import task_head_of
 from ..core.vit import info_of, input_size, num_input_tokens, spec_of
 from ..engine.distributed import resolve_device
 from ..engine.rundir import RunDir
@@ -85,7 +86,7 @@ from ..parsing import convert, describe, timm_kwarg
 from ..precision import DTYPES, autocast
 from ..timing import measure_throughput, random_images
 from . import measure as bench
-from .export import open_model
+from .export import example_images, open_model
 
 DEFAULT_MODEL = "vit_base_patch16_224"
 RESERVED = ("label", "model", "rate", "deploy")
@@ -309,6 +310,14 @@ def _train_loss(model: nn.Module) -> Callable:
     return lambda images, targets: fn(images, targets, nn.functional.cross_entropy)[0]
 
 
+@torch.no_grad()
+def _targets(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Random targets shaped like the model's outputs without the class dimension (labels, masks)."""
+    out = model(inputs[:1])
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, out.shape[1], (inputs.shape[0],) + tuple(out.shape[2:]), generator=g)
+
+
 def _infer(model: nn.Module, images: torch.Tensor, dtype: str, device: torch.device):
     with torch.inference_mode(), autocast(device, dtype):
         return model(images)
@@ -339,6 +348,10 @@ class BenchSettings:
         rate: DyT calibration target for rows without ``rate=`` (None: each row's default).
         seed: seed of the models' initialisation and of the timed batch.
         share_weights: share identical frozen tensors between the deployed rows (memory).
+        task: build new models for a task (``segmentation``, ``video``): every number is then per
+            sample of the task (per segmentation image, per clip), on its example inputs (random
+            images at the input size, random clips of the model's frame count).
+        task_options: the task's options (``{"video_frames": 8}``).
     """
 
     model: str = DEFAULT_MODEL
@@ -359,6 +372,8 @@ class BenchSettings:
     rate: Optional[float] = None
     seed: int = 0
     share_weights: bool = True
+    task: Optional[str] = None
+    task_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -398,7 +413,7 @@ def _build(cand: Candidate, s: BenchSettings, device: torch.device):
         try:
             model = create_model(cand.model or s.model, method=cand.method, num_classes=s.num_classes,
                                  pretrained=bool(s.pretrained) if s.pretrained in (None, False, True) else s.pretrained,
-                                 **kwargs, **cand.options)
+                                 task=s.task, **s.task_options, **kwargs, **cand.options)
         except TypeError as exc:
             if "unexpected keyword" not in str(exc):
                 raise
@@ -444,11 +459,14 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
         elif size != image_size:
             raise TokenTuneError(f"{label}: the model takes {size}px images but the benchmark uses {image_size}px; "
                                  "every row needs the same input size (--image-size)")
-        if images is None:
-            images = random_images(s.batch_size, image_size, s.seed, device)
+        if images is None:          # a task's inputs (clips) come from its head; plain images as always otherwise
+            images = (example_images(model, s.batch_size, seed=s.seed).to(device) if task_head_of(model) is not None
+                      else random_images(s.batch_size, image_size, s.seed, device))
         counts = count_parameters(model)
+        head = task_head_of(model)
         row: Dict[str, Any] = {
-            "label": label, "config": cand.config, "run": os.path.abspath(cand.run) if cand.run else None,
+            "label": label, "unit": head.unit if head is not None else "image", "config": cand.config,
+            "run": os.path.abspath(cand.run) if cand.run else None,
             "model": ((spec_of(model) or {}).get("model")
                       or cand.model or (s.model if cand.run is None else type(model).__name__)),
             "method": (spec_of(model) or {}).get("method", cand.method or "deployed"),
@@ -498,7 +516,7 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
             _say(progress, f"[{i + 1}/{len(candidates)}] {label}: training step")
             step = bench.measure_train_step(model, batch_size=s.batch_size, image_size=image_size,
                                             steps=s.train_steps, warmup=1, dtype=s.dtype, device=device,
-                                            loss=_train_loss(model))
+                                            loss=_train_loss(model), inputs=images, targets=_targets(net, images))
             row.update(train_step_s=step["seconds_per_step"], train_img_per_s=s.batch_size / step["seconds_per_step"],
                        train_peak_mib=_mib(step["peak_memory_bytes"]))
         del model
@@ -507,7 +525,7 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
         rows.append(row)
         _say(progress, f"[{i + 1}/{len(candidates)}] {label}: {row['gmacs']:.3g} GMACs, "
                        f"{row['params_total'] / 1e6:.2f}M params ({time.perf_counter() - t0:.1f} s)")
-    _time_all(timed, rows, s, image_size, device, progress)
+    _time_all(timed, rows, s, image_size, device, progress, images)
     base = rows[0]
     for row in rows:
         row["flops_ratio"] = base["flops"] / row["flops"] if row["flops"] else None
@@ -517,14 +535,17 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
     env = bench.environment(device, s.dtype)
     settings_record = {k: v for k, v in dataclasses.asdict(s).items()}
     settings_record.update(image_size=image_size, device=str(device), baseline=base["label"])
+    unit = rows[0]["unit"]
+    what = f"{s.task} task, per {unit}" + (f" of {images.shape[1]} frames" if images.dim() == 5 else "")
     title = (f"{s.model if all(r['model'] == s.model for r in rows) else 'several models'} {image_size}px, "
+             + (f"{what}, " if s.task else "") +
              f"batch {s.batch_size}, {s.dtype}, {device}, {torch.get_num_threads()} threads, {s.rounds} interleaved "
              f"rounds after {s.warmup} warm-up")
     return BenchResult(rows=rows, environment=env, settings=settings_record, title=title)
 
 
 def _time_all(timed: Dict[str, nn.Module], rows: List[Dict[str, Any]], s: BenchSettings, image_size: int,
-              device: torch.device, progress) -> None:
+              device: torch.device, progress, images: torch.Tensor) -> None:
     start = time.perf_counter()
 
     def report(what):
@@ -540,7 +561,7 @@ def _time_all(timed: Dict[str, nn.Module], rows: List[Dict[str, Any]], s: BenchS
     _say(progress, f"throughput: {len(timed)} model(s), batch {s.batch_size}, {s.warmup} warm-up + {s.rounds} rounds")
     stats = measure_throughput(timed, batch_size=s.batch_size, image_size=image_size, rounds=s.rounds,
                                      warmup=s.warmup, dtype=s.dtype, device=device, seed=s.seed,
-                                     progress=report("throughput"))
+                                     progress=report("throughput"), images=images)
     for row in rows:
         st = stats[row["label"]]
         row.update(img_per_s=st.median, img_per_s_low=st.low, img_per_s_high=st.high,
@@ -551,7 +572,8 @@ def _time_all(timed: Dict[str, nn.Module], rows: List[Dict[str, Any]], s: BenchS
         start = time.perf_counter()
         lat = measure_throughput(timed, batch_size=1, image_size=image_size, rounds=s.rounds,
                                        warmup=max(s.warmup, 1), iters_per_round=s.latency_iters, dtype=s.dtype,
-                                       device=device, seed=s.seed, progress=report("batch-1 latency"))
+                                       device=device, seed=s.seed, progress=report("batch-1 latency"),
+                                       images=images[:1])
         for row in rows:
             st = lat[row["label"]]
             row.update(latency_ms=1000.0 / st.median, latency_ms_low=1000.0 / st.high,
@@ -589,8 +611,9 @@ def display_rows(result: BenchResult) -> List[Dict[str, str]]:
             d["active"] = "" if r["activation"] is None else f"{100 * r['activation']:.1f}%"
         d["GMACs"] = f"{r['gmacs']:.3f}" if r["gmacs"] < 1 else f"{r['gmacs']:.2f}"
         d["FLOPs ratio"] = _fmt(r["flops_ratio"], ".2f") + "x"
-        d["img/s"] = f"{r['img_per_s']:.1f}"
-        d["img/s min-max"] = f"{r['img_per_s_low']:.1f}-{r['img_per_s_high']:.1f}"
+        per = "img" if r.get("unit", "image") == "image" else r["unit"] + "s"
+        d[f"{per}/s"] = f"{r['img_per_s']:.1f}"
+        d[f"{per}/s min-max"] = f"{r['img_per_s_low']:.1f}-{r['img_per_s_high']:.1f}"
         d["speed-up"] = f"{r['speedup']:.2f}x"
         if any_latency:
             d["b1 latency ms"] = _fmt(r["latency_ms"], ".2f")
@@ -603,7 +626,8 @@ def display_rows(result: BenchResult) -> List[Dict[str, str]]:
     return out
 
 
-NOTES = ("GMACs: multiply-adds per image of the deployed model on the timed batch (the papers' \"GFLOPs\"; "
+NOTES = ("GMACs: multiply-adds per sample (an image; a clip or a segmentation image with --task) of the deployed "
+         "model on the timed batch (the papers' \"GFLOPs\"; "
          "attention counted). FLOPs ratio and speed-up: relative to the first row (>1 = fewer FLOPs / faster). "
          "img/s: median over interleaved rounds, min-max beside it. paper count: trainable backbone parameters "
          "without head, as a share of the pretrained backbone (as PYRA/DyT count). tokens: entering the first "
@@ -619,7 +643,7 @@ def markdown(result: BenchResult) -> str:
             f"{bench.markdown_table(table, list(table[0]))}\n\n{NOTES}\n")
 
 
-CSV_KEYS = ("label", "model", "method", "config", "run", "deployed", "params_total", "params_trainable",
+CSV_KEYS = ("label", "unit", "model", "method", "config", "run", "deployed", "params_total", "params_trainable",
             "paper_trainable", "paper_pct", "backbone_params", "tokens_in", "tokens_out", "calibrated_rate",
             "activation", "flops", "gflops", "gmacs", "flops_ratio", "img_per_s", "img_per_s_low", "img_per_s_high",
             "batch_ms", "speedup", "latency_ms", "latency_ms_low", "latency_ms_high", "latency_speedup",

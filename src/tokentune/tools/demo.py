@@ -201,6 +201,36 @@ def _cache_path(cfg: DemoConfig, arch: Dict[str, Any]) -> str:
     return os.path.join(base, "tokentune", "demo", f"vit-digits-{digest}.safetensors")
 
 
+def pretrained_backbone(cfg: DemoConfig, arch: Dict[str, Any], folder: str, workdir: str, out, log,
+                        steps: int) -> str:
+    """The demo's "pretrained" tiny ViT: pre-trained from scratch on digits 0-4 (``folder``), or taken from the
+    cache; returns its weights file (in ``workdir``)."""
+    tokens = (32 // cfg.patch_size) ** 2
+    cache = _cache_path(cfg, arch) if cfg.cache else None
+    backbone_file = os.path.join(workdir, "pretrained-digits-0-4.safetensors")
+    torch.manual_seed(cfg.seed)
+    base = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
+    what = (f"a timm ViT (32x32 input upscaled bicubic, {cfg.patch_size}x{cfg.patch_size} patches = {tokens} "
+            f"patch tokens + CLS, width {cfg.embed_dim}, depth {cfg.depth}, average pooling)")
+    if cache and os.path.isfile(cache):
+        shutil.copyfile(cache, backbone_file)
+        out(f"[1/{steps}] {what} pre-trained on digits 0-4: taken from the cache {cache}")
+        return backbone_file
+    pre_train, pre_test = _load_folder(folder, base)
+    pre_cfg = TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=3e-3, min_lr=1e-5,
+                          warmup_epochs=1, warmup_lr=1e-6, weight_decay=0.05, eval_every=0, num_workers=0,
+                          seed=cfg.seed)
+    tic = time.perf_counter()
+    result = train(base, pre_train, pre_test, pre_cfg, out_dir=os.path.join(workdir, "runs", "pretrain"),
+                   progress=False, log=log)
+    shutil.copyfile(RunDir(os.path.join(workdir, "runs", "pretrain")).weights, backbone_file)
+    out(f"[1/{steps}] pre-trained {what} from scratch on {len(pre_train)} digits 0-4 in "
+        f"{time.perf_counter() - tic:.0f} s: top-1 {result.top1:.1f}% on {len(pre_test)} held-out ones")
+    if cache:
+        atomic_write(cache, lambda tmp: shutil.copyfile(backbone_file, tmp))
+    return backbone_file
+
+
 def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]] = None,
              out=print) -> List[Dict[str, Any]]:
     """Run the demo and print its table; returns one dict per row."""
@@ -212,7 +242,6 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
         torch.set_num_threads(cfg.threads)
     arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
                 num_heads=max(1, cfg.embed_dim // 16), global_pool="avg")
-    tokens = (32 // cfg.patch_size) ** 2
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="tokentune-demo-")
     os.makedirs(workdir, exist_ok=True)
     log = out if cfg.progress else None
@@ -226,28 +255,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
             f"{folders['pretrain']} (digits 0-4) and {folders['new']} (digits 5-9){where}")
 
         # -- 1. a "pretrained" backbone: pre-train on digits 0-4 (or take it from the cache)
-        cache = _cache_path(cfg, arch) if cfg.cache else None
-        backbone_file = os.path.join(workdir, "pretrained-digits-0-4.safetensors")
-        torch.manual_seed(cfg.seed)
-        base = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
-        pre_train, pre_test = _load_folder(folders["pretrain"], base)
-        what = (f"a timm ViT (32x32 input upscaled bicubic, {cfg.patch_size}x{cfg.patch_size} patches = {tokens} "
-                f"patch tokens + CLS, width {cfg.embed_dim}, depth {cfg.depth}, average pooling)")
-        if cache and os.path.isfile(cache):
-            shutil.copyfile(cache, backbone_file)
-            out(f"[1/{steps}] {what} pre-trained on digits 0-4: taken from the cache {cache}")
-        else:
-            pre_cfg = TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=3e-3, min_lr=1e-5,
-                                  warmup_epochs=1, warmup_lr=1e-6, weight_decay=0.05, eval_every=0, num_workers=0,
-                                  seed=cfg.seed)
-            tic = time.perf_counter()
-            result = train(base, pre_train, pre_test, pre_cfg, out_dir=os.path.join(workdir, "runs", "pretrain"),
-                           progress=False, log=log)
-            shutil.copyfile(RunDir(os.path.join(workdir, "runs", "pretrain")).weights, backbone_file)
-            out(f"[1/{steps}] pre-trained {what} from scratch on {len(pre_train)} digits 0-4 in "
-                f"{time.perf_counter() - tic:.0f} s: top-1 {result.top1:.1f}% on {len(pre_test)} held-out ones")
-            if cache:
-                atomic_write(cache, lambda tmp: shutil.copyfile(backbone_file, tmp))
+        backbone_file = pretrained_backbone(cfg, arch, folders["pretrain"], workdir, out, log, steps)
 
         # -- 2. adapt to digits 5-9 with every available method
         table = []

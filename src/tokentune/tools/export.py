@@ -48,8 +48,9 @@ from torch import nn
 
 from ..core.backbone import architecture_of
 from ..core.deploy import deploy
-from ..core.factory import create_model, methods_of
+from ..core.factory import create_model, methods_of, rebuild_options
 from ..core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_location, split_source
+from ..core.task import task_head_of
 from ..core.vit import info_of, input_size, spec_of
 from ..core.weights import load_safetensors
 from ..engine.checkpoint import load_trained, read_config
@@ -420,9 +421,7 @@ def build_deployed_structure(config: Dict[str, Any], device: Union[str, torch.de
     """
 
     spec = config["spec"]
-    options = dict(spec.get("timm_kwargs", {}))
-    for name, cfg in spec.get("configs", {}).items():
-        options[name] = cfg
+    options = rebuild_options(spec)
     written_by = (config.get("versions") or {}).get("tokentune", "?")
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -504,7 +503,13 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def example_images(model: nn.Module, batch_size: int = 1, image_size: Union[int, Tuple[int, int], None] = None,
                    seed: int = 0) -> torch.Tensor:
-    """A reproducible random batch at the model's input size, on its device and in its dtype."""
+    """A reproducible random batch at the model's input size, on its device and in its dtype (a task's
+    input, e.g. clips, when the model has a task head)."""
+    head = task_head_of(model)
+    if head is not None and image_size is None:
+        p = next(iter(model.parameters()), None)
+        inputs = head.example_input(model, batch_size, seed)
+        return inputs.to(device=p.device, dtype=p.dtype) if p is not None and p.is_floating_point() else inputs
     if image_size is None:
         h, w = input_size(model)
     elif isinstance(image_size, int):

@@ -87,19 +87,23 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 def measure_train_step(model: nn.Module, batch_size: int = 16, image_size: int = 224, steps: int = 3,
                        warmup: int = 1, dtype: str = "fp32", device="cpu", num_classes: Optional[int] = None,
-                       loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+                       loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                       inputs: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None):
     """Seconds per training step (forward, backward, AdamW step on trainable params) and peak memory.
 
     ``loss(images, targets)`` replaces the plain ``cross_entropy(model(images), targets)``, e.g. a
     method's training loss (DyT's complete-model pass and distillation are part of its step).
+    ``inputs``/``targets`` replace the random images and labels (a task's clips, masks).
     """
     device = torch.device(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     num_classes = num_classes or int(getattr(model, "num_classes", 10) or 10)
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    targets = torch.randint(0, num_classes, (batch_size,), device=device)
+    images = inputs.to(device) if inputs is not None else torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if targets is None:
+        targets = torch.randint(0, num_classes, (batch_size,), device=device)
+    targets = targets.to(device)
 
     def step():
         with autocast(device, dtype):

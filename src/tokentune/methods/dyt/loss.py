@@ -35,7 +35,9 @@ def dyt_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, crit
 
     One forward call: with complete-model terms enabled the batch is duplicated and its second
     half runs with every token active (``dyt_complete`` rows), so DDP sees a single forward and
-    every parameter takes part. ``criterion`` gives both cross-entropies (the reference: plain CE).
+    every parameter takes part. ``criterion`` gives both cross-entropies (the reference: plain CE;
+    a task's loss module, e.g. per-pixel cross-entropy, for a task model). ``images`` may be any
+    task input (a task head expands the per-sample ``dyt_complete`` rows to the images it runs).
     """
     cfg = config_of(model)
     B = images.shape[0]
@@ -61,8 +63,11 @@ def dyt_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, crit
             loss = loss + cfg.complete_weight * ce_full
             logs["ce_complete"] = float(ce_full.detach())
         if cfg.distill_weight > 0:
-            kl = F.kl_div(F.log_softmax(dynamic, dim=-1), F.log_softmax(full.detach(), dim=-1),
-                          reduction="batchmean", log_target=True)
+            # classes on dim 1 (image logits [B, K], a task's per-pixel logits [B, K, H, W]); summed over
+            # classes, averaged over samples and positions (= "batchmean" for image logits)
+            positions = dynamic.numel() // dynamic.shape[1]
+            kl = F.kl_div(F.log_softmax(dynamic, dim=1), F.log_softmax(full.detach(), dim=1),
+                          reduction="sum", log_target=True) / positions
             loss = loss + cfg.distill_weight * kl
             logs["kl"] = float(kl.detach())
     return loss, logs
