@@ -30,6 +30,8 @@ class ModelInfo:
             input-patch map in the token state).
         deployed: :func:`tokentune.deploy` has run.
         export: for a model loaded from an export: its directory and ``deployed.json``.
+        extra_prefix: prefix tokens a method inserts after timm's own (VPT's prompts); the blocks
+            see ``num_prefix_tokens + extra_prefix`` protected tokens (:func:`num_prefix`).
     """
 
     spec: Optional[Dict[str, Any]] = None
@@ -38,6 +40,7 @@ class ModelInfo:
     trace_source: bool = False
     deployed: bool = False
     export: Optional[Dict[str, Any]] = None
+    extra_prefix: int = 0
 
 
 def info_of(model: nn.Module) -> Optional[ModelInfo]:
@@ -91,8 +94,9 @@ class TokenTuneMixin:
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(images)[0]
 
-    def forward(self, images: torch.Tensor, return_state: bool = False, **options):
-        """Logits; with ``return_state=True`` also the final :class:`TokenState`.
+    def forward(self, images: torch.Tensor, return_state: bool = False, return_tokens: bool = False, **options):
+        """Logits; with ``return_state=True`` also the final :class:`TokenState`; with
+        ``return_tokens=True`` also the final normalised tokens [B, N, C] (token distillation).
 
         ``options`` are per-forward switches: ``trace_source=True`` keeps the token -> input-patch
         map (``state.source``); every other option reaches the plug-ins through
@@ -100,7 +104,8 @@ class TokenTuneMixin:
         """
         x, state = self.forward_tokens(images, **options)
         logits = self.forward_head(x)
-        return (logits, state) if return_state else logits
+        out = (logits,) + ((state,) if return_state else ()) + ((x,) if return_tokens else ())
+        return out if len(out) > 1 else logits
 
 
 _CLASS_CACHE: Dict[type, type] = {}
@@ -155,9 +160,16 @@ def input_size(model: nn.Module) -> Tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def num_prefix(model: nn.Module) -> int:
+    """Prefix tokens the blocks protect: timm's (CLS, registers, distillation) plus inserted ones (VPT)."""
+    model = unwrap_model(model)
+    info = info_of(model)
+    return int(model.num_prefix_tokens) + (info.extra_prefix if info is not None else 0)
+
+
 def num_input_tokens(model: nn.Module) -> int:
-    """Tokens entering the first block at the model's configured input size."""
+    """Tokens the blocks see at the model's configured input size (prompt tokens included)."""
     grid = getattr(model.patch_embed, "grid_size", None)
     if grid is None:
         raise TokenTuneError("cannot tell the token count of this model; set img_size when creating it")
-    return int(grid[0] * grid[1]) + int(model.num_prefix_tokens)
+    return int(grid[0] * grid[1]) + num_prefix(model)

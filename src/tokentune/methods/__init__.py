@@ -5,7 +5,9 @@
 * :mod:`.adapter`: AdaptFormer-style adapters (plain and MoE);
 * :mod:`.tome`: ToMe token merging (matching, schedules, FLOPs, measured speed-up);
 * :mod:`.pyra`: PYRA, the modulation of the tokens ToMe merges;
-* :mod:`.dyt`: Dynamic Tuning, token dispatchers with adapters on every token.
+* :mod:`.dyt`: Dynamic Tuning, token dispatchers with adapters on every token;
+* :mod:`.evit`: EViT, keep the tokens the CLS token attends to, fuse the others
+  (:mod:`.pruning`: what the pruning methods share).
 
 Adding a method: one module or folder here that defines its config dataclass and calls
 ``register_method(Method(...))`` at import, an import line below, and its tests (CONTRIBUTING.md).
@@ -38,7 +40,7 @@ from ..core.method import (
                             register_method,
                             register_recipe,
 )
-from . import adapter, dyt, lora, pyra, tome, tuning  # noqa: F401 - registers the built-in methods
+from . import adapter, dyt, evit, lora, pyra, tome, tuning  # noqa: F401 - registers the built-in methods
 
 __all__ = [
     "BuildContext", "HEAD_PATTERN", "Method", "Recipe", "available_methods", "available_recipes", "canonical_spec",
