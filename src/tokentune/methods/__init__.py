@@ -3,6 +3,7 @@
 * :mod:`.tuning`: ``full`` and ``linear``;
 * :mod:`.lora`: LoRA on the blocks' Linear layers (merged for deployment);
 * :mod:`.adapter`: AdaptFormer-style adapters (plain and MoE);
+* :mod:`.vpt`: visual prompt tuning (shallow and deep prompts, protected as prefix tokens);
 * :mod:`.tome`: ToMe token merging (matching, schedules, FLOPs, measured speed-up);
 * :mod:`.pyra`: PYRA, the modulation of the tokens ToMe merges;
 * :mod:`.dyt`: Dynamic Tuning, token dispatchers with adapters on every token;
@@ -40,7 +41,7 @@ from ..core.method import (
                             register_method,
                             register_recipe,
 )
-from . import adapter, dyt, evit, lora, pyra, tome, tuning  # noqa: F401 - registers the built-in methods
+from . import adapter, dyt, evit, lora, pyra, tome, tuning, vpt  # noqa: F401 - registers the built-in methods
 
 __all__ = [
     "BuildContext", "HEAD_PATTERN", "Method", "Recipe", "available_methods", "available_recipes", "canonical_spec",
