@@ -23,6 +23,7 @@ from tokentune.tools.export import (
 METHOD_OPTIONS = {
     "tome": dict(tome_r=[3, 2, 2, 1]),
     "pyra": dict(tome_r=[3, 2, 2, 1]),
+    "diffrate": dict(diffrate_prune_kept=[17, 15, 11, 8], diffrate_merge_kept=[17, 13, 9, 5]),
 }
 
 
