@@ -270,6 +270,7 @@ def test_search_reaches_its_target_restores_the_model_and_resumes(tmp_path):
     (dict(diffrate_prune_kept=[17, 15, 11, 1], diffrate_merge_kept=MERGE), r"at least 2"),
     (dict(diffrate_preset="deit_base:9.9"), r"unknown diffrate_preset"),
     (dict(diffrate_preset="deit_base:11.5"), r"is for 12 blocks and 197 tokens"),
+    (dict(diffrate_preset="mae_large:31.0"), r"is for 24 blocks and 197 tokens"),
 ])
 def test_bad_options_fail_in_one_line(options, match):
     with pytest.raises(TokenTuneError, match=match) as e:

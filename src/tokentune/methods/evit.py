@@ -139,9 +139,11 @@ class EViTReducer(TokenReducer):
         keep = attn.topk(left, dim=1, largest=True, sorted=True)[1]       # [B, K]
         if not self.fuse:
             return keep_tokens(x, state, keep)
-        # the others in ascending index order (the reference's complement_idx), then their weighted sum
-        dropped = torch.ones_like(attn, dtype=torch.bool).scatter_(1, keep, False)
-        rest = dropped.to(torch.uint8).sort(dim=1, descending=True, stable=True)[1][:, :n - left]   # [B, n - K]
+        # the others in ascending index order (the reference's complement_idx), then their weighted sum:
+        # key n - i for a dropped token i, 0 for a kept one, so top-(n - K) lists the dropped ones by index
+        # (topk instead of a stable sort, which graph exporters such as ONNX do not have)
+        key = torch.arange(n, 0, -1, device=x.device, dtype=attn.dtype).expand_as(attn).scatter(1, keep, 0.0)
+        rest = key.topk(n - left, dim=1, sorted=True)[1]                  # [B, n - K]
         tokens = x[:, p:].gather(1, rest.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         weighted = tokens * attn.gather(1, rest).unsqueeze(-1)          # M_s = a_i x_i
         if self.modulator is not None:                                  # PYRA on the fused token

@@ -290,10 +290,10 @@ def _token_counts(model: nn.Module, images: torch.Tensor):
     was_training = model.training
     model.eval()
     try:
-        _, state = model(images[:1], return_state=True)
+        _, tokens = model(images[:1], return_tokens=True)
     finally:
         model.train(was_training)
-    return n, (int(state.size.shape[1]) if state.size is not None else n)
+    return n, int(tokens.shape[1])
 
 
 def _hook(model: nn.Module, name: str):

@@ -16,7 +16,9 @@ from ..tome.flops import ViTDims
 from .reducer import DiffRateReducer, ste_min
 
 # Rates the reference found on ImageNet-1k (OpenGVLab/DiffRate, compression_rate.json), for
-# 12-block ViT-B/16 at 224 px (197 tokens), by GFLOPs (= GMACs) target: (prune_kept, merge_kept).
+# ViT-B/16 (12 blocks) and ViT-L/16 (24 blocks) at 224 px (197 tokens), by GFLOPs (= GMACs)
+# target: (prune_kept, merge_kept). deit_base:8.7 and mae_large:31.0 have the FLOPs of ToMe's
+# "low" schedules (8.77 and 30.97 GMACs): PYRA's "DiffRate (low)" rows.
 PRESETS = {
     "deit_base:8.7": ([197, 192, 172, 156, 131, 107, 90, 72, 56, 33, 17, 3],
                       [197, 178, 162, 141, 115, 96, 78, 60, 47, 21, 13, 3]),
@@ -28,6 +30,10 @@ PRESETS = {
                      [197, 176, 150, 127, 107, 92, 76, 58, 47, 41, 23, 23]),
     "mae_base:11.5": ([197, 196, 182, 172, 162, 147, 131, 109, 101, 94, 70, 49],
                       [197, 192, 178, 164, 150, 133, 115, 101, 96, 82, 49, 49]),
+    "mae_large:31.0": ([197, 195, 188, 179, 168, 157, 146, 143, 131, 121, 111, 102, 93, 85, 76, 70, 61, 53, 47, 35, 31,
+                        26, 21, 14],
+                       [197, 191, 184, 172, 161, 151, 145, 135, 125, 117, 106, 96, 89, 80, 72, 64, 54, 50, 40, 27, 27,
+                        23, 14, 14]),
 }
 
 
@@ -40,9 +46,9 @@ class DiffRateConfig:
         prune_kept: tokens (prefix tokens included) each block keeps after pruning, one per block
             (the reference's ``prune_kept_num``); empty = keep all.
         merge_kept: tokens each block keeps after merging, one per block (``merge_kept_num``).
-        preset: a schedule the reference searched on ImageNet-1k for 12-block ViT-B/16 at 224 px,
+        preset: a schedule the reference searched on ImageNet-1k for ViT-B/16 or ViT-L/16 at 224 px,
             named ``<backbone>:<GFLOPs>`` (deit_base:8.7, deit_base:10.0, deit_base:11.5,
-            mae_base:8.7, mae_base:11.5); overrides the lists.
+            mae_base:8.7, mae_base:11.5, mae_large:31.0); overrides the lists.
     """
 
     prune_kept: Sequence[int] = ()
@@ -105,9 +111,10 @@ def apply_diffrate(model: nn.Module, cfg: DiffRateConfig, ctx) -> DiffRateConfig
                              "use a ViT with a class token (class_token=True)")
     prune_kept, merge_kept = PRESETS[cfg.preset] if cfg.preset else (cfg.prune_kept, cfg.merge_kept)
     n, p = num_input_tokens(model), num_prefix(model)
-    if cfg.preset and (n, p, len(blocks)) != (197, 1, 12):
-        raise TokenTuneError(f"diffrate_preset {cfg.preset!r} is for 12 blocks and 197 tokens (ViT-B/16, 224 px, CLS only); "
-                             f"this model has {len(blocks)} blocks and {n} tokens: search its rates with search_rates")
+    if cfg.preset and (n, p, len(blocks)) != (197, 1, len(prune_kept)):
+        raise TokenTuneError(f"diffrate_preset {cfg.preset!r} is for {len(prune_kept)} blocks and 197 tokens (224 px, "
+                             f"CLS only); this model has {len(blocks)} blocks and {n} tokens: search its rates with "
+                             "search_rates")
     prunes, merges = fit_rates(prune_kept, merge_kept, n, p, len(blocks))
     for i, (block, pk, mk) in enumerate(zip(blocks, prunes, merges)):
         block.reduce = DiffRateReducer(i, pk, mk)

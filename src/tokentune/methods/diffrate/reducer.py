@@ -63,10 +63,20 @@ def match(metric: torch.Tensor, kept: int, prefix: int) -> Tuple[torch.Tensor, t
 
 
 def merge(x: torch.Tensor, dst_idx: torch.Tensor, kept: int, mode: str) -> torch.Tensor:
-    """Reduce the tokens after ``kept`` into their destinations (``"mean"``: unweighted mean with the
-    destination itself, the reference's ``scatter_reduce(include_self=True)``; ``"sum"``; ``"amax"``)."""
+    """Reduce the tokens after ``kept`` into their destinations: ``"mean"`` (the unweighted mean of
+    a destination and its sources, the reference's ``scatter_reduce("mean", include_self=True)``),
+    ``"sum"`` or ``"amax"``. Sums go through ``index_add_`` on flattened rows (faster on CPU than
+    ``scatter_reduce``, and graph exporters have it); the mean divides by ``1 + sources``."""
     src, dst = x[:, kept:], x[:, :kept]
-    return dst.scatter_reduce(-2, dst_idx.expand(-1, -1, x.shape[-1]), src, reduce=mode)
+    B, n, C = src.shape
+    if mode == "amax":
+        return dst.scatter_reduce(-2, dst_idx.expand(-1, -1, C), src, reduce="amax")
+    rows = (dst_idx[..., 0] + torch.arange(B, device=x.device)[:, None] * kept).reshape(-1)
+    out = dst.reshape(B * kept, C).index_add(0, rows, src.reshape(B * n, C))
+    if mode == "mean":
+        count = x.new_ones(B * kept, 1).index_add_(0, rows, x.new_ones(B * n, 1))
+        out = out / count
+    return out.view(B, kept, C)
 
 
 # ----------------------------------------------------------------------------- fixed rates
