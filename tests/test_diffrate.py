@@ -195,6 +195,10 @@ def test_fixed_rates_equal_reference_math():
     assert tokens.shape == want_tokens.shape == (3, 5, 48)          # a smaller tensor: 17 -> 13 -> 9 -> 5
     assert torch.allclose(tokens, want_tokens, atol=1e-5, rtol=0)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    with torch.no_grad():                # the token -> input-patch map: 5 tokens pruned (2 + 2 + 1), 12 covered once
+        source = model(X, return_state=True, trace_source=True)[1].source
+    assert source.shape == (3, 5, 17) and torch.equal(source.sum(1).amax(1), torch.ones(3))
+    assert source.sum((1, 2)).tolist() == [12.0] * 3 and torch.equal(source[:, 0, 0], torch.ones(3))
     with torch.no_grad():                                            # training runs the same fixed computation
         assert torch.allclose(model.train()(X), got, atol=1e-6, rtol=0)
         assert torch.allclose(tokentune.deploy(model)(X), got, atol=1e-5, rtol=0)

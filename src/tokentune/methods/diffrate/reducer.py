@@ -102,19 +102,49 @@ class DiffRateReducer(TokenReducer):
 
     def forward(self, x: torch.Tensor, state: TokenState,
                 cls_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, TokenState]:
-        size = state.size if state.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
-        x, size, policy, source = sort_by_cls_attention(x, state, cls_attn, size, state.policy)
-        pk, mk = self.prune_kept, self.merge_kept
-        x, size = x[:, :pk], size[:, :pk]
-        source = source[:, :pk] if source is not None else None
-        policy = policy[:, :pk] if policy is not None else None
-        if mk < x.shape[1]:
-            dst_idx, node_max = match(x.detach(), mk, state.num_prefix)
-            x = merge(x, dst_idx, mk, "mean")
-            size = merge(torch.cat([size[:, :mk], size[:, mk:] * node_max[..., None]], dim=1), dst_idx, mk, "sum")
-            source = merge(source, dst_idx, mk, "amax") if source is not None else None
-            policy = policy[:, :mk] if policy is not None else None
-        return x, state.replace(size=size, source=source, policy=policy)
+        # The same computation as sorting every token, slicing and merging (the reference's order
+        # of operations, see sort_by_cls_attention / match / merge), done on flattened rows: only
+        # the prune_kept tokens are ever copied (index_select / index_add_ on whole rows).
+        B, N, C = x.shape
+        p = state.num_prefix
+        pk = min(self.prune_kept, N)
+        mk = min(self.merge_kept, pk)
+        order = torch.sort(cls_attn[:, p:], dim=1, descending=True)[1] + p
+        idx = torch.cat([torch.arange(p, device=x.device).expand(B, p), order], dim=1)      # sorted tokens
+        offset = torch.arange(B, device=x.device)[:, None] * N
+        keep_rows = (idx[:, :mk] + offset).reshape(-1)
+        flat = x.reshape(B * N, C)
+        out = flat.index_select(0, keep_rows)
+        sizes = state.size.reshape(B * N, 1) if state.size is not None else x.new_ones(B * N, 1)
+        size = sizes.index_select(0, keep_rows)
+        source, policy = state.source, state.policy
+        if state.trace_source and source is None:
+            source = torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
+        all_sources = source.reshape(B * N, -1) if source is not None else None
+        if all_sources is not None:
+            source = all_sources.index_select(0, keep_rows)
+        if policy is not None:
+            policy = policy.reshape(B * N).index_select(0, keep_rows).view(B, mk)
+        if mk < pk:
+            src_rows = (idx[:, mk:pk] + offset).reshape(-1)
+            src = flat.index_select(0, src_rows)
+            n = pk - mk
+            with torch.no_grad():                 # cosine similarity of the features, prefix never a destination
+                a = src / src.norm(dim=-1, keepdim=True)
+                b = out / out.norm(dim=-1, keepdim=True)
+                similarity = a.view(B, n, C) @ b.view(B, mk, C).transpose(-1, -2)
+                similarity[..., :p] = -math.inf
+                node_max, node_idx = similarity.max(dim=-1)
+            dst = (node_idx + torch.arange(B, device=x.device)[:, None] * mk).reshape(-1)
+            count = x.new_ones(B * mk, 1).index_add_(0, dst, x.new_ones(B * n, 1))
+            out = out.index_add(0, dst, src) / count                        # mean of destination and sources
+            size = size.index_add(0, dst, sizes.index_select(0, src_rows) * node_max.reshape(-1, 1))
+            if all_sources is not None:
+                merged = all_sources.index_select(0, src_rows).view(B, n, -1)
+                source = source.view(B, mk, -1).scatter_reduce(
+                    1, node_idx[..., None].expand(-1, -1, merged.shape[-1]), merged, reduce="amax").reshape(B * mk, -1)
+        source = source.view(B, mk, -1) if source is not None else None
+        return out.view(B, mk, C), state.replace(size=size.view(B, mk, 1), source=source, policy=policy)
 
 
 # ----------------------------------------------------------------------------- the search
