@@ -34,6 +34,7 @@ after each backbone.
     python benchmarks/reproduce_tables.py                        # ViT-B/16, batch 16, fp32, CPU
     python benchmarks/reproduce_tables.py --models vit_b,vit_l   # both tables (ViT-L takes ~3-4x longer)
     python benchmarks/reproduce_tables.py --quick                # tiny widths, seconds: checks the script
+    python benchmarks/reproduce_tables.py --rows evit,dynamicvit # some rows (and the baselines they need)
 """
 from __future__ import annotations
 
@@ -114,6 +115,20 @@ def rows_for(backbone: str) -> List[Row]:
         Row("evit", "EViT (keep 0.7)", "evit:evit_keep_rate=0.7"),
         Row("evit_adapter", "EViT + AdaptFormer", "adapter+evit:evit_keep_rate=0.7,adapter_bottleneck=8"),
     ]
+
+
+def select_rows(specs: List[Row], keys: Optional[str]) -> List[Row]:
+    """The rows named in ``keys`` (comma-separated), plus the baselines their ratios need (LoRA first)."""
+    if not keys:
+        return specs
+    wanted = {k.strip() for k in keys.split(",") if k.strip()}
+    unknown = wanted - {s.key for s in specs}
+    if unknown:
+        raise SystemExit(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(s.key for s in specs)}")
+    wanted.add("lora")
+    if wanted & set(DYT_PAPER.get("vit_b", {})):
+        wanted.add(DYT_BASELINE)
+    return [s for s in specs if s.key in wanted]
 
 
 def _paper(backbone: str, key: str, ours: Dict[str, dict]) -> Dict[str, object]:
@@ -208,7 +223,7 @@ Each row again with `tokentune bench --model {b['model']} --batch-size {result.s
 
 def run_backbone(backbone: str, args) -> str:
     b = BACKBONES[backbone]
-    specs = rows_for(backbone)
+    specs = select_rows(rows_for(backbone), args.rows)
     candidates = []
     for spec in specs:
         cand = parse_config(spec.config)
@@ -225,7 +240,8 @@ def run_backbone(backbone: str, args) -> str:
     result = measure(candidates, settings, progress=lambda t: print(f"  {b['name']} {t}", file=sys.stderr, flush=True))
     rows = table(backbone, specs, result)
     md = markdown(backbone, rows, result, args.quick)
-    prefix = os.path.join(args.out, f"reproduce_{backbone}_b{args.batch_size}{'_quick' if args.quick else ''}")
+    prefix = os.path.join(args.out, f"reproduce_{backbone}_b{args.batch_size}{'_quick' if args.quick else ''}"
+                                    f"{'_rows' if args.rows else ''}")
 
     atomic_write_text(prefix + ".md", md)
     atomic_write_json(prefix + ".json", {
@@ -247,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N [default: cpu]")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads [default: torch's]")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", default=None, help="comma-separated row keys to run (LoRA and the paper baselines they "
+                    "are compared with are added) [default: every row]")
     ap.add_argument("--quick", action="store_true", help="tiny widths, batch 2, 2 rounds: checks the script in seconds")
     ap.add_argument("--out", default=RESULTS, help="output directory [default: benchmarks/results]")
     args = ap.parse_args(argv)

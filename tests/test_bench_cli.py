@@ -204,7 +204,8 @@ def test_reproduce_tables_puts_each_paper_number_beside_the_right_ratio(monkeypa
     module = _reproduce_tables(monkeypatch)
     specs = module.rows_for("vit_b")
     fake = [dict(paper_pct=0.3, paper_trainable=1e5 * i, tokens_in=197, tokens_out=197 - i, activation=None,
-                 gmacs=20.0 - i, flops_ratio=20.0 / (20.0 - i), img_per_s=100.0 + 10 * i, img_per_s_low=99.0, img_per_s_high=101.0,
+                 gmacs=20.0 - i, flops_ratio=20.0 / (20.0 - i), img_per_s=100.0 + 10 * i, img_per_s_low=99.0,
+                 img_per_s_high=101.0,
                  speedup=(100.0 + 10 * i) / 100.0) for i in range(len(specs))]
     rows = {r["row"]: r for r in module.table("vit_b", specs, type("R", (), {"rows": fake})())}
     keys = [s.key for s in specs]
