@@ -203,8 +203,9 @@ def test_reproduce_tables_puts_each_paper_number_beside_the_right_ratio(monkeypa
     """The table wiring on made-up measurements (the measuring itself is tested above)."""
     module = _reproduce_tables(monkeypatch)
     specs = module.rows_for("vit_b")
-    fake = [dict(paper_pct=0.3, tokens_in=197, tokens_out=197 - i, activation=None, gmacs=17.0 - i,
-                 flops_ratio=17.0 / (17.0 - i), img_per_s=100.0 + 10 * i, img_per_s_low=99.0, img_per_s_high=101.0,
+    fake = [dict(paper_pct=0.3, paper_trainable=1e5 * i, tokens_in=197, tokens_out=197 - i, activation=None,
+                 gmacs=20.0 - i, flops_ratio=20.0 / (20.0 - i), img_per_s=100.0 + 10 * i, img_per_s_low=99.0,
+                 img_per_s_high=101.0,
                  speedup=(100.0 + 10 * i) / 100.0) for i in range(len(specs))]
     rows = {r["row"]: r for r in module.table("vit_b", specs, type("R", (), {"rows": fake})())}
     keys = [s.key for s in specs]
@@ -217,6 +218,12 @@ def test_reproduce_tables_puts_each_paper_number_beside_the_right_ratio(monkeypa
     assert dyt_row["ours vs paper baseline"] == pytest.approx(ips["dyt_mlp"] / ips["adapter_tome"])
     assert rows["DyT r=0.5 (Layer Dispatch)"]["paper img/s"] is None and rows["LoRA"]["paper baseline"].startswith("LoRA")
     assert rows["Full + ToMe (r=8)"]["tokens"] == f"197->{197 - keys.index('full_tome')}"
+    evit = rows["EViT + AdaptFormer"]
+    assert (evit["paper GFLOPs"], evit["paper trainable (M)"]) == (11.77, 0.16)
+    assert evit["ours vs paper baseline"] == pytest.approx(ips["evit_adapter"] / ips["adapter_tome"])
+    assert evit["trainable (M)"] == pytest.approx(0.1 * keys.index("evit_adapter"))
+    assert rows["DynamicViT (rho 0.7)"]["paper speed-up"] == pytest.approx(1010.40 / 941.70)
+    assert rows["DiffRate (low)"]["paper speed-up"] == pytest.approx(709 / 425)
 
 
 @pytest.mark.slow
@@ -226,7 +233,7 @@ def test_reproduce_tables_quick(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "reproduce_vit_b_b2_quick.json").read_text())
     rows = {r["row"]: r for r in data["rows"]}
-    assert len(rows) == 13 and data["quick"] is True
+    assert len(rows) == 18 and data["quick"] is True
     assert rows["LoRA"]["FLOPs ratio vs LoRA"] == 1.0 and rows["LoRA"]["speed-up vs LoRA"] == 1.0
     assert rows["ToMe (high)"]["paper speed-up"] == pytest.approx(1381 / 425)
     assert rows["ToMe (low)"]["paper baseline"].startswith("LoRA")
@@ -239,3 +246,7 @@ def test_reproduce_tables_quick(tmp_path, capsys, monkeypatch):
     assert rows["ToMe (high)"]["GMACs"] < rows["ToMe (low)"]["GMACs"] < rows["LoRA"]["GMACs"]
     assert rows["DyT r=0.5 (Layer Dispatch)"]["paper img/s"] is None
     assert "QUICK" in out and (tmp_path / "reproduce_vit_b_b2_quick.md").exists()
+    evit, dvit = rows["EViT (keep 0.7)"], rows["DynamicViT (rho 0.7)"]
+    assert evit["tokens"] == "197->72" and dvit["tokens"] == "197->68"   # 196 -> 138+1 -> 98+1 -> 70+1; 137 -> 96 -> 67
+    assert evit["paper trainable (M)"] == 85.80 and evit["paper GFLOPs"] == 11.62
+    assert rows["DiffRate (low)"]["tokens"] == "197->3" and rows["DiffRate (low)"]["paper img/s"] == 709

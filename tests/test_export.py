@@ -25,6 +25,7 @@ from tokentune.tools.export import (
 METHOD_OPTIONS = {
     "tome": dict(tome_r=[3, 2, 2, 1]),
     "pyra": dict(tome_r=[3, 2, 2, 1]),
+    "diffrate": dict(diffrate_prune_kept=[17, 15, 11, 8], diffrate_merge_kept=[17, 13, 9, 5]),
 }
 
 
@@ -32,6 +33,8 @@ def _options(spec):
     opts = {}
     for name in spec.split("+"):
         opts.update(METHOD_OPTIONS.get(name, {}))
+    if "evit" in spec.split("+"):           # PYRA modulates EViT's fused token there: no merge schedule
+        opts.pop("tome_r", None)
     return opts
 
 
@@ -43,7 +46,11 @@ def _cases():
     if "pyra" in methods:
         from tokentune.methods.pyra import VARIANTS
         cases += [(f"pyra-{v}", "pyra", dict(pyra_variant=v)) for v in VARIANTS if v != "pyra"]
-        cases += [("adapter+pyra", "adapter+pyra", {})]
+        cases += [("adapter+pyra", "adapter+pyra", {}), ("pyra-targets", "pyra", dict(pyra_modulate_targets=True))]
+    if "vpt" in methods:
+        cases += [("vpt-deep", "vpt", dict(vpt_deep=True)), ("vpt+pyra", "vpt+pyra", {})]
+    if "evit" in methods:
+        cases += [("evit+pyra", "evit+pyra", {})]
     if "dyt" in methods:
         from tokentune.methods.dyt import VARIANTS as DYT_VARIANTS
         cases += [(f"dyt-{v}", "dyt", dict(dyt_variant=v)) for v in DYT_VARIANTS if v != "mlp"]

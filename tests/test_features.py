@@ -135,3 +135,45 @@ def test_bad_output_format_is_one_line():
     model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=5, **tiny())
     with pytest.raises(TokenTuneError, match="output_fmt"):
         model.forward_intermediates(torch.randn(1, 3, 32, 32), output_fmt="NHWC")
+
+
+def test_prompts_are_prefix_tokens_of_the_features():
+    """VPT's prompts sit after CLS; the patch grid and the prefix split must count them."""
+    torch.manual_seed(0)
+    model = tokentune.create_model("vit_tiny_patch16_224", method="vpt", vpt_tokens=3, vpt_deep=True,
+                                   num_classes=5, **tiny()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        levels = model.forward_intermediates(x, indices=[1, 3], output_fmt="NLC", return_prefix_tokens=True,
+                                             intermediates_only=True)
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        state = model.initial_state(tokens)
+        want = []
+        for i, block in enumerate(model.blocks):
+            tokens, state = block(tokens, state)
+            if i in (1, 3):
+                assert tokens.shape[1] == 1 + 3 + 16
+                want.append((tokens[:, 4:], tokens[:, :4]))
+    _close(levels, want)
+    assert model(x).shape == (2, 5)
+
+
+@pytest.mark.parametrize("method", ["lora+evit", "lora+dynamicvit"])
+def test_pruned_patches_have_zero_features_and_kept_ones_their_token(method):
+    torch.manual_seed(0)
+    model = tokentune.create_model("vit_tiny_patch16_224", method=method, num_classes=5,
+                                   **tiny(depth=12, img_size=64)).eval()
+    randomize_lora(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        grid = model.forward_intermediates(x, indices=[11], output_fmt="NLC", intermediates_only=True)[0]
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        state = model.initial_state(tokens, trace_source=True)
+        for block in model.blocks:
+            tokens, state = block(tokens, state)
+    n = grid.shape[1]
+    assert n == model.patch_embed.num_patches and tokens.shape[1] < n and grid.shape[-1] == model.embed_dim
+    want = (state.source.transpose(1, 2) @ tokens)[:, 1:]     # a fused token (EViT) stands for all its sources
+    if method == "lora+dynamicvit":
+        assert bool((grid.abs().sum(-1) == 0).any())           # dropped patches: zeros
+    _close(grid, want)

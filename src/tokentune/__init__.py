@@ -8,8 +8,8 @@ Public surface::
     tokentune.print_trainable_parameters(model)
     fast = tokentune.deploy(model)          # LoRA merged, same outputs in eval mode
 
-Methods (``method=``, joined with ``+``): ``full``, ``linear``, ``lora``, ``adapter``, ``tome``,
-``pyra`` (= lora+tome+pyra), ``dyt``. See :func:`available_methods`.
+Methods (``method=``, joined with ``+``): ``full``, ``linear``, ``lora``, ``adapter``, ``vpt``, ``tome``,
+``evit``, ``dynamicvit``, ``diffrate``, ``pyra`` (= lora+tome+pyra), ``dyt``. See :func:`available_methods`.
 
 Layout (the README's Architecture section): ``core`` (composition layer, registry, factory),
 ``methods`` (one module or folder per method), ``engine`` (training, data, evaluation, run
@@ -33,11 +33,15 @@ from .engine.sources import ImageSource, StreamDataset, WebDatasetShards
 from .engine.training import train
 from .errors import TokenTuneError
 from .methods.adapter import Adapter, AdapterConfig, MoEAdapter
+from .methods.diffrate import DiffRateConfig, search_rates
+from .methods.dynamicvit import DynamicViTConfig
 from .methods.dyt import DyTConfig
+from .methods.evit import EViTConfig
 from .methods.lora import LoRAConfig, LoRALinear
 from .methods.lora.peft import load_peft, save_peft
 from .methods.pyra import PYRAConfig
 from .methods.tome import ToMeConfig, bipartite_soft_matching, merge_weighted
+from .methods.vpt import VPTConfig
 from .tools.export import export_deployed, export_format, load_deployed, open_model
 from .tools.hub import push_to_hub
 from .tools.onnx import export_onnx
@@ -46,10 +50,11 @@ from .version import __version__
 _compat.install()
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdaptedBlock", "DyTConfig", "ImageSource", "LoRAConfig", "LoRALinear", "MoEAdapter",
-    "PYRAConfig", "Recipe", "StreamDataset", "ToMeConfig", "TokenState", "TokenTuneError", "TrainConfig", "attention",
+    "Adapter", "AdapterConfig", "AdaptedBlock", "DiffRateConfig", "DynamicViTConfig", "DyTConfig", "EViTConfig",
+    "ImageSource", "LoRAConfig", "LoRALinear", "MoEAdapter", "PYRAConfig", "Recipe", "StreamDataset", "ToMeConfig",
+    "TokenState", "TokenTuneError", "TrainConfig", "VPTConfig", "attention",
     "available_methods", "available_recipes", "bipartite_soft_matching", "build_datasets", "count_parameters",
     "create_model", "deploy", "evaluate", "export_deployed", "export_format", "export_onnx", "get_recipe", "load_deployed",
     "load_peft", "load_trained", "merge_weighted", "open_model", "print_trainable_parameters", "push_to_hub",
-    "register_method", "save_peft", "save_trained", "train", "WebDatasetShards", "__version__",
+    "register_method", "save_peft", "save_trained", "search_rates", "train", "WebDatasetShards", "__version__",
 ]

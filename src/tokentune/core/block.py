@@ -6,7 +6,10 @@ tokens, final norm and head untouched. Each timm ``Block`` is replaced by an
 ``norm2``/``mlp``/``ls2``/``drop_path2`` modules (so parameter names, LayerScale, qk_norm,
 fused SDPA and weight loading keep working) and adds optional plug-ins::
 
+    x, state = prompt(x, state)                       VPT: insert / replace prompt (prefix) tokens
+    x, state = reduce.before_attention(x, state)      DynamicViT: predict and prune before the block
     x = x + drop_path1(ls1(attn(norm1(x))))          attn: timm's qkv/q_norm/k_norm/proj + SDPA
+    x, state = reduce(x, state, cls_attn)             EViT: keep / fuse by the CLS attention row
     x, state = merge(x, keys, state)                  ToMe / PYRA (between attention and MLP)
     x = x + drop_path2(ls2(mlp(norm2(x)))) + adapter(x)
 
@@ -28,6 +31,7 @@ from torch import nn
 
 from ..errors import TokenTuneError
 from .attention import attention, check_attention, key_mask_bias
+from .reduce import TokenReducer
 from .skip import attention_active, mlp_active
 from .state import Dispatch, TokenState
 
@@ -46,6 +50,13 @@ class AdaptedBlock(nn.Module):
             for the whole block). None from a dispatcher means every token takes part.
         attn_adapter: a module on the block input, added in parallel with attention.
         layer_adapter: a module on the block input, added in parallel with the whole block.
+        prompt: ``prompt(x, state) -> (x, state)`` at the block input: inserts or replaces
+            learned prefix tokens (VPT); they count in ``state.num_prefix``, so no token reducer
+            touches them.
+        reduce: a :class:`~tokentune.core.reduce.TokenReducer` (EViT, DynamicViT): its
+            ``before_attention`` runs at the block input, its ``forward`` between attention and
+            MLP (with the CLS attention row when it asks for it). With a training-time policy in
+            the token state (:attr:`TokenState.policy`) attention hides the dropped keys.
 
     With dispatchers the block computes (``M`` the dispatch mask, as in DyT)::
 
@@ -75,13 +86,22 @@ class AdaptedBlock(nn.Module):
         self.layer_dispatcher: Optional[nn.Module] = None
         self.attn_adapter: Optional[nn.Module] = None
         self.layer_adapter: Optional[nn.Module] = None
+        self.prompt: Optional[nn.Module] = None
+        self.reduce: Optional[TokenReducer] = None
 
     def forward(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
+        if self.prompt is not None:
+            x, state = self.prompt(x, state)
+        if self.reduce is not None:
+            x, state = self.reduce.before_attention(x, state)
         if self.is_dispatched():
             return self._forward_dispatched(x, state)
-        h, keys = attention(self.attn, self.norm1(x), bias=state.attn_bias(),
-                            return_keys=self.merge is not None)
+        need_cls = self.reduce is not None and self.reduce.needs_cls_attn
+        h, keys, *cls_attn = attention(self.attn, self.norm1(x), bias=state.attn_bias(), return_keys=self.merge is not None,
+                                       policy=state.policy, return_cls_attn=need_cls)
         x = x + self.drop_path1(self.ls1(h))
+        if self.reduce is not None:
+            x, state = self.reduce(x, state, *cls_attn)
         if self.merge is not None:
             x, state = self.merge(x, keys, state)
         mlp_out = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -4,8 +4,10 @@
 Dense tasks (segmentation, detection) need per-patch features on the patch grid, but token
 merging (ToMe, PYRA) leaves fewer tokens than patches. The features of a merging model are
 *unmerged*: every input patch takes the value of the merged token it belongs to (ToMe's source
-map: ``TokenState.source``, one 0/1 column per input token). Token skipping (DyT) never moves a
-token, so its features are on the grid already.
+map: ``TokenState.source``, one 0/1 column per input token). Token pruning (EViT, DynamicViT,
+DiffRate) traces the same map: a fused token stands for its sources, a dropped patch has no token
+and its features are zeros. Token skipping (DyT) never moves a token, so its features are on the
+grid already. Prompt tokens (VPT) are prefix tokens and are split off with CLS.
 
 Cost of unmerging: the source map must be traced while merging (``trace_source``), a
 [B, N, N0] tensor merged alongside the tokens in every merging block (N0 input tokens, N tokens
@@ -34,11 +36,18 @@ def unmerge(x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
     if source is None or source.shape[1] == source.shape[2]:
         return x
     owner = source.argmax(dim=1)                           # [B, N0]: the token each input token belongs to
-    return x.gather(1, owner.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    out = x.gather(1, owner.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return out * (source.amax(dim=1) > 0).unsqueeze(-1).to(out.dtype)   # pruned patches (DiffRate): zeros
+
+
+def _extra_prefix(model: nn.Module) -> int:
+    """Prefix tokens a method inserts after timm's own (VPT's prompts)."""
+    return int(getattr(getattr(model, "tokentune", None), "extra_prefix", 0) or 0)
 
 
 def _merges_before(blocks: Sequence[nn.Module], last: int) -> bool:
-    return any(getattr(b, "merge", None) is not None for b in list(blocks)[:last + 1])
+    return any(getattr(b, "merge", None) is not None or getattr(b, "reduce", None) is not None
+               for b in list(blocks)[:last + 1])
 
 
 def run_levels(model: nn.Module, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
@@ -58,11 +67,18 @@ def run_levels(model: nn.Module, x: torch.Tensor, indices: Optional[Union[int, L
     tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     state: TokenState = model.initial_state(tokens, **options)
     use_ckpt = model.grad_checkpointing and model.training and torch.is_grad_enabled()
+    n0 = tokens.shape[1] + _extra_prefix(model)            # the grid's tokens, prompts included
     levels = []
     for i, block in enumerate(blocks):
         tokens, state = checkpoint(block, tokens, state, use_reentrant=False) if use_ckpt else block(tokens, state)
         if i in take:
-            levels.append(unmerge(model.norm(tokens) if norm else tokens, state.source))
+            level = unmerge(model.norm(tokens) if norm else tokens, state.source)
+            if level.shape[1] != n0:
+                raise TokenTuneError(
+                    f"block {i} has {level.shape[1]} of {n0} tokens and no token -> patch map (a pruning method such "
+                    "as EViT or DynamicViT drops patches): take features from blocks before its first pruning "
+                    "location, or use a method that merges (ToMe, PYRA, DiffRate) or skips (DyT)")
+            levels.append(level)
     return tokens, levels, state
 
 
@@ -88,7 +104,7 @@ def forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Optional[U
     if output_fmt not in OUTPUT_FORMATS:
         raise TokenTuneError(f"output_fmt must be one of {', '.join(OUTPUT_FORMATS)}, got {output_fmt!r}")
     tokens, levels, _ = run_levels(model, x, indices, norm, stop_early, **options)
-    p = model.num_prefix_tokens
+    p = model.num_prefix_tokens + _extra_prefix(model)     # CLS, registers and prompts
     prefix = [y[:, :p] for y in levels] if p else None
     levels = [y[:, p:] for y in levels]
     if output_fmt == "NCHW":

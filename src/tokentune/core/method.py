@@ -39,7 +39,12 @@ class Method:
         trainable: regexes of parameter names the method trains.
         order: application order (tuning 10-19, token reduction 20-29, built on top 30+).
         peft: whether it decides how the backbone is tuned (full/linear/lora/adapter/dyt).
-        implies: methods it needs (``pyra`` implies ``tome``).
+        implies: methods it needs (``dyt`` needs none; a method listed here is always added).
+        needs_one_of: the method works on top of one of these; the first is added when the spec
+            names none of them (PYRA modulates ToMe's merge or EViT's fused token: ``("tome", "evit")``).
+        reduces_tokens: it removes tokens (merging, pruning, skipping): two such methods in one
+            spec must compose, i.e. one lists the other in ``composes_with``.
+        composes_with: token reducers it works together with (``dyt``: ``("tome",)``).
         default_peft: tuning method added when the spec names none.
         exclusive: cannot be combined with another tuning method (``full``, ``linear``).
         exclude_from_paper_count: regexes of trainable names the papers do not count.
@@ -69,6 +74,9 @@ class Method:
     order: int = 50
     peft: bool = False
     implies: Tuple[str, ...] = ()
+    needs_one_of: Tuple[str, ...] = ()
+    reduces_tokens: bool = False
+    composes_with: Tuple[str, ...] = ()
     default_peft: Optional[str] = None
     exclusive: bool = False
     exclude_from_paper_count: Tuple[str, ...] = ()
@@ -135,8 +143,12 @@ def parse_method(spec: str) -> List[Method]:
         if name in seen:
             continue
         seen.append(name)
-        todo.extend(get_method(name).implies)
+        method = get_method(name)
+        todo.extend(method.implies)
+        if method.needs_one_of and not any(n in seen + todo + names for n in method.needs_one_of):
+            todo.append(method.needs_one_of[0])
     methods = [get_method(n) for n in seen]
+    check_reducers(methods, spec)
     if not any(m.peft for m in methods):
         default = max(methods, key=lambda m: m.order).default_peft or "linear"
         methods.append(get_method(default))
@@ -144,6 +156,18 @@ def parse_method(spec: str) -> List[Method]:
     if exclusive and len([m for m in methods if m.peft]) > 1:
         raise TokenTuneError(f"'{exclusive[0]}' cannot be combined with another tuning method in {spec!r}")
     return sorted(methods, key=lambda m: m.order)
+
+
+def check_reducers(methods: Sequence[Method], spec: str) -> None:
+    """One clear line when two token reducers of a spec cannot compose."""
+    reducers = [m for m in methods if m.reduces_tokens]
+    for i, a in enumerate(reducers):
+        for b in reducers[i + 1:]:
+            if b.name not in a.composes_with and a.name not in b.composes_with:
+                pairs = sorted({"+".join(sorted((m.name, o))) for m in _REGISTRY.values() for o in m.composes_with})
+                raise TokenTuneError(
+                    f"'{a.name}' and '{b.name}' both reduce tokens and cannot be combined (in {spec!r}); keep one of "
+                    f"them (token reducers that compose: {', '.join(pairs) or 'none'})")
 
 
 def canonical_spec(methods: Sequence[Method]) -> str:

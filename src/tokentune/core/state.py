@@ -25,6 +25,11 @@ class TokenState:
         source: [B, N, N0] 0/1 map from tokens to input tokens, when ``trace_source`` is on.
         prop_attn: add ``log(size)`` to the attention logits (ToMe's proportional attention).
         trace_source: maintain ``source``.
+        policy: [B, N] keep decisions of a training-time token pruner (DynamicViT, DiffRate's
+            search): 1 = kept, 0 = dropped, straight-through values that carry the pruner's
+            gradient. Every later attention hides the dropped tokens as keys (each token still
+            attends to itself) by multiplying the softmax numerators, so the gradient reaches the
+            decisions (:func:`tokentune.core.attention.softmax_with_policy`). None = no policy.
         records: one dict per block that recorded something (token counts, DyT masks, ...).
         options: per-forward switches passed as ``model(x, **options)`` (e.g. a method's
             "complete model" pass); read by plug-ins, never by the composition layer.
@@ -35,6 +40,7 @@ class TokenState:
     source: Optional[torch.Tensor] = None
     prop_attn: bool = False
     trace_source: bool = False
+    policy: Optional[torch.Tensor] = None
     records: Tuple[Dict[str, Any], ...] = ()
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -31,6 +31,8 @@ class ModelInfo:
             input-patch map in the token state).
         deployed: :func:`tokentune.deploy` has run.
         export: for a model loaded from an export: its directory and ``deployed.json``.
+        extra_prefix: prefix tokens a method inserts after timm's own (VPT's prompts); the blocks
+            see ``num_prefix_tokens + extra_prefix`` protected tokens (:func:`num_prefix`).
     """
 
     spec: Optional[Dict[str, Any]] = None
@@ -39,6 +41,7 @@ class ModelInfo:
     trace_source: bool = False
     deployed: bool = False
     export: Optional[Dict[str, Any]] = None
+    extra_prefix: int = 0
 
 
 def info_of(model: nn.Module) -> Optional[ModelInfo]:
@@ -101,9 +104,10 @@ class TokenTuneMixin:
                                      stop_early=stop_early, output_fmt=output_fmt,
                                      intermediates_only=intermediates_only, output_dict=output_dict, **options)
 
-    def forward(self, images: torch.Tensor, return_state: bool = False, **options):
+    def forward(self, images: torch.Tensor, return_state: bool = False, return_tokens: bool = False, **options):
         """Logits (a task's outputs with a task head); with ``return_state=True`` also the final
-        :class:`TokenState`.
+        :class:`TokenState`; with ``return_tokens=True`` also the final normalised tokens [B, N, C]
+        (token distillation).
 
         ``options`` are per-forward switches: ``trace_source=True`` keeps the token -> input-patch
         map (``state.source``); every other option reaches the plug-ins through
@@ -111,11 +115,15 @@ class TokenTuneMixin:
         """
         head = self._modules.get("task_head")        # a task's head (segmentation, video) takes over
         if head is not None:
+            if return_tokens:
+                raise TokenTuneError("return_tokens=True needs a classification model; a task head returns its own outputs")
             out, state = head(self, images, **options)
+            x = None
         else:
             x, state = self.forward_tokens(images, **options)
             out = self.forward_head_sized(x, state)
-        return (out, state) if return_state else out
+        extra = ((state,) if return_state else ()) + ((x,) if return_tokens else ())
+        return (out,) + extra if extra else out
 
     def forward_head_sized(self, x: torch.Tensor, state: TokenState, pre_logits: bool = False) -> torch.Tensor:
         """timm's ``forward_head``, with an attention-pool head (``global_pool="map"``: SigLIP, ...)
@@ -190,9 +198,16 @@ def input_size(model: nn.Module) -> Tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def num_prefix(model: nn.Module) -> int:
+    """Prefix tokens the blocks protect: timm's (CLS, registers, distillation) plus inserted ones (VPT)."""
+    model = unwrap_model(model)
+    info = info_of(model)
+    return int(model.num_prefix_tokens) + (info.extra_prefix if info is not None else 0)
+
+
 def num_input_tokens(model: nn.Module) -> int:
-    """Tokens entering the first block at the model's configured input size."""
+    """Tokens the blocks see at the model's configured input size (prompt tokens included)."""
     grid = getattr(model.patch_embed, "grid_size", None)
     if grid is None:
         raise TokenTuneError("cannot tell the token count of this model; set img_size when creating it")
-    return int(grid[0] * grid[1]) + int(model.num_prefix_tokens)
+    return int(grid[0] * grid[1]) + num_prefix(model)

@@ -3,9 +3,14 @@
 * :mod:`.tuning`: ``full`` and ``linear``;
 * :mod:`.lora`: LoRA on the blocks' Linear layers (merged for deployment);
 * :mod:`.adapter`: AdaptFormer-style adapters (plain and MoE);
+* :mod:`.vpt`: visual prompt tuning (shallow and deep prompts, protected as prefix tokens);
 * :mod:`.tome`: ToMe token merging (matching, schedules, FLOPs, measured speed-up);
 * :mod:`.pyra`: PYRA, the modulation of the tokens ToMe merges;
-* :mod:`.dyt`: Dynamic Tuning, token dispatchers with adapters on every token.
+* :mod:`.dyt`: Dynamic Tuning, token dispatchers with adapters on every token;
+* :mod:`.evit`: EViT, keep the tokens the CLS token attends to, fuse the others
+  (:mod:`.pruning`: what the pruning methods share);
+* :mod:`.dynamicvit`: DynamicViT, learned prediction modules prune rho, rho^2, rho^3 of the tokens;
+* :mod:`.diffrate`: DiffRate, per-block prune and merge counts searched under a FLOPs target, then fixed.
 
 Adding a method: one module or folder here that defines its config dataclass and calls
 ``register_method(Method(...))`` at import, an import line below, and its tests (CONTRIBUTING.md).
@@ -38,7 +43,7 @@ from ..core.method import (
                             register_method,
                             register_recipe,
 )
-from . import adapter, dyt, lora, pyra, tome, tuning  # noqa: F401 - registers the built-in methods
+from . import adapter, diffrate, dynamicvit, dyt, evit, lora, pyra, tome, tuning, vpt  # noqa: F401 - registers the built-in methods
 
 __all__ = [
     "BuildContext", "HEAD_PATTERN", "Method", "Recipe", "available_methods", "available_recipes", "canonical_spec",

@@ -291,10 +291,13 @@ def _token_counts(model: nn.Module, images: torch.Tensor):
     was_training = model.training
     model.eval()
     try:
-        _, state = model(images[:1], return_state=True)
+        if model._modules.get("task_head") is not None:   # a task model (video clips): the tokens of its state
+            _, state = model(images[:1], return_state=True)
+            return n, (int(state.size.shape[1]) if state.size is not None else n)
+        _, tokens = model(images[:1], return_tokens=True)   # pruning methods keep no sizes: count tokens
     finally:
         model.train(was_training)
-    return n, (int(state.size.shape[1]) if state.size is not None else n)
+    return n, int(tokens.shape[1])
 
 
 def _hook(model: nn.Module, name: str):

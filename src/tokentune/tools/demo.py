@@ -6,7 +6,8 @@
    scratch on digits 0-4 with ``tokentune.train`` (method ``full``): our stand-in for a
    pretrained backbone, obtained without any download;
 3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
-   probe, LoRA, LoRA + ToMe, and PYRA / DyT when installed), through the same
+   probe, LoRA, LoRA + ToMe, PYRA, DyT, LoRA + EViT, LoRA + DynamicViT, VPT-deep, VPT-deep + PYRA;
+   rows whose methods are not installed are skipped), through the same
    ``create_model -> train -> deploy -> evaluate`` path as real runs;
 4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
    adds per image and throughput, measured side by side in one process on the same batch.
@@ -72,6 +73,10 @@ ROWS: List[DemoRow] = [
     DemoRow("LoRA r=8 + ToMe", "lora+tome", dict(_LORA), merge=True),
     DemoRow("PYRA (LoRA r=8 + ToMe)", "pyra", dict(_LORA), merge=True),
     DemoRow("DyT", "dyt"),
+    DemoRow("LoRA r=8 + EViT", "lora+evit", dict(_LORA)),
+    DemoRow("LoRA r=8 + DynamicViT", "lora+dynamicvit", dict(_LORA)),
+    DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}),
+    DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True),
 ]
 
 
@@ -185,9 +190,9 @@ def count_macs(model: nn.Module, images: torch.Tensor) -> float:
 def _token_path(model: nn.Module, images: torch.Tensor) -> str:
 
     with torch.inference_mode():
-        _, state = model.eval()(images[:2], return_state=True)
+        _, tokens = model.eval()(images[:2], return_tokens=True)
     first = num_input_tokens(model)
-    last = state.size.shape[1] if state.size is not None else first
+    last = tokens.shape[1]
     return f"{first} -> {last}" if last != first else f"{first}"
 
 

@@ -135,6 +135,7 @@ def trace_options(model: nn.Module) -> Tuple[Dict[str, Any], Optional[str]]:
 register_method(Method(
     "dyt", DyTConfig, apply_dyt,
     trainable=(r"\.(adapter|attn_adapter|layer_adapter)\.", r"\.(attn|mlp|layer)_dispatcher\."),
-    order=30, peft=True, deploy=deploy_dyt, loss=dyt_loss, on_step=update_temperature, trace_options=trace_options,
+    order=30, peft=True, reduces_tokens=True, composes_with=("tome",), deploy=deploy_dyt, loss=dyt_loss,
+    on_step=update_temperature, trace_options=trace_options,
     set_activation=calibrate_activation, activation_target=lambda model: _config(model).target_rate,
     summary="Dynamic Tuning: token dispatchers skip attention/MLP per token, adapters on every token"))

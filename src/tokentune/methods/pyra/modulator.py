@@ -13,15 +13,15 @@ from ...core.params import count_parameters
 from ...core.vit import adapted_blocks
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
-from ..tome import register_modulator, schedule_of
+from ..tome import register_modulator
 
 VARIANTS = ("pyra", "wr", "wd", "matrix", "gated_mlp")
 WR_INITS = ("uniform", "gaussian")
 
 # parameter-name regexes (used by the method registry, the paper count and optimizer groups)
-TRAINABLE = r"\.merge\.modulator\."
-NORM = r"\.merge\.modulator\.norm\."
-GENERATOR = r"\.merge\.modulator\.(?!norm\.)"
+TRAINABLE = r"\.(merge|reduce)\.modulator\."
+NORM = r"\.(merge|reduce)\.modulator\.norm\."
+GENERATOR = r"\.(merge|reduce)\.modulator\.(?!norm\.)"
 
 
 @dataclass
@@ -52,6 +52,12 @@ class PYRAConfig:
         norm_affine: learnable LayerNorm weight and bias (reference: yes).
         mlp_hidden: hidden width of the ``"gated_mlp"`` generator (4 gives the paper's 73.73K
             parameters on ViT-B: 12 x 2 x 768 x 4).
+        modulate_targets: also modulate the merge targets M_t (an extension the paper names as a
+            limitation; ``"pyra"`` variant only): a second pair W_r^t [r, 1], W_D^t [1, D] (W_D^t
+            zero, so the default start is still exact ToMe) gives each (source, target) pair a
+            target modulation ``(2 sigmoid(M_info W_D^t^T) - 1) * 2 sigmoid(W_r^t^T M_info) * M_t``
+            that is added to what its source contributes; a target shared by k sources gets k
+            such terms. Off by default (the paper's PYRA).
     """
 
     variant: str = "pyra"
@@ -61,9 +67,12 @@ class PYRAConfig:
     norm_eps: float = 1e-5
     norm_affine: bool = True
     mlp_hidden: int = 4
+    modulate_targets: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "pyra_")
+        if self.modulate_targets and self.variant != "pyra":
+            raise TokenTuneError(f"pyra_modulate_targets works with the 'pyra' variant only, not {self.variant!r}")
         if self.variant not in VARIANTS:
             raise TokenTuneError(f"unknown pyra_variant {self.variant!r}; choose from {', '.join(VARIANTS)}")
         if self.wr_init not in WR_INITS:
@@ -99,12 +108,17 @@ class PYRAModulator(nn.Module):
             self.W_r = nn.Parameter(torch.zeros(self.r, 1))
         if v in ("pyra", "wd"):
             self.W_D = nn.Parameter(torch.zeros(1, dim))     # zero: PYRA is the identity at init
+        self.modulate_targets = bool(cfg.modulate_targets)
+        if self.modulate_targets:
+            self.W_r_t = nn.Parameter(torch.zeros(self.r, 1))
+            self.W_D_t = nn.Parameter(torch.zeros(1, dim))   # zero: the targets start unmodulated
         if v == "pyra":
             with torch.no_grad():
-                if cfg.wr_init == "uniform":
-                    self.W_r.uniform_(-1.0, 1.0)      # = kaiming_uniform(a=sqrt 5) on fan_in 1
-                else:
-                    self.W_r.normal_(0.0, cfg.wr_std)
+                for w in (self.W_r, self.W_r_t) if self.modulate_targets else (self.W_r,):
+                    if cfg.wr_init == "uniform":
+                        w.uniform_(-1.0, 1.0)         # = kaiming_uniform(a=sqrt 5) on fan_in 1
+                    else:
+                        w.normal_(0.0, cfg.wr_std)
         if v == "matrix":
             self.W = nn.Parameter(torch.zeros(self.r, dim))
         if v == "gated_mlp":
@@ -113,13 +127,14 @@ class PYRAModulator(nn.Module):
             nn.init.zeros_(self.up.weight)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, dim={self.dim}, variant={self.variant}, activation={self.activation}"
+        return (f"r={self.r}, dim={self.dim}, variant={self.variant}, activation={self.activation}"
+                + (", modulate_targets=True" if self.modulate_targets else ""))
 
     def forward(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         if src.shape[-2] != self.r:
             raise TokenTuneError(
-                f"PYRA modulator was built for r={self.r} merged tokens but got {src.shape[-2]}; "
-                "the merge schedule changed after building: rebuild the model with this schedule")
+                f"PYRA modulator was built for r={self.r} merged (or fused) tokens but got {src.shape[-2]}; the merge "
+                "schedule or keep rate changed after building: rebuild the model with it")
         v, act = self.variant, self.activation
         if v == "matrix":                                     # fixed learned W (ablation)
             w = 2 * torch.sigmoid(self.W) - 1 if act else self.W
@@ -128,12 +143,10 @@ class PYRAModulator(nn.Module):
         if v == "pyra":
             delta_D = self.W_r.transpose(0, 1) @ info         # W_r^T M_info             [B, 1, D]
             delta_r = info @ self.W_D.transpose(0, 1)         # M_info W_D^T             [B, r, 1]
-            if act:
-                step1 = 2 * torch.sigmoid(delta_D)            # M_hat = 2 sigma(delta_D) * M_s
-                step2 = 2 * torch.sigmoid(delta_r) - 1        # M_s + (2 sigma(delta_r) - 1) * M_hat
-            else:
-                step1, step2 = delta_D, delta_r
-            return src + (src * step1) * step2
+            out = src + self._two_step(src, delta_D, delta_r)
+            if self.modulate_targets:                         # the same two steps on M_t, own W_r^t, W_D^t
+                out = out + self._two_step(dst, self.W_r_t.transpose(0, 1) @ info, info @ self.W_D_t.transpose(0, 1))
+            return out
         if v == "wr":
             delta = self.W_r.transpose(0, 1) @ info           # [B, 1, D]
         elif v == "wd":
@@ -142,6 +155,12 @@ class PYRAModulator(nn.Module):
             delta = self.up(F.gelu(self.down(info)))          # [B, r, D]
         w = 2 * torch.sigmoid(delta) - 1 if act else delta
         return src + src * w
+
+    def _two_step(self, m: torch.Tensor, delta_D: torch.Tensor, delta_r: torch.Tensor) -> torch.Tensor:
+        """PYRA's modulation term ``(2 sigma(delta_r) - 1) * (2 sigma(delta_D) * m)`` (raw deltas without activation)."""
+        if self.activation:
+            return (m * (2 * torch.sigmoid(delta_D))) * (2 * torch.sigmoid(delta_r) - 1)
+        return (m * delta_D) * delta_r
 
     def generator_parameters(self) -> int:
         """Parameters the paper counts (everything but the LayerNorm)."""
@@ -155,7 +174,7 @@ class PYRAModulator(nn.Module):
         """Multiply-add FLOPs per image (2 per MAC; elementwise ops and LayerNorm not counted)."""
         r, d = self.r, self.dim
         if self.variant == "pyra":
-            return 4 * r * d                                  # two [r]x[r,D] and [r,D]x[D] products
+            return (8 if self.modulate_targets else 4) * r * d   # two [r]x[r,D] and [r,D]x[D] products (per pair)
         if self.variant in ("wr", "wd"):
             return 2 * r * d
         if self.variant == "gated_mlp":
@@ -164,33 +183,41 @@ class PYRAModulator(nn.Module):
 
 
 # ----------------------------------------------------------------------------- method
+def _hosts(model: nn.Module):
+    """(block index, plug-in, rows) of every plug-in that fuses source tokens PYRA can modulate:
+    ToMe's merge (``r`` merged tokens) or a token reducer that fuses ``sources`` tokens (EViT)."""
+    for i, block in enumerate(adapted_blocks(model)):
+        merge, reduce = getattr(block, "merge", None), getattr(block, "reduce", None)
+        if merge is not None and merge.r > 0:
+            yield i, merge, merge.r
+        elif reduce is not None and hasattr(reduce, "modulator") and getattr(reduce, "sources", 0) > 0:
+            yield i, reduce, reduce.sources
+
+
 def modulators(model: nn.Module) -> Dict[int, PYRAModulator]:
     """Block index -> its PYRA modulator."""
-    out = {}
-    for i, block in enumerate(adapted_blocks(model)):
-        merge = getattr(block, "merge", None)
-        mod = getattr(merge, "modulator", None) if merge is not None else None
-        if isinstance(mod, PYRAModulator):
-            out[i] = mod
-    return out
+    return {i: host.modulator for i, host, _ in _hosts(model) if isinstance(host.modulator, PYRAModulator)}
 
 
 def _apply_pyra(model: nn.Module, cfg: PYRAConfig, ctx) -> None:
-    schedule = schedule_of(model)
-    if not any(schedule):
+    hosts = list(_hosts(model))
+    if not hosts:
         raise TokenTuneError(
-            "PYRA needs a merge schedule: pass tome_r ('low'/'high' for ViT-B/16, ViT-L/16 and DeiT-B distilled, "
-            "an int, a per-layer list, 'tokens:N' or 'flops:X')")
+            "PYRA needs a merge schedule (or an EViT fused token): pass tome_r ('low'/'high' for ViT-B/16, ViT-L/16 "
+            "and DeiT-B distilled, an int, a per-layer list, 'tokens:N' or 'flops:X'), or use evit with fusion and a "
+            "keep rate below 1")
+    if any(getattr(host, "varying_count", False) for _, host, _ in hosts):
+        raise TokenTuneError("PYRA's W_r has one row per fused token, so the token count must stay fixed; "
+                             "drop the keep-rate schedule (evit_shrink_end=0) to combine evit with pyra")
     dim = int(model.embed_dim)
-    for block in adapted_blocks(model):
-        if block.merge is not None and block.merge.r > 0:
-            block.merge.modulator = PYRAModulator(block.merge.r, dim, cfg)
+    for _, host, rows in hosts:
+        host.modulator = PYRAModulator(rows, dim, cfg)
 
 
 register_method(Method(
-    "pyra", PYRAConfig, _apply_pyra, trainable=(TRAINABLE,), order=30, implies=("tome",), default_peft="lora",
+    "pyra", PYRAConfig, _apply_pyra, trainable=(TRAINABLE,), order=30, needs_one_of=("tome", "evit"), default_peft="lora",
     exclude_from_paper_count=(NORM,),
-    summary="PYRA: learned modulation of the tokens ToMe merges (LoRA + ToMe + PYRA)"))
+    summary="PYRA: learned modulation of the tokens ToMe merges (LoRA + ToMe + PYRA) or EViT fuses"))
 
 
 # ----------------------------------------------------------------------------- reports

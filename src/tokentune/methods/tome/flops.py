@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...core.backbone import check_model_name
-from ...core.vit import num_input_tokens
+from ...core.vit import num_input_tokens, num_prefix
 from ...errors import TokenTuneError
 
 
@@ -69,7 +69,7 @@ class ViTDims:
                 head += 2 * h.in_features * h.out_features
         return cls(dim=int(model.embed_dim), depth=len(blocks), heads=int(blk.attn.num_heads),
                    head_dim=int(blk.attn.head_dim), num_tokens=num_input_tokens(model),
-                   num_prefix=int(model.num_prefix_tokens), attn_linear_macs=linear_macs(blk.attn),
+                   num_prefix=num_prefix(model), attn_linear_macs=linear_macs(blk.attn),
                    mlp_linear_macs=linear_macs(blk.mlp), stem_flops=stem, head_flops=head)
 
     @classmethod

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...core.method import Method, register_method
-from ...core.vit import adapted_blocks, num_input_tokens
+from ...core.vit import adapted_blocks, num_input_tokens, num_prefix
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_weighted
@@ -85,7 +85,7 @@ def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
         target = resolve_target(model, r)           # "tokens:N" / "flops:X" targets
         r = target if target is not None else named_schedule(model_name, r, len(blocks))
     values = parse_schedule(r, len(blocks))
-    return fit_schedule(values, num_input_tokens(model), model.num_prefix_tokens, strict=strict)
+    return fit_schedule(values, num_input_tokens(model), num_prefix(model), strict=strict)
 
 
 def schedule_of(model: nn.Module) -> List[int]:
@@ -104,5 +104,5 @@ def apply_tome(model: nn.Module, cfg: ToMeConfig, ctx) -> ToMeConfig:
     return ToMeConfig(r=list(schedule), prop_attn=cfg.prop_attn, trace_source=cfg.trace_source)
 
 
-register_method(Method("tome", ToMeConfig, apply_tome, order=20,
+register_method(Method("tome", ToMeConfig, apply_tome, order=20, reduces_tokens=True, composes_with=("dyt",),
                        summary="ToMe token merging between attention and MLP (no parameters)"))

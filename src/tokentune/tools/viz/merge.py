@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...core.vit import num_prefix
 from ...errors import TokenTuneError
 from ...utils import unwrap_model
 from .common import (
@@ -49,7 +50,7 @@ def token_groups(model: nn.Module, images: torch.Tensor, depths: Optional[Sequen
     if bad:
         raise TokenTuneError(f"depth {bad[0]} is outside 1..{depth_total} (the model has {depth_total} blocks)")
     grid = tuple(int(g) for g in base.patch_embed.grid_size)
-    prefix = int(base.num_prefix_tokens)
+    prefix = num_prefix(base)
     captured: Dict[int, Tuple[Optional[torch.Tensor], int]] = {}
 
     def hook(index):

@@ -1,0 +1,96 @@
+"""Token reduction by pruning, whatever method decides it: the :class:`TokenReducer` plug-in base
+class (a block's ``reduce`` slot) and the one helper that keeps a subset of the tokens.
+
+A reducer (EViT's keep/fuse, DynamicViT's predictor) has two entry points, both returning
+``(x, state)``: :meth:`TokenReducer.before_attention` runs at the block input (DynamicViT
+predicts there, before the block's attention) and :meth:`TokenReducer.forward` between attention
+and MLP, where ToMe merges (EViT prunes there, by the attention the block just computed; with
+``needs_cls_attn`` the block passes the CLS attention row, see
+:func:`tokentune.core.attention.attention`). Prefix tokens (CLS, registers, distillation token,
+prompts) are always kept, at the front and in their order.
+
+Keeping tokens goes through :func:`keep_tokens`, which carries the token state along: token sizes,
+the token -> input-patch map and a training-time policy are gathered with the tokens, and a
+fused token (EViT) gets the sizes and sources of everything it stands for.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..utils import unwrap_model
+from .state import TokenState
+
+
+class TokenReducer(nn.Module):
+    """Base class of the ``reduce`` plug-in of :class:`~tokentune.core.block.AdaptedBlock`.
+
+    Attributes:
+        needs_cls_attn: the block computes the CLS attention row for :meth:`forward`.
+    """
+
+    needs_cls_attn: bool = False
+
+    def before_attention(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
+        """At the block input, before attention (default: nothing)."""
+        return x, state
+
+    def forward(self, x: torch.Tensor, state: TokenState,
+                cls_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, TokenState]:
+        """Between attention and MLP; ``cls_attn`` [B, N] when :attr:`needs_cls_attn` (default: nothing)."""
+        return x, state
+
+
+def reducers(model: nn.Module) -> List[TokenReducer]:
+    """Every :class:`TokenReducer` of the model, in block order."""
+    return [m for m in unwrap_model(model).modules() if isinstance(m, TokenReducer)]
+
+
+def _rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, K] token indices -> flat row indices into a (B * n, ...) view."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * n).reshape(-1)
+
+
+def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor,
+                fused: Optional[torch.Tensor] = None, fused_from: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, TokenState]:
+    """Keep the prefix tokens and the non-prefix tokens ``keep`` [B, K] (indices among the
+    non-prefix tokens, in the order given), optionally followed by one ``fused`` token [B, 1, C].
+
+    ``fused_from`` [B, M] (the non-prefix tokens the fused token stands for) gives its size (the
+    sum) and its sources (their union) when the state tracks them. Returns the new tokens
+    [B, p + K (+ 1), C] and the state with sizes, sources and policy gathered alike.
+    """
+    B, N, C = x.shape
+    p = state.num_prefix
+    prefix = torch.arange(p, device=x.device).expand(B, p)
+    index = torch.cat([prefix, keep + p], dim=1)                        # [B, p + K] token indices
+    rows = _rows(index, N)
+    out = x.reshape(B * N, C).index_select(0, rows).view(B, -1, C)
+    changes = {}
+    if state.policy is not None:
+        changes["policy"] = state.policy.reshape(B * N).index_select(0, rows).view(B, -1)
+    size, source = state.size, state.source
+    if state.trace_source and source is None:
+        source = torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
+    if size is not None:
+        changes["size"] = size.reshape(B * N, 1).index_select(0, rows).view(B, -1, 1)
+    if source is not None:
+        changes["source"] = source.reshape(B * N, -1).index_select(0, rows).view(B, index.shape[1], -1)
+    if fused is not None:
+        if fused_from is None:
+            raise ValueError("a fused token needs fused_from, the tokens it stands for")
+        out = torch.cat([out, fused], dim=1)
+        from_rows = _rows(fused_from + p, N)
+        m = fused_from.shape[1]
+        if size is not None:
+            extra = size.reshape(B * N, 1).index_select(0, from_rows).view(B, m, 1).sum(1, keepdim=True)
+            changes["size"] = torch.cat([changes["size"], extra], dim=1)
+        if source is not None:
+            extra = source.reshape(B * N, -1).index_select(0, from_rows).view(B, m, -1).amax(1, keepdim=True)
+            changes["source"] = torch.cat([changes["source"], extra], dim=1)
+        if "policy" in changes:
+            changes["policy"] = torch.cat([changes["policy"], changes["policy"].new_ones(B, 1)], dim=1)
+    return out, state.replace(**changes)

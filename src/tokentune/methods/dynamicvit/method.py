@@ -1,0 +1,139 @@
+"""DynamicViT's options, how it is applied, its training loss and its registration."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.method import Method, register_method
+from ...core.reduce import reducers
+from ...core.vit import adapted_blocks, info_of
+from ...errors import TokenTuneError
+from ...typecheck import check_fields
+from ..pruning import check_keep_rate, check_locations
+from .predictor import EXECUTIONS, DynamicViTReducer, decisions
+
+TRAINABLE = r"\.reduce\.predictor\."
+
+
+@dataclass
+class DynamicViTConfig:
+    """DynamicViT options (defaults: the reference's DeiT setting, ``--base_rate 0.7``).
+
+    Attributes:
+        keep_rate: rho; stage k keeps rho^k of the patch tokens (0.7: 70%, 49%, 34%).
+        locations: blocks before which a prediction module prunes (0-based); None = a quarter, half
+            and three quarters of the depth (3, 6, 9 for 12 blocks, the reference's
+            ``pruning_loc``).
+        ratio_weight: weight of the keep-ratio loss (reference: 2.0 for DeiT-S, 5.0 for DeiT-B).
+        distill_weight: weight of each distillation loss, the KL on the logits and the MSE on
+            the kept tokens, against the unpruned teacher (reference 0.5; 0 skips the teacher).
+        tau: Gumbel-softmax temperature of the training decisions (reference 1).
+        inference: in eval mode, ``"prune"`` gathers the kept tokens (real speed-up, the
+            reference); ``"mask"`` keeps every token and hides the dropped ones in attention.
+    """
+
+    keep_rate: float = 0.7
+    locations: Optional[Sequence[int]] = None
+    ratio_weight: float = 2.0
+    distill_weight: float = 0.5
+    tau: float = 1.0
+    inference: str = "prune"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "dynamicvit_")
+        check_keep_rate("dynamicvit", self.keep_rate)
+        if self.ratio_weight < 0 or self.distill_weight < 0:
+            raise TokenTuneError(f"dynamicvit loss weights must be >= 0, got ratio_weight={self.ratio_weight}, "
+                                 f"distill_weight={self.distill_weight}")
+        if not self.tau > 0:
+            raise TokenTuneError(f"invalid dynamicvit_tau={self.tau}: the Gumbel temperature must be positive")
+        if self.inference not in EXECUTIONS:
+            raise TokenTuneError(f"invalid dynamicvit_inference={self.inference!r}; choose from {', '.join(EXECUTIONS)}")
+
+
+def apply_dynamicvit(model: nn.Module, cfg: DynamicViTConfig, ctx) -> DynamicViTConfig:
+    blocks = adapted_blocks(model)
+    locations = check_locations("dynamicvit", cfg.locations, len(blocks))
+    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
+        raise TokenTuneError("DynamicViT classifies from the class token, and this model has none or pools otherwise; "
+                             "use a ViT with class_token=True and global_pool='token'")
+    dim = int(model.embed_dim)
+    like = dict(device=blocks[0].mlp.fc1.weight.device, dtype=blocks[0].mlp.fc1.weight.dtype)
+    for stage, i in enumerate(locations):
+        blocks[i].reduce = DynamicViTReducer(i, stage, cfg.keep_rate ** (stage + 1), dim, cfg.tau, cfg.inference).to(**like)
+    cfg = replace(cfg, locations=list(locations))
+    model.tokentune.state["dynamicvit"] = cfg
+    return cfg
+
+
+def deploy_dynamicvit(model: nn.Module) -> None:
+    """Deployment: eval mode gathers the kept tokens (whatever ``inference`` was)."""
+    for r in reducers(model):
+        if isinstance(r, DynamicViTReducer):
+            r.execution = "prune"
+
+
+def config_of(model: nn.Module) -> DynamicViTConfig:
+    info = info_of(model)
+    cfg = info.state.get("dynamicvit") if info is not None else None
+    if cfg is None:
+        raise TokenTuneError("this model has no DynamicViT; build it with method='dynamicvit'")
+    return cfg
+
+
+def ratio_loss(state, keep_rate: float) -> torch.Tensor:
+    """``sum_k mean_b (mean_i D_k,bi - rho^k)^2`` over the stages (reference, not yet divided by the stage count)."""
+    terms = [((hard.mean(dim=1) - keep_rate ** (k + 1)) ** 2).mean() for k, hard in enumerate(decisions(state))]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def dynamicvit_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                    criterion) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """DynamicViT's training loss (the method's ``loss`` hook; reference ``DistillDiffPruningLoss_dynamic``
+    with ``mse_token=True``, the DeiT setting)::
+
+        L = CE + ratio_weight / S * sum_k (mean D_k - rho^k)^2
+              + distill_weight * KL(teacher || student) + distill_weight * MSE(kept tokens, teacher tokens)
+
+    The teacher is the model itself without pruning, in eval mode, without gradient (see the
+    package docstring for why); the token MSE is over the patch tokens the last stage keeps.
+    """
+    cfg = config_of(model)
+    logits, state, tokens = model(images, return_state=True, return_tokens=True)
+    ce = criterion(logits, targets)
+    stages = decisions(state)
+    loss = ce
+    logs: Dict[str, float] = {"ce": float(ce.detach())}
+    if stages:
+        l_ratio = ratio_loss(state, cfg.keep_rate)
+        loss = loss + cfg.ratio_weight * l_ratio / len(stages)
+        logs.update(ratio_loss=float(l_ratio.detach()), kept=float(stages[-1].detach().mean()))
+    if cfg.distill_weight > 0:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                t_logits, t_tokens = model(images, return_tokens=True, dynamicvit_prune=False)
+        finally:
+            model.train(was_training)
+        kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(t_logits, dim=-1), reduction="batchmean",
+                      log_target=True)
+        p = state.num_prefix
+        student, teacher = tokens[:, p:], t_tokens[:, p:]
+        B, N, C = student.shape
+        keep = (stages[-1].detach() if stages else student.new_ones(B, N)).reshape(B * N) > 0.5
+        token_loss = ((student.reshape(B * N, C)[keep] - teacher.reshape(B * N, C)[keep]).pow(2).mean()
+                      if bool(keep.any()) else student.new_zeros(()))
+        loss = loss + cfg.distill_weight * kl + cfg.distill_weight * token_loss
+        logs.update(kl=float(kl.detach()), token_mse=float(token_loss.detach()))
+    return loss, logs
+
+
+register_method(Method(
+    "dynamicvit", DynamicViTConfig, apply_dynamicvit, trainable=(TRAINABLE,), order=22, reduces_tokens=True,
+    default_peft="full", deploy=deploy_dynamicvit, loss=dynamicvit_loss,
+    summary="DynamicViT: prediction modules drop rho, rho^2, rho^3 of the tokens (Gumbel decisions in training)"))

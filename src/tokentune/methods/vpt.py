@@ -1,0 +1,132 @@
+"""VPT: visual prompt tuning (Jia et al., ECCV 2022, arXiv 2203.12119).
+
+Reimplemented from the paper and the published behaviour of its official code (KMnP/vpt,
+``src/models/vit_prompt/vit.py``; no code of it is used). ``p`` learned prompt tokens
+``P in R^{p x D}`` are inserted after the prefix tokens (CLS, and timm's registers or distillation
+token), before the patch tokens, *after* the position embedding (prompts have none)::
+
+    shallow (Eq. 1-3):  x_0 = [CLS, P, E_0];  x_i = L_i(x_{i-1})  for every block i
+    deep    (Eq. 4-6):  block i > 0 first replaces the prompt tokens it receives by its own P_i:
+                        x = [CLS, P_i, E_{i-1}];  x_i = L_i(x)
+
+The backbone is frozen; the prompts (and the head) train. Initialisation (reference, "random"):
+``U(-v, v)`` with ``v = sqrt(6 / (3 * patch_h * patch_w + D))`` (Xavier-uniform over the patch
+projection's fan), every block's prompts drawn alike. Prompt dropout (reference ``DROPOUT``,
+0.0) applies to the prompts as they are inserted. No projection (reference ``PROJECT = -1``).
+
+Prompts are *prefix tokens*: they count in ``TokenState.num_prefix`` (and
+``model.tokentune.extra_prefix``), so ToMe never merges them, DyT never dispatches them and EViT,
+DynamicViT and DiffRate never prune them; ToMe schedules and FLOPs see the ``p`` extra tokens.
+This is what makes ``vpt+pyra`` (PYRA's open question "PYRA with other PEFT methods") and
+``vpt+tome``/``vpt+evit``/``vpt+dyt`` work. The classifier reads the CLS token (the reference's
+``x[:, 0]``); with ``global_pool="avg"`` timm averages every token after its own prefix tokens,
+prompts included (the reference's "original" pooling of its MAE/MoCo backbones).
+
+Deployment keeps the prompts (they are part of the computation). Parameters: ``p D`` (shallow) or
+``L p D`` (deep), as the paper counts them (head excluded). Names (ours -> reference)::
+
+    blocks.0.prompt.embeddings        [p, D]   prompt_embeddings              [1, p, D]
+    blocks.{i}.prompt.embeddings      [p, D]   deep_prompt_embeddings[i - 1]  (deep, i >= 1)
+
+Deviation: the reference keeps the frozen backbone in eval mode while training (its ``train()``
+override), so backbone dropout and drop-path are off; here the whole model follows
+``model.train()``, which is the same with timm's defaults (drop rates 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..core.method import Method, register_method
+from ..core.state import TokenState
+from ..core.vit import adapted_blocks
+from ..errors import TokenTuneError
+from ..typecheck import check_fields
+
+INITS = ("random",)
+
+
+@dataclass
+class VPTConfig:
+    """Visual prompt tuning options (defaults: the reference code's configuration).
+
+    Attributes:
+        tokens: prompt length p (reference default 5; the paper picks it per task from
+            1, 5, 10, 50, 100, 200).
+        deep: VPT-deep (new prompts at every block, the paper's best variant) instead of
+            VPT-shallow (prompts at the first block only; the reference default).
+        dropout: dropout on the prompts as they are inserted (reference 0.0).
+        init: prompt initialisation: ``"random"`` = U(-v, v), v = sqrt(6 / (3 patch^2 + D))
+            (the reference's Xavier-uniform).
+    """
+
+    tokens: int = 5
+    deep: bool = False
+    dropout: float = 0.0
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        check_fields(self, "vpt_")
+        if self.tokens < 1:
+            raise TokenTuneError(f"invalid vpt_tokens={self.tokens}: the prompt length must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TokenTuneError(f"invalid vpt_dropout={self.dropout}: a dropout probability is in [0, 1)")
+        if self.init not in INITS:
+            raise TokenTuneError(f"unknown vpt_init {self.init!r}; choose from {', '.join(INITS)}")
+
+
+class VisualPrompt(nn.Module):
+    """A block's prompt plug-in: inserts (first block) or replaces (deep VPT) ``p`` prompt tokens
+    right after the model's own ``start`` prefix tokens.
+
+    Args:
+        tokens: prompt length p.
+        dim: embedding dimension D.
+        start: the model's own prefix tokens (CLS, registers, distillation token).
+        insert: insert the prompts (first block) instead of replacing the ones present.
+        dropout: dropout on the prompts.
+    """
+
+    def __init__(self, tokens: int, dim: int, start: int, insert: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(tokens, dim))
+        self.start, self.insert = int(start), bool(insert)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.embeddings.shape[0]}, start={self.start}, insert={self.insert}"
+
+    def forward(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
+        B = x.shape[0]
+        p, s = self.embeddings.shape[0], self.start
+        prompts = self.dropout(self.embeddings.to(x.dtype)).unsqueeze(0).expand(B, -1, -1)
+        if self.insert:
+            if state.size is not None or state.source is not None or state.policy is not None:
+                raise TokenTuneError("VPT inserts its prompts in the first block, before any token reduction")
+            return torch.cat([x[:, :s], prompts, x[:, s:]], dim=1), state.replace(num_prefix=state.num_prefix + p)
+        return torch.cat([x[:, :s], prompts, x[:, s + p:]], dim=1), state
+
+
+def apply_vpt(model: nn.Module, cfg: VPTConfig, ctx) -> None:
+    blocks = adapted_blocks(model)
+    if any(b.prompt is not None for b in blocks):
+        raise TokenTuneError("this model already has prompts")
+    dim, start = int(model.embed_dim), int(model.num_prefix_tokens)
+    patch = model.patch_embed.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+    bound = math.sqrt(6.0 / float(3 * ph * pw + dim))          # the reference's Xavier-uniform bound
+    like = dict(device=blocks[0].mlp.fc1.weight.device, dtype=blocks[0].mlp.fc1.weight.dtype)
+    for i, block in enumerate(blocks if cfg.deep else blocks[:1]):
+        block.prompt = VisualPrompt(cfg.tokens, dim, start, insert=i == 0, dropout=cfg.dropout).to(**like)
+        with torch.no_grad():
+            block.prompt.embeddings.uniform_(-bound, bound)
+    model.tokentune.extra_prefix = cfg.tokens
+
+
+register_method(Method(
+    "vpt", VPTConfig, apply_vpt, trainable=(r"\.prompt\.",), order=14, peft=True,
+    summary="VPT: learned prompt tokens after the CLS token (shallow: first block; deep: every block)"))
