@@ -37,6 +37,7 @@ from .methods.pyra import PYRAConfig
 from .methods.tome import ToMeConfig, bipartite_soft_matching, merge_weighted
 from .tools.export import export_deployed, load_deployed, open_model
 from .tools.onnx import export_onnx
+from .tools.program import export_program
 from .version import __version__
 
 _compat.install()
@@ -45,7 +46,7 @@ __all__ = [
     "Adapter", "AdapterConfig", "AdaptedBlock", "DyTConfig", "LoRAConfig", "LoRALinear", "MoEAdapter",
     "PYRAConfig", "Recipe", "ToMeConfig", "TokenState", "TokenTuneError", "TrainConfig", "attention",
     "available_methods", "available_recipes", "bipartite_soft_matching", "build_datasets", "count_parameters",
-    "create_model", "deploy", "evaluate", "export_deployed", "export_onnx", "get_recipe", "load_deployed",
+    "create_model", "deploy", "evaluate", "export_deployed", "export_onnx", "export_program", "get_recipe", "load_deployed",
     "load_trained", "merge_weighted", "open_model", "print_trainable_parameters", "register_method", "save_trained",
     "train", "__version__",
 ]

@@ -51,7 +51,7 @@ class DyTConfig:
         capacity: tokens per image of the ``"capacity"`` execution: a capacity factor ``f``
             (``ceil(f * target_rate * M)`` of a block's ``M`` patch tokens, at most ``M``; 1.0 =
             the trained rate's budget, ``1 / target_rate`` = every token) or one token count per
-            dispatcher in block order (as :func:`tokentune.dyt.calibrate_capacity` sets them).
+            dispatcher in block order (as :func:`tokentune.methods.dyt.calibrate_capacity` sets them).
     """
 
     variant: str = "mlp"
@@ -104,7 +104,7 @@ def validate(cfg: DyTConfig, depth: int) -> None:
 
 
 _NEEDS_CAPACITY = ("the 'capacity' execution needs dyt_capacity: a capacity factor (e.g. 1.25 = 25% more tokens than "
-                   "the target rate) or per-dispatcher token counts from tokentune.dyt.calibrate_capacity")
+                   "the target rate) or per-dispatcher token counts from tokentune.methods.dyt.calibrate_capacity")
 
 
 def num_dispatchers(cfg: DyTConfig, depth: int) -> int:
@@ -123,4 +123,4 @@ def check_capacity(cfg: DyTConfig, dispatchers: int) -> None:
         return
     if len(cap) != dispatchers or min(cap, default=0) < 0:
         raise TokenTuneError(f"dyt capacity lists one token count >= 0 per dispatcher: this model has {dispatchers}, "
-                             f"got {list(cap)}; recalibrate with tokentune.dyt.calibrate_capacity")
+                             f"got {list(cap)}; recalibrate with tokentune.methods.dyt.calibrate_capacity")

@@ -64,7 +64,7 @@ class TokenDispatcher(Dispatcher):
             return min(int(self.capacity_tokens), num_patches)
         if self.capacity_factor is None:
             raise TokenTuneError("dyt_execution='capacity' needs a capacity: deploy with dyt_capacity=FACTOR (e.g. 1.25) "
-                                 "or calibrate it with tokentune.dyt.calibrate_capacity")
+                                 "or calibrate it with tokentune.methods.dyt.calibrate_capacity")
         return min(math.ceil(self.capacity_factor * self.target_rate * num_patches - 1e-9), num_patches)
 
     def forward(self, x: torch.Tensor, state: TokenState) -> Tuple[Optional[Dispatch], TokenState]:

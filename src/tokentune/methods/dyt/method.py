@@ -100,7 +100,7 @@ def deploy_dyt(model: nn.Module, *, execution: Optional[str] = None,
     capacity = cfg.capacity if capacity is None else capacity
     if execution == "capacity" and capacity is None:
         raise TokenTuneError("deploying with dyt_execution='capacity' needs dyt_capacity: a capacity factor (e.g. "
-                             "dyt_capacity=1.25) or per-dispatcher token counts from tokentune.dyt.calibrate_capacity")
+                             "dyt_capacity=1.25) or per-dispatcher token counts from tokentune.methods.dyt.calibrate_capacity")
     _update_config(model, inference=execution, capacity=capacity)
 
 
