@@ -480,6 +480,30 @@ def test_export_command(tmp_path, capsys):
     assert err.startswith("error: ") and "already an export; pass --onnx" in err and err.count("\n") == 1
 
 
+def test_export_command_deploy_options(tmp_path, capsys):
+    """--deploy KEY=VALUE: typed by the method's deploy hook and recorded, so the export reloads the same way."""
+    from tokentune.methods import dyt
+
+    model = _trained("dyt")
+    tokentune.save_trained(model, str(tmp_path / "run"))
+    argv = [str(tmp_path / "run"), str(tmp_path / "out"), "--deploy", "dyt_execution=capacity", "--deploy",
+            "dyt_capacity=5,6,7,8"]
+    assert _cli(argv) == 0, capsys.readouterr().err
+    loaded = load_deployed(tmp_path / "out")
+    assert [d.capacity_tokens for d in dyt.dispatchers(loaded)] == [5, 6, 7, 8]
+    assert read_deployed_config(tmp_path / "out")["spec"]["configs"]["dyt"]["inference"] == "capacity"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = tokentune.deploy(model, dyt_execution="capacity", dyt_capacity=[5, 6, 7, 8])(x)
+        assert torch.allclose(loaded(x), want, atol=1e-5, rtol=0)
+    for bad, message in ((["--deploy", "dyt_capacity=many"], "deploy option dyt_capacity='many'"),
+                         (["--deploy", "dyt_speed=2"], "unknown deploy option 'dyt_speed'"),
+                         (["--deploy", "dyt_execution"], "--deploy expects KEY=VALUE")):
+        assert _cli([str(tmp_path / "run"), str(tmp_path / "bad")] + bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["lora+tome", "dyt"])
 def test_export_command_onnx(spec, tmp_path, capsys):

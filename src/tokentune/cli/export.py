@@ -36,6 +36,10 @@ def add(parser: argparse.ArgumentParser) -> None:
                         help="store floating tensors in this precision [default: as trained, usually float32]")
     parser.add_argument("--verify", action="store_true",
                         help="reload the written export and check it reproduces the deployed model's outputs")
+    parser.add_argument("--deploy", action="append", default=[], metavar="KEY=VALUE",
+                        help="a deployment option, repeatable: dyt_execution=capacity with dyt_capacity=1.25 (a capacity "
+                             "factor) or per-dispatcher token counts (32,30,...) gives DyT static shapes, so --onnx "
+                             "keeps its speed-up")
     g = parser.add_argument_group("ONNX (needs pip install 'tokentune[onnx]')")
     g.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (checked with onnxruntime when installed)")
     g.add_argument("--onnx-file", default="model.onnx", metavar="NAME", help="ONNX file name inside OUT [default: model.onnx]")
@@ -49,15 +53,30 @@ def _size(path: str) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _deploy_options(items):
+    """``["dyt_execution=capacity", "dyt_capacity=1.25"]`` -> a dict of text values (typed by the deploy hooks)."""
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise TokenTuneError(f"--deploy expects KEY=VALUE (e.g. dyt_execution=capacity), got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
     source = os.fspath(args.run)
     if os.path.isfile(os.path.join(source, DEPLOYED_CONFIG)) and not os.path.isfile(os.path.join(source, CONFIG_NAME)):
+        if args.deploy:
+            raise TokenTuneError(f"{source!r} is already an export, deployed as it was written; pass --deploy when "
+                                 "exporting its run directory")
         if not args.onnx:
             raise TokenTuneError(f"{source!r} is already an export; pass --onnx to write its ONNX graph")
         deployed = load_deployed(source)
     else:
-        deployed = export_deployed(source, args.out, pretrained=args.pretrained, dtype=args.dtype, verify=args.verify)
+        deployed = export_deployed(source, args.out, pretrained=args.pretrained, dtype=args.dtype, verify=args.verify,
+                                   deploy_options=_deploy_options(args.deploy))
         config = read_deployed_config(args.out)
         spec = config["spec"]
         weights = os.path.join(args.out, DEPLOYED_WEIGHTS)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import typing
 from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import TokenTuneError
+from ..parsing import convert, describe
 from ..timing import measure_throughput
 from ..utils import one_line
 from .factory import methods_of
@@ -32,12 +34,15 @@ COMPILE_CHOICES = (False, True, "auto")
 
 def _deploy_options(methods: List[Method], options: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """``{"dyt_execution": ...}`` -> ``{"dyt": {"execution": ...}}``: each option goes to the deploy
-    hook of the method it is prefixed with, which must take it as a keyword."""
-    accepted = {}
+    hook of the method it is prefixed with, which must take it as a keyword-only parameter. Text
+    values (from a command line) are parsed by the parameter's type hint (``"1.25"`` -> 1.25,
+    ``"32,30"`` -> [32, 30])."""
+    accepted: Dict[str, Dict[str, Any]] = {}
     for m in methods:
         if m.deploy is not None:
+            hints = typing.get_type_hints(m.deploy)
             params = inspect.signature(m.deploy).parameters.values()
-            accepted[m.name] = [p.name for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
+            accepted[m.name] = {p.name: hints.get(p.name, Any) for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY}
     out: Dict[str, Dict[str, Any]] = {}
     for key, value in options.items():
         owner = next((n for n in sorted(accepted, key=len, reverse=True)
@@ -46,7 +51,14 @@ def _deploy_options(methods: List[Method], options: Dict[str, Any]) -> Dict[str,
             valid = [f"{n}_{o}" for n, opts in accepted.items() for o in opts]
             raise TokenTuneError(f"unknown deploy option {key!r} for this model; "
                                  f"{'valid: ' + ', '.join(valid) if valid else 'its methods take none'}")
-        out.setdefault(owner, {})[key[len(owner) + 1:]] = value
+        name = key[len(owner) + 1:]
+        if isinstance(value, str):
+            try:
+                value = convert(accepted[owner][name], value)
+            except (ValueError, TypeError) as exc:
+                raise TokenTuneError(f"deploy option {key}={value!r}: {exc} "
+                                     f"(expected {describe(accepted[owner][name])})") from None
+        out.setdefault(owner, {})[name] = value
     return out
 
 

@@ -188,20 +188,23 @@ def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str,
     return load_trained(directory, pretrained=pretrained), read_config(directory)
 
 
-def _deployed(model: nn.Module) -> Tuple[nn.Module, Dict[str, Any]]:
+def _deployed(model: nn.Module, deploy_options: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """``(deployed model, build spec)`` of a tokentune model (deployed here unless it already is)."""
     info = info_of(model)
     if info is None or info.spec is None:
         raise TokenTuneError(f"cannot export a {type(model).__name__} that tokentune did not build: its build spec is "
                              "gone (deploy() drops it from plain timm models); pass the model before deploy() "
                              "or its run directory")
-    spec = dict(info.spec)
-    return (model if info.deployed else deploy(model)), spec
+    if info.deployed and deploy_options:
+        raise TokenTuneError("this model is already deployed; pass deployment options to tokentune.deploy, or export "
+                             "the model before deploy() with them")
+    deployed = model if info.deployed else deploy(model, **(deploy_options or {}))
+    return deployed, dict(info_of(deployed).spec if info_of(deployed) is not None else info.spec)
 
 
 def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathLike, *,
                     pretrained: Union[bool, str, None] = None, dtype: Optional[str] = None,
-                    verify: bool = False) -> nn.Module:
+                    verify: bool = False, deploy_options: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Write the deployed model to ``out_dir`` (``deployed.safetensors`` + ``deployed.json``).
 
     Args:
@@ -215,6 +218,8 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
             as they are). The loaded model then runs in that dtype.
         verify: rebuild the model from the written files and check its outputs equal the deployed
             model's on a random batch (one extra model in memory).
+        deploy_options: options of :func:`tokentune.deploy` (``{"dyt_execution": "capacity",
+            "dyt_capacity": 1.25}``); recorded in the export, so loading rebuilds the same deployment.
 
     Returns:
         The deployed model that was written.
@@ -222,7 +227,7 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise TokenTuneError(f"unknown export dtype {dtype!r}; choose from {', '.join(EXPORT_DTYPES)}")
     model, run_config = _model_from(model_or_run_dir, pretrained)
-    deployed, spec = _deployed(model)
+    deployed, spec = _deployed(model, deploy_options)
     out_dir = os.fspath(out_dir)
     tensors = deployed_tensors(deployed, EXPORT_DTYPES[dtype] if dtype else None)
     from safetensors.torch import save_file
