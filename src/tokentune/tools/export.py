@@ -29,7 +29,7 @@ import timm
 import torch
 from torch import nn
 
-from ..core.deploy import deploy
+from ..core.deploy import deploy, faster_of_compiled
 from ..core.factory import create_model, methods_of
 from ..core.vit import info_of, input_size, spec_of
 from ..core.weights import load_safetensors
@@ -316,7 +316,8 @@ def build_deployed_structure(config: Dict[str, Any], device: Union[str, torch.de
         raise TokenTuneError(f"the export config lacks {exc}; re-export the model") from exc
 
 
-def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", compile: bool = False) -> nn.Module:
+def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu",
+                  compile: Union[bool, str] = False) -> nn.Module:
     """Rebuild a model written by :func:`export_deployed`; its eval outputs equal the trained model's.
 
     Needs only torch, timm and tokentune: no pretrained weights, no model hub, no training code.
@@ -325,7 +326,8 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
         out_dir: the export directory.
         device: where the tensors are loaded.
         compile: return ``torch.compile(model)`` (the first calls compile; outputs agree with the
-            eager model to float rounding, not bit for bit).
+            eager model to float rounding, not bit for bit); ``"auto"``: whichever of the compiled and
+            the eager model is faster on this machine (see :func:`tokentune.deploy`).
 
     Returns:
         The deployed model in eval mode with gradients off: a plain timm model when no plug-in is
@@ -354,6 +356,8 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
     if info is not None:
         info.export = {"dir": os.fspath(out_dir), "config": config}
     apply_preprocessing(model, config.get("preprocessing"))
+    if compile == "auto":
+        return faster_of_compiled(model)
     return torch.compile(model) if compile else model
 
 
