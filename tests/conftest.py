@@ -1,3 +1,4 @@
+import math
 import os
 
 import pytest
@@ -29,3 +30,15 @@ def randomize_lora(model, scale=0.05):
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, scale)
+
+
+@torch.no_grad()
+def randomize_dyt(model, dispatcher_std=1.0):
+    """DyT: non-zero adapters, dispatchers whose logits spread around 0 (about half the tokens active)."""
+    for name, p in model.named_parameters():
+        if "adapter" in name and ("up_proj" in name or "up_weight" in name or name.endswith("bias")):
+            p.normal_(0, 0.1)
+        elif name.endswith("dispatcher.linear.weight"):
+            p.normal_(0, dispatcher_std / math.sqrt(p.shape[1]))
+        elif name.endswith("dispatcher.linear.bias"):
+            p.zero_()

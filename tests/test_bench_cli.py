@@ -250,3 +250,30 @@ def test_reproduce_tables_quick(tmp_path, capsys, monkeypatch):
     assert evit["tokens"] == "197->72" and dvit["tokens"] == "197->68"   # 196 -> 138+1 -> 98+1 -> 70+1; 137 -> 96 -> 67
     assert evit["paper trainable (M)"] == 85.80 and evit["paper GFLOPs"] == 11.62
     assert rows["DiffRate (low)"]["tokens"] == "197->3" and rows["DiffRate (low)"]["paper img/s"] == 709
+
+
+def test_batch_size_sweep(tmp_path, capsys):
+    """--sweep: every row timed at each batch size (interleaved), with peak memory growing with the batch."""
+    argv = ["bench", *TINY_ARGS, "--no-train", "--no-latency", "--sweep", "1,3", "--out", str(tmp_path), "--name", "s",
+            "--config", "lora", "--config", "dyt:inference=capacity,capacity=1.0,rate=0.5"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "### Batch-size sweep" in out
+    sweep_table = out[out.index("### Batch-size sweep"):]
+    header, rows = table_rows(sweep_table)
+    assert header == ["config", "b1 img/s", "b1 MiB", "b3 img/s", "b3 MiB"]
+    assert [r[0] for r in rows] == ["lora", "dyt:inference=capacity,capacity=1.0,rate=0.5"]
+    assert rows[0][1].endswith("(1.00x)")
+    jrows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    for row in jrows:
+        assert list(row["sweep"]) == ["1", "3"]
+        one, three = row["sweep"]["1"], row["sweep"]["3"]
+        assert one["img_per_s"] > 0 and one["img_per_s_low"] <= one["img_per_s"] <= one["img_per_s_high"]
+        assert 0 < one["peak_mib"] < three["peak_mib"]
+    assert jrows[0]["sweep"]["3"]["speedup"] == 1.0
+    with open(tmp_path / "s.csv") as fh:
+        crows = list(csv.DictReader(fh))
+    assert {"b1_img_per_s", "b3_speedup", "b3_peak_mib"} <= set(crows[0])
+    assert float(crows[1]["b3_img_per_s"]) == pytest.approx(jrows[1]["sweep"]["3"]["img_per_s"])
+    code, _, err = run(["bench", *TINY_ARGS, "--config", "lora", "--sweep", "1,0"], capsys)
+    assert code == 2 and err.startswith("error: --sweep batch sizes must be at least 1") and err.count("\n") == 1

@@ -2,6 +2,7 @@
 import os
 import re
 
+import pytest
 import torch
 
 from tokentune.tools.demo import ROWS, DemoConfig, run_demo
@@ -43,3 +44,23 @@ def test_every_demo_row_names_registered_methods():
     for row in ROWS:
         parse_method(row.method)
     assert [r.label for r in ROWS][:3] == ["linear probe", "LoRA r=8", "LoRA r=8 + ToMe"]
+
+
+@pytest.mark.slow
+def test_demo_row_reusing_a_trained_model(tmp_path, monkeypatch):
+    """A row with ``reuse`` deploys an earlier row's trained model another way (DyT's static shapes)."""
+    from tokentune.tools.demo import DemoRow
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    rows = [DemoRow("DyT", "dyt"),
+            DemoRow("DyT capacity 0.5", "dyt", deploy={"dyt_execution": "capacity", "dyt_capacity": 0.5}, reuse="DyT")]
+    try:
+        table = run_demo(DemoConfig(pretrain_epochs=2, epochs=2, patch_size=8, bench_batch=16, bench_rounds=1,
+                                    threads=1, cache=False), rows=rows, out=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    dyt_row, capacity = table
+    assert capacity["train_s"] == 0.0 and capacity["trainable"] == dyt_row["trainable"]
+    # k = ceil(0.5 * 0.5 * 16) = 4 patch tokens per image in each MLP: fewer multiply-adds than the threshold rule
+    assert capacity["macs"] < dyt_row["macs"]

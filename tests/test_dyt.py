@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import randomize_dyt as _randomize
 from conftest import randomize_lora, tiny
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -26,18 +27,6 @@ PREFIX = {
 def _model(variant="mlp", method="dyt", num_classes=5, kw=None, **options):
     return tokentune.create_model("vit_tiny_patch16_224", method=method, num_classes=num_classes,
                                   dyt_variant=variant, dyt_bottleneck=8, **options, **tiny(**(kw or {})))
-
-
-@torch.no_grad()
-def _randomize(model, dispatcher_std=1.0):
-    """Non-zero adapters, dispatchers whose logits spread around 0 (about half the tokens active)."""
-    for name, p in model.named_parameters():
-        if "adapter" in name and ("up_proj" in name or "up_weight" in name or name.endswith("bias")):
-            p.normal_(0, 0.1)
-        elif name.endswith("dispatcher.linear.weight"):
-            p.normal_(0, dispatcher_std / math.sqrt(p.shape[1]))
-        elif name.endswith("dispatcher.linear.bias"):
-            p.zero_()
 
 
 @torch.no_grad()

@@ -55,7 +55,15 @@ def _cases():
         from tokentune.methods.dyt import VARIANTS as DYT_VARIANTS
         cases += [(f"dyt-{v}", "dyt", dict(dyt_variant=v)) for v in DYT_VARIANTS if v != "mlp"]
         cases += [("dyt-moe", "dyt", dict(dyt_experts=3)), ("dyt+tome", "dyt+tome", {})]
+        # the static-shape execution: a fixed number of tokens per image and dispatcher
+        capacity = dict(dyt_inference="capacity", dyt_capacity=1.0)
+        cases += [(f"dyt-{v}-capacity", "dyt", dict(capacity, dyt_variant=v)) for v in DYT_VARIANTS]
+        cases += [("dyt+tome-capacity", "dyt+tome", dict(capacity))]
     return cases
+
+
+def _capacity(case_id):
+    return case_id.endswith("-capacity")
 
 
 CASES = _cases()
@@ -103,7 +111,8 @@ def test_round_trip_equals_trained_model(spec, tmp_path):
         with torch.no_grad():
             _, state = loaded(x, return_state=True)
         assert 0.1 < float(dyt.activation_rate(state)) < 0.9
-        assert all(d.inference == "skip" for d in dyt.dispatchers(loaded))
+        execution = "capacity" if _capacity(spec) else "skip"
+        assert all(d.inference == execution for d in dyt.dispatchers(loaded))
     # every tensor of the deployed model is in the one file, nothing else but the guard of a non-timm export
     stored = load_file(str(tmp_path / DEPLOYED_WEIGHTS))
     names = {n for n, _ in deployed.named_parameters()} | {n for n, _ in deployed.named_buffers()}
@@ -341,7 +350,6 @@ def test_meta_leftovers_fall_back_to_a_real_build(tmp_path, monkeypatch):
         assert torch.allclose(loaded(x), model(x), atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- ONNX
 ONNX_SPECS = [s for s in _specs() if s != "lora+tome"]
 
 
@@ -353,8 +361,9 @@ def _onnx_round_trip(spec, tmp_path, dynamic_batch=True):
 
     model = _trained(spec)
     deployed = tokentune.deploy(model)
+    mask_form = False if _capacity(spec) else (True if "dyt" in spec else None)   # capacity: traced as it is
     path = export_onnx(model, tmp_path / "model.onnx", dynamic_batch=dynamic_batch, verify=False,
-                       dyt_mask_form=True if "dyt" in spec else None)
+                       dyt_mask_form=mask_form)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for batch in ([1, 2, 5] if dynamic_batch else [1]):
         x = torch.randn(batch, 3, 32, 32)
@@ -364,6 +373,47 @@ def _onnx_round_trip(spec, tmp_path, dynamic_batch=True):
             assert torch.allclose(got, model(x), atol=1e-4, rtol=0), (spec, batch)
 
 
+# ----------------------------------------------------------------------------- torch.export
+def _program_round_trip(spec):
+    from tokentune.tools.program import export_program
+
+    model = _trained(spec)
+    deployed = tokentune.deploy(model)
+    mask_form = False if _capacity(spec) else (True if "dyt" in spec else None)
+    program = export_program(model, dyt_mask_form=mask_form, verify=False)
+    runner = program.module()
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(runner(x), deployed(x), atol=1e-5, rtol=0), (spec, batch)
+
+
+@pytest.mark.parametrize("spec", ["lora+tome", "dyt-mlp-capacity"])
+def test_torch_export_round_trip(spec):
+    _program_round_trip(spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [s for s in _specs() if s not in ("lora+tome", "dyt-mlp-capacity")])
+def test_torch_export_round_trip_every_method(spec):
+    _program_round_trip(spec)
+
+
+def test_torch_export_saves_and_refuses_clearly(tmp_path):
+    from tokentune.tools.program import export_program
+
+    model = _trained("lora+tome")
+    program = export_program(model, tmp_path / "m.pt2")             # verify: checked at batches 1, 2 and 3
+    loaded = torch.export.load(str(tmp_path / "m.pt2"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.module()(x), program.module()(x), atol=1e-6, rtol=0)
+    with pytest.raises(TokenTuneError, match="data-dependent shapes.*dyt_execution='capacity'") as e:
+        export_program(_trained("dyt"), dyt_mask_form=False)
+    _one_line(e)
+
+
+# ----------------------------------------------------------------------------- ONNX
 def test_onnx_round_trip_lora_tome(tmp_path):
     _onnx_round_trip("lora+tome", tmp_path)
 
@@ -438,6 +488,30 @@ def test_export_command(tmp_path, capsys):
     assert _cli([str(tmp_path / "out"), str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "already an export; pass --onnx" in err and err.count("\n") == 1
+
+
+def test_export_command_deploy_options(tmp_path, capsys):
+    """--deploy KEY=VALUE: typed by the method's deploy hook and recorded, so the export reloads the same way."""
+    from tokentune.methods import dyt
+
+    model = _trained("dyt")
+    tokentune.save_trained(model, str(tmp_path / "run"))
+    argv = [str(tmp_path / "run"), str(tmp_path / "out"), "--deploy", "dyt_execution=capacity", "--deploy",
+            "dyt_capacity=5,6,7,8"]
+    assert _cli(argv) == 0, capsys.readouterr().err
+    loaded = load_deployed(tmp_path / "out")
+    assert [d.capacity_tokens for d in dyt.dispatchers(loaded)] == [5, 6, 7, 8]
+    assert read_deployed_config(tmp_path / "out")["spec"]["configs"]["dyt"]["inference"] == "capacity"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = tokentune.deploy(model, dyt_execution="capacity", dyt_capacity=[5, 6, 7, 8])(x)
+        assert torch.allclose(loaded(x), want, atol=1e-5, rtol=0)
+    for bad, message in ((["--deploy", "dyt_capacity=many"], "deploy option dyt_capacity='many'"),
+                         (["--deploy", "dyt_speed=2"], "unknown deploy option 'dyt_speed'"),
+                         (["--deploy", "dyt_execution"], "--deploy expects KEY=VALUE")):
+        assert _cli([str(tmp_path / "run"), str(tmp_path / "bad")] + bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow

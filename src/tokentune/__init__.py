@@ -45,6 +45,7 @@ from .methods.vpt import VPTConfig
 from .tools.export import export_deployed, export_format, load_deployed, open_model
 from .tools.hub import push_to_hub
 from .tools.onnx import export_onnx
+from .tools.program import export_program
 from .version import __version__
 
 _compat.install()
@@ -54,7 +55,8 @@ __all__ = [
     "ImageSource", "LoRAConfig", "LoRALinear", "MoEAdapter", "PYRAConfig", "Recipe", "StreamDataset", "ToMeConfig",
     "TokenState", "TokenTuneError", "TrainConfig", "VPTConfig", "attention",
     "available_methods", "available_recipes", "bipartite_soft_matching", "build_datasets", "count_parameters",
-    "create_model", "deploy", "evaluate", "export_deployed", "export_format", "export_onnx", "get_recipe", "load_deployed",
-    "load_peft", "load_trained", "merge_weighted", "open_model", "print_trainable_parameters", "push_to_hub",
-    "register_method", "save_peft", "save_trained", "search_rates", "train", "WebDatasetShards", "__version__",
+    "create_model", "deploy", "evaluate", "export_deployed", "export_format", "export_onnx", "export_program",
+    "get_recipe", "load_deployed", "load_peft", "load_trained", "merge_weighted", "open_model",
+    "print_trainable_parameters", "push_to_hub", "register_method", "save_peft", "save_trained", "search_rates",
+    "train", "WebDatasetShards", "__version__",
 ]

@@ -56,7 +56,8 @@ examples:
   tokentune bench --config lora --config lora+tome:tome_r=low --config pyra:tome_r=high
   tokentune bench --config lora --config "dyt:dyt_variant=layer,rate=0.5" --config dyt+tome:tome_r=8
   tokentune bench --config lora --config "lora:model=vit_small_patch16_224,rank=4,label=ViT-S LoRA" --no-train
-  tokentune bench --config lora --run runs/cifar-pyra --run exports/cifar-dyt --dtype bf16 --device cuda"""
+  tokentune bench --config lora --run runs/cifar-pyra --run exports/cifar-dyt --dtype bf16 --device cuda
+  tokentune bench --config lora --config lora+tome:r=high --config "dyt:inference=capacity,capacity=1.0" --sweep 1,8,32,128"""
 
 
 class _Entry(argparse.Action):
@@ -108,6 +109,8 @@ def add(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-train", action="store_true", help="skip the training step measurement")
     g.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency measurement")
     g.add_argument("--no-memory", action="store_true", help="skip the inference peak-memory measurement")
+    g.add_argument("--sweep", default=None, metavar="B,B,...",
+                   help="also time every row at these batch sizes, with peak memory (e.g. 1,8,32,128)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the weights and the batch [default: 0]")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default="bench-results", metavar="DIR",
@@ -115,6 +118,17 @@ def add(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, metavar="NAME",
                    help="file name stem [default: bench-<model>-<size>px-b<batch>-<dtype>-<device>]")
     g.add_argument("--quiet", action="store_true", help="no progress lines (on stderr)")
+
+
+def _batch_sizes(text: str) -> tuple:
+    """``--sweep 1,8,32`` -> (1, 8, 32), one-line errors."""
+    try:
+        sizes = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise TokenTuneError(f"--sweep expects comma-separated batch sizes like 1,8,32,128, got {text!r}") from None
+    if min(sizes) < 1:
+        raise TokenTuneError(f"--sweep batch sizes must be at least 1, got {text!r}")
+    return sizes
 
 
 def candidates_from_args(args: argparse.Namespace) -> List[Candidate]:
@@ -140,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
                              latency_iters=args.latency_iters, memory=not args.no_memory, train=not args.no_train,
                              train_steps=args.train_steps, num_classes=args.num_classes, pretrained=args.pretrained,
                              timm_kwargs=dict(args.timm or []), rate=args.rate, seed=args.seed,
-                             task=_task(args), task_options=_task_options(args))
+                             task=_task(args), task_options=_task_options(args),
+                             sweep=_batch_sizes(args.sweep) if args.sweep else ())
     if args.rate is not None and not 0.0 <= args.rate <= 1.0:
         raise TokenTuneError(f"--rate must be in [0, 1], got {args.rate}")
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))

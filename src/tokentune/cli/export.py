@@ -44,6 +44,10 @@ def add(parser: argparse.ArgumentParser) -> None:
                              "[default: deployed]")
     parser.add_argument("--push-to-hub", metavar="OWNER/REPO", default=None,
                         help="then upload OUT to this Hugging Face hub repository (needs a login: huggingface-cli login)")
+    parser.add_argument("--deploy", action="append", default=[], metavar="KEY=VALUE",
+                        help="a deployment option, repeatable: dyt_execution=capacity with dyt_capacity=1.25 (a capacity "
+                             "factor) or per-dispatcher token counts (32,30,...) gives DyT static shapes, so --onnx "
+                             "keeps its speed-up")
     g = parser.add_argument_group("ONNX (needs pip install 'tokentune[onnx]')")
     g.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (checked with onnxruntime when installed)")
     g.add_argument("--onnx-file", default="model.onnx", metavar="NAME", help="ONNX file name inside OUT [default: model.onnx]")
@@ -57,21 +61,36 @@ def _size(path: str) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _deploy_options(items):
+    """``["dyt_execution=capacity", "dyt_capacity=1.25"]`` -> a dict of text values (typed by the deploy hooks)."""
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise TokenTuneError(f"--deploy expects KEY=VALUE (e.g. dyt_execution=capacity), got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
     source = os.fspath(args.run)
     if args.format != "deployed":
-        if args.onnx:
-            raise TokenTuneError(f"--onnx writes the deployed model's graph; leave it out with --format {args.format}")
+        if args.onnx or args.deploy:
+            raise TokenTuneError(f"--onnx and --deploy are for the deployed model; leave them out with --format {args.format}")
         export_format(source, args.out, args.format, pretrained=args.pretrained)
         print(f"wrote the {args.format} format of {source} to {args.out}")
         return _push(args)
     if is_export(source):
+        if args.deploy:
+            raise TokenTuneError(f"{source!r} is already an export, deployed as it was written; pass --deploy when "
+                                 "exporting its run directory")
         if not args.onnx:
             raise TokenTuneError(f"{source!r} is already an export; pass --onnx to write its ONNX graph")
         deployed = load_deployed(source)
     else:
-        deployed = export_deployed(source, args.out, pretrained=args.pretrained, dtype=args.dtype, verify=args.verify)
+        deployed = export_deployed(source, args.out, pretrained=args.pretrained, dtype=args.dtype, verify=args.verify,
+                                   deploy_options=_deploy_options(args.deploy))
         config = read_deployed_config(args.out)
         spec = config["spec"]
         weights = os.path.join(args.out, DEPLOYED_WEIGHTS)

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import TokenTuneError
 from .attention import attention, check_attention, key_mask_bias
 from .reduce import TokenReducer
-from .skip import attention_active, mlp_active
+from .skip import attention_active, attention_indexed, mlp_active, mlp_indexed
 from .state import Dispatch, TokenState
 
 _ADOPTED = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -65,7 +65,8 @@ class AdaptedBlock(nn.Module):
         x2 = x1 + M_mlp  * drop_path2(ls2(mlp(norm2(x1)))) + adapter(x1) + layer_adapter(x)
 
     where attention runs among the active tokens only. With ``Dispatch.skip`` the inactive
-    tokens are left out of the computation instead of being multiplied by zero.
+    tokens are left out of the computation instead of being multiplied by zero; with
+    ``Dispatch.index`` a fixed number of tokens per image is computed (static shapes).
     """
 
     def __init__(self, block: nn.Module) -> None:
@@ -150,6 +151,8 @@ class AdaptedBlock(nn.Module):
         if d is None:
             h, keys = attention(self.attn, self.norm1(x), bias=state.attn_bias(), return_keys=self.merge is not None)
             return x + self.drop_path1(self.ls1(h)), keys
+        if d.index is not None:
+            return attention_indexed(self, x, state, d.active, d.index), None
         if d.skip:
             return attention_active(self, x, state, d.active), None
         # mask-multiply: inactive tokens are hidden as keys, their own update is gated to zero
@@ -158,6 +161,8 @@ class AdaptedBlock(nn.Module):
 
     def _mlp_step(self, x: torch.Tensor, d: Optional[Dispatch], inplace: bool = False) -> torch.Tensor:
         """``x + M * MLP update`` (the mask applied after drop_path2/ls2, as the DyT reference)."""
+        if d is not None and d.index is not None:
+            return mlp_indexed(self, x, d.active, d.index, inplace)
         if d is not None and d.skip:
             return mlp_active(self, x, d.active, inplace)
         update = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

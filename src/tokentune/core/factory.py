@@ -223,6 +223,14 @@ def init_head(model: nn.Module, std: float) -> None:
             nn.init.zeros_(head.bias)
 
 
+def record_config(model: nn.Module, name: str, cfg: Any) -> None:
+    """Replace method ``name``'s config in the build spec (e.g. a deployment setting that an
+    export must rebuild); the method keeps its own state in ``model.tokentune.state``."""
+    spec = spec_of(model)
+    if spec is not None:
+        spec["configs"] = dict(spec.get("configs", {}), **{name: jsonable(cfg)})
+
+
 def methods_of(model: nn.Module) -> List[Method]:
     """The methods a model built by :func:`create_model` carries, in application order."""
     spec = spec_of(model)

@@ -49,7 +49,9 @@ class Method:
         exclusive: cannot be combined with another tuning method (``full``, ``linear``).
         exclude_from_paper_count: regexes of trainable names the papers do not count.
         summary: one line for ``--help``.
-        deploy: ``deploy(model)`` folds or switches the method for inference, in place.
+        deploy: ``deploy(model, **options)`` folds or switches the method for inference, in place;
+            its keyword-only parameters are the method's deployment options, which
+            :func:`tokentune.deploy` takes prefixed with the method's name (``dyt_execution=``).
         loss: ``loss(model, images, targets, criterion) -> (loss, logs)`` replacing the plain
             ``criterion(model(images), targets)`` in training; ``logs`` is a dict of floats for
             progress output. At most one method per model has one.

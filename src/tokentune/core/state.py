@@ -67,11 +67,17 @@ class Dispatch:
             estimator (forward values exactly 0/1, gradient of the soft mask). None = ``active``.
         skip: compute the active tokens only (gather, compute, scatter back) instead of
             multiplying by the mask; inference only, it carries no gradient to the dispatcher.
+        index: [B, K] token positions to compute, the same number ``K`` for every image (static
+            shapes: no host sync, traceable; see :func:`tokentune.core.skip.capacity_index`).
+            When given, only these tokens are computed and each keeps its update where
+            ``active`` holds; a token outside ``index`` gets no update even if ``active``
+            (the dispatcher should fold that into ``active``). Inference only; overrides ``skip``.
     """
 
     active: torch.Tensor
     gate: Optional[torch.Tensor] = None
     skip: bool = False
+    index: Optional[torch.Tensor] = None
 
     def multiplier(self, like: torch.Tensor) -> torch.Tensor:
         """[B, N, 1] mask to multiply an update by."""

@@ -16,6 +16,9 @@ row. All rows are measured in ONE process, on the same random batch, with the in
   across all rows with rotating order (:func:`tokentune.timing.measure_throughput`), median and
   min-max of images/s; CUDA is synchronised around every timed call;
 * batch-1 latency, measured the same way (interleaved) with batch 1;
+* optionally a batch-size sweep (``sweep``, e.g. 1, 8, 32, 128): throughput (interleaved across
+  rows at each batch size) and peak inference memory per batch size; token dispatchers keep the
+  calibration of the main batch;
 * peak memory of one inference forward (:func:`tokentune.tools.measure.peak_memory`; on CPU the peak of
   live tensor storage, parameters excluded);
 * training: seconds per step (forward with the method's own training loss, e.g. DyT's
@@ -355,6 +358,7 @@ class BenchSettings:
             sample of the task (per segmentation image, per clip), on its example inputs (random
             images at the input size, random clips of the model's frame count).
         task_options: the task's options (``{"video_frames": 8}``).
+        sweep: batch sizes of an extra throughput and peak-memory sweep (empty: none).
     """
 
     model: str = DEFAULT_MODEL
@@ -377,6 +381,7 @@ class BenchSettings:
     share_weights: bool = True
     task: Optional[str] = None
     task_options: Dict[str, Any] = field(default_factory=dict)
+    sweep: Sequence[int] = ()
 
 
 @dataclass
@@ -435,7 +440,7 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
     if s.dtype not in DTYPES:
         raise TokenTuneError(f"unknown dtype {s.dtype!r}; choose from {', '.join(DTYPES)}")
     for name, value in (("batch size", s.batch_size), ("rounds", s.rounds), ("latency iterations", s.latency_iters),
-                        ("training steps", s.train_steps)):
+                        ("training steps", s.train_steps), *(("sweep batch size", b) for b in s.sweep)):
         if value < 1:
             raise TokenTuneError(f"{name} must be at least 1, got {value}")
     if s.warmup < 0:
@@ -571,6 +576,18 @@ def _time_all(timed: Dict[str, nn.Module], rows: List[Dict[str, Any]], s: BenchS
                    batch_ms=1000.0 * st.seconds_per_batch)
     for row in rows:
         row["latency_ms"] = row["latency_ms_low"] = row["latency_ms_high"] = None
+        row["sweep"] = {}
+    for b in s.sweep:
+        start = time.perf_counter()
+        images = random_images(b, image_size, s.seed, device)
+        sweep = measure_throughput(timed, images=images, rounds=s.rounds, warmup=max(s.warmup, 1), dtype=s.dtype,
+                                   device=device, progress=report(f"batch {b}"))
+        for row in rows:
+            st, net = sweep[row["label"]], timed[row["label"]]
+            peak = (bench.peak_memory(functools.partial(_infer, net, images, s.dtype, device), device)
+                    if s.memory else None)
+            row["sweep"][str(b)] = {"img_per_s": st.median, "img_per_s_low": st.low, "img_per_s_high": st.high,
+                                    "speedup": st.median / sweep[rows[0]["label"]].median, "peak_mib": _mib(peak)}
     if s.latency:
         start = time.perf_counter()
         lat = measure_throughput(timed, batch_size=1, image_size=image_size, rounds=s.rounds,
@@ -638,12 +655,34 @@ NOTES = ("GMACs: multiply-adds per sample (an image; a clip or a segmentation im
          "peak memory of one forward / training step (CPU: live tensors, parameters excluded).")
 
 
+def sweep_rows(result: BenchResult) -> List[Dict[str, str]]:
+    """The batch-size sweep as a table: per batch size, img/s with the speed-up over the first row,
+    and the peak inference memory (empty without a sweep)."""
+    out = []
+    for r in result.rows:
+        if not r.get("sweep"):
+            continue
+        d = {"config": r["label"]}
+        for b, m in r["sweep"].items():
+            d[f"b{b} img/s"] = f"{m['img_per_s']:.1f} ({m['speedup']:.2f}x)"
+            if m["peak_mib"] is not None:
+                d[f"b{b} MiB"] = f"{m['peak_mib']:.1f}"
+        out.append(d)
+    return out
+
+
 def markdown(result: BenchResult) -> str:
-    """Title, environment, table and notes as Markdown."""
+    """Title, environment, table(s) and notes as Markdown."""
     env = ", ".join(f"{k}={v}" for k, v in result.environment.items())
     table = display_rows(result)
-    return (f"## tokentune bench: {result.title}\n\nEnvironment: {env}\n\n"
+    text = (f"## tokentune bench: {result.title}\n\nEnvironment: {env}\n\n"
             f"{bench.markdown_table(table, list(table[0]))}\n\n{NOTES}\n")
+    sweep = sweep_rows(result)
+    if sweep:
+        text += (f"\n### Batch-size sweep\n\n{bench.markdown_table(sweep, list(sweep[0]))}\n\n"
+                 "img/s: median over interleaved rounds at that batch size (speed-up over the first row); "
+                 "MiB: peak memory of one inference forward at that batch size.\n")
+    return text
 
 
 CSV_KEYS = ("label", "unit", "model", "method", "config", "run", "deployed", "params_total", "params_trainable",
@@ -663,10 +702,13 @@ def write_outputs(result: BenchResult, directory: str, name: str) -> Dict[str, s
     atomic_write_json(paths["json"], {"title": result.title, "environment": result.environment,
                                       "settings": result.settings, "rows": result.rows})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CSV_KEYS), extrasaction="ignore", lineterminator="\n")
+    batches = list(result.rows[0].get("sweep") or {})
+    sweep_keys = [f"b{b}_{k}" for b in batches for k in ("img_per_s", "speedup", "peak_mib")]
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_KEYS) + sweep_keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in result.rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_KEYS})
+        flat = dict(row, **{f"b{b}_{k}": v for b, m in (row.get("sweep") or {}).items() for k, v in m.items()})
+        writer.writerow({k: ("" if flat.get(k) is None else flat.get(k)) for k in list(CSV_KEYS) + sweep_keys})
     atomic_write_text(paths["csv"], buf.getvalue())
     return paths
 

@@ -55,12 +55,17 @@ class DemoRow:
         method: method spec (rows whose methods are not installed are skipped).
         options: ``create_model`` options for this row.
         merge: add the demo's ToMe schedule (``tome_r``) to the options.
+        deploy: options of :func:`tokentune.deploy` for this row (e.g. DyT's static-shape execution).
+        reuse: label of an earlier row whose trained model this row deploys (no training of its own):
+            the same weights deployed another way.
     """
 
     label: str
     method: str
     options: Dict[str, Any] = field(default_factory=dict)
     merge: bool = False
+    deploy: Dict[str, Any] = field(default_factory=dict)
+    reuse: Optional[str] = None
 
 
 # LoRA on every linear layer of the blocks: at this width (64) qkv alone is too little capacity
@@ -73,6 +78,10 @@ ROWS: List[DemoRow] = [
     DemoRow("LoRA r=8 + ToMe", "lora+tome", dict(_LORA), merge=True),
     DemoRow("PYRA (LoRA r=8 + ToMe)", "pyra", dict(_LORA), merge=True),
     DemoRow("DyT", "dyt"),
+    DemoRow("DyT, static shapes (capacity 1.0)", "dyt", deploy={"dyt_execution": "capacity", "dyt_capacity": 1.0},
+            reuse="DyT"),
+    DemoRow("DyT, static shapes (capacity 1.25)", "dyt", deploy={"dyt_execution": "capacity", "dyt_capacity": 1.25},
+            reuse="DyT"),
     DemoRow("LoRA r=8 + EViT", "lora+evit", dict(_LORA)),
     DemoRow("LoRA r=8 + DynamicViT", "lora+dynamicvit", dict(_LORA)),
     DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}),
@@ -265,34 +274,43 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
         # -- 2. adapt to digits 5-9 with every available method
         table = []
         deployed: Dict[str, nn.Module] = {}
+        trained: Dict[str, nn.Module] = {}
         new_train = new_test = None
         for step, row in enumerate(todo, 2):
-            options = dict(row.options)
-            if row.merge:
-                options["tome_r"] = list(cfg.tome_r)
-            torch.manual_seed(cfg.seed)
-            model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=backbone_file,
-                                 head_init_std=0.01, **arch, **options)
-            if new_train is None:
-                new_train, new_test = _load_folder(folders["new"], model)
-            tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=1e-5, warmup_epochs=1,
-                               warmup_lr=1e-6, weight_decay=1e-4, eval_every=0, num_workers=0, seed=cfg.seed)
-            slug = "".join(ch if ch.isalnum() else "-" for ch in row.label.lower()).strip("-")
-            tic = time.perf_counter()
-            train(model, new_train, new_test, tcfg, out_dir=os.path.join(workdir, "runs", slug), progress=False,
-                  log=log)
-            train_s = time.perf_counter() - tic
+            if row.reuse is not None:
+                if row.reuse not in trained:
+                    raise TokenTuneError(f"demo row {row.label!r} reuses {row.reuse!r}, which is not an earlier row")
+                model, train_s = trained[row.reuse], 0.0
+            else:
+                options = dict(row.options)
+                if row.merge:
+                    options["tome_r"] = list(cfg.tome_r)
+                torch.manual_seed(cfg.seed)
+                model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=backbone_file,
+                                     head_init_std=0.01, **arch, **options)
+                if new_train is None:
+                    new_train, new_test = _load_folder(folders["new"], model)
+                tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=1e-5,
+                                   warmup_epochs=1, warmup_lr=1e-6, weight_decay=1e-4, eval_every=0, num_workers=0,
+                                   seed=cfg.seed)
+                slug = "".join(ch if ch.isalnum() else "-" for ch in row.label.lower()).strip("-")
+                tic = time.perf_counter()
+                train(model, new_train, new_test, tcfg, out_dir=os.path.join(workdir, "runs", slug), progress=False,
+                      log=log)
+                train_s = time.perf_counter() - tic
+                trained[row.label] = model
             params = count_parameters(model)
             sample = torch.stack([new_test[i][0] for i in range(min(8, len(new_test)))])
             token_path = _token_path(model, sample)
-            fast = deploy(model)
+            fast = deploy(model, **row.deploy)
             acc = evaluate(fast, new_test, batch_size=256, amp="off", progress=False)["top1"]
             deployed[row.label] = fast
             table.append({"label": row.label, "method": model.tokentune_spec["method"], "top1": acc,
                           "trainable": params["trainable"], "tokens": token_path,
                           "macs": count_macs(fast, sample), "train_s": train_s})
-            out(f"[{step}/{steps}] {row.label}: adapted to digits 5-9 in {train_s:.0f} s ({cfg.epochs} epochs on "
-                f"{len(new_train)} images), top-1 {acc:.1f}% on {len(new_test)} held-out ones")
+            how = (f"the {row.reuse} model deployed with {row.deploy}" if row.reuse is not None else
+                   f"adapted to digits 5-9 in {train_s:.0f} s ({cfg.epochs} epochs on {len(new_train)} images)")
+            out(f"[{step}/{steps}] {row.label}: {how}, top-1 {acc:.1f}% on {len(new_test)} held-out ones")
 
         # -- 3. throughput of the deployed models, side by side on one batch
         n = len(new_test)

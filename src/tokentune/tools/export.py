@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..core.backbone import architecture_of
-from ..core.deploy import deploy
+from ..core.deploy import deploy, faster_of_compiled
 from ..core.factory import create_model, methods_of, rebuild_options
 from ..core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_location, split_source
 from ..core.task import task_head_of
@@ -278,20 +278,23 @@ def _model_from(source: Union[nn.Module, PathLike], pretrained: Union[bool, str,
     return load_trained(directory, pretrained=pretrained), read_config(directory)
 
 
-def _deployed(model: nn.Module) -> Tuple[nn.Module, Dict[str, Any]]:
+def _deployed(model: nn.Module, deploy_options: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """``(deployed model, build spec)`` of a tokentune model (deployed here unless it already is)."""
     info = info_of(model)
     if info is None or info.spec is None:
         raise TokenTuneError(f"cannot export a {type(model).__name__} that tokentune did not build: its build spec is "
                              "gone (deploy() drops it from plain timm models); pass the model before deploy() "
                              "or its run directory")
-    spec = dict(info.spec)
-    return (model if info.deployed else deploy(model)), spec
+    if info.deployed and deploy_options:
+        raise TokenTuneError("this model is already deployed; pass deployment options to tokentune.deploy, or export "
+                             "the model before deploy() with them")
+    deployed = model if info.deployed else deploy(model, **(deploy_options or {}))
+    return deployed, dict(info_of(deployed).spec if info_of(deployed) is not None else info.spec)
 
 
 def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathLike, *,
                     pretrained: Union[bool, str, None] = None, dtype: Optional[str] = None,
-                    verify: bool = False) -> nn.Module:
+                    verify: bool = False, deploy_options: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Write the deployed model to ``out_dir`` (``deployed.safetensors`` + ``deployed.json``).
 
     Args:
@@ -305,6 +308,8 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
             as they are). The loaded model then runs in that dtype.
         verify: rebuild the model from the written files and check its outputs equal the deployed
             model's on a random batch (one extra model in memory).
+        deploy_options: options of :func:`tokentune.deploy` (``{"dyt_execution": "capacity",
+            "dyt_capacity": 1.25}``); recorded in the export, so loading rebuilds the same deployment.
 
     Returns:
         The deployed model that was written.
@@ -312,7 +317,7 @@ def export_deployed(model_or_run_dir: Union[nn.Module, PathLike], out_dir: PathL
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise TokenTuneError(f"unknown export dtype {dtype!r}; choose from {', '.join(EXPORT_DTYPES)}")
     model, run_config = _model_from(model_or_run_dir, pretrained)
-    deployed, spec = _deployed(model)
+    deployed, spec = _deployed(model, deploy_options)
     out_dir = os.fspath(out_dir)
     tensors = deployed_tensors(deployed, EXPORT_DTYPES[dtype] if dtype else None)
     plain = not hasattr(deployed, "timm_class")
@@ -436,7 +441,8 @@ def build_deployed_structure(config: Dict[str, Any], device: Union[str, torch.de
         raise TokenTuneError(f"the export config lacks {exc}; re-export the model") from exc
 
 
-def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", compile: bool = False) -> nn.Module:
+def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu",
+                  compile: Union[bool, str] = False) -> nn.Module:
     """Rebuild a model written by :func:`export_deployed`; its eval outputs equal the trained model's.
 
     Needs only torch, timm and tokentune: no pretrained weights, no model hub, no training code.
@@ -446,7 +452,8 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
             that :func:`tokentune.push_to_hub` wrote.
         device: where the tensors are loaded.
         compile: return ``torch.compile(model)`` (the first calls compile; outputs agree with the
-            eager model to float rounding, not bit for bit).
+            eager model to float rounding, not bit for bit); ``"auto"``: whichever of the compiled and
+            the eager model is faster on this machine (see :func:`tokentune.deploy`).
 
     Returns:
         The deployed model in eval mode with gradients off: a plain timm model when no plug-in is
@@ -478,6 +485,8 @@ def load_deployed(out_dir: PathLike, device: Union[str, torch.device] = "cpu", c
     if info is not None:
         info.export = {"dir": os.fspath(out_dir), "config": config}
     apply_preprocessing(model, config.get("preprocessing"))
+    if compile == "auto":
+        return faster_of_compiled(model)
     return torch.compile(model) if compile else model
 
 

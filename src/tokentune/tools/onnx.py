@@ -1,21 +1,23 @@
 """ONNX export of a deployed model (optional ``onnx`` extra) and its check with onnxruntime.
 
 What exports: every deployed model whose token counts are fixed by its configuration (plain and
-LoRA-merged timm ViTs, adapters, ToMe, PYRA); a method whose deployed form has data-dependent
-shapes offers a traceable form through its ``trace_options`` hook (DyT: the mask form).
+LoRA-merged timm ViTs, adapters, ToMe, PYRA, DyT's capacity execution); a method whose deployed
+form has data-dependent shapes offers a traceable form through its ``trace_options`` hook (DyT's
+threshold rule: the mask form). The graph is the :func:`tokentune.tools.program.export_program`
+of the model, converted by PyTorch's ONNX exporter.
 """
 from __future__ import annotations
 
 import os
-import warnings
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import TokenTuneError
 from ..utils import one_line
-from .export import PathLike, as_deployed, describe_model, example_images, trace_options
+from .export import PathLike, describe_model, example_images
+from .program import export_program, traceable
 
 
 def _require_onnx():
@@ -42,12 +44,14 @@ def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
     shapes apart from the batch. Matching (argsort, gather), the row merges (index_select,
     index_add) and proportional attention become ordinary ONNX operators.
 
-    DyT: its deployed form skips inactive tokens with data-dependent shapes (how many tokens a
-    batch keeps decides the gathered sizes and which code path runs), which the exporter cannot
-    trace. DyT models are exported in their *mask form* instead (``dyt_execution="mask"``: every
-    token goes through the skippable computation and its update is multiplied by the 0/1 mask),
-    which gives the same outputs but none of DyT's savings inside the ONNX graph. Pass
-    ``dyt_mask_form=False`` to get an error instead; ``True`` to accept it without a warning.
+    DyT: deployed with ``dyt_execution="capacity"`` (a fixed number of tokens per image and
+    dispatcher) it exports as it is, with its savings inside the graph. Its default threshold rule
+    skips inactive tokens with data-dependent shapes (how many tokens a batch keeps decides the
+    gathered sizes), which the exporter cannot trace; such models are exported in their *mask
+    form* instead (``dyt_execution="mask"``: every token goes through the skippable computation
+    and its update is multiplied by the 0/1 mask), which gives the same outputs but none of DyT's
+    savings inside the ONNX graph. Pass ``dyt_mask_form=False`` to get an error instead; ``True``
+    to accept it without a warning.
 
     Args:
         model: a deployed model, a tokentune model (deployed here), an export directory
@@ -68,28 +72,18 @@ def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
     Returns:
         ``path``.
     """
-    deployed = as_deployed(model)
-    deployed.eval()
-    options, notes = trace_options(deployed)
-    if notes:
-        if dyt_mask_form is False:
-            raise TokenTuneError(f"{notes[0]}; pass dyt_mask_form=True to accept that, or serve the model with PyTorch")
-        if dyt_mask_form is None:
-            warnings.warn("; ".join(notes), stacklevel=2)
+    deployed, _ = traceable(model, dyt_mask_form)
     _require_onnx()
     path = os.fspath(path)
     traced_batch = max(int(batch_size), 2) if dynamic_batch else int(batch_size)
-    images = example_images(deployed, traced_batch, image_size, seed=0)
-    dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    kwargs = dict(input_names=["images"], output_names=["logits"], dynamo=True, external_data=False,
-                  dynamic_shapes=dynamic_shapes, verbose=False)
+    exported = export_program(deployed, None, image_size, batch_size, dynamic_batch=dynamic_batch, verify=False,
+                              dyt_mask_form=True)
+    kwargs = dict(input_names=["images"], output_names=["logits"], dynamo=True, external_data=False, verbose=False)
     if opset is not None:
         kwargs["opset_version"] = int(opset)
     try:
         with torch.no_grad():
-            program = torch.onnx.export(_OnnxWrapper(deployed, options).eval(), (images,), **kwargs)
-    except TokenTuneError:
-        raise
+            program = torch.onnx.export(exported, (example_images(deployed, traced_batch, image_size, seed=0),), **kwargs)
     except Exception as exc:  # noqa: BLE001 - exporter failures become one line naming the cause
         raise TokenTuneError(f"ONNX export of this {describe_model(deployed)} failed: {one_line(exc, 240)}") from exc
     _save_onnx(program, path)
@@ -126,18 +120,6 @@ def _save_onnx(program, path: str) -> None:
             os.replace(os.path.join(tmpdir, name), os.path.join(directory, name))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-class _OnnxWrapper(nn.Module):
-    """``images -> logits`` only (fixed per-forward options, no token state) for tracing."""
-
-    def __init__(self, model: nn.Module, options: Optional[Dict[str, Any]] = None) -> None:
-        super().__init__()
-        self.model = model
-        self.options = dict(options or {})
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images, **self.options)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ keys/values. Readings where the paper gives only a figure (documented choices):
 * The rate loss averages the activation of every dispatcher (two per block for Attn-MLP).
 
 Execution. Training multiplies the skippable update by the gate (every token is computed).
-Inference (eval mode, ``inference="skip"``, the default; :func:`tokentune.deploy` forces it)
+Inference (eval mode, ``inference="skip"``, the default; :func:`tokentune.deploy` uses it unless asked for the capacity execution)
 really skips: the MLP runs once on the active rows of the whole batch (flatten to ``(B*N, C)``,
 ``index_select``, norm2 + MLP, ``index_copy`` of ``x + update`` back); attention gathers the
 active tokens of every image, pads to the largest count in the batch with a key mask, and writes
@@ -41,7 +41,21 @@ follow the activation rate. Per-forward options, ``model(x, **options)``:
 
 * ``dyt_complete=True``: the *complete model*, every token active (same weights); a bool
   tensor [B] makes only those rows complete (the loss uses one forward on ``cat([x, x])``).
-* ``dyt_execution="mask"`` / ``"skip"``: override the inference path for this forward.
+* ``dyt_execution="mask"`` / ``"skip"`` / ``"capacity"``: override the inference path for this forward.
+
+Static shapes (``inference="capacity"``; ``tokentune.deploy(model, dyt_execution="capacity",
+dyt_capacity=...)``; not in the paper, a deployment form of ours): the threshold rule's token
+counts depend on the data, which costs a host sync per dispatcher and cannot live in a traced
+graph. The capacity execution computes a fixed number ``k`` of patch tokens per image and
+dispatcher: its top-``k`` by dispatcher logit (:func:`tokentune.core.skip.capacity_index`), of which
+the tokens above the threshold get their update (the others keep their input, as if skipped).
+``k`` comes from a capacity factor ``f`` (``ceil(f * target_rate * M)`` of ``M`` patch tokens) or
+from data (:func:`calibrate_capacity`: a quantile of the per-image active counts of each
+dispatcher). **It equals the threshold rule exactly when no image has more tokens above the
+threshold than ``k``** (then every active token is among the top ``k``); an image over capacity
+drops its lowest-scoring active tokens. Shapes are static: no host sync, ``torch.compile`` with
+``fullgraph=True``, ``torch.export``, ONNX with the speed-up inside the graph, CUDA graphs. A row
+made complete by a ``dyt_complete`` tensor takes the threshold path.
 
 Temperature: constant ``tau`` by default; with ``tau_end`` the training loop calls
 :func:`update_temperature` (``model``, progress in [0, 1]) before each step (the method's
@@ -92,12 +106,13 @@ from ...core.dispatch import (
                      dispatch_records,
                      dispatchers,
 )
-from .config import TAU_SCHEDULES, VARIANTS, DyTConfig, validate
+from .config import EXECUTIONS, TAU_SCHEDULES, VARIANTS, DyTConfig, validate
 from .dispatcher import TokenDispatcher
 from .loss import config_of, dyt_loss, rate_loss
 from .method import (
                      apply_dyt,
                      calibrate_activation,
+                     calibrate_capacity,
                      deploy_dyt,
                      set_temperature,
                      temperature_at,
@@ -107,8 +122,9 @@ from .method import (
 from .reference import from_reference_state_dict, load_reference_checkpoint, to_reference_state_dict
 
 __all__ = [
-    "ActivationStats", "DispatchRecord", "DyTConfig", "TAU_SCHEDULES", "TokenDispatcher", "VARIANTS",
-    "activation_rate", "activation_stats", "apply_dyt", "calibrate_activation", "config_of", "deploy_dyt",
+    "ActivationStats", "DispatchRecord", "DyTConfig", "EXECUTIONS", "TAU_SCHEDULES", "TokenDispatcher", "VARIANTS",
+    "activation_rate", "activation_stats", "apply_dyt", "calibrate_activation", "calibrate_capacity", "config_of",
+    "deploy_dyt",
     "dispatch_records", "dispatchers", "dyt_loss", "from_reference_state_dict", "load_reference_checkpoint",
     "rate_loss", "set_temperature", "temperature_at", "to_reference_state_dict", "trace_options",
     "update_temperature", "validate",

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Union
 
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
 
 VARIANTS = ("mlp", "attn", "attn_mlp", "layer")
+EXECUTIONS = ("skip", "mask", "capacity")
 TAU_SCHEDULES = ("linear", "cosine", "exponential")
 
 
@@ -42,7 +43,15 @@ class DyTConfig:
         distill_weight: weight of KL(complete || dynamic) on the logits (reference 1).
         inference: in eval mode, ``"skip"`` leaves inactive tokens out of the skipped
             computation (real speed-up); ``"mask"`` multiplies by the mask like training (the
-            reference training model's evaluation).
+            reference training model's evaluation); ``"capacity"`` computes a fixed number of
+            tokens per image and dispatcher, its top ``capacity`` by dispatcher logit, of which
+            those above the threshold get their update (static shapes: no host sync, compiles
+            without graph breaks, exports to ``torch.export``/ONNX with the speed-up; equal to
+            ``"skip"`` whenever no image has more active tokens than the capacity).
+        capacity: tokens per image of the ``"capacity"`` execution: a capacity factor ``f``
+            (``ceil(f * target_rate * M)`` of a block's ``M`` patch tokens, at most ``M``; 1.0 =
+            the trained rate's budget, ``1 / target_rate`` = every token) or one token count per
+            dispatcher in block order (as :func:`tokentune.methods.dyt.calibrate_capacity` sets them).
     """
 
     variant: str = "mlp"
@@ -61,6 +70,7 @@ class DyTConfig:
     complete_weight: float = 1.0
     distill_weight: float = 1.0
     inference: str = "skip"
+    capacity: Union[None, float, List[int]] = None
 
     def __post_init__(self) -> None:
         check_fields(self, "dyt_")
@@ -86,5 +96,31 @@ def validate(cfg: DyTConfig, depth: int) -> None:
         raise TokenTuneError(f"dyt keep_layers={cfg.keep_layers} but the model has {depth} blocks; use 0..{depth}")
     if min(cfg.rate_weight, cfg.complete_weight, cfg.distill_weight) < 0:
         raise TokenTuneError("dyt loss weights must be >= 0")
-    if cfg.inference not in ("skip", "mask"):
-        raise TokenTuneError(f"dyt inference must be 'skip' or 'mask', got {cfg.inference!r}")
+    if cfg.inference not in EXECUTIONS:
+        raise TokenTuneError(f"dyt inference must be one of {', '.join(EXECUTIONS)}, got {cfg.inference!r}")
+    check_capacity(cfg, num_dispatchers(cfg, depth))
+    if cfg.inference == "capacity" and cfg.capacity is None:
+        raise TokenTuneError(_NEEDS_CAPACITY)
+
+
+_NEEDS_CAPACITY = ("the 'capacity' execution needs dyt_capacity: a capacity factor (e.g. 1.25 = 25% more tokens than "
+                   "the target rate) or per-dispatcher token counts from tokentune.methods.dyt.calibrate_capacity")
+
+
+def num_dispatchers(cfg: DyTConfig, depth: int) -> int:
+    """How many token dispatchers a model of ``depth`` blocks gets (Attn-MLP: two per block)."""
+    return (depth - cfg.keep_layers) * (2 if cfg.variant == "attn_mlp" else 1)
+
+
+def check_capacity(cfg: DyTConfig, dispatchers: int) -> None:
+    """One clear error for a capacity that cannot apply to a model with ``dispatchers`` dispatchers."""
+    cap = cfg.capacity
+    if cap is None:
+        return
+    if isinstance(cap, (int, float)):
+        if not cap > 0:
+            raise TokenTuneError(f"dyt capacity factor must be > 0, got {cap}")
+        return
+    if len(cap) != dispatchers or min(cap, default=0) < 0:
+        raise TokenTuneError(f"dyt capacity lists one token count >= 0 per dispatcher: this model has {dispatchers}, "
+                             f"got {list(cap)}; recalibrate with tokentune.methods.dyt.calibrate_capacity")

@@ -1,5 +1,6 @@
 """DyT's token dispatcher: ``Linear(D -> 1)`` on the patch tokens, Gumbel-sigmoid with the
-straight-through estimator in training, a threshold on the sigmoid in inference."""
+straight-through estimator in training, a threshold on the sigmoid in inference (optionally
+within a fixed per-image capacity: the static-shape execution)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,9 @@ import torch
 from torch import nn
 
 from ...core.dispatch import Dispatcher, DispatchRecord
+from ...core.skip import capacity_index
 from ...core.state import Dispatch, TokenState
+from ...errors import TokenTuneError
 
 
 def _gumbel(like: torch.Tensor) -> torch.Tensor:
@@ -28,7 +31,14 @@ class TokenDispatcher(Dispatcher):
         tau: training temperature.
         threshold: activation threshold on the sigmoid.
         gumbel_noise: add logistic noise in training.
-        inference: ``"skip"`` or ``"mask"`` (eval-mode execution path).
+        inference: ``"skip"``, ``"mask"`` or ``"capacity"`` (eval-mode execution path).
+
+    Capacity (``inference="capacity"``, or the per-forward option ``dyt_execution="capacity"``):
+    each image computes its top-``k`` patch tokens by logit (``k`` from :meth:`capacity_tokens`:
+    ``capacity_tokens`` if set, else ``ceil(capacity_factor * target_rate * M)``, at most ``M``);
+    of those, the ones above the threshold are active. With ``k`` at least the number of tokens
+    above the threshold in every image this is exactly the threshold rule; beyond it, the
+    lowest-scoring active tokens of an image over capacity skip too.
     """
 
     def __init__(self, dim: int, layer: int, kind: str, tau: float = 5.0, threshold: float = 0.5,
@@ -39,11 +49,23 @@ class TokenDispatcher(Dispatcher):
         self.tau, self.threshold = float(tau), float(threshold)
         self.gumbel_noise, self.inference = bool(gumbel_noise), inference
         self.calibrate_to: Optional[float] = None
+        self.capacity_tokens: Optional[int] = None
+        self.capacity_factor: Optional[float] = None
+        self.target_rate = 0.5
         nn.init.trunc_normal_(self.linear.weight, std=0.02)
         nn.init.zeros_(self.linear.bias)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, kind={self.kind}, tau={self.tau:g}, threshold={self.threshold:g}"
+
+    def capacity_tokens_for(self, num_patches: int) -> int:
+        """Patch tokens per image the capacity execution computes, of ``num_patches``."""
+        if self.capacity_tokens is not None:
+            return min(int(self.capacity_tokens), num_patches)
+        if self.capacity_factor is None:
+            raise TokenTuneError("dyt_execution='capacity' needs a capacity: deploy with dyt_capacity=FACTOR (e.g. 1.25) "
+                                 "or calibrate it with tokentune.methods.dyt.calibrate_capacity")
+        return min(math.ceil(self.capacity_factor * self.target_rate * num_patches - 1e-9), num_patches)
 
     def forward(self, x: torch.Tensor, state: TokenState) -> Tuple[Optional[Dispatch], TokenState]:
         complete = state.options.get("dyt_complete", False)
@@ -64,6 +86,11 @@ class TokenDispatcher(Dispatcher):
         else:
             active = (logits.sigmoid() > self.threshold).squeeze(-1)
             gate = None
+        execution = state.options.get("dyt_execution", self.inference)
+        index = None
+        if not self.training and execution == "capacity" and complete is None:
+            index, chosen = capacity_index(logits.squeeze(-1), self.capacity_tokens_for(logits.shape[1]), p)
+            active = active & chosen                    # an active token over capacity skips
         B = x.shape[0]
         active = torch.cat([active.new_ones(B, p), active], dim=1)
         if gate is not None:
@@ -73,10 +100,11 @@ class TokenDispatcher(Dispatcher):
             active = active | complete[:, None]
             if gate is not None:
                 gate = torch.where(complete[:, None], torch.ones_like(gate), gate)
-        skip = not self.training and state.options.get("dyt_execution", self.inference) == "skip"
+        # rows that must run complete cannot keep a fixed capacity: they take the data-dependent skip path
+        skip = not self.training and execution in ("skip", "capacity")
         mask = gate if gate is not None else active.to(x.dtype)
         record = DispatchRecord(self.layer, self.kind, mask, p, complete, state.source)
-        return Dispatch(active, gate, skip), state.record(dispatch=record)
+        return Dispatch(active, gate, skip, index), state.record(dispatch=record)
 
     @torch.no_grad()
     def _calibrate(self, logits: torch.Tensor, complete: Optional[torch.Tensor]) -> torch.Tensor:

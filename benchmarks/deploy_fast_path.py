@@ -1,0 +1,310 @@
+"""Deployment fast path: ToMe/PYRA, DyT's static-shape (capacity) execution, compiled and ONNX Runtime.
+
+One run (one process) measures, on ViT-B/16 224 fp32 with random weights (speed does not depend on
+them), every model side by side in interleaved rounds on the same random batch
+(``tokentune.measure_throughput``):
+
+* ``tome``: deployed LoRA (the plain timm ViT with fused SDPA) vs LoRA+ToMe and PYRA at the low and
+  high schedules, eager; at batch 1 also ``tokentune.deploy(..., compile=True)`` of LoRA and ToMe.
+  A diagnostic row keeps ToMe's token counts but drops the tokens instead of matching and merging
+  them (no merge operations, no proportional attention): the speed ToMe would have if merging
+  were free, which bounds what cheaper merging can gain.
+* ``dyt``: MLP Dispatch at activation 0.5 (dispatchers calibrated on the timed batch): the same
+  deployed model with every token active, the threshold rule (data-dependent skipping), the
+  capacity execution with factor 1.0 (``k = 0.5 * 196 = 98`` tokens per image: the same FLOPs as
+  the threshold rule at 0.5) and with the capacity calibrated on the batch (quantile 1: exactly
+  the threshold rule's outputs); graph breaks under ``torch.compile`` counted with
+  ``torch._dynamo.explain``; at batch 1 the compiled capacity model (``fullgraph=True``).
+* ``onnx``: the same models exported to ONNX (``tokentune.export_onnx``; DyT's threshold rule only
+  exports in its mask form, its capacity execution as it is) and timed in ONNX Runtime (CPU
+  provider, as many intra-op threads as torch uses), interleaved the same way.
+
+Every run writes ``benchmarks/results/deploy_fast_path_<tag>.{md,json}``; ``--summarize`` reads
+several runs and writes the medians with the goals (``deploy_fast_path_summary.md``).
+
+    python benchmarks/deploy_fast_path.py --tag run1          # one run (about 25 minutes on 2 CPU cores)
+    python benchmarks/deploy_fast_path.py --summarize run1,run2,run3
+    python benchmarks/deploy_fast_path.py --quick --tag quick  # tiny width, seconds (checks the script runs)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from tokentune import create_model, deploy
+from tokentune.core.flops import count_flops
+from tokentune.methods import dyt
+from tokentune.timing import measure_throughput, random_images
+from tokentune.tools import measure
+
+SCHEDULES = {"low": [16] * 11 + [10], "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# (part, batch, row, baseline row, goal on the median speed-up, what the goal says)
+GOALS = [
+    ("tome", 16, "ToMe low", "LoRA", 1.97, ">= 1.97x in every run"),
+    ("tome", 16, "ToMe high", "LoRA", 3.35, ">= 3.35x in every run"),
+    ("tome", 16, "PYRA low", "LoRA", 1.97, ">= 1.97x in every run"),
+    ("tome", 16, "PYRA high", "LoRA", 3.35, ">= 3.35x in every run"),
+    ("tome", 1, "ToMe low", "LoRA", 1.8, ">= 1.8x eager"),
+    ("tome", 1, "ToMe high", "LoRA", 2.6, ">= 2.6x eager"),
+    ("dyt", 16, "capacity 1.0", "all active", 1.40, ">= 1.40x"),
+    ("dyt", 1, "capacity 1.0", "all active", 1.35, ">= 1.35x"),
+    ("onnx", 16, "DyT capacity 1.0", "DyT mask form (dense)", 1.3, ">= 1.3x in onnxruntime"),
+    ("onnx", 1, "DyT capacity 1.0", "DyT mask form (dense)", 1.3, ">= 1.3x in onnxruntime"),
+]
+
+
+class AllActive(nn.Module):
+    """The same DyT model with every token active (its complete model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images, dyt_complete=True)
+
+
+class DropTokens(nn.Module):
+    """Diagnostic merge plug-in: keeps the first N - r tokens (ToMe's counts, none of its work)."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def forward(self, x, keys, state):
+        return x[:, : x.shape[1] - self.r].contiguous(), state
+
+
+class OrtModel(nn.Module):
+    """An ONNX Runtime session behind ``forward(images)`` so it can be timed like a model."""
+
+    def __init__(self, path: str, threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.name = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.name: images.numpy()})[0])
+
+
+def _kw(args) -> dict:
+    kw = dict(img_size=args.image_size)
+    if args.quick:
+        kw.update(embed_dim=64, depth=12, num_heads=2)
+    return kw
+
+
+def tome_models(args) -> Dict[str, nn.Module]:
+    torch.manual_seed(0)
+    lora = create_model(args.model, method="lora", num_classes=100, **_kw(args))
+    models = {"LoRA": deploy(lora)}
+    for name, sched in SCHEDULES.items():
+        for method, label in (("lora+tome", "ToMe"), ("pyra", "PYRA")):
+            torch.manual_seed(0)
+            m = create_model(args.model, method=method, num_classes=100, tome_r=sched, **_kw(args))
+            missing = m.load_state_dict(lora.state_dict(), strict=False).missing_keys
+            assert all(".modulator." in k for k in missing), missing
+            with torch.no_grad():             # PYRA's W_D starts at zero: give it the values training would
+                for k, p in m.named_parameters():
+                    if k.endswith("W_D"):
+                        p.normal_(0, 0.02)
+            models[f"{label} {name}"] = deploy(m)
+    drop = copy.deepcopy(models["ToMe high"])
+    for block, r in zip(drop.blocks, SCHEDULES["high"]):
+        block.merge = DropTokens(r)
+    drop.tokentune.prop_attn = False
+    models["ToMe high, tokens dropped (no merge work)"] = drop
+    return models
+
+
+def dyt_models(args, images: torch.Tensor) -> Dict[str, nn.Module]:
+    torch.manual_seed(0)
+    model = create_model(args.model, method="dyt", num_classes=100, **_kw(args))
+    with torch.no_grad():                     # adapters do real work (their cost does not depend on the values)
+        for k, p in model.named_parameters():
+            if "adapter" in k and p.dim() > 1:
+                p.normal_(0, 0.02)
+    dyt.calibrate_activation(model, images, 0.5)
+    threshold = deploy(model)
+    exact = copy.deepcopy(model)
+    dyt.calibrate_capacity(exact, images)
+    return {"all active": AllActive(threshold), "threshold rule (skip)": threshold,
+            "capacity 1.0": deploy(model, dyt_execution="capacity", dyt_capacity=1.0),
+            "capacity calibrated (= threshold rule)": deploy(exact)}
+
+
+def graph_breaks(model: nn.Module, images: torch.Tensor) -> int:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return int(torch._dynamo.explain(model)(images).graph_break_count)
+
+
+def time_rows(part: str, models: Dict[str, nn.Module], images: torch.Tensor, base: str, rounds: int,
+              warmup: int, flops: Dict[str, float]) -> List[dict]:
+    bs = images.shape[0]
+    stats = measure_throughput(models, images=images, rounds=rounds, warmup=warmup,
+                               iters_per_round=3 if bs == 1 else 1)
+    rows = []
+    for name, st in stats.items():
+        rows.append({"part": part, "batch": bs, "model": name, "img_per_s": st.median, "img_per_s_low": st.low,
+                     "img_per_s_high": st.high, "speedup": st.median / stats[base].median, "baseline": base,
+                     "flops_ratio": (flops[base] / flops[name]) if name in flops else None})
+    return rows
+
+
+def export_all(args, tome: Dict[str, nn.Module], dyt_threshold: nn.Module, dyt_capacity: nn.Module) -> Dict[str, str]:
+    """ONNX files of the models (cached: an export depends only on the models, which are seeded)."""
+    from tokentune.tools.onnx import export_onnx
+
+    cache = args.onnx_cache
+    os.makedirs(cache, exist_ok=True)
+    todo = {"LoRA": tome["LoRA"], "ToMe low": tome["ToMe low"], "ToMe high": tome["ToMe high"],
+            "PYRA low": tome["PYRA low"], "PYRA high": tome["PYRA high"],
+            "DyT mask form (dense)": dyt_threshold, "DyT capacity 1.0": dyt_capacity}
+    paths = {}
+    for name, model in todo.items():
+        stem = "".join(c if c.isalnum() else "_" for c in name)
+        path = os.path.join(cache, f"{'quick-' if args.quick else ''}{stem}.onnx")
+        if not os.path.isfile(path):
+            t0 = time.perf_counter()
+            export_onnx(model, path, verify=True, dyt_mask_form=True, atol=1e-3)
+            print(f"exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        paths[name] = path
+    return paths
+
+
+def run(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    rounds = 2 if args.quick else args.rounds
+    load_before = open("/proc/loadavg").read().split()[:3]
+    rows: List[dict] = []
+    checks: Dict[str, object] = {}
+    tome = tome_models(args) if ("tome" in parts or "onnx" in parts) else {}
+    dyt_sets = {}
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        images = random_images(bs, args.image_size, seed=0)
+        if "tome" in parts:
+            flops = {n: count_flops(m, images) for n, m in tome.items()}
+            timed = dict(tome)
+            if bs == 1 and not args.no_compile:
+                for name in ("LoRA", "ToMe low", "ToMe high"):
+                    timed[f"{name} compiled"] = torch.compile(tome[name])
+                    flops[f"{name} compiled"] = flops[name]
+            rows += time_rows("tome", timed, images, "LoRA", rounds, args.warmup, flops)
+        if "dyt" in parts or "onnx" in parts:
+            dyt_sets[bs] = dyt_models(args, images)
+        if "dyt" in parts:
+            models = dict(dyt_sets[bs])
+            flops = {n: count_flops(m, images) for n, m in models.items()}
+            checks[f"graph breaks, batch {bs}"] = {n: graph_breaks(models[n], images)
+                                                   for n in ("threshold rule (skip)", "capacity 1.0")}
+            if bs == 1 and not args.no_compile:
+                models["capacity 1.0 compiled (fullgraph)"] = torch.compile(models["capacity 1.0"], fullgraph=True)
+                flops["capacity 1.0 compiled (fullgraph)"] = flops["capacity 1.0"]
+            rows += time_rows("dyt", models, images, "all active", rounds, args.warmup, flops)
+    if "onnx" in parts:
+        first = dyt_sets[max(dyt_sets)]
+        paths = export_all(args, tome, first["threshold rule (skip)"], first["capacity 1.0"])
+        sessions = {n: OrtModel(p, torch.get_num_threads()) for n, p in paths.items()}
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            images = random_images(bs, args.image_size, seed=0)
+            for group, base in ((["LoRA", "ToMe low", "ToMe high", "PYRA low", "PYRA high"], "LoRA"),
+                                (["DyT mask form (dense)", "DyT capacity 1.0"], "DyT mask form (dense)")):
+                rows += time_rows("onnx", {n: sessions[n] for n in group}, images, base, rounds, args.warmup, {})
+    env = measure.environment("cpu", "fp32")
+    env["loadavg_before"] = " ".join(load_before)
+    env["loadavg_after"] = " ".join(open("/proc/loadavg").read().split()[:3])
+    title = (f"deploy fast path, {args.model} {args.image_size}px fp32, {torch.get_num_threads()} threads, "
+             f"{rounds} interleaved rounds, run {args.tag}")
+    prefix = os.path.join(args.out, f"deploy_fast_path_{args.tag}")
+    cols = ["part", "batch", "model", "img_per_s", "img_per_s_low", "img_per_s_high", "speedup", "baseline",
+            "flops_ratio"]
+    md = measure.write_results(prefix, rows, env, cols, title)
+    with open(prefix + ".json") as fh:
+        data = json.load(fh)
+    data["checks"] = checks
+    with open(prefix + ".json", "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    print(md)
+    print(json.dumps(checks))
+
+
+def summarize(args) -> None:
+    runs = []
+    for tag in args.summarize.split(","):
+        with open(os.path.join(args.out, f"deploy_fast_path_{tag}.json")) as fh:
+            runs.append(json.load(fh))
+    keys = []
+    for row in runs[0]["rows"]:
+        keys.append((row["part"], row["batch"], row["model"]))
+    lines = ["| part | batch | model | baseline | FLOPs ratio | speed-up, median of runs | per run | goal | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    goals = {(p, b, m): (g, text) for p, b, m, _, g, text in GOALS}
+    for key in keys:
+        per = [next(r for r in run["rows"] if (r["part"], r["batch"], r["model"]) == key) for run in runs]
+        speedups = [r["speedup"] for r in per]
+        med = statistics.median(speedups)
+        goal, text = goals.get(key, (None, ""))
+        every = "every run" in text
+        met = "" if goal is None else ("yes" if (min(speedups) if every else med) >= goal else "no")
+        ratio = per[0]["flops_ratio"]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {per[0]['baseline']} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} | {med:.2f}x | "
+                     f"{', '.join(f'{s:.2f}x' for s in speedups)} | {text} | {met} |")
+    env = runs[0]["environment"]
+    loads = "; ".join(f"{r['title'].rsplit('run ', 1)[-1]}: {r['environment'].get('loadavg_before')} -> "
+                      f"{r['environment'].get('loadavg_after')}" for r in runs)
+    text = (f"## deploy fast path, median of {len(runs)} runs ({args.summarize})\n\n"
+            f"Environment: {', '.join(f'{k}={v}' for k, v in env.items() if not k.startswith('loadavg'))}\n\n"
+            f"Load average (1, 5, 15 min) before -> after each run: {loads}\n\n" + "\n".join(lines) + "\n\n"
+            + "Graph breaks under torch.compile: "
+            + json.dumps([r.get("checks", {}) for r in runs][0]) + "\n")
+    path = os.path.join(args.out, "deploy_fast_path_summary.md")
+    with open(path, "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-sizes", default="16,1", help="comma-separated batch sizes")
+    ap.add_argument("--parts", default="tome,dyt,onnx", help="comma-separated: tome, dyt, onnx")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    ap.add_argument("--quick", action="store_true", help="tiny width, few rounds: checks the script runs")
+    ap.add_argument("--tag", default="run1", help="name of this run's result files")
+    ap.add_argument("--summarize", default=None, metavar="TAG,TAG,...", help="write the medians of these runs")
+    ap.add_argument("--onnx-cache", default=os.path.join(tempfile.gettempdir(), "tokentune-onnx-cache"),
+                    help="where the ONNX files are written once and reused by later runs")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    if args.summarize:
+        summarize(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
