@@ -203,34 +203,39 @@ def _ablation(monkeypatch):
     return module
 
 
-def test_ablation_summary_pairs_seeds_with_the_reference(monkeypatch):
+def test_ablation_summary_pairs_runs_with_the_reference(monkeypatch):
     """The table's bookkeeping on made-up runs (the runs themselves are the real pipeline)."""
     m = _ablation(monkeypatch)
     rows = [r for r in m.ROWS if r.key in ("adapter", "ref", "rate-warmup")]
-    layers = dict(names=["blocks.0.mlp", "blocks.1.mlp"], test_images=10)
 
-    def run(key, seed, top1, macs, rate=None):
-        rec = dict(key=key, seed=seed, top1=top1, macs=macs, trainable=100, train_s=1.0, test_images=10,
+    def run(key, data, seed, top1, macs, rate=None):
+        rec = dict(key=key, data_seed=data, seed=seed, top1=top1, macs=macs, trainable=100, train_s=1.0, test_images=10,
                    last_epoch={"rate": rate} if rate is not None else {})
         if rate is not None:
-            rec.update(layers, per_layer=[rate, rate / 2], overall=0.75 * rate, agreement=0.8)
+            rec.update(names=["blocks.0.mlp", "blocks.1.mlp"], per_layer=[rate + data / 10, rate / 2],
+                       overall=0.75 * rate, agreement=0.8)
         return rec
 
-    records = [run("adapter", s, 70.0 + s, 10e6) for s in range(3)]
-    records += [run("ref", s, 72.0 - s, 8e6, 0.5) for s in range(3)]
-    records += [run("rate-warmup", s, 73.0 - s + (s == 2) * -5, 9e6, 0.6) for s in range(3)]
+    records = [run("adapter", 0, s, 70.0 + s, 10e6) for s in range(3)]
+    records += [run("ref", 0, s, 72.0 - s, 8e6, 0.5) for s in range(3)] + [run("ref", 1, 0, 60.0, 8e6, 0.5)]
+    records += [run("rate-warmup", 0, s, 73.0 - s + (s == 2) * -5, 9e6, 0.6) for s in range(3)]
+    records += [run("rate-warmup", 1, 0, 60.0, 9e6, 0.6)]
     table = {s["key"]: s for s in m.summarize(rows, records)}
-    assert table["adapter"]["top1_mean"] == 71.0 and table["adapter"]["top1_std"] == pytest.approx(1.0)
-    assert table["adapter"]["vs_reference"] == pytest.approx((-2 + 0 + 2) / 3) and table["adapter"]["beats_reference"] == 1
-    warm = table["rate-warmup"]
-    assert warm["vs_reference"] == pytest.approx((1 + 1 - 4) / 3) and warm["beats_reference"] == 2
-    assert warm["macs_vs_adapter"] == pytest.approx(0.9) and warm["per_layer"] == [0.6, 0.3]
-    assert warm["train_rate"] == pytest.approx(0.6) and "vs_reference" not in table["ref"]
-    text = m.markdown(list(table.values()), dict(seeds_text="3 seeds", budget="b", machine="m", workers=2, wall_s=1.0,
-                                                 load_before="0", load_after="0"))
-    assert "| DyT r=0.5 (reference defaults) | 71.0 ± 1.0 | 72.0 71.0 70.0 |" in text
-    assert "+0.0 ± 2.0 | 1/3 | 10.00 (100%) | 1 (all) |  |  | 100 | 1 |" in text
-    assert "| 0.45 [0.60 0.30] | 0.60 | 0.80 | 100 | 1 |" in text
+    adapter, ref, warm = table["adapter"], table["ref"], table["rate-warmup"]
+    assert adapter["data"]["0"]["mean"] == 71.0 and adapter["data"]["0"]["std"] == pytest.approx(1.0)
+    assert adapter["vs_reference"] == pytest.approx((-2 + 0 + 2) / 3) and adapter["beats_reference"] == 1
+    assert warm["vs_reference"] == pytest.approx((1 + 1 - 4 + 0) / 4)
+    assert (warm["beats_reference"], warm["ties_reference"], warm["pairs"]) == (2, 1, 4)
+    assert warm["macs_vs_adapter"] == pytest.approx(0.9) and warm["train_rate"] == pytest.approx(0.6)
+    assert warm["data"]["1"]["per_layer"] == pytest.approx([0.7, 0.3]) and warm["per_layer"] == pytest.approx([0.625, 0.3])
+    assert "vs_reference" not in ref and "1" not in adapter["data"]
+    text = m.markdown(list(table.values()), dict(data_seeds=[0, 1], seeds_text="s", budget="b", machine="m", workers=2,
+                                                 wall_s=1.0, load_before="0", load_after="0", cpu_s={"0": 5.0, "1": 2.0}))
+    assert "| DyT r=0.5 (reference defaults) | 71.0 ± 1.0 | 60.0 ± 0.0 |  |  |" in text
+    assert "| 71.0 ± 1.0 |  | +0.0 ± 2.0 | 1/3 (1 tied) | 10.00 (100%) | 1 (all) |" in text   # the adapter: one data seed
+    assert "| -0.5 ± 2.4 | 2/4 (1 tied) | 9.00 (90%) | 0.45 [0.62 0.30] | 0.60 | 0.80 | 100 | 1 |" in text
+    assert "- r=0.5, rate target 1.0 -> 0.5 over the first 50%: data 0: 73.0 72.0 66.0; data 1: 60.0" in text
+    assert "CPU time of the jobs (data seed 0: 5 s, data seed 1: 2 s)" in text
 
 
 @pytest.mark.slow
@@ -243,9 +248,9 @@ def test_ablation_script_runs_end_to_end(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     keys = [r["key"] for r in out["rows"]]
-    assert keys == ["adapter", "ref", "keep2"]
+    assert keys == ["adapter", "ref", "keep1"]
     rows = {r["key"]: r for r in out["rows"]}
-    assert rows["keep2"]["names"] == ["blocks.2.mlp", "blocks.3.mlp"]
+    assert rows["keep1"]["names"] == ["blocks.1.mlp", "blocks.2.mlp", "blocks.3.mlp"]
     assert rows["ref"]["macs"] < rows["adapter"]["macs"]
-    for suffix in (".json", ".md", "_rates.png", "_tokens_ref.png"):
+    for suffix in (".json", ".md", "_rates_data0.png", "_tokens_ref.png"):
         assert (tmp_path / f"abl{suffix}").is_file()

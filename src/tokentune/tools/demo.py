@@ -297,7 +297,7 @@ def adapt(setup: DemoSetup, row: DemoRow, cfg: DemoConfig, out_dir: Optional[str
         options["tome_r"] = list(cfg.tome_r)
     torch.manual_seed(seed)
     model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=setup.backbone,
-                         head_init_std=0.01, **setup.arch, **options)
+                         head_init_std=0.01, **{**setup.arch, **options})   # a row may override the head's pooling
     if setup.train is None:
         setup.train, setup.test = _load_folder(setup.folders["new"], model)
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=1e-5, warmup_epochs=1,
