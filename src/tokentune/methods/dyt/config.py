@@ -49,7 +49,7 @@ class DyTConfig:
             reference training model's evaluation).
         active_warmup: fraction of the training steps, from the start, in which every token is
             active: the loss is the complete model's cross-entropy alone and the dispatchers do
-            not train (0: none, the reference). A small-data option (see ``dyt-small-data``).
+            not train (0: none, the reference).
         rate_warmup: fraction of the training steps, after ``active_warmup``, over which the
             rate loss's target falls linearly from 1.0 to ``target_rate`` (0: ``target_rate``
             from the first step, the reference).
