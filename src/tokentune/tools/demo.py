@@ -6,8 +6,8 @@
    scratch on digits 0-4 with ``tokentune.train`` (method ``full``): our stand-in for a
    pretrained backbone, obtained without any download;
 3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
-   probe, LoRA, LoRA + ToMe, PYRA, DyT, LoRA + EViT, LoRA + DynamicViT, VPT-deep, VPT-deep + PYRA;
-   rows whose methods are not installed are skipped), through the same
+   probe, LoRA, LoRA + ToMe, PYRA, AdaptFormer-style adapters, DyT with the same adapters, LoRA +
+   EViT, LoRA + DynamicViT, VPT-deep, VPT-deep + PYRA), through the same
    ``create_model -> train -> deploy -> evaluate`` path as real runs;
 4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
    adds per image and throughput, measured side by side in one process on the same batch.
@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -77,11 +77,12 @@ ROWS: List[DemoRow] = [
     DemoRow("LoRA r=8", "lora", dict(_LORA)),
     DemoRow("LoRA r=8 + ToMe", "lora+tome", dict(_LORA), merge=True),
     DemoRow("PYRA (LoRA r=8 + ToMe)", "pyra", dict(_LORA), merge=True),
-    DemoRow("DyT", "dyt"),
+    DemoRow("AdaptFormer (adapter 16)", "adapter", {"adapter_bottleneck": 16}),
+    DemoRow("DyT (adapter 16, r=0.5)", "dyt", {"dyt_bottleneck": 16, "dyt_target_rate": 0.5}),
     DemoRow("DyT, static shapes (capacity 1.0)", "dyt", deploy={"dyt_execution": "capacity", "dyt_capacity": 1.0},
-            reuse="DyT"),
+            reuse="DyT (adapter 16, r=0.5)"),
     DemoRow("DyT, static shapes (capacity 1.25)", "dyt", deploy={"dyt_execution": "capacity", "dyt_capacity": 1.25},
-            reuse="DyT"),
+            reuse="DyT (adapter 16, r=0.5)"),
     DemoRow("LoRA r=8 + EViT", "lora+evit", dict(_LORA)),
     DemoRow("LoRA r=8 + DynamicViT", "lora+dynamicvit", dict(_LORA)),
     DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}),
@@ -206,6 +207,47 @@ def _token_path(model: nn.Module, images: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- pipeline
+@dataclass
+class DemoSetup:
+    """What every adaptation of the demo starts from (:func:`prepare_demo`).
+
+    Attributes:
+        folders: ``{"pretrain": ..., "new": ...}`` image folders (digits 0-4 and 5-9).
+        backbone: the pre-trained tiny ViT's weights file.
+        arch: the ``create_model`` keywords of the tiny ViT.
+        num_patches: patch tokens per image.
+        train, test: the digits 5-9 splits (decoded once, loaded on first use).
+    """
+
+    folders: Dict[str, str]
+    backbone: str
+    arch: Dict[str, Any]
+    num_patches: int
+    train: Any = None
+    test: Any = None
+
+
+@dataclass
+class Adapted:
+    """One method adapted to digits 5-9 (:func:`adapt`).
+
+    Attributes:
+        model: the trained model (training-time form).
+        deployed: ``tokentune.deploy(model)`` (LoRA merged, DyT skipping).
+        top1: test top-1 (%) of the deployed model on the held-out digits 5-9.
+        trainable: trainable parameters, head included.
+        train_s: training time in seconds.
+        history: one record per epoch (training loss and the method's logged terms).
+    """
+
+    model: nn.Module
+    deployed: nn.Module
+    top1: float
+    trainable: int
+    train_s: float
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
 def _cache_path(cfg: DemoConfig, arch: Dict[str, Any]) -> str:
 
     key = json.dumps({"arch": arch, "epochs": cfg.pretrain_epochs, "seed": cfg.seed, "bs": cfg.batch_size,
@@ -222,14 +264,14 @@ def pretrained_backbone(cfg: DemoConfig, arch: Dict[str, Any], folder: str, work
     tokens = (32 // cfg.patch_size) ** 2
     cache = _cache_path(cfg, arch) if cfg.cache else None
     backbone_file = os.path.join(workdir, "pretrained-digits-0-4.safetensors")
-    torch.manual_seed(cfg.seed)
-    base = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
     what = (f"a timm ViT (32x32 input upscaled bicubic, {cfg.patch_size}x{cfg.patch_size} patches = {tokens} "
             f"patch tokens + CLS, width {cfg.embed_dim}, depth {cfg.depth}, average pooling)")
     if cache and os.path.isfile(cache):
         shutil.copyfile(cache, backbone_file)
         out(f"[1/{steps}] {what} pre-trained on digits 0-4: taken from the cache {cache}")
         return backbone_file
+    torch.manual_seed(cfg.seed)
+    base = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
     pre_train, pre_test = _load_folder(folder, base)
     pre_cfg = TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=3e-3, min_lr=1e-5,
                           warmup_epochs=1, warmup_lr=1e-6, weight_decay=0.05, eval_every=0, num_workers=0,
@@ -245,6 +287,60 @@ def pretrained_backbone(cfg: DemoConfig, arch: Dict[str, Any], folder: str, work
     return backbone_file
 
 
+def prepare_demo(cfg: DemoConfig, workdir: str, out: Callable[[str], None] = print, steps: int = 1) -> DemoSetup:
+    """Write the digits under ``workdir`` and pre-train the tiny ViT on digits 0-4 (or take it from the
+    cache): step 1 of the demo, shared by everything that adapts the demo's backbone.
+
+    ``out`` receives one line per step (``steps``: the total shown as ``[1/steps]``).
+    """
+    arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=max(1, cfg.embed_dim // 16), global_pool="avg")
+    os.makedirs(workdir, exist_ok=True)
+    folders = write_digits(os.path.join(workdir, "digits"), cfg.seed)
+    where = "" if cfg.workdir else " (temporary; keep them with --workdir DIR)"
+    out(f"tokentune demo: scikit-learn's 1,797 handwritten digits (8x8 scans) written as image folders "
+        f"{folders['pretrain']} (digits 0-4) and {folders['new']} (digits 5-9){where}")
+    backbone = pretrained_backbone(cfg, arch, folders["pretrain"], workdir, out, out if cfg.progress else None, steps)
+    return DemoSetup(folders, backbone, arch, (32 // cfg.patch_size) ** 2)
+
+
+def adapt(setup: DemoSetup, row: DemoRow, cfg: DemoConfig, out_dir: Optional[str], seed: Optional[int] = None,
+          log: Optional[Callable[[str], None]] = None) -> Adapted:
+    """Adapt the demo's backbone to digits 5-9 with ``row``'s method: ``create_model -> train ->
+    deploy -> evaluate``, the run written to ``out_dir`` (None: no run directory).
+
+    ``seed`` (default ``cfg.seed``) seeds the new layers' initialisation, the training order and
+    the method's randomness (dropout, DyT's Gumbel noise); the data and the backbone stay those of
+    ``cfg.seed``.
+    """
+    seed = cfg.seed if seed is None else seed
+    options = dict(row.options)
+    if row.merge:
+        options["tome_r"] = list(cfg.tome_r)
+    torch.manual_seed(seed)
+    model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=setup.backbone,
+                         head_init_std=0.01, **{**setup.arch, **options})   # a row may override the head's pooling
+    if setup.train is None:
+        setup.train, setup.test = _load_folder(setup.folders["new"], model)
+    tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=1e-5, warmup_epochs=1,
+                       warmup_lr=1e-6, weight_decay=1e-4, eval_every=0, num_workers=0, seed=seed)
+    tic = time.perf_counter()
+    result = train(model, setup.train, setup.test, tcfg, out_dir=out_dir, progress=False, log=log)
+    train_s = time.perf_counter() - tic
+    return _deployed(model, row, setup, train_s, result.history)
+
+
+def _deployed(model: nn.Module, row: DemoRow, setup: DemoSetup, train_s: float, history) -> Adapted:
+    trainable = count_parameters(model)["trainable"]
+    fast = deploy(model, **row.deploy)
+    top1 = evaluate(fast, setup.test, batch_size=256, amp="off", progress=False)["top1"]
+    return Adapted(model, fast, top1, trainable, train_s, history)
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+
+
 def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]] = None,
              out=print) -> List[Dict[str, Any]]:
     """Run the demo and print its table; returns one dict per row."""
@@ -254,67 +350,40 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                num_heads=max(1, cfg.embed_dim // 16), global_pool="avg")
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="tokentune-demo-")
-    os.makedirs(workdir, exist_ok=True)
     log = out if cfg.progress else None
     todo = list(ROWS if rows is None else rows)
     skipped = [r.method for r in (ROWS if rows is None else rows) if r not in todo]
     steps = len(todo) + 2
     try:
-        folders = write_digits(os.path.join(workdir, "digits"), cfg.seed)
-        where = "" if cfg.workdir else " (temporary; keep them with --workdir DIR)"
-        out(f"tokentune demo: scikit-learn's 1,797 handwritten digits (8x8 scans) written as image folders "
-            f"{folders['pretrain']} (digits 0-4) and {folders['new']} (digits 5-9){where}")
-
         # -- 1. a "pretrained" backbone: pre-train on digits 0-4 (or take it from the cache)
-        backbone_file = pretrained_backbone(cfg, arch, folders["pretrain"], workdir, out, log, steps)
+        setup = prepare_demo(cfg, workdir, out, steps)
 
         # -- 2. adapt to digits 5-9 with every available method
         table = []
         deployed: Dict[str, nn.Module] = {}
-        trained: Dict[str, nn.Module] = {}
-        new_train = new_test = None
+        trained: Dict[str, Adapted] = {}
         for step, row in enumerate(todo, 2):
             if row.reuse is not None:
                 if row.reuse not in trained:
                     raise TokenTuneError(f"demo row {row.label!r} reuses {row.reuse!r}, which is not an earlier row")
-                model, train_s = trained[row.reuse], 0.0
+                done = _deployed(trained[row.reuse].model, row, setup, 0.0, trained[row.reuse].history)
+                how = f"the {row.reuse} model deployed with {row.deploy}"
             else:
-                options = dict(row.options)
-                if row.merge:
-                    options["tome_r"] = list(cfg.tome_r)
-                torch.manual_seed(cfg.seed)
-                model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=backbone_file,
-                                     head_init_std=0.01, **arch, **options)
-                if new_train is None:
-                    new_train, new_test = _load_folder(folders["new"], model)
-                tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=1e-5,
-                                   warmup_epochs=1, warmup_lr=1e-6, weight_decay=1e-4, eval_every=0, num_workers=0,
-                                   seed=cfg.seed)
-                slug = "".join(ch if ch.isalnum() else "-" for ch in row.label.lower()).strip("-")
-                tic = time.perf_counter()
-                train(model, new_train, new_test, tcfg, out_dir=os.path.join(workdir, "runs", slug), progress=False,
-                      log=log)
-                train_s = time.perf_counter() - tic
-                trained[row.label] = model
-            params = count_parameters(model)
+                done = adapt(setup, row, cfg, os.path.join(workdir, "runs", _slug(row.label)), log=log)
+                trained[row.label] = done
+                how = f"adapted to digits 5-9 in {done.train_s:.0f} s ({cfg.epochs} epochs on {len(setup.train)} images)"
+            new_test = setup.test
             sample = torch.stack([new_test[i][0] for i in range(min(8, len(new_test)))])
-            token_path = _token_path(model, sample)
-            fast = deploy(model, **row.deploy)
-            acc = evaluate(fast, new_test, batch_size=256, amp="off", progress=False)["top1"]
-            deployed[row.label] = fast
-            table.append({"label": row.label, "method": model.tokentune_spec["method"], "top1": acc,
-                          "trainable": params["trainable"], "tokens": token_path,
-                          "macs": count_macs(fast, sample), "train_s": train_s})
-            how = (f"the {row.reuse} model deployed with {row.deploy}" if row.reuse is not None else
-                   f"adapted to digits 5-9 in {train_s:.0f} s ({cfg.epochs} epochs on {len(new_train)} images)")
-            out(f"[{step}/{steps}] {row.label}: {how}, top-1 {acc:.1f}% on {len(new_test)} held-out ones")
+            deployed[row.label] = done.deployed
+            table.append({"label": row.label, "method": done.model.tokentune_spec["method"], "top1": done.top1,
+                          "trainable": done.trainable, "tokens": _token_path(done.model, sample),
+                          "macs": count_macs(done.deployed, sample), "train_s": done.train_s})
+            out(f"[{step}/{steps}] {row.label}: {how}, top-1 {done.top1:.1f}% on {len(new_test)} held-out ones")
 
         # -- 3. throughput of the deployed models, side by side on one batch
-        n = len(new_test)
-        batch = torch.stack([new_test[i % n][0] for i in range(cfg.bench_batch)])
+        n = len(setup.test)
+        batch = torch.stack([setup.test[i % n][0] for i in range(cfg.bench_batch)])
         speed = {k: v.median for k, v in measure_throughput(deployed, images=batch, rounds=cfg.bench_rounds).items()}
         for rec in table:
             rec["img_per_s"] = speed[rec["label"]]

@@ -57,11 +57,14 @@ drops its lowest-scoring active tokens. Shapes are static: no host sync, ``torch
 ``fullgraph=True``, ``torch.export``, ONNX with the speed-up inside the graph, CUDA graphs. A row
 made complete by a ``dyt_complete`` tensor takes the threshold path.
 
-Temperature: constant ``tau`` by default; with ``tau_end`` the training loop calls
-:func:`update_temperature` (``model``, progress in [0, 1]) before each step (the method's
-``on_step`` hook, so ``tokentune train`` does it), or a user calls
-:func:`set_temperature` / :func:`temperature_at` directly. :func:`calibrate_activation` sets the
-dispatcher biases to reach a given rate on a batch (benchmarks of untrained models).
+Schedules (:mod:`.schedule`): the training loop calls :func:`update_schedule` (``model``,
+progress in [0, 1]) before each step (the method's ``on_step`` hook, so ``tokentune train`` does
+it). It applies the temperature (constant ``tau`` by default, a decay with ``tau_end``;
+:func:`set_temperature` / :func:`temperature_at` directly) and records the progress for the
+small-data options, all off by default (the reference): ``active_warmup`` (every token active at
+the start), ``rate_warmup`` (the rate target falls from 1.0 to ``r``) and ``calibrate_init``.
+:func:`calibrate_activation` sets the dispatcher biases to reach a given rate on a batch
+(benchmarks of untrained models, ``calibrate_init``).
 :func:`tokentune.core.dispatch.activation_stats` gives per-layer and overall rates over a dataset
 and per-image masks (for any dispatching method).
 
@@ -95,8 +98,8 @@ linear.*``, ``blocks.{i}.attn_adapter.*``, ``blocks.{i}.layer_adapter.*``, and t
 :func:`from_reference_state_dict` / :func:`to_reference_state_dict` convert between the two.
 
 Files: :mod:`.config` (options), :mod:`.dispatcher` (the dispatcher), :mod:`.method` (apply,
-deploy, temperature, calibration, registration), :mod:`.loss`, :mod:`.reference` (the reference
-code's checkpoint names and VTAB-1k recipe).
+deploy, registration), :mod:`.schedule` (temperature, progress, rate target, calibration),
+:mod:`.loss`, :mod:`.reference` (the reference code's checkpoint names and VTAB-1k recipe).
 """
 from ...core.dispatch import (
                      ActivationStats,
@@ -106,26 +109,26 @@ from ...core.dispatch import (
                      dispatch_records,
                      dispatchers,
 )
-from .config import EXECUTIONS, TAU_SCHEDULES, VARIANTS, DyTConfig, validate
+from .config import EXECUTIONS, TAU_SCHEDULES, VARIANTS, DyTConfig, config_of, validate
 from .dispatcher import TokenDispatcher
-from .loss import config_of, dyt_loss, rate_loss
-from .method import (
-                     apply_dyt,
+from .loss import dyt_loss, rate_loss
+from .method import apply_dyt, calibrate_capacity, deploy_dyt, trace_options
+from .reference import from_reference_state_dict, load_reference_checkpoint, to_reference_state_dict
+from .schedule import (
                      calibrate_activation,
-                     calibrate_capacity,
-                     deploy_dyt,
                      set_temperature,
+                     target_rate_at,
                      temperature_at,
-                     trace_options,
+                     training_progress,
+                     update_schedule,
                      update_temperature,
 )
-from .reference import from_reference_state_dict, load_reference_checkpoint, to_reference_state_dict
 
 __all__ = [
     "ActivationStats", "DispatchRecord", "DyTConfig", "EXECUTIONS", "TAU_SCHEDULES", "TokenDispatcher", "VARIANTS",
     "activation_rate", "activation_stats", "apply_dyt", "calibrate_activation", "calibrate_capacity", "config_of",
     "deploy_dyt",
     "dispatch_records", "dispatchers", "dyt_loss", "from_reference_state_dict", "load_reference_checkpoint",
-    "rate_loss", "set_temperature", "temperature_at", "to_reference_state_dict", "trace_options",
-    "update_temperature", "validate",
+    "rate_loss", "set_temperature", "target_rate_at", "temperature_at", "to_reference_state_dict",
+    "trace_options", "training_progress", "update_schedule", "update_temperature", "validate",
 ]

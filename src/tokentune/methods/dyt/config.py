@@ -1,9 +1,13 @@
-"""DyT's options (:class:`DyTConfig`, defaults: the reference VTAB-1k setting) and their checks."""
+"""DyT's options (:class:`DyTConfig`, defaults: the reference VTAB-1k setting), their checks, and
+the config a model was built with (:func:`config_of`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
+from torch import nn
+
+from ...core.vit import info_of
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
 
@@ -30,7 +34,7 @@ class DyTConfig:
             (per-image routing from the mean token, experts merged in weight space; paper: 4).
         tau: Gumbel-sigmoid temperature in training (reference 5, constant).
         tau_end: temperature at the end of training for a decay schedule (None = constant
-            ``tau``); applied by :func:`update_temperature`, which the training loop calls.
+            ``tau``); applied by :func:`update_schedule`, which the training loop calls.
         tau_schedule: shape of the decay from ``tau`` to ``tau_end``: ``"linear"``,
             ``"cosine"`` or ``"exponential"``.
         threshold: a token is active when its (noisy, in training) sigmoid exceeds this (0.5).
@@ -52,6 +56,15 @@ class DyTConfig:
             (``ceil(f * target_rate * M)`` of a block's ``M`` patch tokens, at most ``M``; 1.0 =
             the trained rate's budget, ``1 / target_rate`` = every token) or one token count per
             dispatcher in block order (as :func:`tokentune.methods.dyt.calibrate_capacity` sets them).
+        active_warmup: fraction of the training steps, from the start, in which every token is
+            active: the loss is the complete model's cross-entropy alone and the dispatchers do
+            not train (0: none, the reference).
+        rate_warmup: fraction of the training steps, after ``active_warmup``, over which the
+            rate loss's target falls linearly from 1.0 to ``target_rate`` (0: ``target_rate``
+            from the first step, the reference).
+        calibrate_init: at the first training step, shift every dispatcher's bias with
+            :func:`~tokentune.methods.dyt.schedule.calibrate_activation` on that step's batch so that
+            the inference rule activates the scheduled target rate (reference: zero bias).
     """
 
     variant: str = "mlp"
@@ -71,11 +84,23 @@ class DyTConfig:
     distill_weight: float = 1.0
     inference: str = "skip"
     capacity: Union[None, float, List[int]] = None
+    active_warmup: float = 0.0
+    rate_warmup: float = 0.0
+    calibrate_init: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "dyt_")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise TokenTuneError(f"invalid dyt_adapter_dropout={self.adapter_dropout}: a dropout probability is in [0, 1)")
+        if not (0.0 <= self.active_warmup < 1.0 and 0.0 <= self.rate_warmup <= 1.0
+                and self.active_warmup + self.rate_warmup <= 1.0):
+            raise TokenTuneError(f"invalid dyt_active_warmup={self.active_warmup}, dyt_rate_warmup={self.rate_warmup}: "
+                                 "they are fractions of training, active_warmup in [0, 1), their sum at most 1")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the training loss depends on the training progress (warm-ups, calibration)."""
+        return self.active_warmup > 0 or self.rate_warmup > 0 or self.calibrate_init
 
 
 def validate(cfg: DyTConfig, depth: int) -> None:
@@ -124,3 +149,12 @@ def check_capacity(cfg: DyTConfig, dispatchers: int) -> None:
     if len(cap) != dispatchers or min(cap, default=0) < 0:
         raise TokenTuneError(f"dyt capacity lists one token count >= 0 per dispatcher: this model has {dispatchers}, "
                              f"got {list(cap)}; recalibrate with tokentune.methods.dyt.calibrate_capacity")
+
+
+def config_of(model: nn.Module) -> DyTConfig:
+    """The :class:`DyTConfig` a DyT model was built with."""
+    info = info_of(model)                        # through compile / DDP wrappers
+    cfg = info.state.get("dyt") if info is not None else None
+    if cfg is None:
+        raise TokenTuneError("this model has no DyT; build it with method='dyt'")
+    return cfg

@@ -9,17 +9,9 @@ from torch import nn
 
 from ...core.dispatch import activation_rate
 from ...core.state import TokenState
-from ...core.vit import info_of
 from ...errors import TokenTuneError
-
-
-def config_of(model: nn.Module):
-    """The :class:`~tokentune.methods.dyt.config.DyTConfig` a DyT model was built with."""
-    info = info_of(model)                        # through compile / DDP wrappers
-    cfg = info.state.get("dyt") if info is not None else None
-    if cfg is None:
-        raise TokenTuneError("this model has no DyT; build it with method='dyt'")
-    return cfg
+from .config import DyTConfig, config_of
+from .schedule import calibrate_activation, target_rate_at, training_progress
 
 
 def rate_loss(state: TokenState, target: float) -> torch.Tensor:
@@ -30,6 +22,18 @@ def rate_loss(state: TokenState, target: float) -> torch.Tensor:
     return (rate - target) ** 2
 
 
+def _progress(model: nn.Module, cfg: DyTConfig) -> float:
+    """The training progress for the small-data options (1.0, i.e. none of them active, by default)."""
+    if not cfg.scheduled:
+        return 1.0
+    progress = training_progress(model)
+    if progress is None:
+        raise TokenTuneError("dyt_active_warmup, dyt_rate_warmup and dyt_calibrate_init follow the training progress: "
+                             "call tokentune.dyt.update_schedule(model, step / total_steps) before every step "
+                             "(tokentune.train does)")
+    return progress
+
+
 def dyt_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion) -> Tuple[torch.Tensor, Dict[str, float]]:
     """DyT's training loss (the method's ``loss`` hook).
 
@@ -38,8 +42,20 @@ def dyt_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, crit
     every parameter takes part. ``criterion`` gives both cross-entropies (the reference: plain CE;
     a task's loss module, e.g. per-pixel cross-entropy, for a task model). ``images`` may be any
     task input (a task head expands the per-sample ``dyt_complete`` rows to the images it runs).
+
+    With the small-data options: in the ``active_warmup`` the loss is the complete model's
+    cross-entropy alone (logged as ``ce``, rate 1); the rate target follows
+    :func:`~tokentune.methods.dyt.schedule.target_rate_at`; ``calibrate_init`` calibrates the
+    dispatchers on the batch of the first step.
     """
     cfg = config_of(model)
+    progress = _progress(model, cfg)
+    target = target_rate_at(progress, cfg)
+    if cfg.calibrate_init and progress == 0.0:
+        calibrate_activation(model, images, target_rate_at(cfg.active_warmup, cfg))
+    if target is None:                                       # all-active warm-up: the complete model only
+        ce = criterion(model(images, dyt_complete=True), targets)
+        return ce, {"ce": float(ce.detach()), "rate": 1.0}
     B = images.shape[0]
     complete = cfg.complete_weight > 0 or cfg.distill_weight > 0
     if complete:
@@ -54,7 +70,7 @@ def dyt_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, crit
     logs: Dict[str, float] = {"ce": float(ce.detach())}
     rate = activation_rate(state)
     if rate is not None:
-        l_rate = (rate - cfg.target_rate) ** 2
+        l_rate = (rate - target) ** 2
         loss = loss + cfg.rate_weight * l_rate
         logs.update(rate=float(rate.detach()), rate_loss=float(l_rate.detach()))
     if complete:

@@ -1,5 +1,5 @@
-"""Applying DyT to a model, deployment, the temperature schedule, calibration, and the method's
-registration (with its hooks: loss, per-step temperature, deploy, export form, calibration)."""
+"""Applying DyT to a model, deployment, and the method's registration (with its hooks: loss,
+per-step schedule, deploy, export form, calibration)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,16 +9,17 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ...core.dispatch import activation_rate, dispatch_records, dispatchers
+from ...core.dispatch import dispatch_records, dispatchers
 from ...core.factory import record_config
 from ...core.method import Method, register_method
 from ...core.vit import adapted_blocks
 from ...errors import TokenTuneError
 from ...utils import unwrap_model
 from ..adapter import Adapter, MoEAdapter
-from .config import EXECUTIONS, DyTConfig, check_capacity, validate
+from .config import EXECUTIONS, DyTConfig, check_capacity, config_of, validate
 from .dispatcher import TokenDispatcher
-from .loss import config_of, dyt_loss
+from .loss import dyt_loss
+from .schedule import calibrate_activation, update_schedule
 
 
 def _make_adapter(dim: int, cfg: DyTConfig) -> nn.Module:
@@ -104,67 +105,6 @@ def deploy_dyt(model: nn.Module, *, execution: Optional[str] = None,
     _update_config(model, inference=execution, capacity=capacity)
 
 
-# ----------------------------------------------------------------------------- temperature
-def temperature_at(progress: float, cfg: DyTConfig) -> float:
-    """The Gumbel temperature at ``progress`` in [0, 1] of training (``tau`` when constant)."""
-    if cfg.tau_end is None:
-        return float(cfg.tau)
-    p = min(max(float(progress), 0.0), 1.0)
-    a, b = float(cfg.tau), float(cfg.tau_end)
-    if cfg.tau_schedule == "linear":
-        return a + (b - a) * p
-    if cfg.tau_schedule == "cosine":
-        return b + (a - b) * 0.5 * (1.0 + math.cos(math.pi * p))
-    return a * (b / a) ** p                                          # exponential
-
-
-def set_temperature(model: nn.Module, tau: float) -> None:
-    """Set the training temperature of every dispatcher (the inference mask does not depend on it)."""
-    if tau <= 0:
-        raise TokenTuneError(f"the Gumbel temperature must be positive, got {tau}")
-    for d in dispatchers(model):
-        d.tau = float(tau)
-
-
-def update_temperature(model: nn.Module, progress: float) -> float:
-    """Apply the model's temperature schedule at ``progress`` = step / total steps; returns tau.
-
-    Call it once per step (or epoch) from the training loop; a no-op for the constant default.
-    """
-    cfg = config_of(model)
-    tau = temperature_at(progress, cfg)
-    set_temperature(model, tau)
-    return tau
-
-
-@torch.no_grad()
-def calibrate_activation(model: nn.Module, images: torch.Tensor, rate: float = 0.5) -> float:
-    """Shift every dispatcher's bias so that it activates ``rate`` of the patch tokens of
-    ``images`` (eval rule, block by block in one forward). Returns the resulting overall rate.
-
-    Used to benchmark an untrained model at a given activation rate, or to start training there.
-    """
-    if not 0.0 <= rate <= 1.0:
-        raise TokenTuneError(f"activation rate must be in [0, 1], got {rate}")
-    ds = dispatchers(model)
-    if not ds:
-        raise TokenTuneError("this model has no token dispatchers; build it with method='dyt'")
-    was_training = model.training
-    model.eval()
-    try:
-        for d in ds:
-            d.calibrate_to = rate
-        model(images, return_state=True, dyt_execution="skip")         # the threshold rule, block by block
-        for d in ds:
-            d.calibrate_to = None
-        _, state = model(images, return_state=True, dyt_execution="skip")
-    finally:
-        for d in ds:
-            d.calibrate_to = None
-        model.train(was_training)
-    return float(activation_rate(state))
-
-
 @torch.no_grad()
 def calibrate_capacity(model: nn.Module, data: Union[torch.Tensor, Iterable], quantile: float = 1.0,
                        max_batches: Optional[int] = None) -> List[int]:
@@ -222,6 +162,6 @@ register_method(Method(
     "dyt", DyTConfig, apply_dyt,
     trainable=(r"\.(adapter|attn_adapter|layer_adapter)\.", r"\.(attn|mlp|layer)_dispatcher\."),
     order=30, peft=True, reduces_tokens=True, composes_with=("tome",), deploy=deploy_dyt, loss=dyt_loss,
-    on_step=update_temperature, trace_options=trace_options,
+    on_step=update_schedule, trace_options=trace_options,
     set_activation=calibrate_activation, activation_target=lambda model: config_of(model).target_rate,
     summary="Dynamic Tuning: token dispatchers skip attention/MLP per token, adapters on every token"))
