@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from tokentune.errors import TokenTuneError
 from tokentune.tools.demo import ROWS, DemoConfig, run_demo
 
 
@@ -44,6 +45,28 @@ def test_every_demo_row_names_registered_methods():
     for row in ROWS:
         parse_method(row.method)
     assert [r.label for r in ROWS][:3] == ["linear probe", "LoRA r=8", "LoRA r=8 + ToMe"]
+
+
+def test_every_demo_row_builds_trains_and_deploys_at_demo_size():
+    """Each row's model, built as the demo builds it (its architecture, the row's options), takes a
+    training step and deploys: a row that cannot run (e.g. an option the method refuses) fails here."""
+    from tokentune import create_model, deploy
+    from tokentune.tools.demo import BACKBONE
+
+    cfg = DemoConfig(patch_size=8)
+    arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                num_heads=max(1, cfg.embed_dim // 16), global_pool="avg")
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for row in ROWS:
+        options = {**arch, **row.options, **({"tome_r": 2} if row.merge else {})}
+        torch.manual_seed(0)
+        model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=False, **options)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            assert deploy(model, **row.deploy)(x).shape == (4, 5), row.label
+    assert DemoConfig(rows="all").rows == "all"
+    with pytest.raises(TokenTuneError, match="demo rows must be one of default, all"):
+        DemoConfig(rows="everything")
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@
    scratch on digits 0-4 with ``tokentune.train`` (method ``full``): our stand-in for a
    pretrained backbone, obtained without any download;
 3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
-   probe, LoRA, LoRA + ToMe, PYRA, AdaptFormer-style adapters, DyT with the same adapters, LoRA +
-   EViT, LoRA + DynamicViT, VPT-deep, VPT-deep + PYRA), through the same
+   probe, LoRA, LoRA + ToMe, PYRA, AdaptFormer-style adapters, DyT with the same adapters, and with
+   ``rows="all"`` LoRA + EViT, LoRA + DynamicViT, VPT-deep, VPT-deep + PYRA), through the same
    ``create_model -> train -> deploy -> evaluate`` path as real runs;
 4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
    adds per image and throughput, measured side by side in one process on the same batch.
@@ -52,12 +52,14 @@ class DemoRow:
 
     Attributes:
         label: row label.
-        method: method spec (rows whose methods are not installed are skipped).
+        method: method spec (e.g. ``lora+tome``).
         options: ``create_model`` options for this row.
         merge: add the demo's ToMe schedule (``tome_r``) to the options.
         deploy: options of :func:`tokentune.deploy` for this row (e.g. DyT's static-shape execution).
         reuse: label of an earlier row whose trained model this row deploys (no training of its own):
             the same weights deployed another way.
+        extra: a row of ``rows="all"`` only (the papers' other baselines and prompt tuning), to keep
+            the default demo short.
     """
 
     label: str
@@ -66,6 +68,7 @@ class DemoRow:
     merge: bool = False
     deploy: Dict[str, Any] = field(default_factory=dict)
     reuse: Optional[str] = None
+    extra: bool = False
 
 
 # LoRA on every linear layer of the blocks: at this width (64) qkv alone is too little capacity
@@ -83,10 +86,11 @@ ROWS: List[DemoRow] = [
             reuse="DyT (adapter 16, r=0.5)"),
     DemoRow("DyT, static shapes (capacity 1.25)", "dyt", deploy={"dyt_execution": "capacity", "dyt_capacity": 1.25},
             reuse="DyT (adapter 16, r=0.5)"),
-    DemoRow("LoRA r=8 + EViT", "lora+evit", dict(_LORA)),
-    DemoRow("LoRA r=8 + DynamicViT", "lora+dynamicvit", dict(_LORA)),
-    DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}),
-    DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True),
+    DemoRow("LoRA r=8 + EViT", "lora+evit", dict(_LORA), extra=True),
+    # DynamicViT's prediction modules and distillation read the class token: a CLS head for this row
+    DemoRow("LoRA r=8 + DynamicViT (CLS head)", "lora+dynamicvit", {**_LORA, "global_pool": "token"}, extra=True),
+    DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}, extra=True),
+    DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True, extra=True),
 ]
 
 
@@ -114,6 +118,10 @@ class DemoConfig:
         workdir: where the digit images and run directories go (default: a temporary folder,
             removed at the end).
         progress: print training progress lines.
+        rows: ``"default"``: the seed papers' methods and their deployment forms (linear probe, LoRA,
+            LoRA + ToMe, PYRA, AdaptFormer, DyT, DyT with static shapes); ``"all"``: also the papers'
+            other baselines and prompt tuning (EViT, DynamicViT, VPT-deep, VPT-deep + PYRA; about a
+            minute more).
     """
 
     pretrain_epochs: int = 8
@@ -131,6 +139,14 @@ class DemoConfig:
     cache: bool = True
     workdir: Optional[str] = None
     progress: bool = False
+    rows: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.rows not in ROW_SETS:
+            raise TokenTuneError(f"demo rows must be one of {', '.join(ROW_SETS)}, got {self.rows!r}")
+
+
+ROW_SETS = ("default", "all")
 
 
 # ----------------------------------------------------------------------------- data
@@ -352,8 +368,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
         torch.set_num_threads(cfg.threads)
     workdir = cfg.workdir or tempfile.mkdtemp(prefix="tokentune-demo-")
     log = out if cfg.progress else None
-    todo = list(ROWS if rows is None else rows)
-    skipped = [r.method for r in (ROWS if rows is None else rows) if r not in todo]
+    todo = list(rows) if rows is not None else [r for r in ROWS if cfg.rows == "all" or not r.extra]
     steps = len(todo) + 2
     try:
         # -- 1. a "pretrained" backbone: pre-train on digits 0-4 (or take it from the cache)
@@ -404,8 +419,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
         f"{cfg.threads or threads} CPU thread(s), median of {cfg.bench_rounds} interleaved rounds in one process"
         + ("; the linear probe and merged LoRA run the same network, so their difference is measurement noise."
            if {"linear", "lora"} <= {r["method"] for r in table} else "."))
-    if skipped:
-        out(f"not installed, skipped: {', '.join(skipped)}")
+    if rows is None and cfg.rows == "default":
+        out("--rows all adds " + ", ".join(r.label for r in ROWS if r.extra) + ".")
     out(f"total time {time.perf_counter() - start:.0f} s")
     return table
 
