@@ -8,9 +8,9 @@ once per seed and data seed. A *seed* sets the new layers' initialisation, the d
 and DyT's Gumbel noise. A *data seed* is the demo's own seed: its train/test split of the digits
 and its pre-trained backbone (data seed 0 is the demo's). Rows: the plain adapter of the same size,
 DyT at r = 1.0 / 0.7 / 0.5, the reference loss without its complete-model CE and/or KL, a decaying
-temperature, calibrated dispatcher biases, no Gumbel noise, ``keep_layers``, the other dispatch
+temperature, calibrated dispatcher biases, no Gumbel noise, ``keep_layers`` 2, the other dispatch
 variants, the MoE-adapter, a CLS-token head, and the small-data options (all-active warm-up, rate
-warm-up).
+warm-up, and both in turn).
 
 Reported per row: test top-1 of the deployed model (mean ± sample std over seeds, per data seed),
 the paired difference to the reference DyT row (same seed and data seed) and on how many pairs the
@@ -75,13 +75,15 @@ ROWS: List[Row] = [
     Row("tau-decay", "r=0.5, tau 5 -> 0.5 (exponential)", options={"dyt_tau_end": 0.5, "dyt_tau_schedule": "exponential"}),
     Row("calibrated", "r=0.5, biases calibrated at step 0", options={"dyt_calibrate_init": True}),
     Row("no-noise", "r=0.5 without Gumbel noise", options={"dyt_gumbel_noise": False}),
-    Row("keep1", "r=0.5, keep_layers 1 (first block all active)", options={"dyt_keep_layers": 1}),
+    Row("keep2", "r=0.5, keep_layers 2 (first two blocks all active)", options={"dyt_keep_layers": 2}),
     Row("layer", "r=0.5, Layer Dispatch", options={"dyt_variant": "layer"}),
     Row("attn-mlp", "r=0.5, Attn-MLP Dispatch", options={"dyt_variant": "attn_mlp"}),
     Row("moe", "r=0.5, MoE-adapter x4", options={"dyt_experts": 4}),
     Row("cls-head", "r=0.5, CLS-token head instead of average pooling", options={"global_pool": "token", "fc_norm": True}),
     Row("active-warmup", "r=0.5, all tokens active for the first 25%", options={"dyt_active_warmup": 0.25}),
     Row("rate-warmup", "r=0.5, rate target 1.0 -> 0.5 over the first 50%", options={"dyt_rate_warmup": 0.5}),
+    Row("both-warmups", "r=0.5, all active for 25%, then rate target 1.0 -> 0.5 over 25%",
+        options={"dyt_active_warmup": 0.25, "dyt_rate_warmup": 0.25}),
 ]
 #: rows whose per-block rates are drawn side by side (MLP Dispatch in every block)
 RATE_PICTURE_ROWS = ("r1.0", "r0.7", REFERENCE, "cls-head")
@@ -332,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.quick:
         cfg = replace(cfg, pretrain_epochs=2, epochs=2, patch_size=8)
         seeds = seeds[:1]
-        keys = args.rows.split(",") if args.rows else [ADAPTER, REFERENCE, "keep1"]
+        keys = args.rows.split(",") if args.rows else [ADAPTER, REFERENCE, "keep2"]
     if args.epochs:
         cfg = replace(cfg, epochs=args.epochs)
     if args.lr:

@@ -248,9 +248,9 @@ def test_ablation_script_runs_end_to_end(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     keys = [r["key"] for r in out["rows"]]
-    assert keys == ["adapter", "ref", "keep1"]
+    assert keys == ["adapter", "ref", "keep2"]
     rows = {r["key"]: r for r in out["rows"]}
-    assert rows["keep1"]["names"] == ["blocks.1.mlp", "blocks.2.mlp", "blocks.3.mlp"]
+    assert rows["keep2"]["names"] == ["blocks.2.mlp", "blocks.3.mlp"]
     assert rows["ref"]["macs"] < rows["adapter"]["macs"]
     for suffix in (".json", ".md", "_rates_data0.png", "_tokens_ref.png"):
         assert (tmp_path / f"abl{suffix}").is_file()
