@@ -79,7 +79,7 @@ ROWS: List[Row] = [
     Row(REFERENCE, "DyT r=0.5 (reference defaults)"),
     Row("no-complete", "r=0.5 without the complete-model CE", options={"dyt_complete_weight": 0.0}),
     Row("no-kl", "r=0.5 without the KL", options={"dyt_distill_weight": 0.0}),
-    Row("no-both", "r=0.5 without both (CE + rate)", options={"dyt_complete_weight": 0.0, "dyt_distill_weight": 0.0}),
+    Row("no-both", "r=0.5 without both (complete CE + KL)", options={"dyt_complete_weight": 0.0, "dyt_distill_weight": 0.0}),
     Row("tau-decay", "r=0.5, tau 5 -> 0.5 (exponential)", options={"dyt_tau_end": 0.5, "dyt_tau_schedule": "exponential"}),
     Row("calibrated", "r=0.5, biases calibrated at step 0", options={"dyt_calibrate_init": True}),
     Row("no-noise", "r=0.5 without Gumbel noise", options={"dyt_gumbel_noise": False}),
