@@ -264,6 +264,14 @@ def test_ablation_summary_pairs_runs_with_the_reference(monkeypatch):
     assert "CPU time of the jobs (data seed 0: 5 s, data seed 1: 2 s)" in text
 
 
+def test_ablation_rows_outside_the_grid_are_selectable_and_unknown_rows_fail(monkeypatch):
+    m = _ablation(monkeypatch)
+    grid = {r.key for r in m.ROWS}
+    assert {r.key for r in m.EXTRA_ROWS}.isdisjoint(grid) and {"adapter", "ref", "r1.0", "keep2", "moe"} <= grid
+    with pytest.raises(SystemExit, match="unknown row.* nope; choose from .*adapter64,? dyt64"):
+        m.main(["--rows", "adapter64,nope", "--no-pictures"])
+
+
 @pytest.mark.slow
 def test_ablation_script_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
