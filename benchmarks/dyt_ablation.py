@@ -28,7 +28,7 @@ time on two idle cores (24 minutes when other processes kept the load average at
 
 Limits: one small task (5 classes, 448 training images) on a 4-block, width-64 backbone
 pre-trained on 721 images, 20 epochs; one test image is 0.22 points of top-1 and the seed-to-seed
-spread is 1-4 points, so with 3 seeds a difference under about 2 points is not resolved; and the
+spread is mostly 1-5 points, so with 3 seeds a difference under about 2 points is not resolved; and the
 activation rates of a 4-block model are not those of ViT-B's 12 blocks.
 
     python benchmarks/dyt_ablation.py                       # the grid: data seed 0, seeds 0,1,2
