@@ -8,9 +8,9 @@ once per seed and data seed. A *seed* sets the new layers' initialisation, the d
 and DyT's Gumbel noise. A *data seed* is the demo's own seed: its train/test split of the digits
 and its pre-trained backbone (data seed 0 is the demo's). Rows: the plain adapter of the same size,
 DyT at r = 1.0 / 0.7 / 0.5, the reference loss without its complete-model CE and/or KL, a decaying
-temperature, calibrated dispatcher biases, no Gumbel noise, ``keep_layers``, the other dispatch
+temperature, calibrated dispatcher biases, no Gumbel noise, ``keep_layers`` 2, the other dispatch
 variants, the MoE-adapter, a CLS-token head, and the small-data options (all-active warm-up, rate
-warm-up).
+warm-up, and both in turn).
 
 Reported per row: test top-1 of the deployed model (mean ± sample std over seeds, per data seed),
 the paired difference to the reference DyT row (same seed and data seed) and on how many pairs the
@@ -22,11 +22,19 @@ the inference mask, trainable parameters, training time. Pictures: per-block act
 for one test digit of each class (its Fig. 6).
 
 Runs ``--workers`` processes with one thread each (default 2: the grid on a 2-core CPU); every job
-seeds itself, so the numbers do not depend on the worker count or order.
+seeds itself, so the numbers do not depend on the worker count or order. The default grid (18 rows x
+3 seeds = 54 jobs) takes about 1,300 s of CPU time on a 2-core x86 VM: about 11 minutes of wall
+time on two idle cores (24 minutes when other processes kept the load average at 4-5.5).
+
+Limits: one small task (5 classes, 448 training images) on a 4-block, width-64 backbone
+pre-trained on 721 images, 20 epochs; one test image is 0.22 points of top-1 and the seed-to-seed
+spread is mostly 1-5 points, so with 3 seeds a difference under about 2 points is not resolved; and the
+activation rates of a 4-block model are not those of ViT-B's 12 blocks.
 
     python benchmarks/dyt_ablation.py                       # the grid: data seed 0, seeds 0,1,2
     python benchmarks/dyt_ablation.py --data-seeds 0,1      # and a second split/backbone (twice the time)
     python benchmarks/dyt_ablation.py --seeds 0,1,2,3,4 --rows adapter,ref,r1.0
+    python benchmarks/dyt_ablation.py --rows adapter64,dyt64 --data-seeds 0,1   # rows outside the grid: adapter 64
     python benchmarks/dyt_ablation.py --quick               # tiny and short: checks that the script runs
 """
 from __future__ import annotations
@@ -71,17 +79,24 @@ ROWS: List[Row] = [
     Row(REFERENCE, "DyT r=0.5 (reference defaults)"),
     Row("no-complete", "r=0.5 without the complete-model CE", options={"dyt_complete_weight": 0.0}),
     Row("no-kl", "r=0.5 without the KL", options={"dyt_distill_weight": 0.0}),
-    Row("no-both", "r=0.5 without both (CE + rate)", options={"dyt_complete_weight": 0.0, "dyt_distill_weight": 0.0}),
+    Row("no-both", "r=0.5 without both (complete CE + KL)", options={"dyt_complete_weight": 0.0, "dyt_distill_weight": 0.0}),
     Row("tau-decay", "r=0.5, tau 5 -> 0.5 (exponential)", options={"dyt_tau_end": 0.5, "dyt_tau_schedule": "exponential"}),
     Row("calibrated", "r=0.5, biases calibrated at step 0", options={"dyt_calibrate_init": True}),
     Row("no-noise", "r=0.5 without Gumbel noise", options={"dyt_gumbel_noise": False}),
-    Row("keep1", "r=0.5, keep_layers 1 (first block all active)", options={"dyt_keep_layers": 1}),
+    Row("keep2", "r=0.5, keep_layers 2 (first two blocks all active)", options={"dyt_keep_layers": 2}),
     Row("layer", "r=0.5, Layer Dispatch", options={"dyt_variant": "layer"}),
     Row("attn-mlp", "r=0.5, Attn-MLP Dispatch", options={"dyt_variant": "attn_mlp"}),
     Row("moe", "r=0.5, MoE-adapter x4", options={"dyt_experts": 4}),
     Row("cls-head", "r=0.5, CLS-token head instead of average pooling", options={"global_pool": "token", "fc_norm": True}),
     Row("active-warmup", "r=0.5, all tokens active for the first 25%", options={"dyt_active_warmup": 0.25}),
     Row("rate-warmup", "r=0.5, rate target 1.0 -> 0.5 over the first 50%", options={"dyt_rate_warmup": 0.5}),
+    Row("both-warmups", "r=0.5, all active for 25%, then rate target 1.0 -> 0.5 over 25%",
+        options={"dyt_active_warmup": 0.25, "dyt_rate_warmup": 0.25}),
+]
+#: rows outside the default grid (``--rows``): the adapters' capacity, for the plain adapter and DyT alike
+EXTRA_ROWS: List[Row] = [
+    Row("adapter64", "AdaptFormer (adapter 64, no dispatch)", "adapter", {"adapter_bottleneck": 64}),
+    Row("dyt64", "DyT r=0.5, adapter 64", options={"dyt_bottleneck": 64}),
 ]
 #: rows whose per-block rates are drawn side by side (MLP Dispatch in every block)
 RATE_PICTURE_ROWS = ("r1.0", "r0.7", REFERENCE, "cls-head")
@@ -316,7 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--data-seeds", default="0",
                     help="comma-separated demo seeds: the train/test split of the digits and the pre-trained backbone "
                          "(default 0, the demo's)")
-    ap.add_argument("--rows", default=None, help=f"comma-separated row keys (default all: {','.join(r.key for r in ROWS)})")
+    ap.add_argument("--rows", default=None, help=f"comma-separated row keys (default all of {','.join(r.key for r in ROWS)}; "
+                                                 f"more: {','.join(r.key for r in EXTRA_ROWS)})")
     ap.add_argument("--epochs", type=int, default=None, help="adaptation epochs (default: the demo's 20)")
     ap.add_argument("--lr", type=float, default=None, help="adaptation peak learning rate (default: the demo's 1e-2)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes, one thread each (default 2)")
@@ -332,15 +348,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.quick:
         cfg = replace(cfg, pretrain_epochs=2, epochs=2, patch_size=8)
         seeds = seeds[:1]
-        keys = args.rows.split(",") if args.rows else [ADAPTER, REFERENCE, "keep1"]
+        keys = args.rows.split(",") if args.rows else [ADAPTER, REFERENCE, "keep2"]
     if args.epochs:
         cfg = replace(cfg, epochs=args.epochs)
     if args.lr:
         cfg = replace(cfg, lr=args.lr)
-    unknown = sorted(set(keys) - {r.key for r in ROWS})
+    every = ROWS + EXTRA_ROWS
+    unknown = sorted(set(keys) - {r.key for r in every})
     if unknown:
-        raise SystemExit(f"error: unknown row(s) {', '.join(unknown)}; choose from {', '.join(r.key for r in ROWS)}")
-    rows = [r for r in ROWS if r.key in keys]
+        raise SystemExit(f"error: unknown row(s) {', '.join(unknown)}; choose from {', '.join(r.key for r in every)}")
+    rows = [r for r in every if r.key in keys]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     load_before = _load()

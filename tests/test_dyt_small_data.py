@@ -1,5 +1,6 @@
 """DyT's small-data options (all-active warm-up, rate warm-up, calibrated start), keep_layers in
-training, the complete model against plain adapters, and the ablation script's bookkeeping."""
+training, the complete model against plain adapters, the small-data recipe, and the ablation
+script's bookkeeping."""
 import importlib.util
 import math
 import os
@@ -12,7 +13,9 @@ from conftest import tiny
 from safetensors.torch import load_file
 
 import tokentune
-from tokentune import TrainConfig
+from tokentune import TrainConfig, get_recipe
+from tokentune.cli import build_parser
+from tokentune.cli import train as cli_train
 from tokentune.engine.training import train
 from tokentune.errors import TokenTuneError
 from tokentune.methods import dyt
@@ -188,6 +191,29 @@ def test_keep_layers_trains_in_every_variant(keep):
             assert torch.allclose(model(x), model(x, dyt_execution="mask"), atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- the small-data recipe
+def test_small_data_recipe_reaches_the_config_and_keeps_the_reference_defaults():
+    recipe = get_recipe(dyt.SMALL_DATA)
+    assert recipe.method == "dyt" and recipe.train_options == {}
+    cfg = dyt.config_of(_model(**recipe.model_options))
+    assert cfg.bottleneck == 64
+    defaults = dyt.DyTConfig()
+    # everything but the adapters' width is the reference's: the ablation found no other option to change
+    assert {k: v for k, v in vars(cfg).items() if k != "bottleneck"} == {k: v for k, v in vars(defaults).items()
+                                                                        if k != "bottleneck"}
+    assert not cfg.scheduled
+
+
+def test_small_data_recipe_from_the_command_line_and_explicit_options_override_it():
+    args = build_parser().parse_args(["train", "--recipe", "dyt-small-data", "--dyt-target-rate", "0.7", "--lr", "3e-3"])
+    opts = cli_train._resolve_train_options(args)
+    assert opts["method"] == "dyt" and opts["recipe"] == "dyt-small-data"
+    assert opts["model_options"] == {"dyt_bottleneck": 64, "dyt_target_rate": 0.7}
+    assert opts["train"] == {"lr": 3e-3}
+    args = build_parser().parse_args(["train", "--recipe", "dyt-small-data", "--dyt-bottleneck", "32"])
+    assert cli_train._resolve_train_options(args)["model_options"] == {"dyt_bottleneck": 32}
+
+
 # ----------------------------------------------------------------------------- the demo and the ablation script
 def test_demo_has_an_adapter_row_of_the_same_size_as_dyt():
     rows = {r.method: r for r in reversed(ROWS) if r.reuse is None}     # the trained rows, the first of each method
@@ -238,6 +264,14 @@ def test_ablation_summary_pairs_runs_with_the_reference(monkeypatch):
     assert "CPU time of the jobs (data seed 0: 5 s, data seed 1: 2 s)" in text
 
 
+def test_ablation_rows_outside_the_grid_are_selectable_and_unknown_rows_fail(monkeypatch):
+    m = _ablation(monkeypatch)
+    grid = {r.key for r in m.ROWS}
+    assert {r.key for r in m.EXTRA_ROWS}.isdisjoint(grid) and {"adapter", "ref", "r1.0", "keep2", "moe"} <= grid
+    with pytest.raises(SystemExit, match="unknown row.* nope; choose from .*adapter64,? dyt64"):
+        m.main(["--rows", "adapter64,nope", "--no-pictures"])
+
+
 @pytest.mark.slow
 def test_ablation_script_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -248,9 +282,9 @@ def test_ablation_script_runs_end_to_end(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     keys = [r["key"] for r in out["rows"]]
-    assert keys == ["adapter", "ref", "keep1"]
+    assert keys == ["adapter", "ref", "keep2"]
     rows = {r["key"]: r for r in out["rows"]}
-    assert rows["keep1"]["names"] == ["blocks.1.mlp", "blocks.2.mlp", "blocks.3.mlp"]
+    assert rows["keep2"]["names"] == ["blocks.2.mlp", "blocks.3.mlp"]
     assert rows["ref"]["macs"] < rows["adapter"]["macs"]
     for suffix in (".json", ".md", "_rates_data0.png", "_tokens_ref.png"):
         assert (tmp_path / f"abl{suffix}").is_file()

@@ -99,7 +99,8 @@ linear.*``, ``blocks.{i}.attn_adapter.*``, ``blocks.{i}.layer_adapter.*``, and t
 
 Files: :mod:`.config` (options), :mod:`.dispatcher` (the dispatcher), :mod:`.method` (apply,
 deploy, registration), :mod:`.schedule` (temperature, progress, rate target, calibration),
-:mod:`.loss`, :mod:`.reference` (the reference code's checkpoint names and VTAB-1k recipe).
+:mod:`.loss`, :mod:`.reference` (the reference code's checkpoint names and VTAB-1k recipe),
+:mod:`.recipes` (our ``dyt-small-data`` recipe).
 """
 from ...core.dispatch import (
                      ActivationStats,
@@ -113,6 +114,7 @@ from .config import EXECUTIONS, TAU_SCHEDULES, VARIANTS, DyTConfig, config_of, v
 from .dispatcher import TokenDispatcher
 from .loss import dyt_loss, rate_loss
 from .method import apply_dyt, calibrate_capacity, deploy_dyt, trace_options
+from .recipes import SMALL_DATA
 from .reference import from_reference_state_dict, load_reference_checkpoint, to_reference_state_dict
 from .schedule import (
                      calibrate_activation,
@@ -125,7 +127,7 @@ from .schedule import (
 )
 
 __all__ = [
-    "ActivationStats", "DispatchRecord", "DyTConfig", "EXECUTIONS", "TAU_SCHEDULES", "TokenDispatcher", "VARIANTS",
+    "ActivationStats", "DispatchRecord", "DyTConfig", "EXECUTIONS", "SMALL_DATA", "TAU_SCHEDULES", "TokenDispatcher", "VARIANTS",
     "activation_rate", "activation_stats", "apply_dyt", "calibrate_activation", "calibrate_capacity", "config_of",
     "deploy_dyt",
     "dispatch_records", "dispatchers", "dyt_loss", "from_reference_state_dict", "load_reference_checkpoint",
