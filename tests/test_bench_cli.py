@@ -292,6 +292,7 @@ BASELINES = {   # config -> (method as built, options of the same model, tokens 
 }
 
 
+@pytest.mark.slow
 def test_bench_rows_of_the_baselines(tmp_path, capsys):
     """`tokentune bench` builds, deploys and times every baseline; tokens, parameters and FLOPs are those
     of the same model (the training step, the methods' own losses, is tested with the training loop)."""
