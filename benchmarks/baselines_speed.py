@@ -36,6 +36,11 @@ ROWS = {
 GOAL = 0.95
 
 
+def loadavg() -> str:
+    """The 1/5/15-minute load averages (other processes share the CPU: quoted beside every timing)."""
+    return " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else ""
+
+
 def build(model_name: str, quick: bool, compiled: bool):
     kw = dict(img_size=224)
     if quick:
@@ -87,6 +92,7 @@ def main() -> None:
     for n in models:
         if n.endswith(" compiled"):
             flops[n], tokens[n] = flops[n[: -len(" compiled")]], tokens[n[: -len(" compiled")]]
+    load_before = loadavg()
     stats = measure_throughput(models, batch_size=args.batch_size, image_size=224, rounds=rounds,
                                warmup=1 if args.quick else 2)
     rows = []
@@ -98,7 +104,7 @@ def main() -> None:
                      "speed-up / FLOPs ratio": speed / limit,
                      f"meets >= {GOAL}x": "" if n == BASELINE else ("yes" if speed / limit >= GOAL else "no")})
     env = measure.environment(torch.device("cpu"), "fp32")
-    env["load"] = " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else ""
+    env["load before"], env["load after"] = load_before, loadavg()
     title = (f"Token-reduction baselines vs merged LoRA: {args.model}, 224 px, batch {args.batch_size}, fp32, "
              f"{torch.get_num_threads()} threads, {rounds} interleaved rounds" + (" [QUICK]" if args.quick else ""))
     md = (f"## {title}\n\nEnvironment: {', '.join(f'{k}={v}' for k, v in env.items())}\n\n"

@@ -221,6 +221,11 @@ Each row again with `tokentune bench --model {b['model']} --batch-size {result.s
     return f"## {title}\n\nEnvironment: {env}\n\n{bench.markdown_table(shown, COLUMNS)}\n{notes}"
 
 
+def loadavg() -> str:
+    """The 1/5/15-minute load averages (other processes share the CPU: quoted beside every timing)."""
+    return " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else ""
+
+
 def run_backbone(backbone: str, args) -> str:
     b = BACKBONES[backbone]
     specs = select_rows(rows_for(backbone), args.rows)
@@ -235,9 +240,11 @@ def run_backbone(backbone: str, args) -> str:
                              device=args.device, rounds=args.rounds, warmup=args.warmup, latency=False,
                              memory=False, train=False, seed=args.seed)
     start = time.perf_counter()
+    load_before = loadavg()
     print(f"{b['name']}: {len(candidates)} models, batch {args.batch_size}, {args.warmup} warm-up + {args.rounds} "
           f"interleaved rounds", file=sys.stderr, flush=True)
     result = measure(candidates, settings, progress=lambda t: print(f"  {b['name']} {t}", file=sys.stderr, flush=True))
+    result.environment["load before"], result.environment["load after"] = load_before, loadavg()
     rows = table(backbone, specs, result)
     md = markdown(backbone, rows, result, args.quick)
     prefix = os.path.join(args.out, f"reproduce_{backbone}_b{args.batch_size}{'_quick' if args.quick else ''}"

@@ -277,3 +277,59 @@ def test_batch_size_sweep(tmp_path, capsys):
     assert float(crows[1]["b3_img_per_s"]) == pytest.approx(jrows[1]["sweep"]["3"]["img_per_s"])
     code, _, err = run(["bench", *TINY_ARGS, "--config", "lora", "--sweep", "1,0"], capsys)
     assert code == 2 and err.startswith("error: --sweep batch sizes must be at least 1") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- the token-reduction baselines
+BASELINES = {   # config -> (method as built, options of the same model, tokens entering the first block and leaving the last)
+    "lora+evit:evit_keep_rate=0.5": ("lora+evit", dict(evit_keep_rate=0.5), 17, 5),       # 16 -> 8+1 -> 5+1 -> 3+1
+    "lora+dynamicvit": ("lora+dynamicvit", {}, 17, 6),                                    # int(16 x 0.7^3) = 5
+    "lora+diffrate:prune_kept=17,15,11,8,merge_kept=17,13,9,5":
+        ("lora+diffrate", dict(diffrate_prune_kept=[17, 15, 11, 8], diffrate_merge_kept=[17, 13, 9, 5]), 17, 5),
+    "vpt:vpt_deep=true,vpt_tokens=3": ("vpt", dict(vpt_deep=True, vpt_tokens=3), 20, 20),  # prompts are prefix tokens
+    "vpt+pyra:tome_r=2,vpt_tokens=3": ("vpt+tome+pyra", dict(tome_r=2, vpt_tokens=3), 20, 12),  # 16 patches - 4 x 2
+    "adapter+pyra:tome_r=2": ("adapter+tome+pyra", dict(tome_r=2), 17, 9),
+    "evit+pyra:evit_keep_rate=0.5": ("lora+evit+pyra", dict(evit_keep_rate=0.5), 17, 5),
+}
+
+
+@pytest.mark.slow
+def test_bench_rows_of_the_baselines(tmp_path, capsys):
+    """`tokentune bench` builds, deploys and times every baseline; tokens, parameters and FLOPs are those
+    of the same model (the training step, the methods' own losses, is tested with the training loop)."""
+    argv = ["bench", *TINY_ARGS, "--no-latency", "--no-memory", "--no-train", "--out", str(tmp_path), "--name", "b",
+            "--config", "lora"]
+    for config in BASELINES:
+        argv += ["--config", config]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    jrows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["label"] for r in jrows] == ["lora", *BASELINES]
+    images = timing.random_images(B, 32, seed=0)
+    for row, (method, options, tokens_in, tokens_out) in zip(jrows[1:], BASELINES.values()):
+        counts, flops = reference(method, images, **options)
+        assert (row["method"], row["tokens_in"], row["tokens_out"]) == (method, tokens_in, tokens_out), row["label"]
+        assert row["params_trainable"] == counts["trainable"] and row["paper_trainable"] == counts["paper_trainable"]
+        assert row["flops"] == flops and row["deployed"] is True
+        assert row["img_per_s"] > 0
+        reduces = tokens_out < tokens_in
+        assert (row["flops"] < jrows[0]["flops"]) == reduces, row["label"]   # VPT alone adds prompt tokens
+
+
+@pytest.mark.parametrize("config, message", [
+    ("evit:keep_rate=1.5", "invalid evit_keep_rate=1.5: the share of tokens kept must be in (0, 1]"),
+    ("lora+dynamicvit:keep_rate=0", "invalid dynamicvit_keep_rate=0.0: the share of tokens kept must be in (0, 1]"),
+    ("lora+evit:locations=1,4", "evit_locations has block 4 but the model has 4 blocks (0..3)"),
+    ("dynamicvit:locations=1,9", "dynamicvit_locations has block 9 but the model has 4 blocks (0..3)"),
+    ("dynamicvit:keep_rate=0.2", "keeps int(16 x 0.2^3) = 0 of the 16 patch tokens"),
+    ("lora+diffrate:preset=deit_base:8.7", "is for 12 blocks and 197 tokens"),
+    ("evit+tome", "'evit' and 'tome' both reduce tokens and cannot be combined"),
+    ("lora+dynamicvit+diffrate", "both reduce tokens and cannot be combined"),
+    ("dyt+evit", "both reduce tokens and cannot be combined"),
+])
+def test_bad_baseline_options_are_one_line_errors(config, message, capsys):
+    """The issue's bad options (keep rate outside (0, 1], a location beyond the depth, a schedule the model
+    cannot run, two token reducers that cannot compose) on the command line: one line, exit code 2."""
+    code, out, err = run(["bench", *TINY_ARGS, "--no-latency", "--no-memory", "--no-train", "--config", "lora",
+                          "--config", config], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from conftest import randomize_dyt, randomize_lora, tiny
+from torch._dynamo.utils import counters
 
 import tokentune
 from tokentune.core import deploy as deploy_mod
@@ -26,6 +27,16 @@ SPECS = {
     "dyt+tome": ("dyt+tome", dict(tome_r=2)),
     "lora+dyt": ("lora+dyt", {}),
 }
+# the token-reduction baselines and prompt tuning (docs/baselines.md, "Export and compile")
+BASELINES = {
+    "lora+evit": ("lora+evit", {}),
+    "lora+dynamicvit": ("lora+dynamicvit", {}),
+    "lora+diffrate": ("lora+diffrate", dict(diffrate_prune_kept=[17, 15, 11, 8], diffrate_merge_kept=[17, 13, 9, 5])),
+    "vpt-deep": ("vpt", dict(vpt_deep=True)),
+    "vpt+pyra": ("vpt+pyra", dict(tome_r=2)),
+    "evit+pyra": ("evit+pyra", {}),
+}
+SPECS.update(BASELINES)
 
 
 def _deployed(case, x):
@@ -36,6 +47,10 @@ def _deployed(case, x):
         for name, p in model.named_parameters():
             if p.requires_grad and ("adapter" in name or "modulator" in name) and "norm" not in name:
                 p.normal_(0, 0.1)
+            elif ".predictor." in name and p.dim() == 2:
+                # DynamicViT: the reference's init (std 0.02) scores every token alike, so any rounding
+                # reorders them; a trained predictor separates its keep scores
+                p.normal_(0, 0.3)
     if "dyt" in spec:
         randomize_dyt(model)
         dyt.calibrate_activation(model, x, 0.5)
@@ -73,6 +88,24 @@ def test_no_graph_breaks(case):
     with torch.no_grad():
         explained = torch._dynamo.explain(deployed)(x)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BASELINES))
+def test_baselines_compile_to_one_graph_that_new_images_reuse(case):
+    """Token counts fixed by keep rates / rates: Dynamo traces the deployed model into one graph
+    (fullgraph, no break) that equals eager and serves new images of the same batch without a recompile."""
+    deployed = _deployed(case, torch.randn(2, 3, 32, 32))
+    torch._dynamo.reset()
+    compiled = torch.compile(deployed, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in range(3):
+            x = torch.randn(2, 3, 32, 32, generator=g)
+            assert torch.allclose(compiled(x), deployed(x), atol=1e-5, rtol=0)
+            if i == 0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs
 
 
 # ----------------------------------------------------------------------------- deploy(compile="auto")

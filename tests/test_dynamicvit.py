@@ -225,6 +225,8 @@ def test_trains_with_the_training_loop():
     (dict(dynamicvit_keep_rate=1.2), r"dynamicvit_keep_rate=1.2.*\(0, 1\]"),
     (dict(dynamicvit_locations=[2, 5]), r"block 5 but the model has 4 blocks"),
     (dict(dynamicvit_tau=0.0), r"Gumbel temperature"),
+    (dict(dynamicvit_keep_rate=0.2), r"keeps int\(16 x 0.2\^3\) = 0 of the 16 patch tokens"),
+    (dict(dynamicvit_locations=[2, 1]), r"increasing"),
     (dict(global_pool="avg"), r"class token"),
 ])
 def test_bad_options_fail_in_one_line(options, match):

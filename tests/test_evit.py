@@ -168,6 +168,10 @@ def test_keep_rate_forward_option():
         assert model(X, return_tokens=True)[1].shape[1] == 10
         assert model(X, return_tokens=True, evit_keep_rate=1.0)[1].shape[1] == 17
         assert model(X, return_tokens=True, evit_keep_rate=0.3)[1].shape[1] < 10
+        for rate in (0.0, 1.5, -0.2):       # outside (0, 1]: 1.5 would otherwise keep every token silently
+            with pytest.raises(TokenTuneError, match=rf"evit_keep_rate={rate}.*\(0, 1\]") as e:
+                model(X, evit_keep_rate=rate)
+            assert "\n" not in str(e.value)
 
 
 def test_pyra_on_the_fused_token_starts_as_evit_and_trains_and_deploys():

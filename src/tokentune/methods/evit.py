@@ -128,6 +128,8 @@ class EViTReducer(TokenReducer):
         rate = state.options.get("evit_keep_rate")
         if rate is None:
             rate = self.keep_rate if self.training else self.base_keep_rate
+        else:                                   # model(x, evit_keep_rate=r): the same range as the option
+            check_keep_rate("evit", float(rate))
         p = state.num_prefix
         n = x.shape[1] - p
         left = kept_count(float(rate), n)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core.method import Method, register_method
 from ...core.reduce import reducers
-from ...core.vit import adapted_blocks, info_of
+from ...core.vit import adapted_blocks, info_of, num_input_tokens, num_prefix
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
 from ..pruning import check_keep_rate, check_locations
@@ -61,6 +61,11 @@ def apply_dynamicvit(model: nn.Module, cfg: DynamicViTConfig, ctx) -> DynamicViT
     if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
         raise TokenTuneError("DynamicViT classifies from the class token, and this model has none or pools otherwise; "
                              "use a ViT with class_token=True and global_pool='token'")
+    patches = num_input_tokens(model) - num_prefix(model)
+    if int(patches * cfg.keep_rate ** len(locations)) < 1:      # the last stage's int(n0 rho^S) at eval
+        raise TokenTuneError(f"dynamicvit_keep_rate={cfg.keep_rate} keeps int({patches} x {cfg.keep_rate}^"
+                             f"{len(locations)}) = 0 of the {patches} patch tokens after the last stage; raise the keep "
+                             "rate or use fewer dynamicvit_locations")
     dim = int(model.embed_dim)
     like = dict(device=blocks[0].mlp.fc1.weight.device, dtype=blocks[0].mlp.fc1.weight.dtype)
     for stage, i in enumerate(locations):
