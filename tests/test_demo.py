@@ -47,20 +47,26 @@ def test_every_demo_row_names_registered_methods():
     assert [r.label for r in ROWS][:3] == ["linear probe", "LoRA r=8", "LoRA r=8 + ToMe"]
 
 
-def test_every_demo_row_builds_trains_and_deploys_at_demo_size():
-    """Each row's model, built as the demo builds it (its architecture, the row's options), takes a
-    training step and deploys: a row that cannot run (e.g. an option the method refuses) fails here."""
+def test_every_demo_row_builds_trains_and_deploys_at_demo_size(tmp_path):
+    """Each row's model, built as the demo builds it (the pre-trained backbone's file and architecture,
+    the row's options), takes a training step and deploys: a row that cannot run fails here."""
+    from safetensors.torch import save_file
+
     from tokentune import create_model, deploy
     from tokentune.tools.demo import BACKBONE
 
     cfg = DemoConfig(patch_size=8)
     arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
                 num_heads=max(1, cfg.embed_dim // 16), global_pool="avg")
+    torch.manual_seed(0)
+    backbone = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / "backbone.safetensors"))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     for row in ROWS:
         options = {**arch, **row.options, **({"tome_r": 2} if row.merge else {})}
         torch.manual_seed(0)
-        model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=False, **options)
+        model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=str(tmp_path / "backbone.safetensors"),
+                             head_init_std=0.01, **options)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         with torch.no_grad():
             assert deploy(model, **row.deploy)(x).shape == (4, 5), row.label
