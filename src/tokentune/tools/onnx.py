@@ -42,7 +42,7 @@ def export_onnx(model: Union[nn.Module, PathLike], path: PathLike,
     and LoRA-merged timm ViTs, adapters, ToMe (``lora+tome``, ``adapter+tome``, ``full+tome``)
     and PYRA, whose merge schedules fix the token count of every block, so the graph has static
     shapes apart from the batch. Matching (argsort, gather), the row merges (index_select,
-    accumulating index_put) and proportional attention become ordinary ONNX operators.
+    index_add) and proportional attention become ordinary ONNX operators.
 
     DyT: deployed with ``dyt_execution="capacity"`` (a fixed number of tokens per image and
     dispatcher) it exports as it is, with its savings inside the graph. Its default threshold rule

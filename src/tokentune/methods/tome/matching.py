@@ -46,7 +46,7 @@ class Matching:
 
     Output layout per image: the prefix tokens (original order), the unmerged A tokens (original
     order), then the non-prefix B tokens (original order). Row indices (all int64, flattened over
-    the batch) let merges run as ``index_select``/``index_put_`` on whole rows, which is several
+    the batch) let merges run as ``index_select``/``index_add_`` on whole rows, which is several
     times faster on CPU than element-wise ``gather``/``scatter`` with expanded indices.
 
     Attributes:
@@ -55,8 +55,6 @@ class Matching:
         dst: [B * r] input row each source merges into.
         dst_out: [B * r] output row each source merges into.
         batch, num_tokens, r: shapes.
-        pairs: [2 * B * r] ``src`` then ``dst`` in one tensor (``src`` and ``dst`` are its halves), so
-            sources and destinations are read in one ``index_select``.
     """
 
     keep: torch.Tensor
@@ -66,7 +64,6 @@ class Matching:
     batch: int
     num_tokens: int
     r: int
-    pairs: torch.Tensor
 
 
 @functools.lru_cache(maxsize=512)
@@ -92,9 +89,6 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
 
     Prefix tokens are protected by leaving them out of the similarity matrix: in A they are never
     a source, in B never a destination (the reference sets their scores to -inf, which is the same).
-    Only B is normalised before the product: dividing A's rows by their norm cannot change which B
-    token each A token picks, so A's best scores are divided by their norms afterwards ([B, nA]
-    instead of [B, nA, C]); this is the cosine similarity up to float rounding.
     """
     B, N, _ = metric.shape
     if not 0 < r <= max_merge(N, num_prefix):
@@ -103,33 +97,36 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     layout = _layout.__wrapped__ if torch.compiler.is_compiling() else _layout   # compiled: tables become constants
     prefix, a_rows, b_rows, out_base = layout(B, N, num_prefix, r, metric.device)
     with torch.no_grad():
-        norm = metric.norm(dim=-1)                                   # [B, N]
-        a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2] / norm[:, 2 * pb + 1::2, None]   # unprotected halves
-        scores = a @ b.transpose(-1, -2)
-        # argmax + gather rather than max(dim): on one image max() still starts a parallel region
-        node_idx = scores.argmax(dim=-1)
-        node_max = scores.gather(-1, node_idx[..., None])[..., 0] / norm[:, 2 * pa::2]   # cosine similarity
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]       # the unprotected halves
+        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
         edge_idx = node_max.argsort(dim=-1, descending=True)
-        a_sorted = a_rows.gather(1, edge_idx)                        # A's input rows, most similar first
-        dst = node_idx.gather(1, edge_idx[:, :r])                    # the first r are merged away (ToMe order)
-        keep = torch.cat([prefix, a_sorted[:, r:].sort(dim=-1)[0], b_rows], dim=1)   # kept A rows in original order
-        pairs = torch.stack([a_sorted[:, :r], b_rows.gather(1, dst)]).flatten()
-    return Matching(keep=keep.flatten(), src=pairs[: B * r], dst=pairs[B * r:], dst_out=(dst + out_base).flatten(),
-                    batch=B, num_tokens=N, r=r, pairs=pairs)
+        src = edge_idx[:, :r]                                        # merged away, ToMe order
+        unm = edge_idx[:, r:].sort(dim=-1)[0]                        # kept, original order
+        dst = node_idx.gather(dim=-1, index=src)
+        keep = torch.cat([prefix, a_rows.gather(1, unm), b_rows], dim=1)
+    return Matching(keep=keep.flatten(), src=a_rows.gather(1, src).flatten(), dst=b_rows.gather(1, dst).flatten(),
+                    dst_out=(dst + out_base).flatten(), batch=B, num_tokens=N, r=r)
 
 
 SourceHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _add_rows(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``out[rows[i]] += values[i]`` in place, correct when rows repeat (several sources, one destination).
-
-    ``index_put_(accumulate=True)`` rather than ``index_add_``: on CPU, ``index_add_`` runs as a
-    scatter-add that first sorts the indices in several parallel passes (tens of microseconds
-    each, and far more when another process holds a core), while ``index_put_`` accumulates in one
-    pass (serially for small tensors). Same sums up to the order of float additions.
-    """
-    return out.index_put_((rows,), values, accumulate=True)
+def _merge_rows(x: torch.Tensor, m: Matching, mode: str, modulate: Optional[SourceHook]) -> torch.Tensor:
+    B, N, C = x.shape
+    rows = x.reshape(B * N, C)
+    out = rows.index_select(0, m.keep)
+    src = rows.index_select(0, m.src)
+    if modulate is not None:
+        dst = rows.index_select(0, m.dst)
+        src = modulate(src.view(B, m.r, C), dst.view(B, m.r, C)).reshape(B * m.r, C)
+    if mode == "sum":
+        out.index_add_(0, m.dst_out, src)
+    elif mode == "amax":
+        out.scatter_reduce_(0, m.dst_out[:, None].expand(-1, C), src, "amax", include_self=True)
+    else:
+        raise ValueError(f"unknown merge mode {mode!r}")
+    return out.view(B, N - m.r, C)
 
 
 def merge(x: torch.Tensor, m: Matching, mode: str = "sum", modulate: Optional[SourceHook] = None) -> torch.Tensor:
@@ -139,21 +136,7 @@ def merge(x: torch.Tensor, m: Matching, mode: str = "sum", modulate: Optional[So
     ([B, r, C] each) may rewrite the source rows, given their destinations as they were before
     any merge, before they are reduced (PYRA, Eq. 4-5).
     """
-    B, N, C = x.shape
-    rows = x.reshape(B * N, C)
-    out = rows.index_select(0, m.keep)
-    if modulate is None:
-        src = rows.index_select(0, m.src)
-    else:
-        src, dst = rows.index_select(0, m.pairs).view(2, B, m.r, C).unbind(0)
-        src = modulate(src, dst).reshape(B * m.r, C)
-    if mode == "sum":
-        _add_rows(out, m.dst_out, src)
-    elif mode == "amax":
-        out.scatter_reduce_(0, m.dst_out[:, None].expand(-1, C), src, "amax", include_self=True)
-    else:
-        raise ValueError(f"unknown merge mode {mode!r}")
-    return out.view(B, N - m.r, C)
+    return _merge_rows(x, m, mode, modulate)
 
 
 def merge_weighted(x: torch.Tensor, size: Optional[torch.Tensor], m: Matching,
@@ -163,31 +146,24 @@ def merge_weighted(x: torch.Tensor, size: Optional[torch.Tensor], m: Matching,
     Only destination rows change value, so tokens that are neither merged nor merged into are
     copied as they are (the reference's ``x * s / s`` gives the same value up to one rounding).
     A destination ``d`` with sources ``i`` and new size ``s_d' = s_d + sum_i s_i`` becomes
-    ``(x_d s_d + sum_i x_i s_i) / s_d' = x_d + sum_i (x_i - x_d) s_i / s_d'``: each source adds one
-    increment (accumulated, so correct in values and gradients when several sources share a
-    destination). Per block this is one read of the kept rows, one of the source and destination
-    rows, two element-wise operations on the ``r`` sources and one accumulation; the size ratios
-    ``s_i / s_d'`` are computed on [B * r, 1].
-
-    ``modulate`` (PYRA, Eq. 4-5) rewrites the weighted sources ``M_s = x_i s_i`` given the weighted
-    destinations ``M_t = x_d s_d``; its change ``M_s' - M_s`` enters as the extra increment
-    ``(M_s' - M_s) / s_d'``. A modulator at its identity (PYRA at initialisation) returns ``M_s``
-    itself, so the extra increment is exactly zero and the result equals plain ToMe bit for bit.
+    ``(x_d s_d + sum_i x_i s_i) / s_d' = x_d + sum_i (x_i s_i - x_d s_i) / s_d'``: each source adds
+    one increment with ``index_add_``, which is correct (values and gradients) when several sources
+    share a destination. ``modulate`` (PYRA) rewrites the weighted sources ``x_i s_i`` first; the
+    same arithmetic with and without it keeps an identity modulator bit-identical to plain ToMe.
     """
     B, N, C = x.shape
     rows = x.reshape(B * N, C)
     sizes = size.reshape(B * N, 1) if size is not None else x.new_ones(B * N, 1)
     d = m.dst_out                                   # output row of each source's destination
     src_size = sizes.index_select(0, m.src)
-    out_size = _add_rows(sizes.index_select(0, m.keep), d, src_size)
-    dst_size = out_size.index_select(0, d)          # s_d'                  [B * r, 1]
-    src, dst = rows.index_select(0, m.pairs).view(2, B * m.r, C).unbind(0)
-    inc = (src - dst) * (src_size / dst_size)
+    out = rows.index_select(0, m.keep)
+    out_size = sizes.index_select(0, m.keep).index_add_(0, d, src_size)
+    dst = rows.index_select(0, m.dst)
+    weighted = rows.index_select(0, m.src) * src_size
     if modulate is not None:
-        weighted = src * src_size
-        modulated = modulate(weighted.view(B, m.r, C), (dst * sizes.index_select(0, m.dst)).view(B, m.r, C))
-        inc = inc + (modulated.reshape(B * m.r, C) - weighted) / dst_size
-    out = _add_rows(rows.index_select(0, m.keep), d, inc)
+        weighted = modulate(weighted.view(B, m.r, C),
+                            (dst * sizes.index_select(0, m.dst)).view(B, m.r, C)).reshape(B * m.r, C)
+    out.index_add_(0, d, (weighted - dst * src_size) / out_size.index_select(0, d))
     return out.view(B, N - m.r, C), out_size.view(B, N - m.r, 1)
 
 
