@@ -1,4 +1,4 @@
-"""ToMe's per-block merge step: operator profile and the current step against the previous one.
+"""ToMe's per-block merge step: operator profile, and the current step against an alternative that was not kept.
 
 Three parts, one process, ViT-B/16 224 fp32 shapes (random values: the cost does not depend on
 them):
@@ -8,11 +8,11 @@ them):
   allocations not counted) the merge step (matching + size-weighted merge) launches, and how its
   time compares to the whole block.
 * ``step``: the merge step alone (``bipartite_soft_matching`` + ``merge_weighted``, r=16 of 197
-  tokens) against the previous implementation (kept below as ``previous_step``: both halves
-  normalised, ``max`` reduction, ``index_add_`` accumulation, separate source/destination reads),
-  side by side, alternating order, median over repetitions.
+  tokens) against ``alternative_step`` (only set B normalised, ``argmax``, one read of sources and
+  destinations, ``index_put_`` accumulation), side by side, alternating order, median over
+  repetitions.
 * ``model``: deployed LoRA vs LoRA+ToMe and PYRA at the low and high schedules, each with the
-  current merge and with the previous step swapped in (``tokentune.measure_throughput``,
+  current merge and with the alternative step swapped in (``tokentune.measure_throughput``,
   interleaved rounds, same batch).
 
     python benchmarks/tome_merge_ops.py --tag run1
@@ -45,50 +45,54 @@ NO_WORK = {"as_strided", "view", "_unsafe_view", "slice", "select", "reshape", "
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-# ----------------------------------------------------------------------------- the previous step
-def previous_step(x: torch.Tensor, keys: torch.Tensor, size, r: int, num_prefix: int, modulate=None):
-    """The merge step as it was before this change (same outputs up to float rounding)."""
+# ----------------------------------------------------------------------------- the alternative step
+def alternative_step(x: torch.Tensor, keys: torch.Tensor, size, r: int, num_prefix: int, modulate=None):
+    """The alternative merge step that was measured and not kept (same outputs up to float rounding):
+    only set B normalised, argmax + gather instead of max, sources and destinations read in one
+    ``index_select``, increments ``(x_i - x_d) s_i / s_d'`` accumulated with ``index_put_``."""
     B, N, C = x.shape
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2
     prefix, a_rows, b_rows, out_base = _layout(B, N, num_prefix, r, x.device)
     with torch.no_grad():
-        metric = keys / keys.norm(dim=-1, keepdim=True)
-        a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]
-        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+        norm = keys.norm(dim=-1)
+        a, b = keys[:, 2 * pa::2], keys[:, 2 * pb + 1::2] / norm[:, 2 * pb + 1::2, None]
+        scores = a @ b.transpose(-1, -2)
+        node_idx = scores.argmax(dim=-1)
+        node_max = scores.gather(-1, node_idx[..., None])[..., 0] / norm[:, 2 * pa::2]
         edge_idx = node_max.argsort(dim=-1, descending=True)
-        src_i = edge_idx[:, :r]
-        unm = edge_idx[:, r:].sort(dim=-1)[0]
-        dst_i = node_idx.gather(dim=-1, index=src_i)
-        keep = torch.cat([prefix, a_rows.gather(1, unm), b_rows], dim=1).flatten()
-        src_rows, dst_rows = a_rows.gather(1, src_i).flatten(), b_rows.gather(1, dst_i).flatten()
+        a_sorted = a_rows.gather(1, edge_idx)
+        dst_i = node_idx.gather(1, edge_idx[:, :r])
+        keep = torch.cat([prefix, a_sorted[:, r:].sort(dim=-1)[0], b_rows], dim=1).flatten()
+        pairs = torch.stack([a_sorted[:, :r], b_rows.gather(1, dst_i)]).flatten()
         d = (dst_i + out_base).flatten()
     rows = x.reshape(B * N, C)
     sizes = size.reshape(B * N, 1) if size is not None else x.new_ones(B * N, 1)
-    src_size = sizes.index_select(0, src_rows)
-    out = rows.index_select(0, keep)
-    out_size = sizes.index_select(0, keep).index_add_(0, d, src_size)
-    dst = rows.index_select(0, dst_rows)
-    weighted = rows.index_select(0, src_rows) * src_size
+    src_size = sizes.index_select(0, pairs[: B * r])
+    out_size = sizes.index_select(0, keep).index_put_((d,), src_size, accumulate=True)
+    dst_size = out_size.index_select(0, d)
+    src, dst = rows.index_select(0, pairs).view(2, B * r, C).unbind(0)
+    inc = (src - dst) * (src_size / dst_size)
     if modulate is not None:
-        weighted = modulate(weighted.view(B, r, C),
-                            (dst * sizes.index_select(0, dst_rows)).view(B, r, C)).reshape(B * r, C)
-    out.index_add_(0, d, (weighted - dst * src_size) / out_size.index_select(0, d))
+        weighted = src * src_size
+        modulated = modulate(weighted.view(B, r, C), (dst * sizes.index_select(0, pairs[B * r:])).view(B, r, C))
+        inc = inc + (modulated.reshape(B * r, C) - weighted) / dst_size
+    out = rows.index_select(0, keep).index_put_((d,), inc, accumulate=True)
     return out.view(B, N - r, C), out_size.view(B, N - r, 1)
 
 
-class PreviousMerging(TokenMerging):
-    """A block's merge plug-in running :func:`previous_step` (same module, same modulator)."""
+class AlternativeMerging(TokenMerging):
+    """A block's merge plug-in running :func:`alternative_step` (same module, same modulator)."""
 
     def forward(self, x, keys, state):
-        x, size = previous_step(x, keys, state.size, self.r, state.num_prefix, self.modulator)
+        x, size = alternative_step(x, keys, state.size, self.r, state.num_prefix, self.modulator)
         return x, state.replace(size=size)
 
 
-def with_previous_merge(model: nn.Module) -> nn.Module:
+def with_alternative_merge(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for block in model.blocks:
         if isinstance(block.merge, TokenMerging):
-            block.merge = PreviousMerging(block.merge.r, block.merge.modulator)
+            block.merge = AlternativeMerging(block.merge.r, block.merge.modulator)
     return model
 
 
@@ -116,7 +120,7 @@ def profile_block(args, batch: int) -> List[dict]:
             current_step(x, keys, None, 16, 1)
         rows = []
         for name, fn in (("whole block", lambda: block(x, state)), ("merge step", lambda: current_step(x, keys, None, 16, 1)),
-                         ("merge step, previous", lambda: previous_step(x, keys, None, 16, 1))):
+                         ("merge step, alternative", lambda: alternative_step(x, keys, None, 16, 1))):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(reps):
                     fn()
@@ -135,10 +139,10 @@ def time_step(args, batch: int) -> dict:
     dim = 64 if args.quick else 768
     x, keys = torch.randn(batch, 197, dim, generator=g), torch.randn(batch, 197, 64, generator=g)
     size = torch.randint(1, 4, (batch, 197, 1), generator=g).float()
-    fns = {"previous": lambda: previous_step(x, keys, size, 16, 1), "current": lambda: current_step(x, keys, size, 16, 1)}
+    fns = {"alternative": lambda: alternative_step(x, keys, size, 16, 1), "current": lambda: current_step(x, keys, size, 16, 1)}
     times: Dict[str, List[float]] = {k: [] for k in fns}
     with torch.inference_mode():
-        got, want = fns["current"](), fns["previous"]()
+        got, want = fns["alternative"](), fns["current"]()
         diff = float((got[0] - want[0]).abs().max())
         assert torch.equal(got[1], want[1]) and diff < 1e-4, diff
         for i in range(args.step_reps + 3):
@@ -147,9 +151,9 @@ def time_step(args, batch: int) -> dict:
                 fns[name]()
                 if i >= 3:
                     times[name].append(time.perf_counter() - t0)
-    prev, cur = statistics.median(times["previous"]), statistics.median(times["current"])
+    alt, cur = statistics.median(times["alternative"]), statistics.median(times["current"])
     return {"part": "step", "batch": batch, "what": "matching + weighted merge, r=16 of 197",
-            "previous_us": round(prev * 1e6, 1), "current_us": round(cur * 1e6, 1), "previous/current": round(prev / cur, 2),
+            "alternative_us": round(alt * 1e6, 1), "current_us": round(cur * 1e6, 1), "current/alternative": round(cur / alt, 2),
             "max_abs_diff": f"{diff:.1e}"}
 
 
@@ -167,7 +171,7 @@ def time_models(args, batch: int) -> List[dict]:
                     if k.endswith("W_D"):
                         p.normal_(0, 0.02)
             models[f"{label} {name}"] = deploy(m)
-            models[f"{label} {name}, previous merge"] = with_previous_merge(models[f"{label} {name}"])
+            models[f"{label} {name}, alternative merge"] = with_alternative_merge(models[f"{label} {name}"])
     images = random_images(batch, 224, seed=0)
     stats = measure_throughput(models, images=images, rounds=2 if args.quick else args.rounds, warmup=1,
                                iters_per_round=3 if batch == 1 else 1)
@@ -200,8 +204,8 @@ def main() -> None:
             rows += time_models(args, batch)
     env = measure.environment("cpu", "fp32")
     env["loadavg_before"], env["loadavg_after"] = load_before, " ".join(open("/proc/loadavg").read().split()[:3])
-    cols = ["part", "batch", "what", "aten_ops", "us_per_call", "top_self_time", "previous_us", "current_us",
-            "previous/current", "max_abs_diff", "img_per_s", "speedup_vs_LoRA"]
+    cols = ["part", "batch", "what", "aten_ops", "us_per_call", "top_self_time", "alternative_us", "current_us",
+            "current/alternative", "max_abs_diff", "img_per_s", "speedup_vs_LoRA"]
     title = f"ToMe merge step, ViT-B/16 224 fp32, {torch.get_num_threads()} threads, run {args.tag}"
     print(measure.write_results(os.path.join(args.out, f"tome_merge_ops_{args.tag}"), rows, env, cols, title))
 
