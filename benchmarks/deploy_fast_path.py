@@ -23,6 +23,7 @@ Every run writes ``benchmarks/results/deploy_fast_path_<tag>.{md,json}``; ``--su
 several runs and writes the medians with the goals (``deploy_fast_path_summary.md``).
 
     python benchmarks/deploy_fast_path.py --tag run1          # one run (about 25 minutes on 2 CPU cores)
+    python benchmarks/deploy_fast_path.py --parts tome,dyt --rounds 2 --warmup 1 --no-compile --tag run1a  # ~2 min
     python benchmarks/deploy_fast_path.py --summarize run1,run2,run3
     python benchmarks/deploy_fast_path.py --summarize run1a+run1b,run2a+run2b   # runs made of two processes
     python benchmarks/deploy_fast_path.py --quick --tag quick  # tiny width, seconds (checks the script runs)
