@@ -23,7 +23,9 @@ Every run writes ``benchmarks/results/deploy_fast_path_<tag>.{md,json}``; ``--su
 several runs and writes the medians with the goals (``deploy_fast_path_summary.md``).
 
     python benchmarks/deploy_fast_path.py --tag run1          # one run (about 25 minutes on 2 CPU cores)
+    python benchmarks/deploy_fast_path.py --parts tome,dyt --rounds 2 --warmup 1 --no-compile --tag run1a  # ~2 min
     python benchmarks/deploy_fast_path.py --summarize run1,run2,run3
+    python benchmarks/deploy_fast_path.py --summarize run1a+run1b,run2a+run2b   # runs made of two processes
     python benchmarks/deploy_fast_path.py --quick --tag quick  # tiny width, seconds (checks the script runs)
 """
 from __future__ import annotations
@@ -214,8 +216,9 @@ def run(args) -> None:
         if "dyt" in parts:
             models = dict(dyt_sets[bs])
             flops = {n: count_flops(m, images) for n, m in models.items()}
-            checks[f"graph breaks, batch {bs}"] = {n: graph_breaks(models[n], images)
-                                                   for n in ("threshold rule (skip)", "capacity 1.0")}
+            if not checks:                    # graph breaks do not depend on the batch size: counted once
+                checks[f"graph breaks, batch {bs}"] = {n: graph_breaks(models[n], images)
+                                                       for n in ("threshold rule (skip)", "capacity 1.0")}
             if bs == 1 and not args.no_compile:
                 models["capacity 1.0 compiled (fullgraph)"] = torch.compile(models["capacity 1.0"], fullgraph=True)
                 flops["capacity 1.0 compiled (fullgraph)"] = flops["capacity 1.0"]
@@ -249,9 +252,16 @@ def run(args) -> None:
 
 def summarize(args) -> None:
     runs = []
-    for tag in args.summarize.split(","):
-        with open(os.path.join(args.out, f"deploy_fast_path_{tag}.json")) as fh:
-            runs.append(json.load(fh))
+    for tags in args.summarize.split(","):            # "a+b": one run measured as several processes (parts)
+        parts = []
+        for tag in tags.split("+"):
+            with open(os.path.join(args.out, f"deploy_fast_path_{tag}.json")) as fh:
+                parts.append(json.load(fh))
+        run = dict(parts[0], rows=[r for p in parts for r in p["rows"]],
+                   checks={k: v for p in parts for k, v in p.get("checks", {}).items()})
+        run["environment"] = dict(parts[0]["environment"], loadavg_after=parts[-1]["environment"]["loadavg_after"])
+        run["title"] = f"run {tags}"
+        runs.append(run)
     keys = []
     for row in runs[0]["rows"]:
         keys.append((row["part"], row["batch"], row["model"]))

@@ -8,6 +8,7 @@ from conftest import randomize_lora, tiny
 
 import tokentune
 from tokentune.errors import TokenTuneError
+from tokentune.methods.pyra.modulator import PYRAModulator
 from tokentune.methods.tome import bipartite_soft_matching, fit_schedule, merge_weighted, parse_schedule, token_counts
 
 VARIANTS = {
@@ -201,8 +202,9 @@ def test_checkpointing_gives_same_gradients():
         assert torch.allclose(ga, gb, atol=1e-6), name
 
 
-def _reference_merge_weighted(x, size, keys, r, num_prefix):
-    """ToMe's published formulation: gather/scatter_reduce on the A/B halves, then cat."""
+def _reference_merge_weighted(x, size, keys, r, num_prefix, modulate=None):
+    """ToMe's published formulation: gather/scatter_reduce on the A/B halves, then cat (PYRA: the
+    weighted sources are modulated, given their weighted destinations, before the scatter)."""
     import math as _m
     B, N, C = x.shape
     k = keys / keys.norm(dim=-1, keepdim=True)
@@ -216,14 +218,16 @@ def _reference_merge_weighted(x, size, keys, r, num_prefix):
     dst_i = node_idx[..., None].gather(1, src_i)
     unm = unm.sort(dim=1)[0]
 
-    def mrg(t):
+    def mrg(t, hook=None):
         c = t.shape[-1]
         ta, tb = t[:, ::2], t[:, 1::2]
         u = ta.gather(1, unm.expand(B, unm.shape[1], c))
         s = ta.gather(1, src_i.expand(B, r, c))
+        if hook is not None:
+            s = hook(s, tb.gather(1, dst_i.expand(B, r, c)))
         tb = tb.scatter_reduce(1, dst_i.expand(B, r, c), s, reduce="sum")
         return torch.cat([u, tb], dim=1)
-    xs = mrg(x * size)
+    xs = mrg(x * size, modulate)
     ss = mrg(size)
     return xs / ss, ss
 
@@ -245,6 +249,35 @@ def test_merge_values_and_gradients_equal_reference_formulation():
     w1, w2 = torch.randn_like(got_x), torch.randn_like(got_s)
     g_got = torch.autograd.grad((got_x * w1).sum() + (got_s * w2).sum(), (x, size))
     g_want = torch.autograd.grad((want_x * w1).sum() + (want_s * w2).sum(), (x, size))
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_modulated_merge_equals_reference_formulation():
+    """PYRA's path through the merge (the modulator's change enters as an extra increment) equals
+    modulating the weighted sources and scatter-summing them, with shared destinations: values and
+    gradients, including the gradients that reach the modulator's parameters."""
+    torch.manual_seed(1)
+    B, N, C, r = 2, 21, 6, 8
+    keys = torch.randn(B, N, 4, dtype=torch.float64)
+    keys[:, 1::2] = keys[:, 1:2] + 1e-3 * torch.randn(B, N // 2, 4, dtype=torch.float64)
+    x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+    size = torch.randint(1, 4, (B, N, 1)).double()
+    mod = PYRAModulator(r, C).double()
+    with torch.no_grad():
+        mod.W_D.normal_(0, 1.0)
+    m = bipartite_soft_matching(keys, r, 1)
+    assert len(set(m.dst_out.tolist())) < len(m.dst_out)
+    got_x, got_s = merge_weighted(x, size, m, mod)
+    want_x, want_s = _reference_merge_weighted(x, size, keys, r, 1, mod)
+    assert torch.allclose(got_s, want_s)
+    assert torch.allclose(got_x, want_x, atol=1e-12)
+    plain, _ = merge_weighted(x, size, m)
+    assert (plain - got_x).abs().max() > 1e-2                     # the modulator really changes the merge
+    w = torch.randn_like(got_x)
+    params = (x, mod.W_r, mod.W_D, mod.norm.weight)
+    g_got = torch.autograd.grad((got_x * w).sum(), params)
+    g_want = torch.autograd.grad((want_x * w).sum(), params)
     for a, b in zip(g_got, g_want):
         assert torch.allclose(a, b, atol=1e-10)
 
