@@ -118,25 +118,25 @@ def resolve_path(recorded: str, base_dir: str) -> str:
     return recorded if not os.path.exists(here) and os.path.exists(recorded) else here
 
 
+def _map_backbone_paths(record: Dict[str, Any], base_dir: str, to_path) -> Dict[str, Any]:
+    """``record`` with ``to_path(path, base_dir)`` applied to its local paths: a ``pretrained`` weights
+    file and a ``local-dir:`` model. Timm names, ``hf-hub:`` ids and booleans stay as they are."""
+    out = dict(record)
+    if isinstance(out.get("pretrained"), str):
+        out["pretrained"] = to_path(out["pretrained"], base_dir)
+    source, ident = split_source(out.get("model")) if isinstance(out.get("model"), str) else (None, None)
+    if source == LOCAL_DIR:
+        out["model"] = f"{LOCAL_DIR}:{to_path(ident, base_dir)}"
+    return out
+
+
 def portable_backbone(record: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
     """``record`` (a build spec, or anything with ``model``/``pretrained`` entries) with local paths made
     relative to ``base_dir``: a ``pretrained`` weights file and a ``local-dir:`` model. Timm names,
     ``hf-hub:`` ids and booleans stay as they are."""
-    out = dict(record)
-    if isinstance(out.get("pretrained"), str):
-        out["pretrained"] = portable_path(out["pretrained"], base_dir)
-    source, ident = split_source(out.get("model")) if isinstance(out.get("model"), str) else (None, None)
-    if source == LOCAL_DIR:
-        out["model"] = f"{LOCAL_DIR}:{portable_path(ident, base_dir)}"
-    return out
+    return _map_backbone_paths(record, base_dir, portable_path)
 
 
 def resolved_backbone(record: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
     """Inverse of :func:`portable_backbone`: the recorded paths as paths to open."""
-    out = dict(record)
-    if isinstance(out.get("pretrained"), str):
-        out["pretrained"] = resolve_path(out["pretrained"], base_dir)
-    source, ident = split_source(out.get("model")) if isinstance(out.get("model"), str) else (None, None)
-    if source == LOCAL_DIR:
-        out["model"] = f"{LOCAL_DIR}:{resolve_path(ident, base_dir)}"
-    return out
+    return _map_backbone_paths(record, base_dir, resolve_path)
