@@ -352,6 +352,14 @@ def _deployed(model: nn.Module, row: DemoRow, setup: DemoSetup, train_s: float, 
     return Adapted(model, fast, top1, trainable, train_s, history)
 
 
+def side_by_side_throughput(models: Dict[str, nn.Module], dataset, batch_size: int, rounds: int) -> Dict[str, float]:
+    """Median samples per second of each model on one batch of ``dataset``'s first samples (repeated
+    to ``batch_size``), timed in interleaved rounds in this process."""
+    n = len(dataset)
+    batch = torch.stack([dataset[i % n][0] for i in range(batch_size)])
+    return {k: v.median for k, v in measure_throughput(models, images=batch, rounds=rounds).items()}
+
+
 def _slug(label: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
 
@@ -397,8 +405,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
 
         # -- 3. throughput of the deployed models, side by side on one batch
         n = len(setup.test)
-        batch = torch.stack([setup.test[i % n][0] for i in range(cfg.bench_batch)])
-        speed = {k: v.median for k, v in measure_throughput(deployed, images=batch, rounds=cfg.bench_rounds).items()}
+        speed = side_by_side_throughput(deployed, setup.test, cfg.bench_batch, cfg.bench_rounds)
         for rec in table:
             rec["img_per_s"] = speed[rec["label"]]
         out(f"[{steps}/{steps}] throughput of the deployed models measured side by side")

@@ -37,8 +37,7 @@ from ..core.task import get_task
 from ..engine.config import TrainConfig
 from ..engine.training import evaluator_of, train
 from ..errors import TokenTuneError
-from ..timing import measure_throughput
-from .demo import BACKBONE, DemoConfig, pretrained_backbone, write_digits
+from .demo import BACKBONE, DemoConfig, pretrained_backbone, side_by_side_throughput, write_digits
 
 TASKS = ("segmentation", "video")
 NEW_DIGITS = (5, 6, 7, 8, 9)         # the digits the image demo's backbone has not seen
@@ -215,11 +214,9 @@ def run_task_demo(cfg: TaskDemoConfig, out=print) -> List[Dict[str, Any]]:
                           "macs": macs, "train_s": train_s})
             out(f"[{step}/{steps}] {label}: trained {cfg.epochs} epochs on {len(train_ds)} {'scenes' if seg else 'clips'} "
                 f"in {train_s:.0f} s; {metric} {scores[metric]:.1f}% on {len(test_ds)} held-out ones")
-        n = len(test_ds)
-        batch = torch.stack([test_ds[i % n][0] for i in range(cfg.bench_batch)])
-        speed = measure_throughput(deployed, images=batch, rounds=cfg.bench_rounds)
+        speed = side_by_side_throughput(deployed, test_ds, cfg.bench_batch, cfg.bench_rounds)
         for rec in table:
-            rec["per_s"] = speed[rec["label"]].median
+            rec["per_s"] = speed[rec["label"]]
         out(f"[{steps}/{steps}] throughput of the deployed models measured side by side")
     finally:
         if cfg.workdir is None:
