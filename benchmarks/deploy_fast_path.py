@@ -151,6 +151,94 @@ def dyt_models(args, images: torch.Tensor) -> Dict[str, nn.Module]:
             "capacity calibrated (= threshold rule)": deploy(exact)}
 
 
+class HalfBlock(nn.Module):
+    """One half of a dense timm block on the first ``n`` tokens of its input: attention
+    (``x + ls1(attn(norm1(x)))``) or the MLP (``x + ls2(mlp(norm2(x)))``)."""
+
+    def __init__(self, block: nn.Module, half: str, n: int) -> None:
+        super().__init__()
+        self.block, self.half, self.n = block, half, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, x = self.block, x[:, : self.n]
+        if self.half == "attn":
+            return x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+
+
+class OnImages(nn.Module):
+    """A model that ignores its input and runs on fixed images, so it can be timed in the same
+    interleaved rounds as the half-blocks (which take tokens)."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.images = model, images
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        return self.model(self.images)
+
+
+def token_counts(schedule: List[int], tokens: int) -> List[tuple]:
+    """(tokens in attention, tokens in the MLP) of every block under a ToMe schedule: a block merges
+    ``r`` tokens between its attention and its MLP."""
+    counts = []
+    for r in schedule:
+        counts.append((tokens, tokens - r))
+        tokens -= r
+    return counts
+
+
+def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup: int) -> List[dict]:
+    """What the dense layers allow: each half-block timed alone at every token count a schedule
+    produces, and the speed-up a token-reduction model would have if its own work (matching,
+    merging, proportional attention, dispatching) were free::
+
+        bound = T_dense / (T_dense - sum_blocks t(197) + sum_blocks t(N_block))
+
+    with ``t`` the measured time of the attention half at the block's input count plus the MLP half
+    at its count after merging. On a CPU at batch 1 a block's time is ``a + b * N`` with a large
+    fixed part ``a`` (reading the weights, per-operator overhead), so fewer tokens pay less than
+    their FLOPs share; this bound is the eager speed-up that no cheaper merge step can beat."""
+    block = dense.blocks[0]
+    bs = images.shape[0]
+    full = int(dense.patch_embed.num_patches + dense.num_prefix_tokens)
+    plans = {f"ToMe {name}": token_counts(sched, full) for name, sched in SCHEDULES.items()}
+    k = round(0.5 * dense.patch_embed.num_patches) + dense.num_prefix_tokens
+    plans["DyT MLP Dispatch 0.5 (capacity 1.0)"] = [(full, k)] * len(dense.blocks)
+    needed = {(h, n) for plan in plans.values() for a, m in plan for h, n in (("attn", a), ("mlp", m))}
+    needed |= {("attn", full), ("mlp", full)}
+    timed = {f"{h} {n}": HalfBlock(block, h, n) for h, n in sorted(needed)}
+    timed["dense"] = OnImages(dense, images)          # in the same rounds: a drift hits both alike
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(bs, full, dense.embed_dim, generator=g)
+    stats = measure_throughput(timed, images=tokens, rounds=rounds, warmup=warmup,
+                               iters_per_round=3 if bs == 1 else 1)
+    model_s = stats["dense"].seconds_per_batch
+
+    def t(h: str, n: int) -> float:
+        return stats[f"{h} {n}"].seconds_per_batch
+
+    rows = []
+    dense_blocks = len(dense.blocks) * (t("attn", full) + t("mlp", full))
+    other = model_s - dense_blocks
+    for h in ("attn", "mlp"):                      # least-squares t(N) = a + b N over the measured counts
+        ns = sorted(n for hh, n in needed if hh == h)
+        ts = [t(h, n) for n in ns]
+        mn, mt = statistics.mean(ns), statistics.mean(ts)
+        slope = sum((n - mn) * (y - mt) for n, y in zip(ns, ts)) / sum((n - mn) ** 2 for n in ns)
+        fixed = mt - slope * mn
+        rows.append({"part": "floor", "batch": bs, "model": f"dense {h} half, t(N) = a + b N",
+                     "a_ms": fixed * 1e3, "b_us_per_token": slope * 1e6,
+                     "fixed_share_at_197": fixed / t(h, full), "ms_at_197": t(h, full) * 1e3})
+    for name, plan in plans.items():
+        reduced = sum(t("attn", a) + t("mlp", m) for a, m in plan)
+        flop_blocks = sum(a + m for a, m in plan) / (2 * full * len(plan))     # linear layers only
+        rows.append({"part": "floor", "batch": bs, "model": f"{name}: dense layers only (free reduction)",
+                     "speedup": model_s / (other + reduced), "baseline": "LoRA",
+                     "linear_token_share": flop_blocks})
+    return rows
+
+
 def graph_breaks(model: nn.Module, images: torch.Tensor) -> int:
     torch._dynamo.reset()
     with torch.no_grad():
@@ -199,7 +287,7 @@ def run(args) -> None:
     load_before = open("/proc/loadavg").read().split()[:3]
     rows: List[dict] = []
     checks: Dict[str, object] = {}
-    tome = tome_models(args) if ("tome" in parts or "onnx" in parts) else {}
+    tome = tome_models(args) if ("tome" in parts or "onnx" in parts or "floor" in parts) else {}
     dyt_sets = {}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         images = random_images(bs, args.image_size, seed=0)
@@ -211,6 +299,8 @@ def run(args) -> None:
                     timed[f"{name} compiled"] = torch.compile(tome[name])
                     flops[f"{name} compiled"] = flops[name]
             rows += time_rows("tome", timed, images, "LoRA", rounds, args.warmup, flops)
+        if "floor" in parts:
+            rows += floor_rows(args, tome["LoRA"], images, max(rounds, 5), args.warmup)
         if "dyt" in parts or "onnx" in parts:
             dyt_sets[bs] = dyt_models(args, images)
         if "dyt" in parts:
@@ -240,6 +330,8 @@ def run(args) -> None:
     prefix = os.path.join(args.out, f"deploy_fast_path_{args.tag}")
     cols = ["part", "batch", "model", "img_per_s", "img_per_s_low", "img_per_s_high", "speedup", "baseline",
             "flops_ratio"]
+    if "floor" in parts:
+        cols += ["linear_token_share", "a_ms", "b_us_per_token", "fixed_share_at_197", "ms_at_197"]
     md = measure.write_results(prefix, rows, env, cols, title)
     with open(prefix + ".json") as fh:
         data = json.load(fh)
@@ -264,6 +356,8 @@ def summarize(args) -> None:
         runs.append(run)
     keys = []
     for row in runs[0]["rows"]:
+        if row.get("speedup") is None:                  # the floor part's fit rows: in each run's own table
+            continue
         keys.append((row["part"], row["batch"], row["model"]))
     lines = ["| part | batch | model | baseline | FLOPs ratio | speed-up, median of runs | per run | goal | met |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -298,7 +392,7 @@ def main() -> None:
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-sizes", default="16,1", help="comma-separated batch sizes")
-    ap.add_argument("--parts", default="tome,dyt,onnx", help="comma-separated: tome, dyt, onnx")
+    ap.add_argument("--parts", default="tome,dyt,onnx", help="comma-separated: tome, dyt, onnx, floor")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
