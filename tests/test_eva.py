@@ -19,6 +19,7 @@ from tokentune.errors import TokenTuneError
 from tokentune.methods import dyt
 from tokentune.methods.lora import save_peft
 from tokentune.tools.export import export_deployed
+from tokentune.tools.program import export_program
 
 # name, timm keywords: one small model per kind of block / rotary table
 FAMILIES = {
@@ -32,6 +33,8 @@ FAMILIES = {
     "mixed": ("vit_small_patch16_rope_mixed_224", dict(img_size=64, depth=3, embed_dim=48, num_heads=3)),
     # DINOv3: 4 registers, rotate-half layout, DINOv3's coordinates, dynamic image size
     "dinov3": ("vit_small_patch16_dinov3", dict(img_size=64, depth=3, embed_dim=48, num_heads=3)),
+    # Perception Encoder: pre-norm, attention-pool head over every token (CLS included)
+    "pe": ("vit_pe_core_tiny_patch16_384", dict(img_size=64, depth=3, embed_dim=48, num_heads=3)),
 }
 
 
@@ -116,6 +119,21 @@ def test_plain_lora_deploys_to_timm_eva_and_round_trips():
     with torch.no_grad():
         _close(deployed(x), model(x))
         assert (model(x) - _twin(model, "eva02_swiglu")(x)).abs().max() > 1e-3    # the LoRA does something
+
+
+def test_attention_pool_weights_a_merged_token_as_its_copies():
+    """Eva's attention pool attends over every token, prefix included; over merged tokens with
+    sizes it equals timm's pool over every token repeated size times."""
+    model = _model("pe", "lora+tome", tome_r=[4, 3, 2])
+    x = _images("pe")
+    with torch.no_grad():
+        tokens, state = model.forward_tokens(x)
+        assert int(state.size.max()) > 1
+        ours = model.forward_head_sized(tokens, state, pre_logits=True)
+        copies = [torch.repeat_interleave(tokens[b], state.size[b, :, 0].round().long(), dim=0) for b in range(2)]
+        theirs = torch.stack([model.fc_norm(model.attn_pool(c[None]))[0] for c in copies])
+        _close(ours, theirs)
+        assert (ours - model.attn_pool(tokens)).abs().max() > 1e-4        # the sizes matter
 
 
 # ----------------------------------------------------------------------------- LoRA on Eva's layers
@@ -471,3 +489,16 @@ def test_refusals_are_one_line(tmp_path):
     with pytest.raises(TokenTuneError, match="peft's LoRA format is not supported for timm's Eva") as info:
         save_peft(model, tmp_path / "peft")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,method,options", [("dinov3", "lora+tome", dict(tome_r=[3, 2, 2])),
+                                                   ("mixed", "lora+evit", dict(global_pool="token"))])
+def test_torch_export_of_deployed_eva(tmp_path, family, method, options):
+    """The rotary rows (gathered, with EViT's identity row) trace into one static-shape program."""
+    deployed = tokentune.deploy(_model(family, method, **options))
+    size = FAMILIES[family][1]["img_size"]
+    program = export_program(deployed, tmp_path / "model.pt2", image_size=size, batch_size=2)   # checked against eager
+    x = _images(family)
+    with torch.no_grad():
+        _close(program.module()(x), deployed(x), 1e-4)
