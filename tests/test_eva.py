@@ -296,9 +296,10 @@ def _literal_dynamicvit(model, ref, x):
 
 
 @torch.no_grad()
-def _literal_evit(model, ref, x):
+def _literal_evit(model, ref, x, fuse=True):
     """EViT on timm's Eva blocks: keep the top tokens by CLS attention (computed from the rotated
-    queries and keys), fuse the others into one token that has no rotation."""
+    queries and keys), fuse the others into one token that has no rotation. ``fuse=False`` with a
+    DiffRate model: keep its ``prune_kept`` tokens by CLS attention, drop the rest."""
     tokens, rot, pos = _literal_start(ref, x)
     p, grid = ref.num_prefix_tokens, rot.shape[-2]
     for i, (blk, ours) in enumerate(zip(ref.blocks, model.blocks)):
@@ -307,7 +308,11 @@ def _literal_evit(model, ref, x):
         q, k = _qk(blk.attn, y, rows, p)
         cls = ((q[:, :, :1] * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0].mean(1)[:, p:]
         tokens = _literal_attn(blk, tokens, rows)
-        if ours.reduce is not None:
+        if ours.reduce is not None and not fuse:
+            keep = cls.topk(ours.reduce.prune_kept - p, dim=1).indices
+            tokens = torch.cat([tokens[:, :p], tokens[:, p:].gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))], 1)
+            pos = pos.gather(1, keep)
+        elif ours.reduce is not None:
             n = tokens.shape[1] - p
             left = math.ceil(ours.reduce.keep_rate * n)
             keep = cls.topk(left, dim=1).indices
@@ -347,6 +352,19 @@ def test_evit_keeps_rows_and_fuses_without_rotation(family):
         assert state.rope_identity == 16 and bool(((state.rope_pos == 16).sum(1) >= 1).all())   # fused tokens
         _close(got, want, 1e-4)
         _close(tokentune.deploy(model)(x), want, 1e-4)
+
+
+@pytest.mark.parametrize("family", ["dinov3", "mixed"])
+def test_diffrate_pruning_keeps_the_rotary_rows(family):
+    p = 5 if family == "dinov3" else 1
+    kept = [16 + p, 12 + p, 9 + p]                       # prune only (merge_kept = prune_kept): rows gathered
+    model = _model(family, "lora+diffrate", global_pool="token", diffrate_prune_kept=kept, diffrate_merge_kept=kept)
+    x = _images(family)
+    with torch.no_grad():
+        got, state = model(x, return_state=True)
+        want = _literal_evit(model, _twin(model, family, global_pool="token"), x, fuse=False)
+    assert state.rope_pos.shape == (2, 9 + p)
+    _close(got, want, 1e-4)
 
 
 # ----------------------------------------------------------------------------- DyT: gathered == masked
@@ -486,6 +504,9 @@ def test_refusals_are_one_line(tmp_path):
                                depth=1, embed_dim=32, num_heads=2, mlp_ratio=2.0)
     assert "\n" not in str(info.value)
     model = _model("eva02", "lora")
+    with pytest.raises(TokenTuneError, match="attn_mask= .* not supported") as info:
+        model(_images("eva02"), attn_mask=torch.zeros(17, 17))
+    assert "\n" not in str(info.value)
     with pytest.raises(TokenTuneError, match="peft's LoRA format is not supported for timm's Eva") as info:
         save_peft(model, tmp_path / "peft")
     assert "\n" not in str(info.value)

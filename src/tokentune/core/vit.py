@@ -161,6 +161,10 @@ class TokenTuneEvaMixin(TokenTuneMixin):
     pool_include_prefix = True
 
     def embed(self, images: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
+        masked = [k for k in ("attn_mask", "is_causal") if options.get(k) is not None and options.get(k) is not False]
+        if masked:                  # timm Eva's own masked attention: not threaded through the blocks
+            raise TokenTuneError(f"{masked[0]}= (timm Eva's masked attention) is not supported by tokentune's Eva "
+                                 "forward; call it without a mask (token reduction decides which tokens attend)")
         x, rot = self._pos_embed(self.patch_embed(images))
         x = self.norm_pre(x)
         state = self.initial_state(x, **options)
