@@ -17,6 +17,7 @@ import tokentune
 from tokentune.core.block import AdaptedEvaBlock
 from tokentune.errors import TokenTuneError
 from tokentune.methods import dyt
+from tokentune.methods.diffrate import DiffRateSearchReducer
 from tokentune.methods.lora import save_peft
 from tokentune.tools.export import export_deployed
 from tokentune.tools.program import export_program
@@ -365,6 +366,22 @@ def test_diffrate_pruning_keeps_the_rotary_rows(family):
         want = _literal_evit(model, _twin(model, family, global_pool="token"), x, fuse=False)
     assert state.rope_pos.shape == (2, 9 + p)
     _close(got, want, 1e-4)
+
+
+def test_diffrate_search_sorts_the_rotary_rows_with_the_tokens():
+    """The rate search keeps every token but sorts them by CLS attention in every block: with both
+    rates at "keep everything" the model is timm's (up to the masked softmax's epsilon)."""
+    model = _model("dinov3", "lora", global_pool="token")
+    ref = _twin(model, "dinov3", global_pool="token")
+    for i, block in enumerate(model.blocks[1:], start=1):
+        block.reduce = DiffRateSearchReducer(i, 16, 5, granularity=4)
+        with torch.no_grad():
+            block.reduce.prune.logits[0] = block.reduce.merge.logits[0] = 50.0      # all 16 patch tokens kept
+    x = _images("dinov3")
+    with torch.no_grad():
+        got, state = model(x, return_state=True)
+        assert not torch.equal(state.rope_pos[:, 5:], torch.arange(16).expand(2, 16))   # really sorted
+        _close(got, ref(x), 1e-4)
 
 
 # ----------------------------------------------------------------------------- DyT: gathered == masked

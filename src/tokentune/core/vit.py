@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from timm.models.eva import Eva, EvaBlock
+from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -194,7 +194,7 @@ def _adapt_block(block: nn.Module, layer: int) -> AdaptedBlock:
         return block
     if isinstance(block, EvaBlock):
         return AdaptedEvaBlock(block, layer)
-    if type(block).__name__ == "EvaBlockPostNorm":
+    if isinstance(block, EvaBlockPostNorm):
         raise TokenTuneError("timm's post-norm Eva blocks (use_post_norm=True: eva02_enormous_patch14_clip_224) are not "
                              "supported; use a pre-norm Eva model (EVA-02, DINOv3, vit_*_rope_*) or a VisionTransformer")
     return AdaptedBlock(block, layer)
