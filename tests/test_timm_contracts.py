@@ -157,8 +157,12 @@ def test_map_head_weights_a_merged_token_as_its_copies():
         assert (deployed(X) - model(X)).abs().max() < 1e-5
 
 
-def test_eva_models_are_refused_by_name():
-    with pytest.raises(TokenTuneError, match="Eva models.*not supported") as info:
-        tokentune.create_model("eva02_tiny_patch14_224", method="lora", num_classes=3, img_size=28, depth=1, embed_dim=48,
-                               num_heads=3)
+def test_eva_models_adapt_and_post_norm_eva_blocks_are_refused():
+    """timm's Eva class works (tests/test_eva.py); its post-norm block is the one refused."""
+    model = tokentune.create_model("eva02_tiny_patch14_224", method="lora+tome", tome_r=2, num_classes=3, img_size=28,
+                                   depth=1, embed_dim=48, num_heads=3)
+    assert isinstance(model, timm.models.eva.Eva)
+    with pytest.raises(TokenTuneError, match="post-norm Eva blocks.*not supported") as info:
+        tokentune.create_model("eva02_enormous_patch14_clip_224", method="lora", num_classes=3, img_size=28, depth=1,
+                               embed_dim=32, num_heads=2, mlp_ratio=2.0)
     assert "\n" not in str(info.value)

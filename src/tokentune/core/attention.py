@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from ..errors import TokenTuneError
@@ -15,12 +16,54 @@ from ..errors import TokenTuneError
 # ----------------------------------------------------------------------------- attention
 def check_attention(attn: nn.Module) -> None:
     """Raise a clear error for attention modules this layer cannot drive."""
-    needed = ("qkv", "q_norm", "k_norm", "proj", "proj_drop", "attn_drop", "num_heads", "head_dim", "scale")
+    needed = ("q_norm", "k_norm", "proj", "proj_drop", "attn_drop", "num_heads", "head_dim", "scale")
     missing = [n for n in needed if not hasattr(attn, n)]
+    if not isinstance(getattr(attn, "qkv", None), nn.Module) and not all(
+            isinstance(getattr(attn, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj")):
+        missing.append("qkv or q_proj/k_proj/v_proj")
     if missing:
         raise TokenTuneError(
             f"unsupported attention module {type(attn).__name__} (no {', '.join(missing)}); "
-            "tokentune supports timm ViTs built from timm.layers.Attention (vit_*, deit_*, ...)")
+            "tokentune supports timm ViTs built from timm.layers.Attention (vit_*, deit_*, ...) and timm's Eva "
+            "attention (EvaAttention, AttentionRope)")
+
+
+def project_qkv(attn: nn.Module, x: torch.Tensor):
+    """Queries, keys and values [B, heads, N, head_dim] through the module's own projections.
+
+    timm's ``Attention`` (fused ``qkv`` with its bias), ``EvaAttention`` (fused ``qkv`` without bias
+    plus ``q_bias``/``k_bias``/``v_bias``, or separate ``q_proj``/``k_proj``/``v_proj``) and
+    ``AttentionRope`` (either, with fewer key/value heads for grouped-query attention). A plain
+    ``nn.Linear`` runs exactly as timm runs it; a wrapped one (LoRA) is called as a module so its
+    update applies, with Eva's separate biases added after it.
+    """
+    B, N, _ = x.shape
+    H, D = attn.num_heads, attn.head_dim
+    qkv_layer = getattr(attn, "qkv", None)
+    if qkv_layer is not None:
+        q_bias = getattr(attn, "q_bias", None)
+        if q_bias is None:
+            qkv = qkv_layer(x)
+        else:
+            bias = torch.cat((q_bias, attn.k_bias, attn.v_bias))
+            if getattr(attn, "qkv_bias_separate", False) or type(qkv_layer) is not nn.Linear:
+                qkv = qkv_layer(x) + bias
+            else:                                    # timm's own call: the bias inside F.linear
+                qkv = F.linear(x, weight=qkv_layer.weight, bias=bias)
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+    kv_heads = getattr(attn, "num_kv_heads", H)
+    q = attn.q_proj(x).reshape(B, N, H, D).transpose(1, 2)
+    k = attn.k_proj(x).reshape(B, N, kv_heads, D).transpose(1, 2)
+    v = attn.v_proj(x).reshape(B, N, kv_heads, D).transpose(1, 2)
+    return q, k, v
+
+
+def rotate(attn: nn.Module, t: torch.Tensor, rope: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """timm's rotation of queries or keys [B, heads, N, head_dim]: every token after the
+    ``num_prefix`` prefix tokens by its row of ``rope`` [Bt, H', N - p, 2 head_dim]."""
+    half = bool(getattr(attn, "rotate_half", False))
+    return torch.cat([t[:, :, :num_prefix], apply_rot_embed_cat(t[:, :, num_prefix:], rope, half=half)], dim=2)
 
 
 def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -45,7 +88,7 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
 
 def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
               return_keys: bool = False, policy: Optional[torch.Tensor] = None,
-              return_cls_attn: bool = False):
+              return_cls_attn: bool = False, rope: Optional[torch.Tensor] = None, num_prefix: int = 0):
     """Run timm's ``Attention`` module on ``x`` [B, N, C] with an optional additive bias.
 
     Calls the module's own ``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate`` and ``proj``; uses
@@ -62,12 +105,23 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     importance). Under SDPA that row is computed on its own (one extra ``q_cls K^T`` row per
     head), never the full attention matrix. It is taken before attention dropout (the same when
     ``attn_drop`` is 0, timm's default and the papers' setting).
+
+    ``rope`` [Bt, H', N - num_prefix, 2 head_dim] (timm's Eva family, see :mod:`tokentune.core.rope`)
+    rotates the queries and keys of the tokens after the ``num_prefix`` prefix tokens, as timm's
+    ``EvaAttention``/``AttentionRope`` do. The returned keys are taken *before* the rotation: the
+    rotation encodes where a token is, ToMe matches on what it is (and a merged token keeps its
+    destination's rotation, so the matching should not depend on it).
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    q, k, v = project_qkv(attn, x)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    keys = k.mean(1) if return_keys else None
+    if rope is not None:
+        q, k = rotate(attn, q, rope, num_prefix).type_as(v), rotate(attn, k, rope, num_prefix).type_as(v)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:                                   # grouped-query attention: timm's tiling of kv heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     cls_attn = None
@@ -93,7 +147,6 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    keys = k.mean(1) if return_keys else None
     return (out, keys, cls_attn) if return_cls_attn else (out, keys)
 
 

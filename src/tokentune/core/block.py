@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import TokenTuneError
 from .attention import attention, check_attention, key_mask_bias
 from .reduce import TokenReducer
+from .rope import rope_rows
 from .skip import attention_active, attention_indexed, mlp_active, mlp_indexed
 from .state import Dispatch, TokenState
 
@@ -69,17 +70,24 @@ class AdaptedBlock(nn.Module):
     ``Dispatch.index`` a fixed number of tokens per image is computed (static shapes).
     """
 
-    def __init__(self, block: nn.Module) -> None:
+    adopted = _ADOPTED            # the timm block's own parts, kept under their names
+
+    def __init__(self, block: nn.Module, layer: int = 0) -> None:
         super().__init__()
-        missing = [n for n in _ADOPTED if not hasattr(block, n)]
+        missing = [n for n in self.adopted if not hasattr(block, n)]
         if missing:
             raise TokenTuneError(
                 f"unsupported block type {type(block).__name__} (missing {', '.join(missing)}); "
-                "tokentune supports pre-norm timm ViT blocks (timm.models.vision_transformer.Block)")
+                "tokentune supports pre-norm timm ViT blocks (timm.models.vision_transformer.Block, "
+                "timm.models.eva.EvaBlock)")
         check_attention(block.attn)
-        for name in _ADOPTED:
+        for name in self.adopted:
             setattr(self, name, getattr(block, name))
         self.timm_block_class = type(block)
+        # plain attributes of the timm block (e.g. EvaBlock's init_values), restored by to_timm_block
+        self.timm_block_attrs = {k: v for k, v in vars(block).items()
+                                 if not k.startswith("_") and k != "training" and k not in self.adopted}
+        self.layer = int(layer)       # block index: selects mixed RoPE's per-block table
         self.merge: Optional[nn.Module] = None
         self.adapter: Optional[nn.Module] = None
         self.attn_dispatcher: Optional[nn.Module] = None
@@ -99,7 +107,7 @@ class AdaptedBlock(nn.Module):
             return self._forward_dispatched(x, state)
         need_cls = self.reduce is not None and self.reduce.needs_cls_attn
         h, keys, *cls_attn = attention(self.attn, self.norm1(x), bias=state.attn_bias(), return_keys=self.merge is not None,
-                                       policy=state.policy, return_cls_attn=need_cls)
+                                       policy=state.policy, return_cls_attn=need_cls, **self.rope_args(x, state))
         x = x + self.drop_path1(self.ls1(h))
         if self.reduce is not None:
             x, state = self.reduce(x, state, *cls_attn)
@@ -149,14 +157,16 @@ class AdaptedBlock(nn.Module):
     def _attention_step(self, x: torch.Tensor, state: TokenState, d: Optional[Dispatch]):
         """``x + M * attention update``; returns the new stream and the keys (dense only)."""
         if d is None:
-            h, keys = attention(self.attn, self.norm1(x), bias=state.attn_bias(), return_keys=self.merge is not None)
+            h, keys = attention(self.attn, self.norm1(x), bias=state.attn_bias(), return_keys=self.merge is not None,
+                                **self.rope_args(x, state))
             return x + self.drop_path1(self.ls1(h)), keys
         if d.index is not None:
             return attention_indexed(self, x, state, d.active, d.index), None
         if d.skip:
             return attention_active(self, x, state, d.active), None
         # mask-multiply: inactive tokens are hidden as keys, their own update is gated to zero
-        h, _ = attention(self.attn, self.norm1(x), bias=key_mask_bias(d.active, state.attn_bias()))
+        h, _ = attention(self.attn, self.norm1(x), bias=key_mask_bias(d.active, state.attn_bias()),
+                         **self.rope_args(x, state))
         return x + self.drop_path1(self.ls1(h)) * d.multiplier(h), None
 
     def _mlp_step(self, x: torch.Tensor, d: Optional[Dispatch], inplace: bool = False) -> torch.Tensor:
@@ -168,9 +178,25 @@ class AdaptedBlock(nn.Module):
         update = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x + update if d is None else x + update * d.multiplier(update)
 
+    def rope_args(self, x: torch.Tensor, state: TokenState, index: Optional[torch.Tensor] = None) -> dict:
+        """The rotary keywords of :func:`~tokentune.core.attention.attention` for the tokens ``x``
+        [B, N, C] (or those at ``index`` [B, K] of them, prefix tokens first); {} without RoPE."""
+        if state.rope is None:
+            return {}
+        return {"rope": rope_rows(state, self.layer, x.shape[0], x.shape[1], index), "num_prefix": state.num_prefix}
+
+    def width(self) -> int:
+        """The residual stream's width (embedding dimension)."""
+        return int(self.attn.proj.out_features)
+
+    def param_like(self) -> dict:
+        """``device``/``dtype`` of the block's weights (for plug-ins built beside them)."""
+        p = next(self.attn.parameters())
+        return {"device": p.device, "dtype": p.dtype}
+
     def plugins(self):
         """Names of the plug-in modules this block carries (beyond timm's own submodules)."""
-        return [name for name, _ in self.named_children() if name not in _ADOPTED]
+        return [name for name, _ in self.named_children() if name not in self.adopted]
 
     def to_timm_block(self) -> nn.Module:
         """The plain timm block with the same (shared) submodules; plug-ins must be gone."""
@@ -178,7 +204,28 @@ class AdaptedBlock(nn.Module):
             raise TokenTuneError(f"this block still has plug-ins {self.plugins()}; only plain blocks convert back to timm")
         block = self.timm_block_class.__new__(self.timm_block_class)
         nn.Module.__init__(block)
-        for name in _ADOPTED:
+        for name, value in self.timm_block_attrs.items():
+            setattr(block, name, value)
+        for name in self.adopted:
             setattr(block, name, getattr(self, name))
         block.train(self.training)
         return block
+
+
+class AdaptedEvaBlock(AdaptedBlock):
+    """A timm ``EvaBlock`` (EVA-02, DINOv3, ``vit_*_rope_*``; timm's ``Eva`` class) adopted like
+    :class:`AdaptedBlock` adopts ``Block``: its norms, attention (``EvaAttention`` or
+    ``AttentionRope``: rotary embeddings from the token state), MLP (``Mlp``, ``GluMlp``,
+    ``SwiGLU``) and drop paths are kept under their names, and its LayerScale parameters
+    ``gamma_1``/``gamma_2`` (None without LayerScale, ``gamma_2`` None with attention-only
+    LayerScale) multiply the branch outputs as timm does. Every plug-in and execution path of
+    :class:`AdaptedBlock` (merging, pruning, DyT's skipping) applies unchanged.
+    """
+
+    adopted = ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma_2", "drop_path2")
+
+    def ls1(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.gamma_1 is None else self.gamma_1 * x
+
+    def ls2(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.gamma_2 is None else self.gamma_2 * x

@@ -64,8 +64,7 @@ def run_levels(model: nn.Module, x: torch.Tensor, indices: Optional[Union[int, L
     blocks = model.blocks if not stop_early else model.blocks[:last + 1]
     if _merges_before(blocks, last):
         options["trace_source"] = True                     # unmerging needs the source map
-    tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    state: TokenState = model.initial_state(tokens, **options)
+    tokens, state = model.embed(x, **options)
     use_ckpt = model.grad_checkpointing and model.training and torch.is_grad_enabled()
     n0 = tokens.shape[1] + _extra_prefix(model)            # the grid's tokens, prompts included
     levels = []

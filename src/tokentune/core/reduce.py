@@ -10,8 +10,9 @@ and MLP, where ToMe merges (EViT prunes there, by the attention the block just c
 prompts) are always kept, at the front and in their order.
 
 Keeping tokens goes through :func:`keep_tokens`, which carries the token state along: token sizes,
-the token -> input-patch map and a training-time policy are gathered with the tokens, and a
-fused token (EViT) gets the sizes and sources of everything it stands for.
+the token -> input-patch map, a training-time policy and the rotary rows (RoPE models) are gathered
+with the tokens, and a fused token (EViT) gets the sizes and sources of everything it stands for
+and no rotation (:mod:`tokentune.core.rope`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..utils import unwrap_model
+from .rope import identity_row, keep_rope
 from .state import TokenState
 
 
@@ -79,6 +81,7 @@ def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor,
         changes["size"] = size.reshape(B * N, 1).index_select(0, rows).view(B, -1, 1)
     if source is not None:
         changes["source"] = source.reshape(B * N, -1).index_select(0, rows).view(B, index.shape[1], -1)
+    changes.update(keep_rope(state, rows, B, N))
     if fused is not None:
         if fused_from is None:
             raise ValueError("a fused token needs fused_from, the tokens it stands for")
@@ -93,4 +96,8 @@ def keep_tokens(x: torch.Tensor, state: TokenState, keep: torch.Tensor,
             changes["source"] = torch.cat([changes["source"], extra], dim=1)
         if "policy" in changes:
             changes["policy"] = torch.cat([changes["policy"], changes["policy"].new_ones(B, 1)], dim=1)
+        if "rope_pos" in changes:                    # no rotation for a mixture of patches from anywhere
+            table, row = identity_row(state)
+            changes.update(table)
+            changes["rope_pos"] = torch.cat([changes["rope_pos"], changes["rope_pos"].new_full((B, 1), row)], dim=1)
     return out, state.replace(**changes)

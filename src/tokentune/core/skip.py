@@ -29,7 +29,8 @@ from .state import TokenState
 def attention_active(block: nn.Module, x: torch.Tensor, state: TokenState, active: torch.Tensor) -> torch.Tensor:
     """Attention among the active tokens of each image only, batched.
 
-    The active tokens of every image are gathered to the front (original order kept),
+    The active tokens of every image are gathered to the front (original order kept; prefix tokens
+    are always active, so they stay first), with their rotary rows (RoPE models),
     padded to the largest active count in the batch and hidden as keys where padded;
     padded rows (inactive tokens) get exactly their input back, the others their update.
     """
@@ -51,7 +52,7 @@ def attention_active(block: nn.Module, x: torch.Tensor, state: TokenState, activ
     if B > 1 and int(counts.min()) < k:
         valid = torch.arange(k, device=x.device)[None, :] < counts[:, None]
         bias = key_mask_bias(valid, bias)
-    h, _ = attention(block.attn, block.norm1(xs), bias=bias)
+    h, _ = attention(block.attn, block.norm1(xs), bias=bias, **block.rope_args(x, state, order))
     update = block.drop_path1(block.ls1(h)).to(x.dtype)
     if valid is not None:
         update = torch.where(valid.unsqueeze(-1), update, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -118,7 +119,7 @@ def attention_indexed(block: nn.Module, x: torch.Tensor, state: TokenState, acti
         return x
     bias = state.attn_bias()
     if K == N:                                      # every token chosen: no gather needed
-        h, _ = attention(block.attn, block.norm1(x), bias=key_mask_bias(active, bias))
+        h, _ = attention(block.attn, block.norm1(x), bias=key_mask_bias(active, bias), **block.rope_args(x, state))
         update = block.drop_path1(block.ls1(h)).to(x.dtype)
         return torch.where(active.unsqueeze(-1), x + update, x)
     valid = active.gather(1, index)
@@ -127,7 +128,7 @@ def attention_indexed(block: nn.Module, x: torch.Tensor, state: TokenState, acti
     xs = flat.index_select(0, rows).view(B, K, C)
     if bias is not None:
         bias = bias.gather(-1, index[:, None, None, :])
-    h, _ = attention(block.attn, block.norm1(xs), bias=key_mask_bias(valid, bias))
+    h, _ = attention(block.attn, block.norm1(xs), bias=key_mask_bias(valid, bias), **block.rope_args(x, state, index))
     update = block.drop_path1(block.ls1(h)).to(x.dtype)
     new = torch.where(valid.unsqueeze(-1), xs + update, xs)
     return flat.clone().index_copy_(0, rows, new.reshape(B * K, C)).view(B, N, C)

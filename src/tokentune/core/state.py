@@ -30,6 +30,12 @@ class TokenState:
             gradient. Every later attention hides the dropped tokens as keys (each token still
             attends to itself) by multiplying the softmax numerators, so the gradient reaches the
             decisions (:func:`tokentune.core.attention.softmax_with_policy`). None = no policy.
+        rope: the rotary table of this forward (timm's ``Eva`` family), ``[Bt, L, H', G, E]``
+            (see :mod:`tokentune.core.rope`); None for models without rotary embeddings.
+        rope_pos: [B, N] the table row of every token (-1 for prefix tokens), moved with the
+            tokens by every reduction; None while nothing was reduced (token ``p + j`` at row ``j``).
+        rope_identity: the table's appended identity row (no rotation), once a token needs it
+            (EViT's fused token); None before.
         records: one dict per block that recorded something (token counts, DyT masks, ...).
         options: per-forward switches passed as ``model(x, **options)`` (e.g. a method's
             "complete model" pass); read by plug-ins, never by the composition layer.
@@ -41,6 +47,9 @@ class TokenState:
     prop_attn: bool = False
     trace_source: bool = False
     policy: Optional[torch.Tensor] = None
+    rope: Optional[torch.Tensor] = None
+    rope_pos: Optional[torch.Tensor] = None
+    rope_identity: Optional[int] = None
     records: Tuple[Dict[str, Any], ...] = ()
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import TokenTuneError
 from ..utils import unwrap_model
-from .block import AdaptedBlock
+from .block import AdaptedBlock, AdaptedEvaBlock
 from .features import forward_intermediates
+from .rope import rope_table
 from .state import TokenState
 
 
@@ -77,13 +79,18 @@ class TokenTuneMixin:
         spec = self.tokentune.spec
         return dict(spec, deployed=True) if spec is not None and self.tokentune.deployed else spec
 
-    def forward_tokens(self, images: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
-        """Images -> final normalised tokens and the final :class:`TokenState`."""
+    def embed(self, images: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
+        """Images -> the tokens the first block receives and the initial :class:`TokenState`
+        (timm's patch embedding, position embedding, patch dropout and pre-norm)."""
         x = self.patch_embed(images)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        state = self.initial_state(x, **options)
+        return x, self.initial_state(x, **options)
+
+    def forward_tokens(self, images: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
+        """Images -> final normalised tokens and the final :class:`TokenState`."""
+        x, state = self.embed(images, **options)
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:
@@ -144,31 +151,66 @@ class TokenTuneMixin:
         return x if pre_logits else self.head(x)
 
 
+class TokenTuneEvaMixin(TokenTuneMixin):
+    """:class:`TokenTuneMixin` for timm's ``Eva`` class (EVA, EVA-02, DINOv3, ``vit_*_rope_*``):
+    ``Eva._pos_embed`` returns the rotary table beside the tokens (after timm's own patch dropout,
+    which it applies inside), and the table travels in the token state
+    (:mod:`tokentune.core.rope`); Eva's attention-pool head (``global_pool="map"``) attends over
+    every token, prefix tokens included."""
+
+    pool_include_prefix = True
+
+    def embed(self, images: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
+        masked = [k for k in ("attn_mask", "is_causal") if options.get(k) is not None and options.get(k) is not False]
+        if masked:                  # timm Eva's own masked attention: not threaded through the blocks
+            raise TokenTuneError(f"{masked[0]}= (timm Eva's masked attention) is not supported by tokentune's Eva "
+                                 "forward; call it without a mask (token reduction decides which tokens attend)")
+        x, rot = self._pos_embed(self.patch_embed(images))
+        x = self.norm_pre(x)
+        state = self.initial_state(x, **options)
+        if rot is not None:
+            state = state.replace(rope=rope_table(rot, mixed=bool(getattr(self, "rope_mixed", False))))
+        return x, state
+
+
 _CLASS_CACHE: Dict[type, type] = {}
 
 
 def _adapted_class(base: type) -> type:
     if base not in _CLASS_CACHE:
-        _CLASS_CACHE[base] = type(f"TokenTune{base.__name__}", (TokenTuneMixin, base),
+        mixin = TokenTuneEvaMixin if issubclass(base, Eva) else TokenTuneMixin
+        _CLASS_CACHE[base] = type(f"TokenTune{base.__name__}", (mixin, base),
                                   {"__module__": __name__, "timm_class": base})
     return _CLASS_CACHE[base]
+
+
+def _like_container(container: nn.Module, blocks) -> nn.Module:
+    """``blocks`` in timm's own container type (``Sequential`` for ViT, ``ModuleList`` for Eva)."""
+    return nn.ModuleList(blocks) if isinstance(container, nn.ModuleList) else nn.Sequential(*blocks)
+
+
+def _adapt_block(block: nn.Module, layer: int) -> AdaptedBlock:
+    if isinstance(block, AdaptedBlock):
+        return block
+    if isinstance(block, EvaBlock):
+        return AdaptedEvaBlock(block, layer)
+    if isinstance(block, EvaBlockPostNorm):
+        raise TokenTuneError("timm's post-norm Eva blocks (use_post_norm=True: eva02_enormous_patch14_clip_224) are not "
+                             "supported; use a pre-norm Eva model (EVA-02, DINOv3, vit_*_rope_*) or a VisionTransformer")
+    return AdaptedBlock(block, layer)
 
 
 def adapt_vit(model: nn.Module) -> nn.Module:
     """Convert a timm ViT in place: blocks -> :class:`AdaptedBlock`, forward -> token-state loop."""
     if isinstance(model, TokenTuneMixin):
         return model
-    if type(model).__name__ == "Eva":
-        raise TokenTuneError("timm's Eva models (EVA, EVA-02, DINOv3, PE, vit_*_rope_*: rotary position embeddings, "
-                             "EvaBlock) are not supported yet; use a VisionTransformer model (ViT, DeiT, DINOv2, CLIP, "
-                             "SigLIP), see README 'Which timm models work'")
     for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head", "num_prefix_tokens"):
         if not hasattr(model, attr):
             raise TokenTuneError(
                 f"{type(model).__name__} is not a timm VisionTransformer (no {attr}); "
                 "use a ViT/DeiT model name such as vit_base_patch16_224")
-    blocks = [b if isinstance(b, AdaptedBlock) else AdaptedBlock(b) for b in model.blocks]
-    model.blocks = nn.Sequential(*blocks)
+    blocks = [_adapt_block(b, i) for i, b in enumerate(model.blocks)]
+    model.blocks = _like_container(model.blocks, blocks)
     model.__class__ = _adapted_class(type(model))
     model.tokentune = ModelInfo()
     return model
@@ -178,7 +220,7 @@ def restore_timm(model: nn.Module) -> nn.Module:
     """Undo :func:`adapt_vit` in place (every plug-in must have been removed)."""
     if not isinstance(model, TokenTuneMixin):
         return model
-    model.blocks = nn.Sequential(*[b.to_timm_block() for b in model.blocks])
+    model.blocks = _like_container(model.blocks, [b.to_timm_block() for b in model.blocks])
     model.__class__ = model.timm_class
     model.__dict__.pop("tokentune", None)
     return model

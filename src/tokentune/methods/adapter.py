@@ -168,9 +168,8 @@ class MoEAdapter(nn.Module):
 def apply_adapters(blocks, cfg: AdapterConfig) -> None:
     """Give every block an :class:`Adapter` parallel to its MLP."""
     for block in blocks:
-        dim = block.norm2.normalized_shape[0] if hasattr(block.norm2, "normalized_shape") else block.mlp.fc1.in_features
-        block.adapter = Adapter(dim, cfg.bottleneck, cfg.scale, cfg.dropout, cfg.layernorm).to(
-            device=block.mlp.fc1.weight.device, dtype=block.mlp.fc1.weight.dtype)
+        block.adapter = Adapter(block.width(), cfg.bottleneck, cfg.scale, cfg.dropout, cfg.layernorm).to(
+            **block.param_like())
 
 
 def _apply(model: nn.Module, cfg: AdapterConfig, ctx) -> None:

@@ -119,7 +119,7 @@ def apply_vpt(model: nn.Module, cfg: VPTConfig, ctx) -> None:
     patch = model.patch_embed.patch_size
     ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
     bound = math.sqrt(6.0 / float(3 * ph * pw + dim))          # the reference's Xavier-uniform bound
-    like = dict(device=blocks[0].mlp.fc1.weight.device, dtype=blocks[0].mlp.fc1.weight.dtype)
+    like = blocks[0].param_like()
     for i, block in enumerate(blocks if cfg.deep else blocks[:1]):
         block.prompt = VisualPrompt(cfg.tokens, dim, start, insert=i == 0, dropout=cfg.dropout).to(**like)
         with torch.no_grad():

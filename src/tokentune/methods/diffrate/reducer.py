@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...core.reduce import TokenReducer
+from ...core.rope import keep_rope, reorder_rope
 from ...core.state import TokenState
 
 
@@ -36,7 +37,8 @@ def ste_min(*values: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- sorting, matching, merging
 def sort_by_cls_attention(x: torch.Tensor, state: TokenState, cls_attn: torch.Tensor, size: torch.Tensor,
                           mask: Optional[torch.Tensor]):
-    """Prefix tokens first, then the others by descending CLS attention (reference ``torch.sort``)."""
+    """Prefix tokens first, then the others by descending CLS attention (reference ``torch.sort``);
+    the last item returned are the state changes that move the rotary rows alike (RoPE models)."""
     B, N, C = x.shape
     p = state.num_prefix
     order = torch.sort(cls_attn[:, p:], dim=1, descending=True)[1] + p
@@ -48,7 +50,7 @@ def sort_by_cls_attention(x: torch.Tensor, state: TokenState, cls_attn: torch.Te
     if state.trace_source:
         source = source if source is not None else torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
         source = source.gather(1, idx.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
-    return x, size, mask, source
+    return x, size, mask, source, reorder_rope(state, idx, N)
 
 
 def match(metric: torch.Tensor, kept: int, prefix: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +120,7 @@ class DiffRateReducer(TokenReducer):
         sizes = state.size.reshape(B * N, 1) if state.size is not None else x.new_ones(B * N, 1)
         size = sizes.index_select(0, keep_rows)
         source, policy = state.source, state.policy
+        rope = keep_rope(state, keep_rows, B, N)                            # destinations keep their rotation
         if state.trace_source and source is None:
             source = torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
         all_sources = source.reshape(B * N, -1) if source is not None else None
@@ -144,7 +147,7 @@ class DiffRateReducer(TokenReducer):
                 source = source.view(B, mk, -1).scatter_reduce(
                     1, node_idx[..., None].expand(-1, -1, merged.shape[-1]), merged, reduce="amax").reshape(B * mk, -1)
         source = source.view(B, mk, -1) if source is not None else None
-        return out.view(B, mk, C), state.replace(size=size.view(B, mk, 1), source=source, policy=policy)
+        return out.view(B, mk, C), state.replace(size=size.view(B, mk, 1), source=source, policy=policy, **rope)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -205,7 +208,7 @@ class DiffRateSearchReducer(TokenReducer):
         B = x.shape[0]
         size = state.size if state.size is not None else x.new_ones(B, x.shape[1], 1)
         mask = state.policy if state.policy is not None else x.new_ones(B, x.shape[1])
-        x, size, mask, source = sort_by_cls_attention(x, state, cls_attn, size, mask)
+        x, size, mask, source, rope = sort_by_cls_attention(x, state, cls_attn, size, mask)
         last = int(mask[0].sum())
         prune_kept = self.prune.kept()
         if prune_kept < last:
@@ -221,5 +224,5 @@ class DiffRateSearchReducer(TokenReducer):
             s = torch.cat([size[:, :k], size[:, k:mid] * node_max[..., None]], dim=1).clamp(1)
             size = torch.cat([merge(s, dst_idx, k, "sum"), s[:, k:], size[:, mid:]], dim=1)
             mask = mask * merge_mask
-        state = state.replace(size=size, policy=mask, source=source)
+        state = state.replace(size=size, policy=mask, source=source, **rope)
         return x, state.record(diffrate=(prune_kept, merge_kept))

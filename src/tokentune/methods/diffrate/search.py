@@ -56,7 +56,7 @@ def _install(model: nn.Module, granularity: int) -> List[DiffRateSearchReducer]:
         raise TokenTuneError("DiffRate ranks tokens by the CLS token's attention, and this model has no class token")
     p = num_prefix(model)
     patches = num_input_tokens(model) - p
-    like = dict(device=blocks[0].mlp.fc1.weight.device)
+    like = dict(device=blocks[0].param_like()["device"])
     searchers = [DiffRateSearchReducer(i, patches, p, granularity).to(**like) for i in range(1, len(blocks))]
     for block, s in zip(blocks[1:], searchers):     # the first block never compresses (reference)
         block.reduce = s

@@ -67,7 +67,7 @@ def apply_dynamicvit(model: nn.Module, cfg: DynamicViTConfig, ctx) -> DynamicViT
                              f"{len(locations)}) = 0 of the {patches} patch tokens after the last stage; raise the keep "
                              "rate or use fewer dynamicvit_locations")
     dim = int(model.embed_dim)
-    like = dict(device=blocks[0].mlp.fc1.weight.device, dtype=blocks[0].mlp.fc1.weight.dtype)
+    like = blocks[0].param_like()
     for stage, i in enumerate(locations):
         blocks[i].reduce = DynamicViTReducer(i, stage, cfg.keep_rate ** (stage + 1), dim, cfg.tau, cfg.inference).to(**like)
     cfg = replace(cfg, locations=list(locations))

@@ -43,8 +43,7 @@ def apply_dyt(model: nn.Module, cfg: DyTConfig, ctx=None) -> None:
              "attn_mlp": [("adapter", "mlp_dispatcher", "mlp"), ("attn_adapter", "attn_dispatcher", "attn")],
              "layer": [("layer_adapter", "layer_dispatcher", "layer")]}[cfg.variant]
     for i, block in enumerate(blocks):
-        dim = block.norm2.normalized_shape[0] if hasattr(block.norm2, "normalized_shape") else block.mlp.fc1.in_features
-        like = dict(device=block.mlp.fc1.weight.device, dtype=block.mlp.fc1.weight.dtype)
+        dim, like = block.width(), block.param_like()
         for adapter_slot, dispatcher_slot, kind in slots:
             setattr(block, adapter_slot, _make_adapter(dim, cfg).to(**like))
             if i >= cfg.keep_layers:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,8 @@ class LoRAConfig:
             ``alpha = rank`` (no scaling, as PYRA/NOAH).
         dropout: dropout on the LoRA input (training only).
         targets: names of the Linear layers inside each block to adapt (``qkv``, ``proj``,
-            ``fc1``, ``fc2``).
+            ``fc1``, ``fc2``; timm's Eva blocks also ``q_proj``, ``k_proj``, ``v_proj``, ``fc1_g``,
+            ``fc1_x``, and ``qkv``/``fc1`` adapt the separate parts where a block splits them).
     """
 
     rank: int = 8
@@ -103,25 +104,42 @@ class LoRALinear(nn.Linear):
         return merged
 
 
-def _block_linear(block: nn.Module, target: str) -> tuple:
-    """(parent module, attribute) of a target Linear inside a block."""
-    parents = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
-    if target not in parents:
-        raise TokenTuneError(f"unknown LoRA target {target!r}; choose from {', '.join(parents)}")
-    parent = getattr(block, parents[target])
-    if not isinstance(getattr(parent, target, None), nn.Linear):
-        raise TokenTuneError(f"this backbone's blocks have no Linear '{parents[target]}.{target}' for LoRA")
-    return parent, target
+#: where a target lives in a block, and what it stands for in blocks that split it: timm's Eva
+#: attention may have separate q/k/v projections (DINOv3, EVA-02 base and up), its SwiGLU MLP
+#: separate gate and value halves of fc1 (``fc1_g``, ``fc1_x``)
+_PARENTS = {"qkv": "attn", "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "proj": "attn",
+            "fc1": "mlp", "fc1_g": "mlp", "fc1_x": "mlp", "fc2": "mlp"}
+_SPLIT = {"qkv": ("q_proj", "k_proj", "v_proj"), "fc1": ("fc1_g", "fc1_x")}
+
+
+def _block_linears(block: nn.Module, target: str) -> List[Tuple[nn.Module, str]]:
+    """(parent module, attribute) of the Linear layers a target names inside a block.
+
+    ``qkv`` on an attention with separate projections means ``q_proj``, ``k_proj`` and ``v_proj``
+    (one LoRA each, rank ``r``: 6 r D parameters against 4 r D on a fused qkv); ``fc1`` on a
+    SwiGLU MLP means ``fc1_g`` and ``fc1_x``.
+    """
+    if target not in _PARENTS:
+        raise TokenTuneError(f"unknown LoRA target {target!r}; choose from {', '.join(_PARENTS)}")
+    parent = getattr(block, _PARENTS[target])
+    if isinstance(getattr(parent, target, None), nn.Linear):
+        return [(parent, target)]
+    parts = _SPLIT.get(target, ())
+    if parts and all(isinstance(getattr(parent, n, None), nn.Linear) for n in parts):
+        return [(parent, n) for n in parts]
+    raise TokenTuneError(f"this backbone's blocks have no Linear '{_PARENTS[target]}.{target}' for LoRA "
+                         f"({type(parent).__name__}); choose lora_targets among the Linear layers it has: "
+                         f"{', '.join(n for n, m in parent.named_children() if isinstance(m, nn.Linear))}")
 
 
 def apply_lora(blocks: Sequence[nn.Module], cfg: LoRAConfig) -> None:
     """Wrap the target Linear layers of every block with :class:`LoRALinear`."""
     for block in blocks:
         for target in cfg.targets:
-            parent, attr = _block_linear(block, target)
-            layer = getattr(parent, attr)
-            if not isinstance(layer, LoRALinear):
-                setattr(parent, attr, LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout))
+            for parent, attr in _block_linears(block, target):
+                layer = getattr(parent, attr)
+                if not isinstance(layer, LoRALinear):
+                    setattr(parent, attr, LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout))
 
 
 def merge_lora(model: nn.Module) -> int:

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
+from timm.models.eva import Eva
 from torch import nn
 
 from ...core.factory import HEAD_PATTERN, create_model, methods_of
@@ -62,6 +63,11 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FIX = "train the LoRA with tokentune, or save it from peft with plain LoRA options"
 
 
+_NO_EVA = ("peft's LoRA format is not supported for timm's Eva models (EVA-02, DINOv3, vit_*_rope_*): timm's "
+           "EvaAttention calls its qkv weight directly, which bypasses a peft LoRA layer; keep the run "
+           "(tokentune.save_trained) or export it (tokentune export) instead")
+
+
 # ----------------------------------------------------------------------------- export
 def _lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -82,6 +88,8 @@ def peft_config_of(model: nn.Module) -> Dict[str, Any]:
     model = unwrap_model(model)
     spec = spec_of(model)
     layers = _lora_layers(model)
+    if isinstance(model, Eva):
+        raise TokenTuneError(_NO_EVA)
     if spec is None or not layers:
         raise TokenTuneError("peft's format holds a LoRA: pass a model built by tokentune.create_model with a LoRA "
                              "(method='lora', 'lora+tome', ...) before deploy() merged it")
@@ -312,6 +320,8 @@ def load_peft(adapter: Union[str, "os.PathLike[str]"], model: Optional[str] = No
                          train_head="head.weight" in ours,
                          lora_rank=rank, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout") or 0.0),
                          lora_targets=tuple(targets), **build)
+    if isinstance(built, Eva):
+        raise TokenTuneError(_NO_EVA)
     depth = len([n for n, m in built.named_modules() if re.fullmatch(r"blocks\.\d+", n)])
     if len(blocks) != depth:
         raise TokenTuneError(f"{weights}: LoRA on {len(blocks)} blocks but {name!r} has {depth}; pass the base model "

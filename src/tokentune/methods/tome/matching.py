@@ -3,7 +3,8 @@
 Reimplemented from the published behaviour (no code of the ToMe repository is used):
 
 * The *metric* is the attention keys averaged over heads and L2-normalised, so similarity is
-  cosine similarity between keys.
+  cosine similarity between keys (for rotary-embedding models, timm's Eva family: the keys before
+  their rotation, and a merged token keeps its destination's rotation; :mod:`tokentune.core.rope`).
 * Tokens alternate into two sets, A (even positions) and B (odd positions). Every A token picks
   its most similar B token; the ``r`` A tokens with the highest similarity are merged into their
   B partner (a scatter-sum), every other A token is kept.

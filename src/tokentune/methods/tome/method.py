@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...core.method import Method, register_method
+from ...core.rope import keep_rope
 from ...core.vit import adapted_blocks, num_input_tokens, num_prefix
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
@@ -69,8 +70,9 @@ class TokenMerging(nn.Module):
         source = state.source
         if state.trace_source:
             source = merge_source(source, m, x.shape[1], x)
+        rope = keep_rope(state, m.keep, x.shape[0], x.shape[1])      # a destination keeps its own rotation
         x, size = merge_weighted(x, state.size, m, self.modulator)
-        return x, state.replace(size=size, source=source)
+        return x, state.replace(size=size, source=source, **rope)
 
 
 def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
