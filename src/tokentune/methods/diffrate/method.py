@@ -119,6 +119,7 @@ def apply_diffrate(model: nn.Module, cfg: DiffRateConfig, ctx) -> DiffRateConfig
     for i, (block, pk, mk) in enumerate(zip(blocks, prunes, merges)):
         block.reduce = DiffRateReducer(i, pk, mk)
     model.tokentune.prop_attn = True             # the reference's attention adds log(size) in every block
+    model.tokentune.pool_by_size = True          # and its MAE patch averages by size (global_pool="avg")
     cfg = replace(cfg, prune_kept=list(prunes), merge_kept=list(merges))
     model.tokentune.state["diffrate"] = cfg
     return cfg

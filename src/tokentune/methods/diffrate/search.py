@@ -100,9 +100,10 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
         raise TokenTuneError("epochs, batch_size and granularity must be at least 1")
     searchers = _install(base, granularity)
     info = base.tokentune
-    saved = dict(prop_attn=info.prop_attn, training=base.training,
+    saved = dict(prop_attn=info.prop_attn, pool_by_size=info.pool_by_size, training=base.training,
                  grads={name: prm.requires_grad for name, prm in base.named_parameters()})
     info.prop_attn = True
+    info.pool_by_size = True
     for prm in base.parameters():
         prm.requires_grad_(False)
     arch = [prm for s in searchers for prm in s.parameters()]
@@ -161,6 +162,7 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
             if isinstance(block.reduce, DiffRateSearchReducer):
                 block.reduce = None
         info.prop_attn = saved["prop_attn"]
+        info.pool_by_size = saved["pool_by_size"]
         for name, prm in base.named_parameters():
             prm.requires_grad_(saved["grads"][name])
         base.train(saved["training"])

@@ -34,6 +34,18 @@ PEFT weights (LoRA, adapters, prompts) and head. With ``full`` fine-tuning it is
 weights, not a frozen copy of the initial ones (which the reference would use on ImageNet).
 ``dynamicvit_distill_weight=0`` trains without a teacher (one forward per step).
 
+Heads: the reference's ViTs classify from the class token. An average-pooled ViT
+(``global_pool="avg"``, with or without a class token; timm's ``fc_norm``) classifies from the
+average of the patch tokens still kept (:meth:`tokentune.core.vit.TokenTuneMixin.weighted_avg_pool`):
+in training ``sum_i D_i x_i / sum_i D_i`` over the final tokens, the policy-weighted mean that the
+prediction module's global feature uses (Eq. 3), so dropped tokens, still computed, do not enter
+it; after real pruning the plain mean of the tokens left, which is the same value. The official
+code has no average-pooled ViT with real pruning (its ConvNeXt and Swin variants keep every token,
+updating the dropped ones through a cheap fast path, and average them all), so this is our
+reading, documented. The prediction modules see only the non-prefix tokens and never need a class
+token; the losses are unchanged (the teacher pools every token; the token MSE covers the kept
+non-prefix tokens, all of the final tokens when there is no class token).
+
 Per-forward options: ``dynamicvit_prune=False`` (no pruning: the teacher), and
 ``dynamicvit_execution="prune"/"mask"`` (eval mode). Prefix tokens (CLS, registers, VPT prompts)
 are never pruned. ``"dynamicvit"`` alone fine-tunes everything (the paper); combine with a PEFT

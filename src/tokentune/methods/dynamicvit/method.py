@@ -18,6 +18,10 @@ from .predictor import EXECUTIONS, DynamicViTReducer, decisions
 
 TRAINABLE = r"\.reduce\.predictor\."
 
+# The heads DynamicViT can pool with: the class token (DeiT, the paper's ViTs) or the average of the
+# tokens still kept ("avg": core.vit's weighted_avg_pool hides the dropped ones in training).
+POOLS = ("token", "avg")
+
 
 @dataclass
 class DynamicViTConfig:
@@ -58,9 +62,10 @@ class DynamicViTConfig:
 def apply_dynamicvit(model: nn.Module, cfg: DynamicViTConfig, ctx) -> DynamicViTConfig:
     blocks = adapted_blocks(model)
     locations = check_locations("dynamicvit", cfg.locations, len(blocks))
-    if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
-        raise TokenTuneError("DynamicViT classifies from the class token, and this model has none or pools otherwise; "
-                             "use a ViT with class_token=True and global_pool='token'")
+    pool = getattr(model, "global_pool", "token")
+    if pool not in POOLS or getattr(model, "attn_pool", None) is not None:
+        raise TokenTuneError(f"DynamicViT classifies from the class token or the average of the kept tokens, and this "
+                             f"model pools with global_pool={pool!r}; use global_pool='token' or 'avg'")
     patches = num_input_tokens(model) - num_prefix(model)
     if int(patches * cfg.keep_rate ** len(locations)) < 1:      # the last stage's int(n0 rho^S) at eval
         raise TokenTuneError(f"dynamicvit_keep_rate={cfg.keep_rate} keeps int({patches} x {cfg.keep_rate}^"
