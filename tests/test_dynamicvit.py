@@ -9,7 +9,7 @@ import tokentune
 from tokentune import TrainConfig
 from tokentune.engine.training import train
 from tokentune.errors import TokenTuneError
-from tokentune.methods.dynamicvit import DynamicViTReducer, PredictorLG, decisions, dynamicvit_loss
+from tokentune.methods.dynamicvit import DynamicViTReducer, PredictorLG, decisions, dynamicvit_loss, ratio_loss
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 Y = torch.tensor([0, 1, 2])
@@ -251,7 +251,10 @@ def test_average_pooled_models_equal_reference_math_in_training_eval_and_deploym
         model.eval()
         t_logits, t_tokens = ref_dynamicvit(model, X, [], RATIOS, training=False)
         model.train()
-    want = ref_loss(outputs, Y, (t_logits, t_tokens[:, p:]), RATIOS)
+    # the reference's token MSE is after the final LayerNorm, which an average-pooled timm ViT applies after pooling
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm)
+    outputs = (outputs[0], model.fc_norm(outputs[1])) + tuple(outputs[2:])
+    want = ref_loss(outputs, Y, (t_logits, model.fc_norm(t_tokens[:, p:])), RATIOS)
     torch.manual_seed(3)
     got, logs = dynamicvit_loss(model, X, Y, F.cross_entropy)
     assert torch.allclose(got, want, atol=1e-5, rtol=0) and logs["token_mse"] > 0
@@ -263,6 +266,30 @@ def test_an_average_pooled_image_with_every_token_dropped_stays_finite():
         _predictors(model)[0].out_conv[4].bias.copy_(torch.tensor([-50.0, 50.0]))
     loss, logs = dynamicvit_loss(model, X, Y, F.cross_entropy)
     assert torch.isfinite(loss) and logs["kept"] == 0.0
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_input_keeps_the_decisions_gradient_out_of_the_tuned_weights(detach):
+    """The ratio loss depends on the decisions only: it trains the predictors either way, and reaches
+    the LoRA weights before the first pruning block only when the predictors' input is not detached."""
+    model = _model("lora+dynamicvit", dynamicvit_detach_input=detach).train()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.05)
+    torch.manual_seed(3)
+    _, state = model(X, return_state=True)
+    ratio_loss(state, 0.7).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for pred in _predictors(model) for p in pred.parameters())
+    lora = [p.grad for n, p in model.named_parameters() if n.startswith("blocks.0.") and "lora_" in n]
+    reached = any(g is not None and g.abs().sum() > 0 for g in lora)
+    assert reached != detach
+    with torch.no_grad():                                         # the forward is the same
+        torch.manual_seed(5)
+        a = model(X)
+        model.blocks[1].reduce.detach_input = not detach
+        torch.manual_seed(5)
+        assert torch.allclose(model(X), a, atol=1e-6, rtol=0)
 
 
 def test_keep_rate_one_keeps_every_token():

@@ -43,8 +43,11 @@ it; after real pruning the plain mean of the tokens left, which is the same valu
 code has no average-pooled ViT with real pruning (its ConvNeXt and Swin variants keep every token,
 updating the dropped ones through a cheap fast path, and average them all), so this is our
 reading, documented. The prediction modules see only the non-prefix tokens and never need a class
-token; the losses are unchanged (the teacher pools every token; the token MSE covers the kept
-non-prefix tokens, all of the final tokens when there is no class token).
+token. The losses are the reference's (the teacher pools every token; the token MSE covers the
+kept non-prefix tokens, all of them when there is no class token), with the token MSE taken after
+the final LayerNorm as in the reference: timm's average-pooled ViTs apply it after pooling
+(``fc_norm``, ``norm`` being the identity), so the tokens pass through ``fc_norm`` for the MSE
+(on the raw residual stream the MSE swamped the loss and the demo's model stayed at chance).
 
 Per-forward options: ``dynamicvit_prune=False`` (no pruning: the teacher), and
 ``dynamicvit_execution="prune"/"mask"`` (eval mode). Prefix tokens (CLS, registers, VPT prompts)

@@ -38,6 +38,12 @@ class DynamicViTConfig:
         tau: Gumbel-softmax temperature of the training decisions (reference 1).
         inference: in eval mode, ``"prune"`` gathers the kept tokens (real speed-up, the
             reference); ``"mask"`` keeps every token and hides the dropped ones in attention.
+        detach_input: the prediction modules read the tokens without passing gradient back to
+            them, so the keep decisions train the predictors only, not the tuned weights before
+            them. The reference passes it (False), but trains the backbone at 1/100 of the
+            predictors' learning rate (its ``--lr_scale 0.01``), which keeps that gradient small;
+            with LoRA at the predictors' learning rate it threw the demo's training to chance
+            (True: 75.9%; see docs/baselines.md).
     """
 
     keep_rate: float = 0.7
@@ -46,6 +52,7 @@ class DynamicViTConfig:
     distill_weight: float = 0.5
     tau: float = 1.0
     inference: str = "prune"
+    detach_input: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "dynamicvit_")
@@ -74,7 +81,8 @@ def apply_dynamicvit(model: nn.Module, cfg: DynamicViTConfig, ctx) -> DynamicViT
     dim = int(model.embed_dim)
     like = dict(device=blocks[0].mlp.fc1.weight.device, dtype=blocks[0].mlp.fc1.weight.dtype)
     for stage, i in enumerate(locations):
-        blocks[i].reduce = DynamicViTReducer(i, stage, cfg.keep_rate ** (stage + 1), dim, cfg.tau, cfg.inference).to(**like)
+        blocks[i].reduce = DynamicViTReducer(i, stage, cfg.keep_rate ** (stage + 1), dim, cfg.tau, cfg.inference,
+                                            cfg.detach_input).to(**like)
     cfg = replace(cfg, locations=list(locations))
     model.tokentune.state["dynamicvit"] = cfg
     return cfg
@@ -101,6 +109,22 @@ def ratio_loss(state, keep_rate: float) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def final_token_norm(model: nn.Module) -> Optional[nn.Module]:
+    """The final LayerNorm the token MSE still has to apply, or None.
+
+    The reference's token MSE compares the tokens after the ViT's final LayerNorm (``self.norm``).
+    An average-pooled timm ViT (``fc_norm``, MAE's layout) has no norm there (``norm`` is the
+    identity) and applies that LayerNorm after pooling instead; its tokens are the raw residual
+    stream, whose scale grows with training, and an MSE on them swamped the loss (on the demo the
+    model stayed at chance). So the tokens pass through ``fc_norm`` first: they are compared at
+    the same place as in the reference, the final LayerNorm.
+    """
+    if isinstance(getattr(model, "norm", None), nn.Identity) and not isinstance(getattr(model, "fc_norm", None),
+                                                                                (nn.Identity, type(None))):
+        return model.fc_norm
+    return None
+
+
 def dynamicvit_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                     criterion) -> Tuple[torch.Tensor, Dict[str, float]]:
     """DynamicViT's training loss (the method's ``loss`` hook; reference ``DistillDiffPruningLoss_dynamic``
@@ -110,7 +134,8 @@ def dynamicvit_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
               + distill_weight * KL(teacher || student) + distill_weight * MSE(kept tokens, teacher tokens)
 
     The teacher is the model itself without pruning, in eval mode, without gradient (see the
-    package docstring for why); the token MSE is over the patch tokens the last stage keeps.
+    package docstring for why); the token MSE is over the patch tokens the last stage keeps, after
+    the final LayerNorm (:func:`final_token_norm`).
     """
     cfg = config_of(model)
     logits, state, tokens = model(images, return_state=True, return_tokens=True)
@@ -134,6 +159,9 @@ def dynamicvit_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
                       log_target=True)
         p = state.num_prefix
         student, teacher = tokens[:, p:], t_tokens[:, p:]
+        final_norm = final_token_norm(model)
+        if final_norm is not None:
+            student, teacher = final_norm(student), final_norm(teacher)
         B, N, C = student.shape
         keep = (stages[-1].detach() if stages else student.new_ones(B, N)).reshape(B * N) > 0.5
         token_loss = ((student.reshape(B * N, C)[keep] - teacher.reshape(B * N, C)[keep]).pow(2).mean()
