@@ -51,7 +51,6 @@ def test_every_demo_row_builds_trains_and_deploys_at_demo_size(tmp_path):
     """Each row's model, built as the demo builds it (the pre-trained backbone's file and architecture,
     the row's options), takes a training step and deploys: a row that cannot run fails here."""
     from safetensors.torch import save_file
-
     from torch.utils.data import TensorDataset
 
     from tokentune import create_model, deploy

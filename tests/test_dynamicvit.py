@@ -292,6 +292,28 @@ def test_detach_input_keeps_the_decisions_gradient_out_of_the_tuned_weights(deta
         assert torch.allclose(model(X), a, atol=1e-6, rtol=0)
 
 
+def test_a_list_of_keep_rates_equals_reference_math_and_loss():
+    """The reference's token_ratio as any list (e.g. 0.9, 0.7, 0.5): pruning and the ratio loss's targets."""
+    rates = [0.9, 0.7, 0.5]
+    model = _model(dynamicvit_keep_rates=rates)
+    with torch.no_grad():
+        want, want_tokens = ref_dynamicvit(model, X, [1, 2, 3], rates, training=False)
+        got, tokens = model(X, return_tokens=True)
+    assert tokens.shape == (3, 1 + 8, 48)                   # 16 -> 14 -> 11 -> 8 patch tokens
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    model.train()
+    torch.manual_seed(7)
+    outputs = ref_dynamicvit(model, X, [1, 2, 3], rates, training=True)
+    with torch.no_grad():
+        model.eval()
+        t_logits, t_tokens = ref_dynamicvit(model, X, [], rates, training=False)
+        model.train()
+    want = ref_loss(outputs, Y, (t_logits, t_tokens[:, 1:]), rates)
+    torch.manual_seed(7)
+    got, _ = dynamicvit_loss(model, X, Y, F.cross_entropy)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_keep_rate_one_keeps_every_token():
     plain, full = _model("full"), _model(dynamicvit_keep_rate=1.0)
     with torch.no_grad():
@@ -324,6 +346,9 @@ def test_trains_with_the_training_loop():
     (dict(dynamicvit_keep_rate=0.2), r"keeps int\(16 x 0.2\^3\) = 0 of the 16 patch tokens"),
     (dict(dynamicvit_locations=[2, 1]), r"increasing"),
     (dict(global_pool="max"), r"pools with global_pool='max'; use global_pool='token' or 'avg'"),
+    (dict(dynamicvit_keep_rates=[0.5, 0.7, 0.9]), r"dynamicvit_keep_rates=\[0.5, 0.7, 0.9\].*non-increasing"),
+    (dict(dynamicvit_keep_rates=[0.9, 0.7]), r"has 2 shares for 3 pruning locations"),
+    (dict(dynamicvit_keep_rates=[0.9, 0.5, 0.01]), r"dynamicvit_keep_rates ends at 0.01: it keeps int\(16 x 0.01\) = 0"),
 ])
 def test_bad_options_fail_in_one_line(options, match):
     with pytest.raises(TokenTuneError, match=match) as e:

@@ -61,10 +61,19 @@ Parameter names (ours -> reference)::
     blocks.{loc_k}.reduce.predictor.in_conv.{0,1}.*     score_predictor.{k}.in_conv.{0,1}.*
     blocks.{loc_k}.reduce.predictor.out_conv.{0,2,4}.*  score_predictor.{k}.out_conv.{0,2,4}.*
 """
-from .method import TRAINABLE, DynamicViTConfig, apply_dynamicvit, config_of, deploy_dynamicvit, dynamicvit_loss, ratio_loss
+from .method import (
+                     TRAINABLE,
+                     DynamicViTConfig,
+                     apply_dynamicvit,
+                     config_of,
+                     deploy_dynamicvit,
+                     dynamicvit_loss,
+                     ratio_loss,
+                     stage_rates,
+)
 from .predictor import EXECUTIONS, DynamicViTReducer, PredictorLG, decisions
 
 __all__ = [
     "DynamicViTConfig", "DynamicViTReducer", "EXECUTIONS", "PredictorLG", "TRAINABLE", "apply_dynamicvit", "config_of",
-    "decisions", "deploy_dynamicvit", "dynamicvit_loss", "ratio_loss",
+    "decisions", "deploy_dynamicvit", "dynamicvit_loss", "ratio_loss", "stage_rates",
 ]
