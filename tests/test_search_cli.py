@@ -32,7 +32,7 @@ def lora_run(tmp_path_factory):
     return tmp, folder, out
 
 
-def test_search_writes_rates_that_train_reads_and_resumes(lora_run, capsys):
+def test_search_writes_rates_that_train_reads_and_resumes(lora_run, capsys, monkeypatch):
     tmp, folder, run_dir = lora_run
     rates = tmp / "rates.json"
     code, out, err = run(["search", "diffrate", str(run_dir), "--target-share", "0.7", "--epochs", "2", "--out",
@@ -56,12 +56,16 @@ def test_search_writes_rates_that_train_reads_and_resumes(lora_run, capsys):
     assert code == 0 and "(continued)" in out, err
     resumed = json.loads(half.read_text())
     assert resumed["options"] == record["options"] and resumed["history"] == record["history"]
-    # train reads the file; the run records the counts, not the file, and evaluates deployed
+    # train reads the file (a relative path); the model records the counts, not the file, and evaluates deployed
+    monkeypatch.chdir(tmp)
     code, out, err = run(["train", "--image-folder", str(folder), "--method", "lora+diffrate", "--diffrate-rates",
-                          str(rates), "--epochs", "1", "--lr", "1e-3", "--out", str(tmp / "diffrate")] + TINY_ARGS, capsys)
+                          "rates.json", "--epochs", "1", "--lr", "1e-3", "--out", str(tmp / "diffrate")] + TINY_ARGS, capsys)
     assert code == 0, err
     recorded = read_config(str(tmp / "diffrate"))["configs"]["diffrate"]
     assert (recorded["prune_kept"], recorded["merge_kept"], recorded["rates"]) == (prune, merge, None)
+    monkeypatch.chdir(folder)                   # extended from another directory: the file is found again
+    code, out, err = run(["train", "--out", str(tmp / "diffrate"), "--resume", "--epochs", "2", "--no-progress"], capsys)
+    assert code == 0 and "top-1 after the last epoch" in out, err
     code, out, err = run(["eval", str(tmp / "diffrate"), "--deploy", "--num-workers", "0", "--no-progress"], capsys)
     assert code == 0 and "[deployed]" in out, err
 
