@@ -103,9 +103,13 @@ def test_train_refuses_a_missing_foreign_or_malformed_rates_file(lora_run, capsy
             "--out", str(tmp / "never")]
     code, _, err = run(base + ["--diffrate-rates", str(tmp / "missing.json")] + TINY_ARGS, capsys)
     assert code == 2 and "does not exist; write it with 'tokentune search diffrate" in err, err
-    (tmp / "other.json").write_text(json.dumps({"method": "tome", "options": {}}))
+    for other in ({"method": "tome", "options": {}}, [17, 9, 9, 9]):
+        (tmp / "other.json").write_text(json.dumps(other))
+        code, _, err = run(base + ["--diffrate-rates", str(tmp / "other.json")] + TINY_ARGS, capsys)
+        assert code == 2 and "is not a DiffRate rates file" in err, err
+    (tmp / "other.json").write_text("{not json")
     code, _, err = run(base + ["--diffrate-rates", str(tmp / "other.json")] + TINY_ARGS, capsys)
-    assert code == 2 and "is not a DiffRate rates file" in err, err
+    assert code == 2 and "is not readable JSON" in err and len(err.strip().splitlines()) == 1, err
     foreign = {"method": "diffrate", "options": {"prune_kept": [65, 40, 30, 20], "merge_kept": [65, 30, 20, 10]},
                "num_tokens": 65, "depth": 4}
     (tmp / "foreign.json").write_text(json.dumps(foreign))

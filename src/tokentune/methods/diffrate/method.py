@@ -87,7 +87,7 @@ def read_rates(path: str) -> Dict[str, Any]:
                              "'tokentune search diffrate'") from None
     options = record.get("options") if isinstance(record, dict) else None
     counts = [options.get(k) for k in ("prune_kept", "merge_kept")] if isinstance(options, dict) else [None, None]
-    if record.get("method") != "diffrate" or not all(
+    if not isinstance(record, dict) or record.get("method") != "diffrate" or not all(
             isinstance(c, list) and c and all(isinstance(v, int) and not isinstance(v, bool) for v in c) for c in counts):
         raise TokenTuneError(f"{path!r} is not a DiffRate rates file (method 'diffrate' with lists of integers "
                              "options.prune_kept and options.merge_kept); write it with 'tokentune search diffrate'")
