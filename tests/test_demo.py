@@ -51,9 +51,10 @@ def test_every_demo_row_builds_trains_and_deploys_at_demo_size(tmp_path):
     """Each row's model, built as the demo builds it (the pre-trained backbone's file and architecture,
     the row's options), takes a training step and deploys: a row that cannot run fails here."""
     from safetensors.torch import save_file
+    from torch.utils.data import TensorDataset
 
     from tokentune import create_model, deploy
-    from tokentune.tools.demo import BACKBONE
+    from tokentune.tools.demo import BACKBONE, searched_options
 
     cfg = DemoConfig(patch_size=8)
     arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
@@ -62,14 +63,21 @@ def test_every_demo_row_builds_trains_and_deploys_at_demo_size(tmp_path):
     backbone = create_model(BACKBONE, method="full", num_classes=5, pretrained=False, **arch)
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / "backbone.safetensors"))
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    models = {}
     for row in ROWS:
         options = {**arch, **row.options, **({"tome_r": 2} if row.merge else {})}
+        if row.search:       # the row's search runs from the earlier row's model, as in the demo
+            found, record = searched_options(row, models[row.search_from], TensorDataset(x, y))
+            assert found and record["num_tokens"] == 17 and len(record["history"]) == row.search["epochs"], row.label
+            options.update(found)
         torch.manual_seed(0)
         model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=str(tmp_path / "backbone.safetensors"),
                              head_init_std=0.01, **options)
+        models[row.label] = model
         torch.nn.functional.cross_entropy(model(x), y).backward()
         with torch.no_grad():
             assert deploy(model, **row.deploy)(x).shape == (4, 5), row.label
+    assert any(r.search for r in ROWS) and any("dynamicvit" in r.method for r in ROWS)
     assert DemoConfig(rows="all").rows == "all"
     with pytest.raises(TokenTuneError, match="demo rows must be one of default, all"):
         DemoConfig(rows="everything")

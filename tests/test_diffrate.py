@@ -171,7 +171,16 @@ def ref_diffrate(model, images, training, kept=None, ddps=None):
                 info["size"] = merge(info["size"], mode="sum")
         x = x + blk.mlp(blk.norm2(x))
     x = model.norm(x)
-    logits = model.head(x[:, 0])
+    if model.global_pool == "avg":               # patch/mae.py's forward_features (the MAE models)
+        if training:
+            mask = info["mask"][..., None]
+            num = (info["size"] * mask)[:, 1:, :].sum(dim=1)
+            logits = model.head(model.fc_norm((x * info["size"] * mask)[:, 1:, :].sum(dim=1) / num.detach()))
+        else:
+            T = info["size"][:, 1:, :].sum(dim=1)
+            logits = model.head(model.fc_norm((x * info["size"])[:, 1:, :].sum(dim=1) / T))
+    else:
+        logits = model.head(x[:, 0])
     if not training:
         return logits, x
     # calculate_flop_training (MACs), our stem convention (patches, not patches + 1)
@@ -186,8 +195,10 @@ def ref_diffrate(model, images, training, kept=None, ddps=None):
     return logits, flops
 
 
-def test_fixed_rates_equal_reference_math():
-    model = _model(diffrate_prune_kept=PRUNE, diffrate_merge_kept=MERGE)
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_fixed_rates_equal_reference_math(pool):
+    """The class-token head (DeiT) and the size-weighted average (the reference's MAE patch)."""
+    model = _model(diffrate_prune_kept=PRUNE, diffrate_merge_kept=MERGE, global_pool=pool)
     assert model.tokentune.spec["configs"]["diffrate"]["merge_kept"] == MERGE
     with torch.no_grad():
         want, want_tokens = ref_diffrate(model, X, training=False, kept=(PRUNE, MERGE))
@@ -209,12 +220,13 @@ def test_no_compression_is_the_plain_model():
         assert torch.allclose(_model()(X), _model("full")(X), atol=1e-5, rtol=0)
 
 
-def test_search_path_equals_reference_math_with_gradients():
-    model = _model("full").train()
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_search_path_equals_reference_math_with_gradients(pool):
+    model = _model("full", global_pool=pool).train()
     for p in model.parameters():
         p.requires_grad_(False)
     searchers = _install(model, granularity=1)
-    model.tokentune.prop_attn = True
+    model.tokentune.prop_attn = model.tokentune.pool_by_size = True       # what search_rates sets
     with torch.no_grad():      # distinct rates that prune and merge: blocks 1-3 record (15, 12), (15, 11), (15, 13)
         for s in searchers:
             s.prune.logits.copy_(-0.4 * torch.arange(16.0) + torch.randn(16))
@@ -258,6 +270,7 @@ def test_search_reaches_its_target_restores_the_model_and_resumes(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())           # weights untouched
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert not any(b.reduce is not None for b in model.blocks) and not model.tokentune.prop_attn
+    assert not model.tokentune.pool_by_size
     # resumed from a checkpoint after one epoch: the same rates as one uninterrupted search
     ckpt = str(tmp_path / "search.pt")
     search_rates(model, _data(), 0.7 * full, **dict(opts, epochs=1), checkpoint=ckpt)

@@ -9,7 +9,7 @@ import tokentune
 from tokentune import TrainConfig
 from tokentune.engine.training import train
 from tokentune.errors import TokenTuneError
-from tokentune.methods.dynamicvit import DynamicViTReducer, PredictorLG, decisions, dynamicvit_loss
+from tokentune.methods.dynamicvit import DynamicViTReducer, PredictorLG, decisions, dynamicvit_loss, ratio_loss
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 Y = torch.tensor([0, 1, 2])
@@ -68,23 +68,31 @@ def batch_index_select(x, idx):
 
 
 def ref_dynamicvit(model, images, pruning_loc, token_ratio, training):
-    """VisionTransformerDiffPruning.forward (models/dyvit.py), literally, on our model's weights."""
+    """VisionTransformerDiffPruning.forward (models/dyvit.py), literally, on our model's weights.
+
+    Generalised from the reference's one class token to ``p`` prefix tokens (0 without a class
+    token) and, for an average-pooled model (``global_pool="avg"``, timm's fc_norm), the head on
+    the average of the kept patch tokens: in training the policy-weighted mean of PredictorLG's
+    global feature, ``(x * prev_decision).sum(1) / prev_decision.sum(1)``, after real pruning the
+    plain mean of what is left.
+    """
     x = model._pos_embed(model.patch_embed(images))
     B = x.shape[0]
+    p = model.num_prefix_tokens
     p_count = 0
     out_pred_prob = []
-    init_n = x.shape[1] - 1
+    init_n = x.shape[1] - p
     prev_decision = torch.ones(B, init_n, 1, dtype=x.dtype, device=x.device)
-    policy = torch.ones(B, init_n + 1, 1, dtype=x.dtype, device=x.device)
+    policy = torch.ones(B, init_n + p, 1, dtype=x.dtype, device=x.device)
     predictors = _predictors(model)
     for i, blk in enumerate(model.blocks):
         if i in pruning_loc:
-            spatial_x = x[:, 1:]
+            spatial_x = x[:, p:]
             pred_score = ref_predictor(predictors[p_count], spatial_x, prev_decision).reshape(B, -1, 2)
             if training:
                 hard_keep_decision = F.gumbel_softmax(pred_score, hard=True)[:, :, 0:1] * prev_decision
                 out_pred_prob.append(hard_keep_decision.reshape(B, init_n))
-                cls_policy = torch.ones(B, 1, 1, dtype=hard_keep_decision.dtype, device=hard_keep_decision.device)
+                cls_policy = torch.ones(B, p, 1, dtype=hard_keep_decision.dtype, device=hard_keep_decision.device)
                 policy = torch.cat([cls_policy, hard_keep_decision], dim=1)
                 x = ref_block(blk, x, policy=policy)
                 prev_decision = hard_keep_decision
@@ -92,8 +100,8 @@ def ref_dynamicvit(model, images, pruning_loc, token_ratio, training):
                 score = pred_score[:, :, 0]
                 num_keep_node = int(init_n * token_ratio[p_count])
                 keep_policy = torch.argsort(score, dim=1, descending=True)[:, :num_keep_node]
-                cls_policy = torch.zeros(B, 1, dtype=keep_policy.dtype, device=keep_policy.device)
-                now_policy = torch.cat([cls_policy, keep_policy + 1], dim=1)
+                cls_policy = torch.arange(p, device=keep_policy.device).expand(B, p)
+                now_policy = torch.cat([cls_policy, keep_policy + p], dim=1)
                 x = batch_index_select(x, now_policy)
                 prev_decision = batch_index_select(prev_decision, keep_policy)
                 x = ref_block(blk, x)
@@ -101,8 +109,13 @@ def ref_dynamicvit(model, images, pruning_loc, token_ratio, training):
         else:
             x = ref_block(blk, x, policy) if training else ref_block(blk, x)
     x = model.norm(x)
-    features = x[:, 1:]
-    logits = model.head(x[:, 0])
+    features = x[:, p:]
+    if model.global_pool == "token":
+        logits = model.head(x[:, 0])
+    elif training:
+        logits = model.head(model.fc_norm((features * prev_decision).sum(dim=1) / prev_decision.sum(dim=1)))
+    else:
+        logits = model.head(model.fc_norm(features.mean(dim=1)))
     if training:
         return logits, features, prev_decision.detach(), out_pred_prob
     return logits, x
@@ -196,6 +209,111 @@ def test_mask_execution_equals_pruning_and_deploy_equals_eval():
         assert deployed(X, return_tokens=True)[1].shape[1] == 6
 
 
+@pytest.mark.parametrize("class_token", [True, False])
+def test_average_pooled_models_equal_reference_math_in_training_eval_and_deployment(class_token):
+    """global_pool="avg" (timm's fc_norm), with or without a class token: training pools the kept
+    tokens (policy-weighted, the same Gumbel draws as the reference), eval pools what real pruning
+    left, the masked and deployed forms agree with it, and the loss is the reference loss."""
+    kw = dict(global_pool="avg", class_token=class_token)
+    model = _model("lora+dynamicvit", **kw)
+    p = 1 if class_token else 0
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.05)
+        want, want_tokens = ref_dynamicvit(model, X, [1, 2, 3], RATIOS, training=False)
+        got, tokens = model(X, return_tokens=True)
+        assert tokens.shape == (3, p + 5, 48)                  # 16 -> 11 -> 7 -> 5 patch tokens
+        assert torch.allclose(tokens, want_tokens, atol=1e-5, rtol=0)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        masked, state = model(X, return_state=True, dynamicvit_execution="mask")
+        assert int(state.policy.sum()) == 3 * (p + 5)
+        assert torch.allclose(masked, got, atol=1e-4, rtol=0)          # the masked softmax's eps only
+        assert torch.allclose(tokentune.deploy(model)(X), got, atol=1e-5, rtol=0)
+    model = _model("lora+dynamicvit", **kw).train()
+    torch.manual_seed(3)     # draws that keep a token of every image (the reference's 0/0 otherwise)
+    want, want_feat, want_mask, want_probs = ref_dynamicvit(model, X, [1, 2, 3], RATIOS, training=True)
+    torch.manual_seed(3)
+    got, state, tokens = model(X, return_state=True, return_tokens=True)
+    stages = decisions(state)
+    assert all(torch.equal(a, b) for a, b in zip(stages, want_probs))
+    assert 0 < float(stages[-1].detach().mean()) < 1                            # dropped tokens are left out of the pool
+    assert torch.allclose(tokens[:, p:], want_feat, atol=1e-5, rtol=0)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    unmasked = model.head(model.fc_norm(tokens[:, p:].mean(dim=1)))
+    assert (got - unmasked).abs().max() > 1e-3                          # ... which changes the logits
+    got.sum().backward()                                                # the policy carries gradient to the predictors
+    assert all(prm.grad is not None and prm.grad.abs().sum() > 0 for pred in _predictors(model) for prm in pred.parameters())
+    # the loss: the teacher pools every token, the token MSE is over the kept patch tokens
+    torch.manual_seed(3)
+    outputs = ref_dynamicvit(model, X, [1, 2, 3], RATIOS, training=True)
+    with torch.no_grad():
+        model.eval()
+        t_logits, t_tokens = ref_dynamicvit(model, X, [], RATIOS, training=False)
+        model.train()
+    # the reference's token MSE is after the final LayerNorm, which an average-pooled timm ViT applies after pooling
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm)
+    outputs = (outputs[0], model.fc_norm(outputs[1])) + tuple(outputs[2:])
+    want = ref_loss(outputs, Y, (t_logits, model.fc_norm(t_tokens[:, p:])), RATIOS)
+    torch.manual_seed(3)
+    got, logs = dynamicvit_loss(model, X, Y, F.cross_entropy)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0) and logs["token_mse"] > 0
+
+
+def test_an_average_pooled_image_with_every_token_dropped_stays_finite():
+    model = _model(global_pool="avg", class_token=False).train()
+    with torch.no_grad():
+        _predictors(model)[0].out_conv[4].bias.copy_(torch.tensor([-50.0, 50.0]))
+    loss, logs = dynamicvit_loss(model, X, Y, F.cross_entropy)
+    assert torch.isfinite(loss) and logs["kept"] == 0.0
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_input_keeps_the_decisions_gradient_out_of_the_tuned_weights(detach):
+    """The ratio loss depends on the decisions only: it trains the predictors either way, and reaches
+    the LoRA weights before the first pruning block only when the predictors' input is not detached."""
+    model = _model("lora+dynamicvit", dynamicvit_detach_input=detach).train()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.05)
+    torch.manual_seed(3)
+    _, state = model(X, return_state=True)
+    ratio_loss(state, 0.7).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for pred in _predictors(model) for p in pred.parameters())
+    lora = [p.grad for n, p in model.named_parameters() if n.startswith("blocks.0.") and "lora_" in n]
+    reached = any(g is not None and g.abs().sum() > 0 for g in lora)
+    assert reached != detach
+    with torch.no_grad():                                         # the forward is the same
+        torch.manual_seed(5)
+        a = model(X)
+        model.blocks[1].reduce.detach_input = not detach
+        torch.manual_seed(5)
+        assert torch.allclose(model(X), a, atol=1e-6, rtol=0)
+
+
+def test_a_list_of_keep_rates_equals_reference_math_and_loss():
+    """The reference's token_ratio as any list (e.g. 0.9, 0.7, 0.5): pruning and the ratio loss's targets."""
+    rates = [0.9, 0.7, 0.5]
+    model = _model(dynamicvit_keep_rates=rates)
+    with torch.no_grad():
+        want, want_tokens = ref_dynamicvit(model, X, [1, 2, 3], rates, training=False)
+        got, tokens = model(X, return_tokens=True)
+    assert tokens.shape == (3, 1 + 8, 48)                   # 16 -> 14 -> 11 -> 8 patch tokens
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    model.train()
+    torch.manual_seed(7)
+    outputs = ref_dynamicvit(model, X, [1, 2, 3], rates, training=True)
+    with torch.no_grad():
+        model.eval()
+        t_logits, t_tokens = ref_dynamicvit(model, X, [], rates, training=False)
+        model.train()
+    want = ref_loss(outputs, Y, (t_logits, t_tokens[:, 1:]), rates)
+    torch.manual_seed(7)
+    got, _ = dynamicvit_loss(model, X, Y, F.cross_entropy)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_keep_rate_one_keeps_every_token():
     plain, full = _model("full"), _model(dynamicvit_keep_rate=1.0)
     with torch.no_grad():
@@ -227,7 +345,10 @@ def test_trains_with_the_training_loop():
     (dict(dynamicvit_tau=0.0), r"Gumbel temperature"),
     (dict(dynamicvit_keep_rate=0.2), r"keeps int\(16 x 0.2\^3\) = 0 of the 16 patch tokens"),
     (dict(dynamicvit_locations=[2, 1]), r"increasing"),
-    (dict(global_pool="avg"), r"class token"),
+    (dict(global_pool="max"), r"pools with global_pool='max'; use global_pool='token' or 'avg'"),
+    (dict(dynamicvit_keep_rates=[0.5, 0.7, 0.9]), r"dynamicvit_keep_rates=\[0.5, 0.7, 0.9\].*non-increasing"),
+    (dict(dynamicvit_keep_rates=[0.9, 0.7]), r"has 2 shares for 3 pruning locations"),
+    (dict(dynamicvit_keep_rates=[0.9, 0.5, 0.01]), r"dynamicvit_keep_rates ends at 0.01: it keeps int\(16 x 0.01\) = 0"),
 ])
 def test_bad_options_fail_in_one_line(options, match):
     with pytest.raises(TokenTuneError, match=match) as e:

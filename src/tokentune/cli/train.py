@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict
 
 from ..core.factory import check_model_options, create_model
-from ..core.method import available_recipes, get_recipe
+from ..core.method import available_methods, available_recipes, get_method, get_recipe
 from ..core.params import count_parameters
 from ..core.task import available_tasks, get_task
 from ..engine import distributed as D
@@ -142,6 +142,11 @@ def _resolve_train_options(args) -> Dict[str, Any]:
         elif k.startswith("m__") or k.startswith("k__"):     # a method's or a task's option
             _, owner, field = k.split("__", 2)
             opts["model_options"][f"{owner}_{field}"] = v
+    for name in available_methods():      # a file of searched options (--diffrate-rates): valid from any directory
+        option = get_method(name).search_option
+        key = f"{name}_{option}" if option else None
+        if key and isinstance(opts["model_options"].get(key), str):
+            opts["model_options"][key] = os.path.abspath(os.path.expanduser(opts["model_options"][key]))
     if opts["task"] == "classification":
         opts["task"] = None
     task = opts["task"]

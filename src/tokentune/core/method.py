@@ -67,6 +67,15 @@ class Method:
         save_formats: other libraries' formats the method's trained tensors can be written in,
             ``{format: save(model, directory)}`` (LoRA: ``"peft"``); :func:`tokentune.export_format`
             and ``tokentune export --format`` ask for them.
+        search: ``search(model, data, cfg, checkpoint=None, log=print) -> record`` finds the method's
+            options on data before training (DiffRate: prune and merge counts under a FLOPs
+            target): ``model`` is a trained model whose head knows ``data``'s labels, ``cfg`` a
+            :attr:`search_config`, ``checkpoint`` a file that makes the search resumable; the
+            record (JSON) holds ``"options"`` (fields of the method's config) and what was measured.
+            ``tokentune search METHOD`` writes it to a file and the demo's search rows use it.
+        search_config: the dataclass of :attr:`search`'s options (documented in ``Attributes:``).
+        search_option: the field of the method's config that reads a record file back
+            (``tokentune train --<method>-<field> FILE``).
     """
 
     name: str
@@ -90,6 +99,9 @@ class Method:
     set_activation: Optional[Callable[[nn.Module, torch.Tensor, float], float]] = None
     activation_target: Optional[Callable[[nn.Module], Optional[float]]] = None
     save_formats: Dict[str, Callable[[nn.Module, str], Any]] = field(default_factory=dict)
+    search: Optional[Callable[..., Dict[str, Any]]] = None
+    search_config: Optional[type] = None
+    search_option: Optional[str] = None
 
 
 _REGISTRY: Dict[str, Method] = {}

@@ -35,6 +35,9 @@ class ModelInfo:
         export: for a model loaded from an export: its directory and ``deployed.json``.
         extra_prefix: prefix tokens a method inserts after timm's own (VPT's prompts); the blocks
             see ``num_prefix_tokens + extra_prefix`` protected tokens (:func:`num_prefix`).
+        pool_by_size: average pooling (``global_pool="avg"``) weights each token by its size,
+            normalised by the detached total size (DiffRate's MAE patch); False: timm's unweighted
+            mean (ToMe, PYRA).
     """
 
     spec: Optional[Dict[str, Any]] = None
@@ -44,6 +47,7 @@ class ModelInfo:
     deployed: bool = False
     export: Optional[Dict[str, Any]] = None
     extra_prefix: int = 0
+    pool_by_size: bool = False
 
 
 def info_of(model: nn.Module) -> Optional[ModelInfo]:
@@ -141,7 +145,13 @@ class TokenTuneMixin:
         blocks). With every size 1 (no merging) this is timm's pool exactly.
         """
         pool = getattr(self, "attn_pool", None)
-        if pool is None or state.size is None:
+        if pool is None:
+            pooled = self.weighted_avg_pool(x, state)
+            if pooled is None:
+                return self.forward_head(x, pre_logits=pre_logits)
+            x = self.head_drop(self.fc_norm(pooled))
+            return x if pre_logits else self.head(x)
+        if state.size is None:
             return self.forward_head(x, pre_logits=pre_logits)
         size = state.size
         if not getattr(self, "pool_include_prefix", False):
@@ -149,6 +159,34 @@ class TokenTuneMixin:
         x = pool(x, attn_mask=size.log().to(x.dtype).transpose(1, 2).unsqueeze(1))
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
+
+    def weighted_avg_pool(self, x: torch.Tensor, state: TokenState) -> Optional[torch.Tensor]:
+        """timm's average pool (``global_pool="avg"``) over the tokens a training-time pruner still
+        keeps, and weighted by token size where the method asks for it (:attr:`ModelInfo.pool_by_size`);
+        None when neither applies (timm's own pool is then exact).
+
+        A token the policy dropped (DynamicViT, DiffRate's search: still computed in training, but
+        gone after real pruning) must not enter the average, or training would pool over tokens
+        that deployment no longer has: the pool is ``sum_i D_i x_i / sum_i D_i``, the formula of
+        DynamicViT's own global feature (PredictorLG, Eq. 3), so with a 0/1 policy it equals the
+        plain mean over the kept tokens that the pruned model computes. With sizes ``s_i``
+        (DiffRate's MAE patch): ``sum_i D_i s_i x_i / sg(sum_i D_i s_i)``.
+        """
+        sized = self.tokentune.pool_by_size and state.size is not None
+        if getattr(self, "global_pool", None) != "avg" or (state.policy is None and not sized):
+            return None
+        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        x = x[:, start:]
+        weight = x.new_ones(x.shape[0], x.shape[1], 1)
+        if state.policy is not None:
+            weight = weight * state.policy[:, start:, None].to(x.dtype)
+        if sized:
+            weight = weight * state.size[:, start:].to(x.dtype)
+        total = weight.sum(dim=1)
+        if sized:
+            total = total.detach()
+        # an image whose every token was dropped in training pools to zero, not 0/0 = NaN
+        return (x * weight).sum(dim=1) / total.clamp_min(1e-6)
 
 
 class TokenTuneEvaMixin(TokenTuneMixin):

@@ -7,8 +7,9 @@
    pretrained backbone, obtained without any download;
 3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
    probe, LoRA, LoRA + ToMe, PYRA, AdaptFormer-style adapters, DyT with the same adapters, and with
-   ``rows="all"`` LoRA + EViT, VPT-deep, VPT-deep + PYRA), through the same
-   ``create_model -> train -> deploy -> evaluate`` path as real runs;
+   ``rows="all"`` LoRA + EViT, LoRA + DynamicViT, LoRA + DiffRate with rates searched on the
+   digits, VPT-deep, VPT-deep + PYRA), through the same ``create_model -> train -> deploy ->
+   evaluate`` path as real runs;
 4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
    adds per image and throughput, measured side by side in one process on the same batch.
 
@@ -23,7 +24,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from torch import nn
 from ..core.deploy import deploy
 from ..core.factory import create_model
 from ..core.flops import count_flops
+from ..core.method import parse_method
 from ..core.params import count_parameters
 from ..core.vit import num_input_tokens
 from ..engine.config import TrainConfig
@@ -60,6 +62,11 @@ class DemoRow:
             the same weights deployed another way.
         extra: a row of ``rows="all"`` only (the papers' other baselines and prompt tuning), to keep
             the default demo short.
+        search: options of the search of the row's method (its ``Method.search_config``, e.g.
+            DiffRate's FLOPs target): before training, the method's ``search`` hook finds the
+            method's options on the demo's training data and the row trains with them.
+        search_from: label of an earlier row whose trained model the search starts from (a model
+            whose head knows digits 5-9).
     """
 
     label: str
@@ -69,6 +76,8 @@ class DemoRow:
     deploy: Dict[str, Any] = field(default_factory=dict)
     reuse: Optional[str] = None
     extra: bool = False
+    search: Dict[str, Any] = field(default_factory=dict)
+    search_from: Optional[str] = None
 
 
 # LoRA on every linear layer of the blocks: at this width (64) qkv alone is too little capacity
@@ -87,6 +96,17 @@ ROWS: List[DemoRow] = [
     DemoRow("DyT, static shapes (capacity 1.25)", "dyt", deploy={"dyt_execution": "capacity", "dyt_capacity": 1.25},
             reuse="DyT (adapter 16, r=0.5)"),
     DemoRow("LoRA r=8 + EViT", "lora+evit", dict(_LORA), extra=True),
+    # the predictors' input detached: with LoRA at the predictors' learning rate the keep decisions' gradient
+    # through it threw training to chance (the reference trains the backbone at 1/100 of the predictors' rate)
+    DemoRow("LoRA r=8 + DynamicViT", "lora+dynamicvit", {**_LORA, "dynamicvit_detach_input": True}, extra=True),
+    # DiffRate's rates, searched on the demo's 448 training digits from the trained LoRA row at the ToMe rows'
+    # FLOPs (58% of the unreduced model's), then fixed for training and deployment. 64 patches: the search's
+    # candidate counts step by 2 (granularity). The FLOPs term (GMACs - target)^2 is ~1e-6 smaller than on ViT-B,
+    # hence the weight 1e7 and a learning rate of 0.1 for the rate logits: the search's 7 steps per epoch
+    # against the reference's ~600.
+    DemoRow("LoRA r=8 + DiffRate (searched)", "lora+diffrate", dict(_LORA), extra=True, search_from="LoRA r=8",
+            search=dict(target_share=0.58, epochs=4, batch_size=64, lr=0.1, min_lr=0.01, flops_weight=1e7,
+                        granularity=2)),
     DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}, extra=True),
     DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True, extra=True),
 ]
@@ -118,9 +138,8 @@ class DemoConfig:
         progress: print training progress lines.
         rows: ``"default"``: the seed papers' methods and their deployment forms (linear probe, LoRA,
             LoRA + ToMe, PYRA, AdaptFormer, DyT, DyT with static shapes); ``"all"``: also the papers'
-            other baselines and prompt tuning (EViT, VPT-deep, VPT-deep + PYRA; about a minute
-            more). DynamicViT has no row: it classifies from the class token, and the demo's
-            backbone pools by average.
+            other baselines and prompt tuning (EViT, DynamicViT, DiffRate with rates searched on the
+            digits at the ToMe rows' FLOPs, VPT-deep, VPT-deep + PYRA; about two minutes more).
     """
 
     pretrain_epochs: int = 8
@@ -319,17 +338,31 @@ def prepare_demo(cfg: DemoConfig, workdir: str, out: Callable[[str], None] = pri
     return DemoSetup(folders, backbone, arch, (32 // cfg.patch_size) ** 2)
 
 
+def searched_options(row: DemoRow, model: nn.Module, data, log: Optional[Callable[[str], None]] = None
+                     ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Run the search of ``row``'s method (its ``Method.search`` hook with ``row.search``'s options) on
+    ``data`` from ``model`` (trained on ``data``'s labels); returns the ``create_model`` options it
+    found (``<method>_<field>``) and the search's record."""
+    methods = [m for m in parse_method(row.method) if m.search is not None]
+    if len(methods) != 1:
+        raise TokenTuneError(f"demo row {row.label!r} has search options, but {len(methods)} of the methods of "
+                             f"{row.method!r} have a search; a search row needs exactly one")
+    method = methods[0]
+    record = method.search(model, data, method.search_config(**row.search), checkpoint=None, log=log)
+    return {f"{method.name}_{k}": v for k, v in record["options"].items()}, record
+
+
 def adapt(setup: DemoSetup, row: DemoRow, cfg: DemoConfig, out_dir: Optional[str], seed: Optional[int] = None,
-          log: Optional[Callable[[str], None]] = None) -> Adapted:
+          log: Optional[Callable[[str], None]] = None, options: Optional[Dict[str, Any]] = None) -> Adapted:
     """Adapt the demo's backbone to digits 5-9 with ``row``'s method: ``create_model -> train ->
     deploy -> evaluate``, the run written to ``out_dir`` (None: no run directory).
 
     ``seed`` (default ``cfg.seed``) seeds the new layers' initialisation, the training order and
     the method's randomness (dropout, DyT's Gumbel noise); the data and the backbone stay those of
-    ``cfg.seed``.
+    ``cfg.seed``. ``options`` are added to the row's (e.g. what a search found).
     """
     seed = cfg.seed if seed is None else seed
-    options = dict(row.options)
+    options = {**row.options, **(options or {})}
     if row.merge:
         options["tome_r"] = list(cfg.tome_r)
     torch.manual_seed(seed)
@@ -392,9 +425,19 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
                 done = _deployed(trained[row.reuse].model, row, setup, 0.0, trained[row.reuse].history)
                 how = f"the {row.reuse} model deployed with {row.deploy}"
             else:
-                done = adapt(setup, row, cfg, os.path.join(workdir, "runs", _slug(row.label)), log=log)
+                found, searched = {}, ""
+                if row.search:
+                    if row.search_from not in trained:
+                        raise TokenTuneError(f"demo row {row.label!r} searches from {row.search_from!r}, which is not an "
+                                             "earlier row")
+                    tic = time.perf_counter()
+                    found, record = searched_options(row, trained[row.search_from].model, setup.train, log=log)
+                    searched = (f"options searched in {time.perf_counter() - tic:.0f} s from the {row.search_from} model "
+                                f"({', '.join(f'{k} {v}' for k, v in record['options'].items())}), then ")
+                done = adapt(setup, row, cfg, os.path.join(workdir, "runs", _slug(row.label)), log=log, options=found)
                 trained[row.label] = done
-                how = f"adapted to digits 5-9 in {done.train_s:.0f} s ({cfg.epochs} epochs on {len(setup.train)} images)"
+                how = (f"{searched}adapted to digits 5-9 in {done.train_s:.0f} s ({cfg.epochs} epochs on "
+                       f"{len(setup.train)} images)")
             new_test = setup.test
             sample = torch.stack([new_test[i][0] for i in range(min(8, len(new_test)))])
             deployed[row.label] = done.deployed

@@ -30,11 +30,12 @@ first), resumes from a checkpoint at epoch boundaries, runs in fp32; several pre
 the patches, not patches + 1. ``diffrate_preset`` gives the reference's published ImageNet rates
 for ViT-B/16 (DeiT and MAE weights).
 """
-from .method import PRESETS, DiffRateConfig, apply_diffrate, fit_rates, rate_macs
+from .method import PRESETS, DiffRateConfig, apply_diffrate, fit_rates, rate_macs, read_rates
 from .reducer import DiffRateReducer, DiffRateSearchReducer, RateProxy, match, merge, sort_by_cls_attention, ste_min
-from .search import SearchResult, search_rates
+from .search import SearchConfig, SearchResult, search_rates, search_record, unreduced_gmacs
 
 __all__ = [
-    "DiffRateConfig", "DiffRateReducer", "DiffRateSearchReducer", "PRESETS", "RateProxy", "SearchResult",
-    "apply_diffrate", "fit_rates", "match", "merge", "rate_macs", "search_rates", "sort_by_cls_attention", "ste_min",
+    "DiffRateConfig", "DiffRateReducer", "DiffRateSearchReducer", "PRESETS", "RateProxy", "SearchConfig", "SearchResult",
+    "apply_diffrate", "fit_rates", "match", "merge", "rate_macs", "read_rates", "search_rates", "search_record",
+    "sort_by_cls_attention", "ste_min", "unreduced_gmacs",
 ]

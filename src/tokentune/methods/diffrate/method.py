@@ -1,14 +1,15 @@
-"""DiffRate's options, the reference's searched rates, the analytic FLOPs of a rate schedule, how
-the method is applied and its registration."""
+"""DiffRate's options, the reference's searched rates, the analytic FLOPs of a rate schedule, the
+file of searched rates, and how the method is applied (registered in :mod:`.search`, with its search)."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ...core.method import Method, register_method
 from ...core.vit import adapted_blocks, num_input_tokens, num_prefix
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
@@ -49,16 +50,48 @@ class DiffRateConfig:
         preset: a schedule the reference searched on ImageNet-1k for ViT-B/16 or ViT-L/16 at 224 px,
             named ``<backbone>:<GFLOPs>`` (deit_base:8.7, deit_base:10.0, deit_base:11.5,
             mae_base:8.7, mae_base:11.5, mae_large:31.0); overrides the lists.
+        rates: a file of counts written by ``tokentune search diffrate`` (JSON); its counts become
+            the lists (the model records them, not the file) and its model must have as many input
+            tokens and blocks as this one.
     """
 
     prune_kept: Sequence[int] = ()
     merge_kept: Sequence[int] = ()
     preset: Optional[str] = None
+    rates: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_fields(self, "diffrate_")
         if self.preset is not None and self.preset not in PRESETS:
             raise TokenTuneError(f"unknown diffrate_preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.rates is not None:
+            found = read_rates(self.rates)["options"]
+            given = (list(self.prune_kept), list(self.merge_kept))
+            if self.preset is not None or (any(given) and given != (found["prune_kept"], found["merge_kept"])):
+                raise TokenTuneError(f"diffrate_rates={self.rates!r} gives the counts; do not also pass "
+                                     "diffrate_prune_kept/diffrate_merge_kept or diffrate_preset")
+            self.prune_kept, self.merge_kept = list(found["prune_kept"]), list(found["merge_kept"])
+
+
+def read_rates(path: str) -> Dict[str, Any]:
+    """A rates file written by ``tokentune search diffrate`` (:func:`tokentune.methods.diffrate.search.search_record`),
+    checked; every problem is one line."""
+    if not os.path.isfile(path):
+        raise TokenTuneError(f"diffrate_rates file {path!r} does not exist; write it with 'tokentune search diffrate RUN "
+                             "--target-gmacs G --out FILE'")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenTuneError(f"diffrate_rates file {path!r} is not readable JSON ({exc}); write it again with "
+                             "'tokentune search diffrate'") from None
+    options = record.get("options") if isinstance(record, dict) else None
+    counts = [options.get(k) for k in ("prune_kept", "merge_kept")] if isinstance(options, dict) else [None, None]
+    if not isinstance(record, dict) or record.get("method") != "diffrate" or not all(
+            isinstance(c, list) and c and all(isinstance(v, int) and not isinstance(v, bool) for v in c) for c in counts):
+        raise TokenTuneError(f"{path!r} is not a DiffRate rates file (method 'diffrate' with lists of integers "
+                             "options.prune_kept and options.merge_kept); write it with 'tokentune search diffrate'")
+    return record
 
 
 def fit_rates(prune_kept: Sequence[int], merge_kept: Sequence[int], num_tokens: int, prefix: int,
@@ -111,6 +144,12 @@ def apply_diffrate(model: nn.Module, cfg: DiffRateConfig, ctx) -> DiffRateConfig
                              "use a ViT with a class token (class_token=True)")
     prune_kept, merge_kept = PRESETS[cfg.preset] if cfg.preset else (cfg.prune_kept, cfg.merge_kept)
     n, p = num_input_tokens(model), num_prefix(model)
+    if cfg.rates is not None:
+        record = read_rates(cfg.rates)
+        if (record.get("num_tokens"), record.get("depth")) != (n, len(blocks)):
+            raise TokenTuneError(f"{cfg.rates!r} has rates for {record.get('depth')} blocks and {record.get('num_tokens')} "
+                                 f"input tokens; this model has {len(blocks)} blocks and {n} tokens: search its own with "
+                                 "'tokentune search diffrate'")
     if cfg.preset and (n, p, len(blocks)) != (197, 1, len(prune_kept)):
         raise TokenTuneError(f"diffrate_preset {cfg.preset!r} is for {len(prune_kept)} blocks and 197 tokens (224 px, "
                              f"CLS only); this model has {len(blocks)} blocks and {n} tokens: search its rates with "
@@ -119,12 +158,7 @@ def apply_diffrate(model: nn.Module, cfg: DiffRateConfig, ctx) -> DiffRateConfig
     for i, (block, pk, mk) in enumerate(zip(blocks, prunes, merges)):
         block.reduce = DiffRateReducer(i, pk, mk)
     model.tokentune.prop_attn = True             # the reference's attention adds log(size) in every block
-    cfg = replace(cfg, prune_kept=list(prunes), merge_kept=list(merges))
+    model.tokentune.pool_by_size = True          # and its MAE patch averages by size (global_pool="avg")
+    cfg = replace(cfg, prune_kept=list(prunes), merge_kept=list(merges), rates=None)
     model.tokentune.state["diffrate"] = cfg
     return cfg
-
-
-register_method(Method(
-    "diffrate", DiffRateConfig, apply_diffrate, order=23, reduces_tokens=True, default_peft="full",
-    summary="DiffRate: per-block prune (by CLS attention) and merge (by similarity) counts, searched under a FLOPs "
-            "target (search_rates), then fixed (no parameters)"))

@@ -1,24 +1,27 @@
 """The rate search: DiffRate's differentiable search of per-block prune and merge counts under a
-FLOPs target, on the user's data, resumable."""
+FLOPs target, on the user's data, resumable; its options and record (``tokentune search diffrate``)
+and the method's registration."""
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.method import Method, register_method
 from ...core.reduce import reducers
 from ...core.vit import adapted_blocks, info_of, num_input_tokens, num_prefix
 from ...core.weights import load_torch_file
 from ...errors import TokenTuneError
 from ...fileio import atomic_torch_save
+from ...typecheck import check_fields
 from ...utils import unwrap_model
 from ..tome.flops import ViTDims
-from .method import fit_rates, rate_macs
+from .method import DiffRateConfig, apply_diffrate, fit_rates, rate_macs
 from .reducer import DiffRateSearchReducer
 
 
@@ -80,6 +83,7 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
 
     ``checkpoint``: a file the search state is written to after every epoch (rate logits,
     optimizer, epoch, RNG); if it exists, the search resumes from it (same ``data`` and options).
+    ``seed`` seeds the data order and, at the start, torch's generator (dropout in training mode).
     Returns the counts the blocks will keep, ready for ``create_model(...,
     diffrate_prune_kept=..., diffrate_merge_kept=...)``; a target below the smallest schedule's
     FLOPs or above the full model's is a one-line error.
@@ -100,9 +104,10 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
         raise TokenTuneError("epochs, batch_size and granularity must be at least 1")
     searchers = _install(base, granularity)
     info = base.tokentune
-    saved = dict(prop_attn=info.prop_attn, training=base.training,
+    saved = dict(prop_attn=info.prop_attn, pool_by_size=info.pool_by_size, training=base.training,
                  grads={name: prm.requires_grad for name, prm in base.named_parameters()})
     info.prop_attn = True
+    info.pool_by_size = True
     for prm in base.parameters():
         prm.requires_grad_(False)
     arch = [prm for s in searchers for prm in s.parameters()]
@@ -120,6 +125,8 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
         optimizer.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]), list(state["history"])
         torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(seed)       # the model's randomness in training mode (PEFT dropout): a search is repeatable
     device = arch[0].device
     try:
         base.train()
@@ -161,9 +168,85 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
             if isinstance(block.reduce, DiffRateSearchReducer):
                 block.reduce = None
         info.prop_attn = saved["prop_attn"]
+        info.pool_by_size = saved["pool_by_size"]
         for name, prm in base.named_parameters():
             prm.requires_grad_(saved["grads"][name])
         base.train(saved["training"])
     assert not any(isinstance(r, DiffRateSearchReducer) for r in reducers(base))
     return SearchResult(prune_kept=prunes, merge_kept=merges, target=float(target_gmacs), history=history,
                         gmacs=float(rate_macs(dims, list(zip(prunes, merges)))) / 1e9)
+
+
+@dataclass
+class SearchConfig:
+    """Options of DiffRate's rate search (``tokentune search diffrate``; :func:`search_rates`).
+
+    Attributes:
+        target_gmacs: FLOPs target in GMACs per image (the papers' GFLOPs; e.g. 8.7 for ViT-B/16 at 224 px);
+            give it or target_share.
+        target_share: the target as a share of the model's GMACs without reduction (e.g. 0.5).
+        epochs: passes over the training data (reference 3, on ImageNet-1k).
+        batch_size: images per step (reference 256 per GPU on 8 GPUs).
+        lr: peak learning rate of the rate logits (AdamW, cosine per epoch to min_lr; reference 0.01).
+        min_lr: final learning rate (reference 0.001).
+        flops_weight: weight of (GMACs - target)^2 in the loss (reference 5, for ViT-B's GMACs; the term
+            scales with the square of the model's GMACs, so a small model needs a much larger weight).
+        warmup_epochs: first epochs without the FLOPs term (reference --warm_up).
+        granularity: step between the candidate kept counts (reference 4).
+        seed: seed of the data order and of the model's randomness (dropout).
+        num_workers: data-loading processes.
+    """
+
+    target_gmacs: Optional[float] = None
+    target_share: Optional[float] = None
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.01
+    min_lr: float = 0.001
+    flops_weight: float = 5.0
+    warmup_epochs: int = 0
+    granularity: int = 4
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if (self.target_gmacs is None) == (self.target_share is None):
+            raise TokenTuneError("give the FLOPs target as target_gmacs (GMACs per image) or target_share (a share of "
+                                 "the unreduced model's), one of them")
+        if self.target_share is not None and not 0 < self.target_share < 1:
+            raise TokenTuneError(f"invalid target_share={self.target_share}: a share of the model's GMACs in (0, 1), "
+                                 "e.g. 0.5")
+        if self.lr <= 0 or self.min_lr < 0 or self.flops_weight < 0 or self.warmup_epochs < 0 or self.num_workers < 0:
+            raise TokenTuneError("lr must be positive and min_lr, flops_weight, warmup_epochs, num_workers at least 0")
+
+
+def unreduced_gmacs(model: nn.Module) -> float:
+    """GMACs per image of ``model`` without token reduction, as the search counts them (:func:`rate_macs`)."""
+    base = unwrap_model(model)
+    n = num_input_tokens(base)
+    return float(rate_macs(ViTDims.from_model(base), [(n, n)] * len(adapted_blocks(base)))) / 1e9
+
+
+def search_record(model: nn.Module, data, cfg: SearchConfig, checkpoint: Optional[str] = None,
+                  log: Optional[Callable[[str], None]] = print) -> Dict[str, Any]:
+    """The method's ``search`` hook: :func:`search_rates` with ``cfg``'s options, as a JSON record
+    (``options``: the counts as :class:`DiffRateConfig` fields; what was found and measured; the
+    model it was found for, which ``diffrate_rates`` checks)."""
+    target = cfg.target_gmacs if cfg.target_gmacs is not None else cfg.target_share * unreduced_gmacs(model)
+    found = search_rates(model, data, target, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                         min_lr=cfg.min_lr, flops_weight=cfg.flops_weight, warmup_epochs=cfg.warmup_epochs,
+                         granularity=cfg.granularity, checkpoint=checkpoint, seed=cfg.seed,
+                         num_workers=cfg.num_workers, log=log)
+    base = unwrap_model(model)
+    return {"method": "diffrate", "options": {"prune_kept": found.prune_kept, "merge_kept": found.merge_kept},
+            "gmacs": found.gmacs, "target_gmacs": found.target, "unreduced_gmacs": unreduced_gmacs(base),
+            "num_tokens": num_input_tokens(base), "depth": len(adapted_blocks(base)),
+            "search": asdict(cfg), "history": found.history}
+
+
+register_method(Method(
+    "diffrate", DiffRateConfig, apply_diffrate, order=23, reduces_tokens=True, default_peft="full",
+    search=search_record, search_config=SearchConfig, search_option="rates",
+    summary="DiffRate: per-block prune (by CLS attention) and merge (by similarity) counts, searched under a FLOPs "
+            "target ('tokentune search diffrate'), then fixed (no parameters)"))

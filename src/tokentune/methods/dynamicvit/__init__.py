@@ -34,6 +34,21 @@ PEFT weights (LoRA, adapters, prompts) and head. With ``full`` fine-tuning it is
 weights, not a frozen copy of the initial ones (which the reference would use on ImageNet).
 ``dynamicvit_distill_weight=0`` trains without a teacher (one forward per step).
 
+Heads: the reference's ViTs classify from the class token. An average-pooled ViT
+(``global_pool="avg"``, with or without a class token; timm's ``fc_norm``) classifies from the
+average of the patch tokens still kept (:meth:`tokentune.core.vit.TokenTuneMixin.weighted_avg_pool`):
+in training ``sum_i D_i x_i / sum_i D_i`` over the final tokens, the policy-weighted mean that the
+prediction module's global feature uses (Eq. 3), so dropped tokens, still computed, do not enter
+it; after real pruning the plain mean of the tokens left, which is the same value. The official
+code has no average-pooled ViT with real pruning (its ConvNeXt and Swin variants keep every token,
+updating the dropped ones through a cheap fast path, and average them all), so this is our
+reading, documented. The prediction modules see only the non-prefix tokens and never need a class
+token. The losses are the reference's (the teacher pools every token; the token MSE covers the
+kept non-prefix tokens, all of them when there is no class token), with the token MSE taken after
+the final LayerNorm as in the reference: timm's average-pooled ViTs apply it after pooling
+(``fc_norm``, ``norm`` being the identity), so the tokens pass through ``fc_norm`` for the MSE
+(on the raw residual stream the MSE swamped the loss and the demo's model stayed at chance).
+
 Per-forward options: ``dynamicvit_prune=False`` (no pruning: the teacher), and
 ``dynamicvit_execution="prune"/"mask"`` (eval mode). Prefix tokens (CLS, registers, VPT prompts)
 are never pruned. ``"dynamicvit"`` alone fine-tunes everything (the paper); combine with a PEFT
@@ -46,10 +61,19 @@ Parameter names (ours -> reference)::
     blocks.{loc_k}.reduce.predictor.in_conv.{0,1}.*     score_predictor.{k}.in_conv.{0,1}.*
     blocks.{loc_k}.reduce.predictor.out_conv.{0,2,4}.*  score_predictor.{k}.out_conv.{0,2,4}.*
 """
-from .method import TRAINABLE, DynamicViTConfig, apply_dynamicvit, config_of, deploy_dynamicvit, dynamicvit_loss, ratio_loss
+from .method import (
+                     TRAINABLE,
+                     DynamicViTConfig,
+                     apply_dynamicvit,
+                     config_of,
+                     deploy_dynamicvit,
+                     dynamicvit_loss,
+                     ratio_loss,
+                     stage_rates,
+)
 from .predictor import EXECUTIONS, DynamicViTReducer, PredictorLG, decisions
 
 __all__ = [
     "DynamicViTConfig", "DynamicViTReducer", "EXECUTIONS", "PredictorLG", "TRAINABLE", "apply_dynamicvit", "config_of",
-    "decisions", "deploy_dynamicvit", "dynamicvit_loss", "ratio_loss",
+    "decisions", "deploy_dynamicvit", "dynamicvit_loss", "ratio_loss", "stage_rates",
 ]

@@ -64,17 +64,20 @@ class DynamicViTReducer(TokenReducer):
         dim: embedding dimension.
         tau: Gumbel-softmax temperature in training (reference 1).
         execution: ``"prune"`` or ``"mask"`` in eval mode.
+        detach_input: the predictor reads the tokens without passing gradient back to them.
     """
 
     def __init__(self, layer: int, stage: int, ratio: float, dim: int, tau: float = 1.0,
-                 execution: str = "prune") -> None:
+                 execution: str = "prune", detach_input: bool = False) -> None:
         super().__init__()
         self.layer, self.stage, self.ratio, self.tau = int(layer), int(stage), float(ratio), float(tau)
         self.execution = execution
+        self.detach_input = bool(detach_input)
         self.predictor = PredictorLG(dim)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, stage={self.stage}, ratio={self.ratio:.4g}, execution={self.execution}"
+        return (f"layer={self.layer}, stage={self.stage}, ratio={self.ratio:.4g}, execution={self.execution}"
+                + (", detach_input=True" if self.detach_input else ""))
 
     def before_attention(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
         if state.options.get("dynamicvit_prune", True) is False:      # the unpruned teacher
@@ -85,7 +88,8 @@ class DynamicViTReducer(TokenReducer):
             state = state.record(dynamicvit_tokens=N - p)
         n0 = next(r["dynamicvit_tokens"] for r in state.records if "dynamicvit_tokens" in r)
         prev = state.policy[:, p:].unsqueeze(-1) if state.policy is not None else x.new_ones(B, N - p, 1)
-        pred = self.predictor(x[:, p:], prev)                                       # [B, n, 2]
+        tokens = x[:, p:].detach() if self.detach_input else x[:, p:]
+        pred = self.predictor(tokens, prev)                                          # [B, n, 2]
         if self.training:
             hard = F.gumbel_softmax(pred, tau=self.tau, hard=True)[:, :, 0:1] * prev     # straight-through
             policy = torch.cat([hard.new_ones(B, p), hard[:, :, 0]], dim=1)
