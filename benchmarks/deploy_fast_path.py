@@ -15,6 +15,9 @@ them), every model side by side in interleaved rounds on the same random batch
   the threshold rule at 0.5) and with the capacity calibrated on the batch (quantile 1: exactly
   the threshold rule's outputs); graph breaks under ``torch.compile`` counted with
   ``torch._dynamo.explain``; at batch 1 the compiled capacity model (``fullgraph=True``).
+* ``floor``: what the dense layers allow: the attention and MLP halves of the dense blocks timed
+  at every token count the ToMe schedules (and DyT's capacity) produce, in the same rounds as the
+  whole dense model; the speed-up a model would have if its token reduction cost nothing.
 * ``onnx``: the same models exported to ONNX (``tokentune.export_onnx``; DyT's threshold rule only
   exports in its mask form, its capacity execution as it is) and timed in ONNX Runtime (CPU
   provider, as many intra-op threads as torch uses), interleaved the same way.
@@ -23,7 +26,8 @@ Every run writes ``benchmarks/results/deploy_fast_path_<tag>.{md,json}``; ``--su
 several runs and writes the medians with the goals (``deploy_fast_path_summary.md``).
 
     python benchmarks/deploy_fast_path.py --tag run1          # one run (about 25 minutes on 2 CPU cores)
-    python benchmarks/deploy_fast_path.py --parts tome,dyt --rounds 2 --warmup 1 --no-compile --tag run1a  # ~2 min
+    python benchmarks/deploy_fast_path.py --parts tome,dyt --rounds 3 --warmup 1 --no-compile --tag q1  # ~3 min
+    python benchmarks/deploy_fast_path.py --parts floor --rounds 5 --warmup 1 --tag f1   # ~4 min
     python benchmarks/deploy_fast_path.py --summarize run1,run2,run3
     python benchmarks/deploy_fast_path.py --summarize run1a+run1b,run2a+run2b   # runs made of two processes
     python benchmarks/deploy_fast_path.py --quick --tag quick  # tiny width, seconds (checks the script runs)
@@ -152,18 +156,25 @@ def dyt_models(args, images: torch.Tensor) -> Dict[str, nn.Module]:
 
 
 class HalfBlock(nn.Module):
-    """One half of a dense timm block on the first ``n`` tokens of its input: attention
-    (``x + ls1(attn(norm1(x)))``) or the MLP (``x + ls2(mlp(norm2(x)))``)."""
+    """One half of every dense timm block, each on the first ``n`` tokens of the same input:
+    attention (``x + ls1(attn(norm1(x)))``) or the MLP (``x + ls2(mlp(norm2(x)))``).
 
-    def __init__(self, block: nn.Module, half: str, n: int) -> None:
+    Running the half of *every* block (not one block many times) streams all the weights from
+    memory as the real model does; one block timed alone keeps its weights in the cache, which
+    flatters small token counts."""
+
+    def __init__(self, blocks, half: str, n: int) -> None:
         super().__init__()
-        self.block, self.half, self.n = block, half, n
+        self.blocks, self.half, self.n = list(blocks), half, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, x = self.block, x[:, : self.n]
-        if self.half == "attn":
-            return x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
-        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+        x, out = x[:, : self.n], None
+        for b in self.blocks:
+            if self.half == "attn":
+                out = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+            else:
+                out = x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+        return out
 
 
 class OnImages(nn.Module):
@@ -199,7 +210,6 @@ def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup
     at its count after merging. On a CPU at batch 1 a block's time is ``a + b * N`` with a large
     fixed part ``a`` (reading the weights, per-operator overhead), so fewer tokens pay less than
     their FLOPs share; this bound is the eager speed-up that no cheaper merge step can beat."""
-    block = dense.blocks[0]
     bs = images.shape[0]
     full = int(dense.patch_embed.num_patches + dense.num_prefix_tokens)
     plans = {f"ToMe {name}": token_counts(sched, full) for name, sched in SCHEDULES.items()}
@@ -207,16 +217,15 @@ def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup
     plans["DyT MLP Dispatch 0.5 (capacity 1.0)"] = [(full, k)] * len(dense.blocks)
     needed = {(h, n) for plan in plans.values() for a, m in plan for h, n in (("attn", a), ("mlp", m))}
     needed |= {("attn", full), ("mlp", full)}
-    timed = {f"{h} {n}": HalfBlock(block, h, n) for h, n in sorted(needed)}
+    timed = {f"{h} {n}": HalfBlock(dense.blocks, h, n) for h, n in sorted(needed)}
     timed["dense"] = OnImages(dense, images)          # in the same rounds: a drift hits both alike
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(bs, full, dense.embed_dim, generator=g)
-    stats = measure_throughput(timed, images=tokens, rounds=rounds, warmup=warmup,
-                               iters_per_round=3 if bs == 1 else 1)
+    stats = measure_throughput(timed, images=tokens, rounds=rounds, warmup=warmup)
     model_s = stats["dense"].seconds_per_batch
 
-    def t(h: str, n: int) -> float:
-        return stats[f"{h} {n}"].seconds_per_batch
+    def t(h: str, n: int) -> float:                   # one block's half, averaged over the blocks
+        return stats[f"{h} {n}"].seconds_per_batch / len(dense.blocks)
 
     rows = []
     dense_blocks = len(dense.blocks) * (t("attn", full) + t("mlp", full))
@@ -369,8 +378,8 @@ def summarize(args) -> None:
         goal, text = goals.get(key, (None, ""))
         every = "every run" in text
         met = "" if goal is None else ("yes" if (min(speedups) if every else med) >= goal else "no")
-        ratio = per[0]["flops_ratio"]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {per[0]['baseline']} | "
+        ratio = per[0].get("flops_ratio")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {per[0].get('baseline', '')} | "
                      f"{'' if ratio is None else f'{ratio:.2f}x'} | {med:.2f}x | "
                      f"{', '.join(f'{s:.2f}x' for s in speedups)} | {text} | {met} |")
     env = runs[0]["environment"]
