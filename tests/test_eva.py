@@ -540,3 +540,28 @@ def test_torch_export_of_deployed_eva(tmp_path, family, method, options):
     x = _images(family)
     with torch.no_grad():
         _close(program.module()(x), deployed(x), 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,method,options,deploy_options", [
+    ("dinov3", "lora+tome", dict(tome_r=[3, 2, 2]), {}),
+    ("mixed", "lora+evit", dict(global_pool="token"), {}),
+    ("eva02", "pyra", dict(tome_r=[3, 2, 2]), {}),
+    ("eva02_swiglu", "dyt", {}, dict(dyt_execution="capacity", dyt_capacity=1.0)),
+])
+def test_onnx_of_deployed_eva(tmp_path, family, method, options, deploy_options):
+    """ONNX Runtime runs the rotary rows (merged, pruned with EViT's identity row, gathered by DyT's
+    capacity index) as the eager model does, at two batch sizes of one dynamic-batch export."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from tokentune.tools.onnx import export_onnx
+
+    deployed = tokentune.deploy(_model(family, method, **options), **deploy_options)
+    size = FAMILIES[family][1]["img_size"]
+    path = export_onnx(deployed, tmp_path / "model.onnx", image_size=size, verify=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = _images(family, batch=batch, seed=batch)
+        with torch.no_grad():
+            _close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]), deployed(x), 1e-4)
