@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import randomize_dyt, randomize_lora
+from safetensors.torch import save_file
 from timm.layers import apply_rot_embed_cat
 
 import tokentune
@@ -18,7 +19,7 @@ from tokentune.core.block import AdaptedEvaBlock
 from tokentune.errors import TokenTuneError
 from tokentune.methods import dyt
 from tokentune.methods.diffrate import DiffRateSearchReducer
-from tokentune.methods.lora import save_peft
+from tokentune.methods.lora import LoRALinear, load_peft, save_peft
 from tokentune.tools.export import export_deployed
 from tokentune.tools.program import export_program
 
@@ -524,9 +525,102 @@ def test_refusals_are_one_line(tmp_path):
     with pytest.raises(TokenTuneError, match="attn_mask= .* not supported") as info:
         model(_images("eva02"), attn_mask=torch.zeros(17, 17))
     assert "\n" not in str(info.value)
-    with pytest.raises(TokenTuneError, match="peft's LoRA format is not supported for timm's Eva") as info:
+    with pytest.raises(TokenTuneError, match=r"cannot hold the LoRA on blocks\.0\.attn\.qkv \(and 2 more\)") as info:
         save_peft(model, tmp_path / "peft")
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- peft's format
+# (family, tokentune lora_targets, peft target_modules): every LoRA target is one timm's forward
+# calls as a module; EVA-02 tiny's fused qkv (with q/v biases) is the one it bypasses, so it is left out
+PEFT_CASES = [
+    ("eva02_swiglu", ("qkv", "proj", "fc1", "fc2"), ["q_proj", "v_proj", "fc1_g", "fc2"]),   # separate q/k/v
+    ("rope", ("qkv", "proj", "fc1", "fc2"), ["qkv", "attn.proj", "fc1"]),                   # AttentionRope
+    ("dinov3", ("qkv", "fc2"), ["qkv", "fc2"]),                                              # EvaAttention, no q/v bias
+    ("eva02", ("proj", "fc1", "fc2"), ["attn.proj", "fc1", "fc2"]),                          # all but the bypassed qkv
+]
+
+
+def _peft_base(family, tmp_path):
+    """timm's own Eva with spread weights, and its weights file (the backbone both sides build from)."""
+    name, kw = FAMILIES[family]
+    base = timm.create_model(name, num_classes=5, **kw).eval()
+    _spread(base)
+    path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(path))
+    return base, path
+
+
+@pytest.mark.parametrize("family,targets,_", PEFT_CASES, ids=[c[0] for c in PEFT_CASES])
+def test_tokentune_lora_in_peft_format_computes_the_same_in_peft(tmp_path, family, targets, _):
+    peft = pytest.importorskip("peft")
+    base, path = _peft_base(family, tmp_path)
+    name, kw = FAMILIES[family]
+    model = tokentune.create_model(name, method="lora", num_classes=5, pretrained=str(path), lora_targets=targets,
+                                   lora_rank=4, lora_alpha=8.0, **kw).eval()
+    randomize_lora(model, scale=0.2)
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.3)                          # the trained head travels as modules_to_save
+    config = save_peft(model, tmp_path / "adapter")
+    assert config["modules_to_save"] == ["head"]
+    x = _images(family)
+    with torch.no_grad():
+        want = model(x)
+        assert (base(x) - want).abs().max() > 1e-2                # the LoRA and head matter at this tolerance
+        loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        wrapped = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+        assert wrapped == {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        _close(loaded(x), want)
+    back = load_peft(tmp_path / "adapter")                         # and back, with the recorded backbone file
+    with torch.no_grad():
+        _close(back(x), want)
+
+
+@pytest.mark.parametrize("family,_,target_modules", PEFT_CASES, ids=[c[0] for c in PEFT_CASES])
+def test_peft_lora_of_timm_eva_loads_and_computes_the_same(tmp_path, family, _, target_modules):
+    peft = pytest.importorskip("peft")
+    base, path = _peft_base(family, tmp_path)
+    x = _images(family)
+    with torch.no_grad():
+        plain = base(x)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                                           modules_to_save=["head"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+        want = peft_model.eval()(x)
+    assert (want - plain).abs().max() > 1e-2                       # peft's LoRA runs in timm's forward
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    name, kw = FAMILIES[family]
+    model = load_peft(tmp_path / "adapter", name, pretrained=str(path), **kw)
+    with torch.no_grad():
+        _close(model(x), want)
+
+
+def test_peft_lora_on_the_qkv_timm_bypasses_is_refused_both_ways(tmp_path):
+    """EVA-02 tiny: fused qkv with q/v biases, which timm's EvaAttention runs as F.linear on qkv.weight."""
+    peft = pytest.importorskip("peft")
+    base, path = _peft_base("eva02", tmp_path)
+    x = _images("eva02")
+    with torch.no_grad():
+        plain = base(x)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc2"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name and "qkv" in name:
+                p.normal_(0, 0.2)
+        _close(peft_model.eval()(x), plain, 1e-6)                  # peft's qkv LoRA never ran
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(TokenTuneError, match=r"LoRA on blocks\.0\.attn\.qkv \(and 2 more\) never ran in peft") as info:
+        load_peft(tmp_path / "adapter", FAMILIES["eva02"][0], pretrained=str(path), **FAMILIES["eva02"][1])
+    assert "\n" not in str(info.value)
+    model = _model("eva02", "lora", lora_targets=("qkv", "fc2"))
+    with pytest.raises(TokenTuneError, match="separate q/v biases.*choose lora_targets") as info:
+        save_peft(model, tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -11,7 +11,14 @@ on the same ``nn.Linear``: ``W x + b + (alpha / r) B A dropout(x)``. A peft adap
 :func:`save_peft` writes one from a tokentune model with LoRA (``lora``, ``lora+tome``, ...), which
 ``peft.PeftModel.from_pretrained(timm_model, DIR)`` loads; :func:`load_peft` builds a tokentune model
 from such a directory (any LoRA peft made on a timm ViT's ``attn.qkv``/``attn.proj``/``mlp.fc1``/
-``mlp.fc2`` of every block), optionally adding token reduction (``method="lora+tome"``).
+``mlp.fc2`` of every block; on timm's Eva also ``attn.q_proj``/``k_proj``/``v_proj`` and
+``mlp.fc1_g``/``fc1_x``), optionally adding token reduction (``method="lora+tome"``).
+
+timm's Eva models cross over wherever timm's forward calls the LoRA target as a module, which it
+does for every target except the fused ``qkv`` of an ``EvaAttention`` with separate q/v biases
+(EVA-02 tiny/small, EVA-01): timm runs ``F.linear(x, qkv.weight, bias)`` there, so peft's layer
+would be skipped, and a LoRA on it is refused both ways (tokentune's own forward applies it; keep
+the run).
 
 Only what both sides compute the same way crosses over. Options peft has and tokentune's LoRA has not
 (DoRA, ``rank_pattern``/``alpha_pattern``, LoRA on a subset of blocks or on other layers, a trained
@@ -29,11 +36,11 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import timm
 import torch
-from timm.models.eva import Eva
+from timm.models.eva import EvaAttention
 from torch import nn
 
 from ...core.factory import HEAD_PATTERN, create_model, methods_of
@@ -47,8 +54,10 @@ from ...version import __version__
 from .layer import LoRALinear
 
 PREFIX = "base_model.model."
-#: tokentune's LoRA targets and the module they are inside a timm block
-TARGET_MODULES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+#: tokentune's LoRA targets and the module they are inside a timm block (q_proj/k_proj/v_proj and
+#: fc1_g/fc1_x: the separate projections and SwiGLU halves of timm's Eva blocks)
+TARGET_MODULES = {"qkv": "attn.qkv", "q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj",
+                  "proj": "attn.proj", "fc1": "mlp.fc1", "fc1_g": "mlp.fc1_g", "fc1_x": "mlp.fc1_x", "fc2": "mlp.fc2"}
 HEADS = ("head", "head_dist")
 
 # peft options that do not change what a loaded adapter computes (informational or init-only)
@@ -63,9 +72,30 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FIX = "train the LoRA with tokentune, or save it from peft with plain LoRA options"
 
 
-_NO_EVA = ("peft's LoRA format is not supported for timm's Eva models (EVA-02, DINOv3, vit_*_rope_*): timm's "
-           "EvaAttention calls its qkv weight directly, which bypasses a peft LoRA layer; keep the run "
-           "(tokentune.save_trained) or export it (tokentune export) instead")
+_BYPASS_WHY = ("timm's EvaAttention with separate q/v biases computes F.linear(x, qkv.weight, bias) itself, "
+               "so a peft LoRA layer on its qkv is never called")
+
+
+def _bypassed(model: nn.Module, names: Iterable[str]) -> List[str]:
+    """The LoRA layers among ``names`` that timm's own forward does not call as modules.
+
+    timm calls every ``q_proj``/``k_proj``/``v_proj``, ``proj``, ``fc1``/``fc1_g``/``fc1_x`` and ``fc2``
+    as a module, and ``qkv`` too in ``Attention``, ``AttentionRope`` and an ``EvaAttention`` without
+    q/v biases (or with ``qkv_bias_separate``); only an ``EvaAttention`` with ``q_bias`` on a fused
+    ``qkv`` (EVA-02 tiny/small, EVA-01) reads ``qkv.weight`` directly, so peft's layer there is skipped.
+    """
+    out = []
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        attn = model.get_submodule(parent) if parent else model
+        if (attr == "qkv" and isinstance(attn, EvaAttention) and attn.q_bias is not None
+                and not attn.qkv_bias_separate):
+            out.append(name)
+    return out
+
+
+def _some(names: List[str]) -> str:
+    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
 # ----------------------------------------------------------------------------- export
@@ -73,10 +103,10 @@ def _lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _target_modules(model: nn.Module, targets: List[str]) -> Union[List[str], str]:
+def _target_modules(model: nn.Module, layers: List[str]) -> Union[List[str], str]:
     """peft's ``target_modules`` that select exactly the LoRA layers: module suffixes (``attn.qkv``)
     when no other module ends the same way, else one regex (peft matches a string with fullmatch)."""
-    suffixes = [TARGET_MODULES[t] for t in targets]
+    suffixes = list(dict.fromkeys(re.sub(r"^blocks\.\d+\.", "", n) for n in layers))
     names = [n for n, _ in model.named_modules()]
     block = re.compile(r"blocks\.\d+\.(" + "|".join(re.escape(s) for s in suffixes) + r")")
     stray = [n for n in names for s in suffixes if (n == s or n.endswith("." + s)) and not block.fullmatch(n)]
@@ -88,13 +118,15 @@ def peft_config_of(model: nn.Module) -> Dict[str, Any]:
     model = unwrap_model(model)
     spec = spec_of(model)
     layers = _lora_layers(model)
-    if isinstance(model, Eva):
-        raise TokenTuneError(_NO_EVA)
     if spec is None or not layers:
         raise TokenTuneError("peft's format holds a LoRA: pass a model built by tokentune.create_model with a LoRA "
                              "(method='lora', 'lora+tome', ...) before deploy() merged it")
+    bypassed = _bypassed(model, layers)
+    if bypassed:
+        raise TokenTuneError(f"peft's LoRA format cannot hold the LoRA on {_some(bypassed)}: "
+                             f"{_BYPASS_WHY}; choose lora_targets timm calls as modules (proj, fc1, fc2) or keep "
+                             "tokentune's format (tokentune.save_trained, tokentune export)")
     cfg = (spec.get("configs") or {}).get("lora") or {}
-    targets = list(cfg.get("targets") or ["qkv"])
     first = next(iter(layers.values()))
     heads = [h for h in HEADS if any(re.match(rf"{h}\.", n) and p.requires_grad for n, p in model.named_parameters())]
     source, ident = split_source(spec["model"])
@@ -111,7 +143,7 @@ def peft_config_of(model: nn.Module) -> Dict[str, Any]:
         "r": first.rank,
         "lora_alpha": first.alpha,
         "lora_dropout": float(cfg.get("dropout", 0.0)),
-        "target_modules": _target_modules(model, targets),
+        "target_modules": _target_modules(model, list(layers)),
         "modules_to_save": heads or None,
         "bias": "none",
         "use_rslora": False,
@@ -320,8 +352,11 @@ def load_peft(adapter: Union[str, "os.PathLike[str]"], model: Optional[str] = No
                          train_head="head.weight" in ours,
                          lora_rank=rank, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout") or 0.0),
                          lora_targets=tuple(targets), **build)
-    if isinstance(built, Eva):
-        raise TokenTuneError(_NO_EVA)
+    bypassed = _bypassed(built, sorted({n.rsplit(".lora_", 1)[0] for n in ours if ".lora_" in n}))
+    if bypassed:
+        raise TokenTuneError(f"{weights}: the adapter's LoRA on {_some(bypassed)} never ran "
+                             f"in peft: {_BYPASS_WHY}; train the adapter on layers timm calls (attn.proj, mlp.fc1, "
+                             "mlp.fc2) or train the LoRA with tokentune")
     depth = len([n for n, m in built.named_modules() if re.fullmatch(r"blocks\.\d+", n)])
     if len(blocks) != depth:
         raise TokenTuneError(f"{weights}: LoRA on {len(blocks)} blocks but {name!r} has {depth}; pass the base model "
