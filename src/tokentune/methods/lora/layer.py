@@ -105,7 +105,7 @@ class LoRALinear(nn.Linear):
 
 
 #: where a target lives in a block, and what it stands for in blocks that split it: timm's Eva
-#: attention may have separate q/k/v projections (DINOv3, EVA-02 base and up), its SwiGLU MLP
+#: attention may have separate q/k/v projections (EVA-02 base and up; DINOv3 uses a fused qkv), its SwiGLU MLP
 #: separate gate and value halves of fc1 (``fc1_g``, ``fc1_x``)
 _PARENTS = {"qkv": "attn", "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "proj": "attn",
             "fc1": "mlp", "fc1_g": "mlp", "fc1_x": "mlp", "fc2": "mlp"}
