@@ -232,6 +232,16 @@ def _tome_step(x, keys, size, pos, r, p):
     return torch.stack(out_x), torch.stack(out_size), torch.stack(out_pos)
 
 
+def _literal_tome_head(ref, tokens, size):
+    """timm's head; an average pool as ToMe's MAE patch: ``(x * size)[:, p:].sum(1) / patches``."""
+    tokens = ref.norm(tokens)
+    if ref.global_pool != "avg":
+        return ref.forward_head(tokens)
+    p = ref.num_prefix_tokens
+    pooled = (tokens[:, p:] * size[:, p:]).sum(dim=1) / size[:, p:].sum(dim=1)
+    return ref.head(ref.head_drop(ref.fc_norm(pooled)))
+
+
 @torch.no_grad()
 def _literal_tome(ref, x, schedule):
     tokens, rot, pos = _literal_start(ref, x)
@@ -244,7 +254,7 @@ def _literal_tome(ref, x, schedule):
         if schedule[i]:
             tokens, size, pos = _tome_step(tokens, keys, size, pos, schedule[i], p)
         tokens = _literal_mlp(blk, tokens)
-    return ref.forward_head(ref.norm(tokens))
+    return _literal_tome_head(ref, tokens, size)
 
 
 @pytest.mark.parametrize("family", ["eva02", "rope", "mixed", "dinov3"])
@@ -277,7 +287,7 @@ def _literal_tome_without_rows(ref, x, schedule):
         if schedule[i]:
             tokens, size, pos = _tome_step(tokens, keys, size, pos, schedule[i], p)
         tokens = _literal_mlp(blk, tokens)
-    return ref.forward_head(ref.norm(tokens))
+    return _literal_tome_head(ref, tokens, size)
 
 
 @torch.no_grad()

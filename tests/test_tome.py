@@ -293,3 +293,30 @@ def test_compiled_deploy_equals_eager(method):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(compiled(x), eager(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+def test_average_pool_weights_merged_tokens_by_size_as_tome_mae(class_token):
+    """ToMe's MAE patch pools ``(x * size)[:, prefix:].sum(1) / N`` (N patches): the mean over the
+    patches, each merged token counted as often as it has patches. ``tome_pool_by_size=False``
+    keeps timm's unweighted mean over the tokens left."""
+    kw = tiny(global_pool="avg", class_token=class_token, fc_norm=True)
+    x = torch.randn(3, 3, 32, 32)
+    for by_size in (True, False):
+        torch.manual_seed(2)
+        model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=5, tome_r=[4, 3],
+                                       tome_pool_by_size=by_size, **kw).eval()
+        randomize_lora(model)
+        with torch.no_grad():
+            logits, state, tokens = model(x, return_state=True, return_tokens=True)
+            p = model.num_prefix_tokens
+            size, patches = state.size[:, p:], model.patch_embed.num_patches
+            assert torch.equal(size.sum(dim=1), torch.full((3, 1), float(patches)))
+            pooled = (tokens[:, p:] * size).sum(dim=1) / patches if by_size else tokens[:, p:].mean(dim=1)
+            want = model.head(model.fc_norm(pooled))
+            assert torch.allclose(logits, want, atol=1e-5, rtol=0)
+            other = (tokens[:, p:].mean(dim=1) if by_size else (tokens[:, p:] * size).sum(dim=1) / patches)
+            assert (model.head(model.fc_norm(other)) - logits).abs().max() > 1e-3      # the weighting matters
+        deployed = tokentune.deploy(model)
+        with torch.no_grad():
+            assert torch.allclose(deployed(x), logits, atol=1e-5, rtol=0)

@@ -36,8 +36,8 @@ class ModelInfo:
         extra_prefix: prefix tokens a method inserts after timm's own (VPT's prompts); the blocks
             see ``num_prefix_tokens + extra_prefix`` protected tokens (:func:`num_prefix`).
         pool_by_size: average pooling (``global_pool="avg"``) weights each token by its size,
-            normalised by the detached total size (DiffRate's MAE patch); False: timm's unweighted
-            mean (ToMe, PYRA).
+            normalised by the detached total size (the MAE patches of ToMe and DiffRate: the mean
+            over patches); False: timm's unweighted mean over the tokens.
     """
 
     spec: Optional[Dict[str, Any]] = None
@@ -175,7 +175,7 @@ class TokenTuneMixin:
         sized = self.tokentune.pool_by_size and state.size is not None
         if getattr(self, "global_pool", None) != "avg" or (state.policy is None and not sized):
             return None
-        start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+        start = self.num_prefix_tokens          # timm's average pool leaves the prefix tokens out (ViT and Eva alike)
         x = x[:, start:]
         weight = x.new_ones(x.shape[0], x.shape[1], 1)
         if state.policy is not None:

@@ -7,7 +7,7 @@ fitted per-block schedule is recorded in the build spec and in ``model.tokentune
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import torch
@@ -33,11 +33,17 @@ class ToMeConfig:
             :mod:`tokentune.methods.tome.schedules`).
         prop_attn: add ``log(size)`` to the attention logits (proportional attention).
         trace_source: record which patches every token stands for (visualisation).
+        pool_by_size: with timm's average pool (``global_pool="avg"``: MAE, the ``*_gap`` models),
+            weight every token by the number of patches it stands for, as ToMe's MAE patch does
+            (``sum_i s_i x_i / N``, ``N`` the patches): the mean over the patches, not over the
+            merged tokens. False: timm's unweighted mean over whatever tokens are left. No effect
+            with CLS-token or attention-pool heads.
     """
 
     r: Schedule = 0
     prop_attn: bool = True
     trace_source: bool = False
+    pool_by_size: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "tome_")
@@ -102,8 +108,9 @@ def apply_tome(model: nn.Module, cfg: ToMeConfig, ctx) -> ToMeConfig:
         block.merge = TokenMerging(r) if r > 0 else None
     model.tokentune.prop_attn = cfg.prop_attn
     model.tokentune.trace_source = cfg.trace_source
+    model.tokentune.pool_by_size = cfg.pool_by_size
     model.tokentune.state["tome"] = schedule
-    return ToMeConfig(r=list(schedule), prop_attn=cfg.prop_attn, trace_source=cfg.trace_source)
+    return replace(cfg, r=list(schedule))
 
 
 register_method(Method("tome", ToMeConfig, apply_tome, order=20, reduces_tokens=True, composes_with=("dyt",),
