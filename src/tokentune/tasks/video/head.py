@@ -97,7 +97,7 @@ class VideoHead(TaskHead):
             tokens = model.head_drop(model.fc_norm(tokens))
             pooled = self.attentive(tokens.reshape(B, -1, tokens.shape[-1]))
         else:
-            pooled = model.forward_head(tokens, pre_logits=True).view(B, T, -1).mean(dim=1)
+            pooled = model.forward_head_sized(tokens, state, pre_logits=True).view(B, T, -1).mean(dim=1)
         return model.head(pooled), state
 
     def example_input(self, model: nn.Module, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
