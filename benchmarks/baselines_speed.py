@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of every deployed model")
     ap.add_argument("--quick", action="store_true", help="tiny width, 2 rounds: checks the script runs")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names (e.g. run2): runs do not overwrite each other")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     if args.threads:
@@ -111,7 +112,9 @@ def main() -> None:
           f"{measure.markdown_table(rows, list(rows[0]))}\n")
     print(md)
     os.makedirs(args.out, exist_ok=True)
-    prefix = os.path.join(args.out, f"baselines_speed_b{args.batch_size}{'_quick' if args.quick else ''}")
+    name = f"baselines_speed_b{args.batch_size}" + (f"_{args.threads}thread" if args.threads else "")
+    name += (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+    prefix = os.path.join(args.out, name)
     atomic_write_text(prefix + ".md", md)
     atomic_write_json(prefix + ".json", {"title": title, "environment": env, "rows": rows, "goal": GOAL})
 
