@@ -171,14 +171,21 @@ def test_training_equals_reference_math_with_the_same_gumbel_draws():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for pred in _predictors(model) for p in pred.parameters())
 
 
-def test_loss_equals_reference_loss():
-    model = _model().train()
-    torch.manual_seed(7)   # a draw that keeps a token of every image
-    outputs = ref_dynamicvit(model, X, [1, 2, 3], RATIOS, training=True)
+def _reference_pass(model, rates, seed):
+    """The reference's student outputs (training mode, the Gumbel draws of ``seed``) and its unpruned
+    teacher's logits and tokens (eval mode), on the same weights."""
+    torch.manual_seed(seed)
+    outputs = ref_dynamicvit(model, X, [1, 2, 3], rates, training=True)
     with torch.no_grad():
         model.eval()
-        t_logits, t_tokens = ref_dynamicvit(model, X, [], RATIOS, training=False)   # unpruned teacher
+        t_logits, t_tokens = ref_dynamicvit(model, X, [], rates, training=False)
         model.train()
+    return outputs, t_logits, t_tokens
+
+
+def test_loss_equals_reference_loss():
+    model = _model().train()
+    outputs, t_logits, t_tokens = _reference_pass(model, RATIOS, seed=7)   # a draw that keeps a token of every image
     want = ref_loss(outputs, Y, (t_logits, t_tokens[:, 1:]), RATIOS)
     torch.manual_seed(7)   # a draw that keeps a token of every image
     got, logs = dynamicvit_loss(model, X, Y, F.cross_entropy)
@@ -245,12 +252,7 @@ def test_average_pooled_models_equal_reference_math_in_training_eval_and_deploym
     got.sum().backward()                                                # the policy carries gradient to the predictors
     assert all(prm.grad is not None and prm.grad.abs().sum() > 0 for pred in _predictors(model) for prm in pred.parameters())
     # the loss: the teacher pools every token, the token MSE is over the kept patch tokens
-    torch.manual_seed(3)
-    outputs = ref_dynamicvit(model, X, [1, 2, 3], RATIOS, training=True)
-    with torch.no_grad():
-        model.eval()
-        t_logits, t_tokens = ref_dynamicvit(model, X, [], RATIOS, training=False)
-        model.train()
+    outputs, t_logits, t_tokens = _reference_pass(model, RATIOS, seed=3)
     # the reference's token MSE is after the final LayerNorm, which an average-pooled timm ViT applies after pooling
     assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm)
     outputs = (outputs[0], model.fc_norm(outputs[1])) + tuple(outputs[2:])
@@ -302,12 +304,7 @@ def test_a_list_of_keep_rates_equals_reference_math_and_loss():
     assert tokens.shape == (3, 1 + 8, 48)                   # 16 -> 14 -> 11 -> 8 patch tokens
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     model.train()
-    torch.manual_seed(7)
-    outputs = ref_dynamicvit(model, X, [1, 2, 3], rates, training=True)
-    with torch.no_grad():
-        model.eval()
-        t_logits, t_tokens = ref_dynamicvit(model, X, [], rates, training=False)
-        model.train()
+    outputs, t_logits, t_tokens = _reference_pass(model, rates, seed=7)
     want = ref_loss(outputs, Y, (t_logits, t_tokens[:, 1:]), rates)
     torch.manual_seed(7)
     got, _ = dynamicvit_loss(model, X, Y, F.cross_entropy)
