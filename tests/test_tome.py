@@ -295,12 +295,15 @@ def test_compiled_deploy_equals_eager(method):
         assert torch.allclose(compiled(x), eager(x), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("class_token", [False, True])
-def test_average_pool_weights_merged_tokens_by_size_as_tome_mae(class_token):
+@pytest.mark.parametrize("prefix", [dict(class_token=False), dict(class_token=True),
+                                    dict(class_token=False, reg_tokens=2, pool_include_prefix=True)],
+                         ids=["no_prefix", "cls", "registers_pooled"])
+def test_average_pool_weights_merged_tokens_by_size_as_tome_mae(prefix):
     """ToMe's MAE patch pools ``(x * size)[:, prefix:].sum(1) / N`` (N patches): the mean over the
-    patches, each merged token counted as often as it has patches. ``tome_pool_by_size=False``
-    keeps timm's unweighted mean over the tokens left."""
-    kw = tiny(global_pool="avg", class_token=class_token, fc_norm=True)
+    patches, each merged token counted as often as it has patches (prefix tokens too where timm's
+    ``pool_include_prefix`` pools them). ``tome_pool_by_size=False`` keeps timm's unweighted mean
+    over the tokens left."""
+    kw = tiny(global_pool="avg", fc_norm=True, **prefix)
     x = torch.randn(3, 3, 32, 32)
     for by_size in (True, False):
         torch.manual_seed(2)
@@ -309,8 +312,8 @@ def test_average_pool_weights_merged_tokens_by_size_as_tome_mae(class_token):
         randomize_lora(model)
         with torch.no_grad():
             logits, state, tokens = model(x, return_state=True, return_tokens=True)
-            p = model.num_prefix_tokens
-            size, patches = state.size[:, p:], model.patch_embed.num_patches
+            p = 0 if prefix.get("pool_include_prefix") else model.num_prefix_tokens
+            size, patches = state.size[:, p:], model.patch_embed.num_patches + model.num_prefix_tokens - p
             assert torch.equal(size.sum(dim=1), torch.full((3, 1), float(patches)))
             pooled = (tokens[:, p:] * size).sum(dim=1) / patches if by_size else tokens[:, p:].mean(dim=1)
             want = model.head(model.fc_norm(pooled))

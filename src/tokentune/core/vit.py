@@ -154,11 +154,16 @@ class TokenTuneMixin:
         if state.size is None:
             return self.forward_head(x, pre_logits=pre_logits)
         size = state.size
-        if not getattr(self, "pool_include_prefix", False):
+        if not self.pool_reads_prefix():
             x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
         x = pool(x, attn_mask=size.log().to(x.dtype).transpose(1, 2).unsqueeze(1))
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
+
+    def pool_reads_prefix(self) -> bool:
+        """Whether timm's pool of this model reads the prefix tokens too (a ViT's
+        ``pool_include_prefix`` option, for its average and attention pools alike)."""
+        return bool(getattr(self, "pool_include_prefix", False))
 
     def weighted_avg_pool(self, x: torch.Tensor, state: TokenState) -> Optional[torch.Tensor]:
         """timm's average pool (``global_pool="avg"``) over the tokens a training-time pruner still
@@ -175,7 +180,7 @@ class TokenTuneMixin:
         sized = self.tokentune.pool_by_size and state.size is not None
         if getattr(self, "global_pool", None) != "avg" or (state.policy is None and not sized):
             return None
-        start = self.num_prefix_tokens          # timm's average pool leaves the prefix tokens out (ViT and Eva alike)
+        start = 0 if self.pool_reads_prefix() else self.num_prefix_tokens
         x = x[:, start:]
         weight = x.new_ones(x.shape[0], x.shape[1], 1)
         if state.policy is not None:
@@ -193,10 +198,12 @@ class TokenTuneEvaMixin(TokenTuneMixin):
     """:class:`TokenTuneMixin` for timm's ``Eva`` class (EVA, EVA-02, DINOv3, ``vit_*_rope_*``):
     ``Eva._pos_embed`` returns the rotary table beside the tokens (after timm's own patch dropout,
     which it applies inside), and the table travels in the token state
-    (:mod:`tokentune.core.rope`); Eva's attention-pool head (``global_pool="map"``) attends over
-    every token, prefix tokens included."""
+    (:mod:`tokentune.core.rope`)."""
 
-    pool_include_prefix = True
+    def pool_reads_prefix(self) -> bool:
+        """Eva's attention-pool head (Perception Encoder) attends over every token, prefix tokens
+        included; its average pool leaves them out (timm's ``Eva.pool``)."""
+        return self.attn_pool is not None
 
     def embed(self, images: torch.Tensor, **options) -> Tuple[torch.Tensor, TokenState]:
         masked = [k for k in ("attn_mask", "is_causal") if options.get(k) is not None and options.get(k) is not False]
