@@ -76,6 +76,12 @@ class Method:
         search_config: the dataclass of :attr:`search`'s options (documented in ``Attributes:``).
         search_option: the field of the method's config that reads a record file back
             (``tokentune train --<method>-<field> FILE``).
+        training_free: the method works on an already trained model without any training (ToMe:
+            merging needs no learned weights); ``tokentune accelerate`` offers it as a candidate and
+            ``tokentune eval --add-method`` adds it to a finished run.
+        rate_option: the field of the method's config that sets how much it reduces, accepting the
+            schedule targets ``"flops:X"`` and ``"tokens:N"`` (ToMe: ``"r"``, i.e. ``tome_r``); the
+            schedule searches (``tokentune accelerate``) set it. None when the method has no rate.
     """
 
     name: str
@@ -102,6 +108,8 @@ class Method:
     search: Optional[Callable[..., Dict[str, Any]]] = None
     search_config: Optional[type] = None
     search_option: Optional[str] = None
+    training_free: bool = False
+    rate_option: Optional[str] = None
 
 
 _REGISTRY: Dict[str, Method] = {}
