@@ -10,7 +10,7 @@ from conftest import tiny
 
 import tokentune
 from tokentune.errors import TokenTuneError
-from tokentune.methods.diffrate import DiffRateSearchReducer, rate_macs, search_rates
+from tokentune.methods.diffrate import PRESETS, DiffRateSearchReducer, fit_rates, preset_names, rate_macs, search_rates
 from tokentune.methods.diffrate.search import _install
 from tokentune.methods.tome.flops import ViTDims
 
@@ -316,6 +316,48 @@ def test_presets_fit_vit_b():
     gmacs = rate_macs(dims, list(zip(cfg["prune_kept"], cfg["merge_kept"]))) / 1e9
     assert gmacs == pytest.approx(11.5, abs=0.1)                 # the reference's 11.5 GFLOPs (= GMACs)
     assert not any(isinstance(r, DiffRateSearchReducer) for r in model.modules())
+
+
+# (timm model with the preset's dimensions, 1000 classes) and the GFLOPs the reference's README states
+# for its evaluation of that preset (OpenGVLab/DiffRate@91ae3e3, README.md: "flops 2.905", ...)
+_PRESET_MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
+                  "deit_base": "deit_base_patch16_224", "mae_base": "vit_base_patch16_224",
+                  "mae_large": "vit_large_patch16_224", "mae_huge": "vit_huge_patch14_224"}
+_PUBLISHED = {"deit_small:2.9": 2.905, "deit_base:11.5": 11.517, "mae_base:11.5": 11.517, "mae_large:42.3": 42.290,
+              "mae_huge:103.4": 103.337}
+_OFF_TARGET = {"deit_tiny:0.6": 0.655, "deit_tiny:0.7": 0.726}     # the reference's searches missed these targets
+
+
+def _reference_gmacs(dims, prune, merge):
+    """The reference's ``calculate_flop_inference`` (DiffRate/patch/deit.py), literally: MACs, N = patches + 1."""
+    c, n = dims.dim, dims.num_tokens
+    flops = n * dims.stem_flops / 2 / (n - 1) + dims.head_flops / 2
+    for pk, mk in zip(prune, merge):
+        flops += 4 * n * c * c + 2 * n * n * c
+        n = min(n, pk, mk)
+        flops += 8 * n * c * c
+    return flops / 1e9
+
+
+@pytest.mark.parametrize("backbone", sorted(_PRESET_MODELS))
+def test_every_reference_preset_builds_and_gives_its_flops(backbone):
+    names = preset_names(backbone)
+    assert len(names) >= 4 and set(_PUBLISHED) | set(_OFF_TARGET) <= set(PRESETS)
+    with torch.device("meta"):                # the model takes the preset (one build per backbone: time)
+        model = tokentune.create_model(_PRESET_MODELS[backbone], method="diffrate", diffrate_preset=names[-1],
+                                       num_classes=1000)
+    dims = ViTDims.from_model(model)
+    cfg = model.tokentune.spec["configs"]["diffrate"]
+    assert cfg["prune_kept"] == fit_rates(*PRESETS[names[-1]], dims.num_tokens, 1, dims.depth)[0]
+    for name in names:
+        assert (len(PRESETS[name][0]), PRESETS[name][0][0]) == (dims.depth, dims.num_tokens)
+        ours = rate_macs(dims, list(zip(*fit_rates(*PRESETS[name], dims.num_tokens, 1, dims.depth)))) / 1e9
+        reference = _reference_gmacs(dims, *PRESETS[name])
+        assert ours == pytest.approx(reference, abs=1e-3)        # ours counts the stem on the patches only
+        target = float(name.split(":")[1])
+        if name in _PUBLISHED:
+            assert reference == pytest.approx(_PUBLISHED[name], abs=6e-4)
+        assert reference == pytest.approx(_OFF_TARGET.get(name, target), rel=0.012)
 
 
 def test_search_loss_is_finite_and_drives_rates_down():

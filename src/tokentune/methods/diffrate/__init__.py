@@ -27,15 +27,15 @@ Differences from the reference, all documented: the search runs on the user's da
 searched ImageNet-1k with the off-the-shelf classifier; on a new task the head must be trained
 first), resumes from a checkpoint at epoch boundaries, runs in fp32; several prefix tokens
 (registers, VPT prompts) are all protected (the reference knows only CLS); the stem's FLOPs count
-the patches, not patches + 1. ``diffrate_preset`` gives the reference's published ImageNet rates
-for ViT-B/16 (DeiT and MAE weights).
+the patches, not patches + 1. ``diffrate_preset`` gives every rate schedule the reference publishes
+(its ``compression_rate.json``: DeiT-T/S/B, MAE ViT-B/L/H; not its CAFormer rates).
 """
-from .method import PRESETS, DiffRateConfig, apply_diffrate, fit_rates, rate_macs, read_rates
+from .method import PRESETS, DiffRateConfig, apply_diffrate, fit_rates, preset_names, rate_macs, read_rates
 from .reducer import DiffRateReducer, DiffRateSearchReducer, RateProxy, match, merge, sort_by_cls_attention, ste_min
 from .search import SearchConfig, SearchResult, search_rates, search_record, unreduced_gmacs
 
 __all__ = [
     "DiffRateConfig", "DiffRateReducer", "DiffRateSearchReducer", "PRESETS", "RateProxy", "SearchConfig", "SearchResult",
-    "apply_diffrate", "fit_rates", "match", "merge", "rate_macs", "read_rates", "search_rates", "search_record",
+    "apply_diffrate", "fit_rates", "match", "preset_names", "merge", "rate_macs", "read_rates", "search_rates", "search_record",
     "sort_by_cls_attention", "ste_min", "unreduced_gmacs",
 ]
