@@ -15,7 +15,7 @@ import contextlib
 import os
 import re
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Pattern, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,12 +30,24 @@ TRUST_HINT = "only if you trust the file, pass trust_checkpoint=True (unpickling
 WEIGHTS_FIX = "expected a state dict saved with torch.save (.pth/.pt/.bin) or a .safetensors file"
 
 
-def _safe_globals():
-    """Allow :data:`SAFE_GLOBALS` in weights-only unpickling (scoped; torch 2.4 only has a global list)."""
+def numpy_array_globals() -> List[Any]:
+    """What weights-only unpickling needs to rebuild numpy float arrays (VPT's prompt files pickle them):
+    the array, its dtype and numpy's array constructor, under numpy 2's and numpy 1's module names."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    rebuild = core.multiarray._reconstruct
+    dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64")]
+    return [np.ndarray, np.dtype, rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), *dtypes]
+
+
+def _safe_globals(extra=()):
+    """Allow :data:`SAFE_GLOBALS` (and ``extra``) in weights-only unpickling (scoped; torch 2.4 only has a global list)."""
+    allowed = list(SAFE_GLOBALS) + list(extra)
     scoped = getattr(torch.serialization, "safe_globals", None)
     if scoped is not None:
-        return scoped(list(SAFE_GLOBALS))
-    torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
+        return scoped(allowed)
+    torch.serialization.add_safe_globals(allowed)
     return contextlib.nullcontext()
 
 
@@ -90,7 +102,7 @@ def _damage(path: str, head: bytes, exc: BaseException) -> str:
 
 
 def load_torch_file(path: str, fix: str = WEIGHTS_FIX, *, trust_checkpoint: bool = False,
-                    opt_in: Optional[str] = TRUST_HINT) -> Any:
+                    opt_in: Optional[str] = TRUST_HINT, allow: Sequence[Any] = ()) -> Any:
     """Read a file written by ``torch.save`` onto the CPU; every failure is one :class:`TokenTuneError` line.
 
     Unpickling is weights-only (tensors, containers, numbers, strings and :data:`SAFE_GLOBALS`):
@@ -104,6 +116,7 @@ def load_torch_file(path: str, fix: str = WEIGHTS_FIX, *, trust_checkpoint: bool
             only for files you trust, it can run any code.
         opt_in: how to opt in, appended when globals are refused (None: ``fix`` instead, for
             files that never need it, such as tokentune's own).
+        allow: more globals weights-only unpickling may build (e.g. :func:`numpy_array_globals`).
     """
     with open(path, "rb") as fh:
         head = fh.read(32)
@@ -118,7 +131,7 @@ def load_torch_file(path: str, fix: str = WEIGHTS_FIX, *, trust_checkpoint: bool
     try:
         if trust_checkpoint:
             return torch.load(path, map_location="cpu", weights_only=False)
-        with _safe_globals():
+        with _safe_globals(allow):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one line
         refused = _refused_globals(path, exc)
@@ -152,11 +165,22 @@ def load_weights_file(path: str, *, trust_checkpoint: bool = False) -> Dict[str,
         trust_checkpoint: unpickle a PyTorch file fully (see :func:`load_torch_file`); only for
             files you trust, it can run any code.
     """
+    return read_checkpoint(path, trust_checkpoint=trust_checkpoint)[0]
+
+
+def read_checkpoint(path: str, *, trust_checkpoint: bool = False) -> Tuple[Dict[str, torch.Tensor], Any]:
+    """:func:`load_weights_file` and the training arguments saved beside the weights (the ``args``
+    entry of the DeiT-style reference scripts, an ``argparse.Namespace`` or dict; None if absent)."""
     if not os.path.isfile(path):
         raise TokenTuneError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
-        return load_safetensors(path, "download or write it again")
+        return load_safetensors(path, "download or write it again"), None
     obj = load_torch_file(path, trust_checkpoint=trust_checkpoint)
+    return state_dict_of(obj, path), (obj.get("args") if isinstance(obj, dict) else None)
+
+
+def state_dict_of(obj: Any, path: str = "the checkpoint") -> Dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: under ``state_dict``, ``model`` or ``module``, ``module.`` dropped."""
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -205,3 +229,34 @@ def load_state_into(model: nn.Module, tensors: Dict[str, torch.Tensor], source: 
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v.to(dtype=params[k].dtype))
+
+
+def load_reference_state(model: nn.Module, tensors: Dict[str, torch.Tensor], *, source: str, fix: str,
+                         ours_only: Optional[Pattern] = None, required: Optional[Pattern] = None) -> List[str]:
+    """Copy a reference checkpoint, already renamed to our names, into ``model``: every checkpoint
+    tensor must be used and every model tensor present (one :class:`TokenTuneError` line listing
+    the unused and the missing ones, then ``fix``); shapes must agree.
+
+    Args:
+        source: what the tensors are, for the message ("EViT reference checkpoint").
+        fix: what to do when they do not fit.
+        ours_only: names of model tensors the reference has no counterpart for (LoRA, adapters
+            added to the reference's method); they keep their values and are returned.
+        required: instead of ``ours_only``, the names of the model tensors the reference has (the
+            others keep their values).
+    """
+    want = model.state_dict()
+    unused = sorted(k for k in tensors if k not in want)
+    missing = sorted(k for k in want if k not in tensors and not (ours_only is not None and ours_only.search(k))
+                     and (required is None or required.search(k)))
+    if unused or missing:
+        def listed(names: List[str]) -> str:
+            return ", ".join(names[:3]) + (f", ... ({len(names)})" if len(names) > 3 else "")
+        parts = ([f"unused: {listed(unused)}"] if unused else []) + ([f"missing: {listed(missing)}"] if missing else [])
+        raise TokenTuneError(f"{source} does not fit this model ({'; '.join(parts)}); {fix}")
+    for k, v in tensors.items():
+        if tuple(want[k].shape) != tuple(v.shape):
+            raise TokenTuneError(f"{source} does not fit this model: {k!r} has shape {tuple(v.shape)} there but "
+                                 f"{tuple(want[k].shape)} here; {fix}")
+    load_state_into(model, tensors, source=source, require_all_trainable=False)
+    return sorted(k for k in want if k not in tensors)

@@ -41,9 +41,11 @@ paper's setting), ``"lora+evit"``/``"adapter+evit"`` combine it with PEFT.
 """
 from __future__ import annotations
 
+import ast
 import math
+import os
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -52,9 +54,10 @@ from ..core.method import Method, register_method
 from ..core.reduce import TokenReducer, keep_tokens, reducers
 from ..core.state import TokenState
 from ..core.vit import adapted_blocks, info_of, num_input_tokens, num_prefix
+from ..core.weights import load_reference_state, read_checkpoint, rename_keys, state_dict_of
 from ..errors import TokenTuneError
 from ..typecheck import check_fields
-from .pruning import check_keep_rate, check_locations
+from .pruning import PEFT_TENSORS, check_keep_rate, check_locations
 
 
 @dataclass
@@ -212,6 +215,58 @@ def update_keep_rate(model: nn.Module, progress: float) -> float:
     for r in evit_reducers(model):
         r.keep_rate = rate
     return rate
+
+
+# ----------------------------------------------------------------------------- reference checkpoints
+# youweiliang/evit@5ca95a7 (main.py, evit.py) saves {"model", "optimizer", "lr_scheduler", "epoch", "model_ema",
+# "scaler", "args"}; its model is DeiT with timm's names, so every tensor keeps its name here. EViT has
+# no parameters: the keep rate, locations and fusion are in the training arguments (--base_keep_rate,
+# --drop_loc, --fuse_token), which must match the model's options.
+
+
+def check_reference_args(args: Any, cfg: EViTConfig) -> None:
+    """The EViT options a reference run was trained with (its ``args``) against the model's."""
+    get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+    rate, loc, fuse = get("base_keep_rate"), get("drop_loc"), get("fuse_token")
+    if isinstance(loc, str):
+        try:
+            loc = ast.literal_eval(loc)
+        except (ValueError, SyntaxError):
+            loc = None
+    found = {"evit_keep_rate": rate, "evit_locations": None if loc is None else [int(i) for i in loc], "evit_fuse": fuse}
+    have = {"evit_keep_rate": cfg.keep_rate, "evit_locations": list(cfg.locations or []), "evit_fuse": cfg.fuse}
+    for key, value in found.items():
+        if value is not None and value != have[key]:
+            raise TokenTuneError(f"the EViT reference checkpoint was trained with {key}={value}, this model has "
+                                 f"{have[key]}; build it with {key}={value}")
+
+
+def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]], *,
+                              trust_checkpoint: bool = False) -> List[str]:
+    """Load an official EViT checkpoint (youweiliang/evit; path or loaded dict) into an EViT model.
+
+    Names are timm's on both sides (``module.`` prefixes dropped); every tensor of the checkpoint
+    must be used and every tensor of the model present, except those of a PEFT method combined with
+    EViT (``lora+evit``: LoRA, adapters, prompts keep their values; returned). When the file holds
+    the run's training arguments, their keep rate, pruning locations and fusion must be the model's
+    (one line naming the option otherwise).
+
+    A path is read weights-only (:func:`tokentune.core.weights.read_checkpoint`); ``trust_checkpoint=True``
+    unpickles fully: only for files you trust, it can run any code.
+    """
+    info = info_of(model)
+    cfg = info.state.get("evit") if info is not None else None
+    if cfg is None:
+        raise TokenTuneError("this model has no EViT; build it with method='evit' (or 'lora+evit', ...)")
+    if isinstance(checkpoint, (str, os.PathLike)):
+        tensors, args = read_checkpoint(os.fspath(checkpoint), trust_checkpoint=trust_checkpoint)
+    else:
+        tensors, args = state_dict_of(checkpoint), checkpoint.get("args")
+    if args is not None:
+        check_reference_args(args, cfg)
+    tensors = rename_keys(tensors, [])
+    return load_reference_state(model, tensors, source="EViT reference checkpoint", ours_only=PEFT_TENSORS,
+                                fix="check the model name, num_classes and img_size (the reference: DeiT at 224 px)")
 
 
 register_method(Method(

@@ -8,9 +8,14 @@ default here for every depth (:func:`default_locations`); ViT-L (24 blocks) gets
 """
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Sequence
 
 from ..errors import TokenTuneError
+
+# Tensors a PEFT method adds to a token-reduction baseline (lora+evit, adapter+dynamicvit, vpt+diffrate):
+# the baselines' official checkpoints have none, so loading one leaves them as they are.
+PEFT_TENSORS = re.compile(r"\.lora_[AB]$|\.(adapter|attn_adapter|layer_adapter|prompt)\.")
 
 
 def default_locations(depth: int) -> List[int]:

@@ -28,6 +28,9 @@ Deployment keeps the prompts (they are part of the computation). Parameters: ``p
     blocks.0.prompt.embeddings        [p, D]   prompt_embeddings              [1, p, D]
     blocks.{i}.prompt.embeddings      [p, D]   deep_prompt_embeddings[i - 1]  (deep, i >= 1)
 
+:func:`load_reference_checkpoint` reads the reference's files (a whole model, backbone names mapped,
+or its prompt files), every tensor checked.
+
 Deviation: the reference keeps the frozen backbone in eval mode while training (its ``train()``
 override), so backbone dropout and drop-path are off; here the whole model follows
 ``model.train()``, which is the same with timm's defaults (drop rates 0).
@@ -35,8 +38,10 @@ override), so backbone dropout and drop-path are off; here the whole model follo
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 from torch import nn
@@ -44,6 +49,14 @@ from torch import nn
 from ..core.method import Method, register_method
 from ..core.state import TokenState
 from ..core.vit import adapted_blocks
+from ..core.weights import (
+    load_reference_state,
+    load_safetensors,
+    load_torch_file,
+    numpy_array_globals,
+    rename_keys,
+    state_dict_of,
+)
 from ..errors import TokenTuneError
 from ..typecheck import check_fields
 
@@ -125,6 +138,96 @@ def apply_vpt(model: nn.Module, cfg: VPTConfig, ctx) -> None:
         with torch.no_grad():
             block.prompt.embeddings.uniform_(-bound, bound)
     model.tokentune.extra_prefix = cfg.tokens
+
+
+# ----------------------------------------------------------------------------- reference checkpoints
+# KMnP/vpt@4410440 builds its ViT from the ViT-pytorch port of Google's ViT (src/models/vit_backbones/vit.py,
+# vit_prompt/vit.py) inside src/models/vit_models.py's ViT ("enc", head "head", an MLP whose last layer is
+# "last_layer"); its trainer saves the prompts alone (trainer.save_prompt: prompt_ep{N}.pth holding numpy
+# arrays). Names (reference, "enc." and "module." dropped -> ours):
+_FROM_REFERENCE = [(re.compile(a), b) for a, b in [
+    (r"^transformer\.embeddings\.patch_embeddings\.(weight|bias)$", r"patch_embed.proj.\1"),
+    (r"^transformer\.embeddings\.position_embeddings$", "pos_embed"),
+    (r"^transformer\.embeddings\.cls_token$", "cls_token"),
+    (r"^transformer\.encoder\.layer\.(\d+)\.attention_norm\.(weight|bias)$", r"blocks.\1.norm1.\2"),
+    (r"^transformer\.encoder\.layer\.(\d+)\.attn\.out\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
+    (r"^transformer\.encoder\.layer\.(\d+)\.ffn_norm\.(weight|bias)$", r"blocks.\1.norm2.\2"),
+    (r"^transformer\.encoder\.layer\.(\d+)\.ffn\.(fc1|fc2)\.(weight|bias)$", r"blocks.\1.mlp.\2.\3"),
+    (r"^transformer\.encoder\.encoder_norm\.(weight|bias)$", r"norm.\1"),
+    (r"^head\.last_layer\.(weight|bias)$", r"head.\1"),
+]]
+# attn.{query,key,value}.{weight,bias} of layer i -> their concatenation blocks.{i}.attn.qkv.{weight,bias};
+# transformer.prompt_embeddings [1, p, D] (or "shallow_prompt") -> blocks.0.prompt.embeddings [p, D];
+# transformer.deep_prompt_embeddings [L - 1, p, D] (or "deep_prompt") row i - 1 -> blocks.{i}.prompt.embeddings
+_QKV = re.compile(r"^transformer\.encoder\.layer\.(\d+)\.attn\.(query|key|value)\.(weight|bias)$")
+# the tensors the reference model has (the rest of ours, e.g. LoRA in vpt+lora, keeps its values)
+_IN_REFERENCE = re.compile(r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|head\.(weight|bias)|"
+                           r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)|"
+                           r"blocks\.\d+\.prompt\.embeddings)$")
+_PROMPTS = re.compile(r"\.prompt\.embeddings$")
+
+
+def from_reference_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """KMnP/vpt names -> ours (a full model state dict, or the trainer's prompt file); numpy arrays become tensors."""
+    tensors = {k: torch.as_tensor(v) for k, v in state_dict.items() if isinstance(v, torch.Tensor) or hasattr(v, "__array__")}
+    if "shallow_prompt" in tensors:                          # trainer.save_prompt's file
+        tensors = {"transformer.prompt_embeddings": tensors.pop("shallow_prompt"),
+                   **({"transformer.deep_prompt_embeddings": tensors.pop("deep_prompt")} if "deep_prompt" in tensors else {}),
+                   **tensors}
+    tensors = {re.sub(r"^(module\.)?(enc\.)?", "", k): v for k, v in tensors.items()}
+    if any(k.startswith("transformer.prompt_proj.") for k in tensors):
+        raise TokenTuneError("the VPT reference checkpoint projects its prompts (PROJECT > -1), which tokentune's VPT "
+                             "does not; only checkpoints trained with PROJECT -1 (the default) load")
+    out: Dict[str, torch.Tensor] = {}
+    qkv: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = _QKV.match(key)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        elif key == "transformer.prompt_embeddings":
+            out["blocks.0.prompt.embeddings"] = value.reshape(value.shape[-2:])
+        elif key == "transformer.deep_prompt_embeddings":
+            out.update({f"blocks.{i + 1}.prompt.embeddings": row for i, row in enumerate(value)})
+        else:
+            out.update(rename_keys({key: value}, _FROM_REFERENCE))
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise TokenTuneError(f"the VPT reference checkpoint has only {', '.join(sorted(parts))} of layer {layer}'s "
+                                 f"attention {kind}; it is damaged")
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, Any]], *,
+                              trust_checkpoint: bool = False) -> List[str]:
+    """Load an official VPT checkpoint (KMnP/vpt; path or loaded dict) into a ``method="vpt"`` model.
+
+    Two kinds: a whole model's state dict (backbone in the reference's ViT-pytorch names, prompts,
+    a linear head): every tensor must be used and every tensor of the reference's model present
+    (a PEFT or reduction method combined with VPT keeps its own tensors; returned); or the trainer's
+    prompt file (``prompt_ep{N}.pth``: ``shallow_prompt`` and, for VPT-deep, ``deep_prompt`` numpy
+    arrays), which loads the prompts alone. A path is read weights-only (numpy float arrays allowed);
+    ``trust_checkpoint=True`` unpickles fully: only for files you trust, it can run any code.
+    """
+    if not any(getattr(b, "prompt", None) is not None for b in adapted_blocks(model)):
+        raise TokenTuneError("this model has no prompts; build it with method='vpt' (vpt_deep=True for VPT-deep)")
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise TokenTuneError(f"checkpoint {path!r} does not exist")
+        obj = load_safetensors(path, "download or write it again") if path.endswith(".safetensors") else \
+            load_torch_file(path, trust_checkpoint=trust_checkpoint, allow=numpy_array_globals())
+    else:
+        obj = checkpoint
+    if not isinstance(obj, Mapping):
+        raise TokenTuneError(f"the VPT reference checkpoint holds a {type(obj).__name__}, not a state dict or prompt file")
+    prompts_only = "shallow_prompt" in obj
+    state = obj if prompts_only else state_dict_of(obj)
+    tensors = from_reference_state_dict(state)
+    return load_reference_state(model, tensors, source="VPT reference checkpoint",
+                                required=_PROMPTS if prompts_only else _IN_REFERENCE,
+                                fix="check the model name, num_classes, vpt_tokens and vpt_deep (the reference: "
+                                    "ViT-B/16 at 224 px)")
 
 
 register_method(Method(

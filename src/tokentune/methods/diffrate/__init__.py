@@ -28,14 +28,18 @@ searched ImageNet-1k with the off-the-shelf classifier; on a new task the head m
 first), resumes from a checkpoint at epoch boundaries, runs in fp32; several prefix tokens
 (registers, VPT prompts) are all protected (the reference knows only CLS); the stem's FLOPs count
 the patches, not patches + 1. ``diffrate_preset`` gives every rate schedule the reference publishes
-(its ``compression_rate.json``: DeiT-T/S/B, MAE ViT-B/L/H; not its CAFormer rates).
+(its ``compression_rate.json``: DeiT-T/S/B, MAE ViT-B/L/H; not its CAFormer rates), and
+:func:`load_reference_checkpoint` reads its checkpoint files (backbone, and the rate proxies' counts
+checked against the model's; :mod:`.reference`).
 """
 from .method import PRESETS, DiffRateConfig, apply_diffrate, fit_rates, preset_names, rate_macs, read_rates
 from .reducer import DiffRateReducer, DiffRateSearchReducer, RateProxy, match, merge, sort_by_cls_attention, ste_min
+from .reference import load_reference_checkpoint, reference_rates
 from .search import SearchConfig, SearchResult, search_rates, search_record, unreduced_gmacs
 
 __all__ = [
     "DiffRateConfig", "DiffRateReducer", "DiffRateSearchReducer", "PRESETS", "RateProxy", "SearchConfig", "SearchResult",
-    "apply_diffrate", "fit_rates", "match", "preset_names", "merge", "rate_macs", "read_rates", "search_rates", "search_record",
+    "apply_diffrate", "fit_rates", "load_reference_checkpoint", "match", "merge", "preset_names", "rate_macs", "read_rates",
+    "reference_rates", "search_rates", "search_record",
     "sort_by_cls_attention", "ste_min", "unreduced_gmacs",
 ]

@@ -60,6 +60,9 @@ Parameter names (ours -> reference)::
 
     blocks.{loc_k}.reduce.predictor.in_conv.{0,1}.*     score_predictor.{k}.in_conv.{0,1}.*
     blocks.{loc_k}.reduce.predictor.out_conv.{0,2,4}.*  score_predictor.{k}.out_conv.{0,2,4}.*
+
+:func:`load_reference_checkpoint` reads the reference's checkpoint files (backbone and prediction
+modules, every key checked; :mod:`.reference`).
 """
 from .method import (
                      TRAINABLE,
@@ -72,8 +75,10 @@ from .method import (
                      stage_rates,
 )
 from .predictor import EXECUTIONS, DynamicViTReducer, PredictorLG, decisions
+from .reference import from_reference_state_dict, load_reference_checkpoint
 
 __all__ = [
     "DynamicViTConfig", "DynamicViTReducer", "EXECUTIONS", "PredictorLG", "TRAINABLE", "apply_dynamicvit", "config_of",
-    "decisions", "deploy_dynamicvit", "dynamicvit_loss", "ratio_loss", "stage_rates",
+    "decisions", "deploy_dynamicvit", "dynamicvit_loss", "from_reference_state_dict", "load_reference_checkpoint",
+    "ratio_loss", "stage_rates",
 ]
