@@ -11,7 +11,7 @@ Public surface::
 Methods (``method=``, joined with ``+``): ``full``, ``linear``, ``lora``, ``adapter``, ``vpt``, ``tome``,
 ``evit``, ``dynamicvit``, ``diffrate``, ``pyra`` (= lora+tome+pyra), ``dyt``. See :func:`available_methods`.
 
-Layout (the README's Architecture section): ``core`` (composition layer, registry, factory),
+Layout (docs/architecture.md): ``core`` (composition layer, registry, factory),
 ``methods`` (one module or folder per method), ``engine`` (training, data, evaluation, run
 directories), ``tools`` (bench, export, pictures, demo), ``cli``; leaves (errors, file I/O, ...).
 """

@@ -1,5 +1,5 @@
 """The composition layer: timm's ViT with its own submodules, a per-forward token state, and the
-one place methods plug in (see the README's Architecture section).
+one place methods plug in (see docs/architecture.md).
 
 * :mod:`.state`: ``TokenState`` (per-forward, never mutated) and ``Dispatch``;
 * :mod:`.attention`: attention through timm's own ``Attention`` submodules (SDPA or softmax);

@@ -14,7 +14,7 @@ the real ``create_model(task=...) -> train -> deploy -> evaluate`` path:
   sees every frame alone and the pooling has no notion of frame order, as in the DyT reference,
   so a class that only the order of frames tells, such as a direction of motion, is out of reach.)
 
-The README says which real data to use instead (ADE20K, Kinetics-400 / Something-Something v2).
+docs/tasks.md says which real data to use instead (ADE20K, Kinetics-400 / Something-Something v2).
 """
 from __future__ import annotations
 
