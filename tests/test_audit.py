@@ -1,10 +1,13 @@
 """A new user's audit (bad inputs and silent mistakes): each case is the right behaviour or one line."""
+import pytest
 import timm
 import torch
 from conftest import tiny
 from safetensors.torch import save_file
 
 import tokentune
+from tokentune import cli
+from tokentune.errors import TokenTuneError
 
 
 # ----------------------------------------------------------------------------- 0: a new task gets a new head
@@ -57,3 +60,39 @@ def test_the_timm_recipe_posterizes_to_zero_bits_as_older_pillow_did():
     op.magnitude = 5                                           # 2 bits: 200 -> 192, 130 -> 128, 60 -> 0
     assert set(op(image).getdata()) == {(192, 128, 0)}
     assert torch.isfinite(transform(Image.new("RGB", (40, 36), (9, 90, 30)))).all()
+
+
+# ----------------------------------------------------------------------------- 000: misleading one-liners
+@pytest.mark.parametrize("repo, says", [("local-dir:out", "not to the folder 'local-dir:out'"),
+                                        ("./out", "not to the folder"), ("x", "write owner/name")])
+def test_push_to_hub_to_a_folder_or_a_bad_id_says_what_it_takes(tmp_path, repo, says):
+    with pytest.raises(TokenTuneError, match=says) as info:
+        tokentune.push_to_hub(tmp_path, repo)
+    assert "network" not in str(info.value) and "\n" not in str(info.value)
+
+
+def _cli(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_resume_without_config_json_says_the_options_are_lost(tmp_path, capsys):
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, **tiny())
+    tokentune.save_trained(model, tmp_path / "run")
+    (tmp_path / "run" / "config.json").unlink()
+    code, _, err = _cli(["train", "--out", str(tmp_path / "run"), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "config.json, which records the run's options, is missing" in err and "no data" not in err
+
+
+def test_eval_of_an_export_or_a_timm_folder_says_what_it_is(tmp_path, capsys):
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, **tiny())
+    tokentune.export_deployed(model, tmp_path / "export")
+    code, _, err = _cli(["eval", str(tmp_path / "export")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "is an export (deployed model), not a run directory" in err and "train" not in err.split(";")[0]
+    plain = tokentune.create_model("vit_tiny_patch16_224", "full", num_classes=3, **tiny())
+    tokentune.export_deployed(plain, tmp_path / "plain")      # a plain timm model: timm's own config.json
+    code, _, err = _cli(["eval", str(tmp_path / "plain")], capsys)
+    assert code == 2 and "is an export" in err

@@ -112,6 +112,11 @@ def _resolve_train_options(args) -> Dict[str, Any]:
         saved = (read_config(out).get("run") or {}).get("cli")
         if saved:   # the interrupted run's options (recipe already applied) become the defaults
             opts.update({k: v for k, v in saved.items() if k in opts})
+    elif (given.get("resume") or given.get("restart_from_weights")) and out and os.path.isdir(out) and not any(
+            given.get(k) for k in ("data", "image_folder")):
+        raise TokenTuneError(f"cannot resume {out}: its {CONFIG_NAME}, which records the run's options, is missing; "
+                             "pass the run's options again with --resume (--data/--dataset or --image-folder, --model, "
+                             "--method, ...)")
     recipe_name = given.get("recipe")
     if recipe_name:
         recipe = get_recipe(recipe_name)
