@@ -372,6 +372,30 @@ def test_sigterm_stops_after_the_step_with_the_state_saved(tmp_path):
     assert r.finished and r.global_step == 6
 
 
+def test_sigterm_during_the_evaluation_stops_it_at_once_and_resume_evaluates_first(tmp_path):
+    import signal
+    data, seen = make_data(16), []
+
+    class Test(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            seen.append(i)
+            if len(seen) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)         # `timeout` while the first epoch is evaluated
+            return data[i]
+
+    r = train(make_model(), data, Test(), cfg(epochs=2), out_dir=str(tmp_path / "a"), handle_signals=True,
+              eval_batch_size=2, log=None)
+    assert not r.finished and r.stop_reason == "signal" and r.global_step == 2 and r.history == []
+    assert len(seen) < 6                                      # the evaluation did not go on
+    r = train(make_model(), data, Test(), cfg(epochs=2), out_dir=str(tmp_path / "a"), resume=True, log=None)
+    whole = train(make_model(), data, data, cfg(epochs=2), out_dir=str(tmp_path / "b"), log=None)
+    assert r.finished and [h["top1"] for h in r.history] == [h["top1"] for h in whole.history]
+    assert all(torch.equal(a, b) for a, b in zip(trained(tmp_path / "a").values(), trained(tmp_path / "b").values()))
+
+
 def test_method_step_hook_drives_dyt_temperature_schedule(monkeypatch):
     """Method.on_step runs before every step: DyT's linear tau schedule goes 5 -> 1 over training."""
     from tokentune.methods import dyt
