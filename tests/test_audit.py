@@ -96,3 +96,14 @@ def test_eval_of_an_export_or_a_timm_folder_says_what_it_is(tmp_path, capsys):
     tokentune.export_deployed(plain, tmp_path / "plain")      # a plain timm model: timm's own config.json
     code, _, err = _cli(["eval", str(tmp_path / "plain")], capsys)
     assert code == 2 and "is an export" in err
+
+
+def test_a_folder_of_ones_own_in_the_vtab_layout_is_a_dataset(tmp_path):
+    from test_data import make_vtab
+
+    from tokentune.engine.data import load_datasets
+    make_vtab(tmp_path, "my_task", labels=(0, 1, 4, 2))
+    train, test = load_datasets(data_root=str(tmp_path), dataset="my_task")
+    assert train.name == "my_task" and train.num_classes == 5 and train.group is None and len(test) == 4
+    with pytest.raises(TokenTuneError, match="unknown VTAB-1k dataset 'other'.*in their layout"):
+        load_datasets(data_root=str(tmp_path), dataset="other")
