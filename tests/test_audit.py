@@ -1,4 +1,5 @@
 """A new user's audit (bad inputs and silent mistakes): each case is the right behaviour or one line."""
+import numpy as np
 import pytest
 import timm
 import torch
@@ -56,9 +57,9 @@ def test_the_timm_recipe_posterizes_to_zero_bits_as_older_pillow_did():
     (op,) = [op for op in augment_ops(transform) if op.name == "PosterizeIncreasing"]
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0       # the strongest level: keep 0 bits
     image = Image.new("RGB", (8, 8), (200, 130, 60))
-    assert set(op(image).getdata()) == {(0, 0, 0)}
+    assert set(map(tuple, np.asarray(op(image)).reshape(-1, 3).tolist())) == {(0, 0, 0)}
     op.magnitude = 5                                           # 2 bits: 200 -> 192, 130 -> 128, 60 -> 0
-    assert set(op(image).getdata()) == {(192, 128, 0)}
+    assert set(map(tuple, np.asarray(op(image)).reshape(-1, 3).tolist())) == {(192, 128, 0)}
     assert torch.isfinite(transform(Image.new("RGB", (40, 36), (9, 90, 30)))).all()
 
 
@@ -107,3 +108,31 @@ def test_a_folder_of_ones_own_in_the_vtab_layout_is_a_dataset(tmp_path):
     assert train.name == "my_task" and train.num_classes == 5 and train.group is None and len(test) == 4
     with pytest.raises(TokenTuneError, match="unknown VTAB-1k dataset 'other'.*in their layout"):
         load_datasets(data_root=str(tmp_path), dataset="other")
+
+
+def test_the_readme_tradeoff_command_joins_runs_with_the_reproduction_table(tmp_path, capsys):
+    import os
+
+    from test_evaluate import write_run
+    write_run(tmp_path / "runs", "cifar-lora", "cifar", "lora", 70.0)
+    write_run(tmp_path / "runs", "cifar-tome", "cifar", "lora+tome", 68.0)
+    table = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "reproduce_vit_b_b16.json")
+    code, out, err = _cli(["viz", "tradeoff", str(tmp_path / "runs"), table, "--rename", "LoRA=lora",
+                           "--rename", "ToMe (low)=lora+tome", "--out", str(tmp_path / "t.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "t.png").stat().st_size > 0
+    from tokentune.tools.viz import load_tradeoff_points
+    points = {p.label: p for p in load_tradeoff_points([tmp_path / "runs", table], {"LoRA": "lora"})}
+    assert points["lora"].accuracy == 70.0 and points["lora"].throughput == pytest.approx(7.8026, rel=1e-3)
+
+
+def test_the_docs_name_no_module_path_of_the_old_flat_layout():
+    import os
+    import re
+
+    from tokentune._compat import MOVED
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for doc in ("README.md", "CONTRIBUTING.md"):
+        text = open(os.path.join(root, doc), encoding="utf-8").read()
+        old = [m for m in MOVED if re.search(rf"(from|import) {re.escape(m)}\b|`{re.escape(m)}\.\w", text)]
+        assert not old, f"{doc} uses the deprecated module path(s) {old}"
