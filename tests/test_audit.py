@@ -1,4 +1,6 @@
 """A new user's audit (bad inputs and silent mistakes): each case is the right behaviour or one line."""
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -136,3 +138,32 @@ def test_the_docs_name_no_module_path_of_the_old_flat_layout():
         text = open(os.path.join(root, doc), encoding="utf-8").read()
         old = [m for m in MOVED if re.search(rf"(from|import) {re.escape(m)}\b|`{re.escape(m)}\.\w", text)]
         assert not old, f"{doc} uses the deprecated module path(s) {old}"
+
+
+# ----------------------------------------------------------------------------- 1, 2: segmentation batches
+def test_an_all_ignored_mask_adds_zero_loss_and_the_rest_is_plain_cross_entropy():
+    from tokentune.tasks.segmentation import criterion
+    loss = criterion(tokentune.TrainConfig(label_smoothing=0.1))
+    logits = torch.randn(2, 4, 5, 5, requires_grad=True)
+    ignored = torch.full((2, 5, 5), 255)
+    value = loss(logits, ignored)
+    value.backward()
+    assert value.item() == 0.0 and torch.all(logits.grad == 0)
+    target = torch.randint(0, 4, (2, 5, 5))
+    target[0, :2] = 255
+    plain = torch.nn.CrossEntropyLoss(ignore_index=255, label_smoothing=0.1)(logits, target)
+    assert torch.allclose(loss(logits, target), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_segmentation_trains_on_all_ignored_masks_and_a_batch_of_one(tmp_path, capsys):
+    from PIL import Image
+    from seg_data import write_folder
+    from test_segmentation import TINY_ARGS
+    root = write_folder(str(tmp_path / "seg"), num_classes=3, num_train=5, num_test=2)
+    for i in range(4):                              # 4 of 5 masks all "ignore": some batch of 2 has no label
+        Image.new("L", (36, 36), 255).save(tmp_path / "seg" / "train" / "masks" / f"{i:03d}.png")
+    code, out, err = _cli(["train", "--task", "segmentation", "--image-folder", root, "--num-classes", "3",
+                           "--method", "lora", "--epochs", "1", "--out", str(tmp_path / "run")] + TINY_ARGS
+                          + ["--drop-last", "false"], capsys)
+    assert code == 0, err                           # 5 images in batches of 2: the last batch holds one
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["miou"] is not None

@@ -270,12 +270,22 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
         train(make_model(), data, None, cfg(epochs=3), out_dir=str(tmp_path), callbacks=[poison], log=None)
     msg = str(info.value)
     assert "\n" not in msg
-    assert "loss became nan at epoch 2, step 1/2 (global step 3)" in msg and "lower --lr" in msg
-    assert "checkpoint after epoch 1 is kept" in msg
+    assert "loss is nan at epoch 2, step 1/2 (global step 3): the batch's images hold NaN" in msg   # the data's fault
+    assert "lower --lr" not in msg and "checkpoint after epoch 1 is kept" in msg
     assert json.loads((tmp_path / "config.json").read_text())["epochs_done"] == 1
     data.poison = False
     r = train(make_model(), data, None, cfg(epochs=3), out_dir=str(tmp_path), resume=True, log=None)
     assert r.finished and r.global_step == 6
+
+
+def test_a_loss_that_diverges_after_updates_points_at_the_learning_rate():
+    def blow_up(event, info):
+        if event == "epoch":
+            with torch.no_grad():
+                next(p for p in info["model"].parameters() if p.requires_grad).fill_(float("inf"))
+
+    with pytest.raises(TokenTuneError, match=r"training diverged: the loss became nan at epoch 2.*lower --lr"):
+        train(make_model(), make_data(16), None, cfg(epochs=3), callbacks=[blow_up], log=None)
 
 
 def test_method_loss_hook_is_used(monkeypatch):

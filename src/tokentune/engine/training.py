@@ -462,7 +462,7 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
         hook(s.model, p.global_step / s.total_steps)
     dtype = amp_dtype(cfg.amp, s.dev)
     stats = torch.zeros(4, dtype=torch.float64)   # loss sum, images, non-finite, stop
-    bad_value = value = None
+    bad_value = value = cause = None
     for _ in range(group):
         try:
             images, targets = next(batch_iter)
@@ -477,6 +477,7 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
         value = float(loss.detach().float())
         if not math.isfinite(value):
             stats[2], bad_value = 1, value
+            cause = _data_cause(images, targets, s.criterion, p.global_step)
             break
         s.scaler.scale(loss / group).backward()
         stats[0] += value * targets.shape[0]
@@ -496,7 +497,7 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
         stats = D.all_reduce_sum(stats.to(s.dev)).cpu()
     if stats[2] > 0:
         s.optimizer.zero_grad(set_to_none=True)
-        _diverged(s, p, step, lr, bad_value)
+        _diverged(s, p, step, lr, bad_value, cause)
     D.average_gradients(s.trainable)
     if cfg.clip_grad is not None:
         s.scaler.unscale_(s.optimizer)
@@ -519,9 +520,26 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
     return None
 
 
-def _diverged(s: _Session, p: Progress, step: int, lr: float, bad_value: Optional[float]) -> None:
+def _data_cause(images: torch.Tensor, targets: torch.Tensor, criterion, global_step: int) -> Optional[str]:
+    """Why a loss is non-finite when the learning rate cannot be the cause, or None."""
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        return "the batch's images hold NaN or inf values: check the data"
+    ignore = getattr(criterion, "ignore_index", None)
+    if ignore is not None and not targets.is_floating_point() and bool((targets == ignore).all()):
+        return f"every target of the batch is the ignore index {ignore} (nothing to learn from): check the data"
+    if global_step == 0:
+        return ("it happened before the first update, so the learning rate is not the cause: check the data and the "
+                "pretrained weights")
+    return None
+
+
+def _diverged(s: _Session, p: Progress, step: int, lr: float, bad_value: Optional[float],
+              cause: Optional[str] = None) -> None:
     kept = (f"the checkpoint after epoch {len(p.history)} is kept in {s.run.path}" if s.run and p.history
             else "no checkpoint was written yet")
+    if cause is not None:
+        raise TokenTuneError(f"the loss is {bad_value} at epoch {p.epoch + 1}, step {step + 1}/{s.steps_per_epoch} "
+                             f"(global step {p.global_step + 1}): {cause} ({kept})")
     raise TokenTuneError(
         f"training diverged: the loss became "
         f"{bad_value if bad_value is not None else 'non-finite on another process'} at epoch {p.epoch + 1}, "
