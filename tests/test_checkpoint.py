@@ -51,7 +51,7 @@ def test_backbone_from_local_files(tmp_path):
     torch.save({"model": ref.state_dict()}, str(tmp_path / "w.pth"))
     x = torch.randn(2, 3, 32, 32)
     for f in ("w.safetensors", "w.pth"):
-        m = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=6,
+        m = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=6, pretrained_head=True,
                                    pretrained=str(tmp_path / f), **tiny()).eval()
         with torch.no_grad():
             assert torch.allclose(m(x), ref(x), atol=1e-6), f
@@ -92,10 +92,15 @@ def test_backbone_from_google_npz(tmp_path):
             w[p + f"MlpBlock_3/Dense_{k}/bias"] = sd[b + f"mlp.{n}.bias"].numpy()
     np.savez(tmp_path / "ViT-T.npz", **w)
     m = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", tome_r=0, num_classes=6,
-                               pretrained=str(tmp_path / "ViT-T.npz"), **tiny()).eval()
+                               pretrained=str(tmp_path / "ViT-T.npz"), pretrained_head=True, **tiny()).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(m(x), ref(x), atol=1e-5)
+    # adapting to a new 6-class task: the backbone is loaded, the head starts afresh
+    new = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=6,
+                                 pretrained=str(tmp_path / "ViT-T.npz"), **tiny())
+    assert torch.equal(new.blocks[1].mlp.fc2.weight, ref.blocks[1].mlp.fc2.weight)
+    assert not torch.allclose(new.head.weight, ref.head.weight) and torch.all(new.head.bias == 0)
 
 
 def test_weight_errors_are_one_line(tmp_path):

@@ -208,6 +208,7 @@ def test_train_eval_summarize_resume_on_an_image_folder(tmp_path, capsys):
     code, stdout, err = run(common + ["--max-steps", "2"], capsys)
     assert code == 0, err
     assert "12 training images (train), 12 test images (test)" in stdout     # the folders read, not the config's split
+    assert "head: new, 3 classes (timm's initialisation; random backbone)" in stdout
     assert "stopped at epoch 1" in stdout or "stopped after epoch 1" in stdout
     assert not (out / "results.json").exists()
     # resume with nothing but --out: the recorded options are reused

@@ -47,7 +47,8 @@ def test_vtab_summary_means(tmp_path):
     md = summary_markdown(s)
     assert "| method | cifar | caltech101 |" in md and "Mean (3 groups) | Mean (tasks) |" in md
     assert "after the last epoch" in md and "mean of the Natural/Specialized/Structured means" in md
-    assert "several runs (seeds)" in md
+    assert "| lora | 51.00 (n=2) | 52.00 (n=2) |" in md and "(n=K) is the mean of K runs" in md
+    assert "| lora+tome | 40.00 | 40.00 |" in md                            # one run each: no count
     assert "BEST top-1" in summary_markdown(summarize([str(tmp_path)], metric="best_top1_over_epochs"))
 
 

@@ -270,12 +270,22 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
         train(make_model(), data, None, cfg(epochs=3), out_dir=str(tmp_path), callbacks=[poison], log=None)
     msg = str(info.value)
     assert "\n" not in msg
-    assert "loss became nan at epoch 2, step 1/2 (global step 3)" in msg and "lower --lr" in msg
-    assert "checkpoint after epoch 1 is kept" in msg
+    assert "loss is nan at epoch 2, step 1/2 (global step 3): the batch's images hold NaN" in msg   # the data's fault
+    assert "lower --lr" not in msg and "checkpoint after epoch 1 is kept" in msg
     assert json.loads((tmp_path / "config.json").read_text())["epochs_done"] == 1
     data.poison = False
     r = train(make_model(), data, None, cfg(epochs=3), out_dir=str(tmp_path), resume=True, log=None)
     assert r.finished and r.global_step == 6
+
+
+def test_a_loss_that_diverges_after_updates_points_at_the_learning_rate():
+    def blow_up(event, info):
+        if event == "epoch":
+            with torch.no_grad():
+                next(p for p in info["model"].parameters() if p.requires_grad).fill_(float("inf"))
+
+    with pytest.raises(TokenTuneError, match=r"training diverged: the loss became nan at epoch 2.*lower --lr"):
+        train(make_model(), make_data(16), None, cfg(epochs=3), callbacks=[blow_up], log=None)
 
 
 def test_method_loss_hook_is_used(monkeypatch):
@@ -370,6 +380,30 @@ def test_sigterm_stops_after_the_step_with_the_state_saved(tmp_path):
     assert not r.finished and r.stop_reason == "signal" and r.global_step == 3
     r = train(make_model(), data, None, cfg(epochs=3), out_dir=str(tmp_path), resume=True, log=None)
     assert r.finished and r.global_step == 6
+
+
+def test_sigterm_during_the_evaluation_stops_it_at_once_and_resume_evaluates_first(tmp_path):
+    import signal
+    data, seen = make_data(16), []
+
+    class Test(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            seen.append(i)
+            if len(seen) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)         # `timeout` while the first epoch is evaluated
+            return data[i]
+
+    r = train(make_model(), data, Test(), cfg(epochs=2), out_dir=str(tmp_path / "a"), handle_signals=True,
+              eval_batch_size=2, log=None)
+    assert not r.finished and r.stop_reason == "signal" and r.global_step == 2 and r.history == []
+    assert len(seen) < 6                                      # the evaluation did not go on
+    r = train(make_model(), data, Test(), cfg(epochs=2), out_dir=str(tmp_path / "a"), resume=True, log=None)
+    whole = train(make_model(), data, data, cfg(epochs=2), out_dir=str(tmp_path / "b"), log=None)
+    assert r.finished and [h["top1"] for h in r.history] == [h["top1"] for h in whole.history]
+    assert all(torch.equal(a, b) for a, b in zip(trained(tmp_path / "a").values(), trained(tmp_path / "b").values()))
 
 
 def test_method_step_hook_drives_dyt_temperature_schedule(monkeypatch):

@@ -16,7 +16,7 @@ from ..tools.export import (
     read_deployed_config,
     trace_options,
 )
-from ..tools.hub import push_to_hub
+from ..tools.hub import hub_repo_id, push_to_hub
 from ..tools.onnx import export_onnx
 from .options import parse_pretrained
 
@@ -75,6 +75,8 @@ def _deploy_options(items):
 def run(args: argparse.Namespace) -> int:
     """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
     source = os.fspath(args.run)
+    if args.push_to_hub:
+        hub_repo_id(args.push_to_hub)      # before anything is written
     if args.format != "deployed":
         if args.onnx or args.deploy:
             raise TokenTuneError(f"--onnx and --deploy are for the deployed model; leave them out with --format {args.format}")

@@ -57,6 +57,9 @@ def add(parser: argparse.ArgumentParser) -> None:
                         "[default: timm's initialisation]")
     g.add_argument("--train-head", type=parse_bool, metavar="BOOL", default=argparse.SUPPRESS,
                    help="train the classification head [default: true]")
+    g.add_argument("--pretrained-head", type=parse_bool, metavar="BOOL", default=argparse.SUPPRESS,
+                   help="keep the checkpoint's classification head when it has as many classes as the task (e.g. "
+                        "continuing on the checkpoint's own classes) [default: false, a new head]")
     g.add_argument("--drop-path-rate", type=float, metavar="P", default=argparse.SUPPRESS,
                    help="stochastic depth rate of the backbone (PYRA: 0.1) [default: 0]")
     g.add_argument("--timm", type=timm_kwarg, action="append", metavar="KEY=VALUE", default=argparse.SUPPRESS,
@@ -101,7 +104,7 @@ def _resolve_train_options(args) -> Dict[str, Any]:
 
     given = _explicit(args)
     opts: Dict[str, Any] = {"model": DEFAULT_MODEL, "method": "lora", "pretrained": True, "num_classes": None,
-                            "head_init_std": None, "train_head": True, "model_options": {}, "train": {},
+                            "head_init_std": None, "train_head": True, "pretrained_head": False, "model_options": {}, "train": {},
                             "data": None, "dataset": None, "image_folder": None, "recipe": None,
                             "skip_bad_images": False, "task": None}
     out = given.get("out")
@@ -109,13 +112,18 @@ def _resolve_train_options(args) -> Dict[str, Any]:
         saved = (read_config(out).get("run") or {}).get("cli")
         if saved:   # the interrupted run's options (recipe already applied) become the defaults
             opts.update({k: v for k, v in saved.items() if k in opts})
+    elif (given.get("resume") or given.get("restart_from_weights")) and out and os.path.isdir(out) and not any(
+            given.get(k) for k in ("data", "image_folder")):
+        raise TokenTuneError(f"cannot resume {out}: its {CONFIG_NAME}, which records the run's options, is missing; "
+                             "pass the run's options again with --resume (--data/--dataset or --image-folder, --model, "
+                             "--method, ...)")
     recipe_name = given.get("recipe")
     if recipe_name:
         recipe = get_recipe(recipe_name)
         opts["recipe"] = recipe.name
         opts["method"] = recipe.method
         for k, v in recipe.model_options.items():
-            if k in ("model", "pretrained", "num_classes", "head_init_std", "train_head", "task"):
+            if k in ("model", "pretrained", "num_classes", "head_init_std", "train_head", "pretrained_head", "task"):
                 opts[k] = v
             else:
                 opts["model_options"][k] = v
@@ -124,8 +132,8 @@ def _resolve_train_options(args) -> Dict[str, Any]:
         if bad:
             raise TokenTuneError(f"recipe {recipe.name!r} sets unknown training option(s) {', '.join(bad)}")
         opts["train"].update(recipe.train_options)
-    for k in ("model", "method", "pretrained", "num_classes", "head_init_std", "train_head", "data", "dataset",
-              "image_folder", "task"):
+    for k in ("model", "method", "pretrained", "num_classes", "head_init_std", "train_head", "pretrained_head", "data",
+              "dataset", "image_folder", "task"):
         if k in given and given[k] is not None:
             opts[k] = given[k]
     if given.get("skip_bad_images"):         # a bare flag: without it a resumed run keeps its recorded choice
@@ -154,6 +162,19 @@ def _resolve_train_options(args) -> Dict[str, Any]:
     if stray:
         raise TokenTuneError(f"--{stray[0]}-... options need --task {stray[0]}")
     return opts
+
+
+def head_line(opts: Dict[str, Any], num_classes: int) -> str:
+    """Which head the run starts from: a new one, or the checkpoint's (``--pretrained-head``)."""
+    init = (f"trunc_normal({opts['head_init_std']:g})" if opts.get("head_init_std") is not None
+            else "timm's initialisation")
+    if not opts["pretrained"]:
+        return f"head: new, {num_classes} classes ({init}; random backbone)"
+    if opts.get("pretrained_head") and opts.get("head_init_std") is None:
+        return (f"head: the checkpoint's where it has {num_classes} classes (--pretrained-head true), else new "
+                f"({init})")
+    return (f"head: new, {num_classes} classes ({init}), not the checkpoint's; --pretrained-head true keeps a "
+            "checkpoint head of as many classes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         # the training seed initialises the model: every process builds the same new layers
         model = create_model(opts["model"], method=opts["method"], num_classes=num_classes,
                              pretrained=opts["pretrained"], train_head=opts["train_head"],
-                             head_init_std=opts["head_init_std"], seed=cfg.seed, task=opts["task"], **model_options)
+                             pretrained_head=opts["pretrained_head"], head_init_std=opts["head_init_std"],
+                             seed=cfg.seed, task=opts["task"], **model_options)
         if task is not None:
             task.set_transforms(train_ds, test_ds, model, cfg)
         else:
@@ -196,8 +218,9 @@ def run(args: argparse.Namespace) -> int:
             f"{c['total']:,} parameters (paper count {c['paper_trainable']:,} = {c['paper_pct']:.3f}% of the backbone)")
         say(f"data {train_ds.name}: {len(train_ds)} training images ({train_ds.split}), {len(test_ds)} test images "
             f"({test_ds.split}), {num_classes} classes; {inf.world_size} process(es); run directory {out}")
+        say(head_line(opts, num_classes))
         cli_record = {k: opts[k] for k in ("model", "method", "pretrained", "num_classes", "head_init_std",
-                                           "train_head", "data", "dataset", "image_folder", "recipe",
+                                           "train_head", "pretrained_head", "data", "dataset", "image_folder", "recipe",
                                            "skip_bad_images", "task")}
         cli_record["data"] = os.path.abspath(opts["data"]) if opts["data"] else None
         cli_record["image_folder"] = os.path.abspath(opts["image_folder"]) if opts["image_folder"] else None

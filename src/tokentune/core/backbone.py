@@ -10,7 +10,10 @@ Every checkpoint format is absorbed here, through timm's own loaders:
   dict (wrapped in ``state_dict``/``model`` keys or not; DeiT/original key layouts are remapped
   and position embeddings resampled by timm's checkpoint filter).
 
-A head whose class count differs from ``num_classes`` is dropped and re-initialised.
+With ``num_classes`` given, the checkpoint's head is dropped and the new head keeps timm's
+initialisation (``fresh_head=True``, the default of :func:`tokentune.create_model` when adapting
+to a new task), even when the class counts agree; ``fresh_head=False`` keeps a head of the same
+size (timm's behaviour), and a head of another size is always re-initialised.
 
 Weight files are read by :mod:`tokentune.core.weights` (weights-only unpickling).
 """
@@ -27,6 +30,7 @@ import zipfile
 from typing import List, Optional, Tuple, Union
 
 import timm
+import torch
 from torch import nn
 
 from ..errors import TokenTuneError
@@ -60,17 +64,24 @@ def check_model_name(name: str) -> None:
 
 
 def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False,
-                    num_classes: Optional[int] = None, *, trust_checkpoint: bool = False, **timm_kwargs) -> nn.Module:
+                    num_classes: Optional[int] = None, *, trust_checkpoint: bool = False, fresh_head: bool = False,
+                    **timm_kwargs) -> nn.Module:
     """Create the timm model ``name`` with weights from the hub (True) or a local file (path).
+
+    ``fresh_head`` (with ``num_classes``) never loads the checkpoint's classifier: the head keeps the
+    initialisation timm gives a head of another class count.
 
     ``trust_checkpoint`` unpickles a ``.pth``/``.pt``/``.bin`` file fully (see :func:`load_torch_file`);
     only for files you trust, it can run code.
     """
+    fresh = {}
     if num_classes is not None:
         timm_kwargs["num_classes"] = int(num_classes)
+        if fresh_head:      # timm drops a pretrained classifier whose class count differs from the model's
+            fresh = {"num_classes": -1}
     source, ident = split_source(name)
     if source is not None:
-        return _sourced_backbone(name, source, ident, pretrained, **timm_kwargs)
+        return _sourced_backbone(name, source, ident, pretrained, fresh, **timm_kwargs)
     check_model_name(name)
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
@@ -89,14 +100,19 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
                 raise TokenTuneError(f"cannot read {pretrained!r}: it is not a complete .npz archive (truncated or "
                                      f"not numpy's format); download it again, e.g. {VIT_B16_NPZ_URL}")
             overlay["custom_load"] = True      # timm's loader for Google's JAX checkpoints
+            if fresh:                          # it loads a head of the same size: keep the one timm initialised
+                fresh = {"npz_head": True}
         else:
             # hand timm the state dict itself so it keeps a head of the right size
             state_dict = load_weights_file(path, trust_checkpoint=trust_checkpoint)
             head = state_dict.get("head.weight")
             overlay.update(state_dict=state_dict, file=None,
                            num_classes=int(head.shape[0]) if head is not None and head.ndim == 2 else -1)
+            overlay.update(fresh)
         try:
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
+            if fresh.get("npz_head"):
+                _timm_head_init(model)
             if isinstance(getattr(model, "pretrained_cfg", None), dict):
                 model.pretrained_cfg.pop("state_dict", None)    # do not keep a second copy alive
                 model.pretrained_cfg["file"] = path
@@ -120,12 +136,23 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
                 f"Google's {VIT_B16_NPZ_URL}) and pass the file (pretrained='ViT-B_16.npz', --pretrained PATH), "
                 "or use pretrained=False (--pretrained none) for a random backbone")
         try:
-            return timm.create_model(name, pretrained=True, **timm_kwargs)
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=fresh or None, **timm_kwargs)
         except Exception as exc:  # noqa: BLE001
             raise TokenTuneError(
                 f"could not fetch pretrained weights for {name!r} ({one_line(exc)}); download them once and pass "
                 f"the local file, e.g. pretrained='ViT-B_16.npz' (or --pretrained PATH)") from exc
     return timm.create_model(name, pretrained=False, **timm_kwargs)
+
+
+@torch.no_grad()
+def _timm_head_init(model: nn.Module) -> None:
+    """Give the classifier timm's ViT initialisation again (trunc_normal(0.02) weights, zero bias), as
+    a model built for another class count has it; timm's ``.npz`` loader copies a head of the same size."""
+    for attr in ("head", "head_dist"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
 
 
 # ----------------------------------------------------------------------------- hf-hub: and local-dir: models
@@ -142,7 +169,7 @@ def architecture_of(name: str, model: Optional[nn.Module] = None) -> str:
     return name
 
 
-def _sourced_backbone(name: str, source: str, ident: str, pretrained, **timm_kwargs) -> nn.Module:
+def _sourced_backbone(name: str, source: str, ident: str, pretrained, fresh: dict, **timm_kwargs) -> nn.Module:
     """A model from a folder or hub repository written by timm (``config.json`` + weights)."""
     if isinstance(pretrained, (str, os.PathLike)):
         raise TokenTuneError(f"{name!r} brings its own weights; pass pretrained=True to load them (--pretrained hub) or "
@@ -170,7 +197,8 @@ def _sourced_backbone(name: str, source: str, ident: str, pretrained, **timm_kwa
     if not architecture or not timm.is_model(architecture):
         raise TokenTuneError(f"{config} names architecture {architecture!r}, which timm {timm.__version__} does not know")
     try:
-        return timm.create_model(f"{LOCAL_DIR}:{folder}", pretrained=bool(pretrained), **timm_kwargs)
+        return timm.create_model(f"{LOCAL_DIR}:{folder}", pretrained=bool(pretrained),
+                                 pretrained_cfg_overlay=fresh or None, **timm_kwargs)
     except Exception as exc:  # noqa: BLE001 - one line for any loader failure
         raise TokenTuneError(f"cannot build {name!r}: {one_line(exc)}; check that the folder holds a timm model's "
                              "config.json and weights") from exc

@@ -138,7 +138,7 @@ def rebuild_options(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def create_model(name: str, method: str = "lora", num_classes: Optional[int] = None,
-                 pretrained: Union[bool, str] = False, *, train_head: bool = True,
+                 pretrained: Union[bool, str] = False, *, train_head: bool = True, pretrained_head: bool = False,
                  head_init_std: Optional[float] = None, seed: Optional[int] = None, task: Optional[str] = None,
                  **options) -> nn.Module:
     """Build the timm ViT ``name`` with ``method`` applied.
@@ -146,9 +146,13 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
     Args:
         name: timm model name, e.g. ``vit_base_patch16_224.orig_in21k``, ``deit_small_patch16_224``.
         method: method spec, e.g. ``"lora"``, ``"lora+tome"``, ``"pyra"``, ``"dyt"``, ``"full"``.
-        num_classes: classes of the new head (None keeps the checkpoint's head).
+        num_classes: classes of the new head (None keeps the checkpoint's head). A new head starts from
+            timm's initialisation even when the checkpoint's head has as many classes (adapting to a
+            new task), unless ``pretrained_head=True``.
         pretrained: False (random init), True (timm hub) or a local ``.npz/.pth/.safetensors`` file.
         train_head: leave the classification head trainable.
+        pretrained_head: keep the checkpoint's head when its class count equals ``num_classes``
+            (e.g. evaluating or continuing on the checkpoint's own classes).
         head_init_std: re-initialise the head with trunc_normal(std) and zero bias.
         task: ``None`` (image classification) or a registered task (``"segmentation"``, ``"video"``;
             :mod:`tokentune.tasks`) whose head is added (``model.task_head``) with the options
@@ -171,7 +175,7 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
     if options.pop("features_only", False):
         out_indices = options.pop("out_indices", 3)
         model = create_model(name, method, num_classes, pretrained, train_head=train_head,
-                             head_init_std=head_init_std, seed=seed, **options)
+                             pretrained_head=pretrained_head, head_init_std=head_init_std, seed=seed, **options)
         return feature_extractor(model, out_indices=out_indices, prune=True)
     methods = parse_method(method)
     task_def = get_task(task) if task else None
@@ -182,7 +186,8 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
     seed = init_seed(seed)
     with torch.random.fork_rng(devices=[]):     # the model depends on the seed alone
         torch.random.default_generator.manual_seed(seed)
-        model = create_backbone(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+        model = create_backbone(name, pretrained=pretrained, num_classes=num_classes, fresh_head=not pretrained_head,
+                                **timm_kwargs)
         adapt_vit(model)
         head = re.compile(HEAD_PATTERN)
         backbone_params = sum(p.numel() for n, p in model.named_parameters() if not head.search(n))
@@ -205,6 +210,7 @@ def create_model(name: str, method: str = "lora", num_classes: Optional[int] = N
         "configs": jsonable(stored),
         "timm_kwargs": jsonable(timm_kwargs),
         "train_head": train_head,
+        "pretrained_head": bool(pretrained_head),
         "backbone_params": backbone_params,
         "init_seed": seed,
     }

@@ -9,6 +9,10 @@ horizontal flip, RandAugment ``auto_augment``, random erasing ``reprob``; mean/s
 the plain transform), the test split keeps the plain resize. ``mixup``/``cutmix`` mix each batch
 with timm's ``Mixup`` (targets become soft; label smoothing moves into them).
 
+timm's posterize keeps 0 bits at RandAugment's strongest magnitude (``inc1`` policies), which
+Pillow ≥ 13 refuses ("bits must be between or equal to 1 and 8"); the transform built here gives
+its posterize operations :func:`posterize`, which keeps older Pillow's result (a black image).
+
 Random draws: the transforms use Python's ``random`` in the loader workers (seeded per worker by
 the loader's generator), ``Mixup`` uses numpy's global generator, whose state ``resume.pt`` keeps.
 """
@@ -31,8 +35,38 @@ def train_transform(model, cfg: TrainConfig) -> Optional[Callable]:
     if size is None:
         raise TokenTuneError("cannot tell the input size for augmentation; set image_size")
     mean, std = normalization_stats(cfg.normalization, model)
-    return create_transform(size, is_training=True, auto_augment=None if cfg.auto_augment == "none" else cfg.auto_augment,
-                            re_prob=cfg.reprob, interpolation=cfg.interpolation, mean=mean, std=std)
+    transform = create_transform(size, is_training=True,
+                                 auto_augment=None if cfg.auto_augment == "none" else cfg.auto_augment,
+                                 re_prob=cfg.reprob, interpolation=cfg.interpolation, mean=mean, std=std)
+    for op in augment_ops(transform):
+        if str(getattr(op, "name", "")).startswith("Posterize"):
+            op.aug_fn = posterize
+    return transform
+
+
+def posterize(img, bits_to_keep, **_):
+    """Keep the ``bits_to_keep`` most significant bits of each channel; 0 bits gives a black image, as
+    Pillow < 13 did (Pillow 13's ``ImageOps.posterize`` accepts 1 to 8 only)."""
+    from PIL import ImageOps
+
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits)
+
+
+def augment_ops(transform) -> list:
+    """timm's augmentation operations (``AugmentOp``) inside a transform: RandAugment's, AutoAugment's
+    and AugMix's, in torchvision ``Compose`` nesting."""
+    found = []
+    for t in getattr(transform, "transforms", [transform]):
+        if t is not transform and hasattr(t, "transforms"):
+            found += augment_ops(t)
+        for ops in (getattr(t, "ops", None), *(getattr(t, "policy", None) or [])):
+            found += [op for op in (ops or []) if hasattr(op, "aug_fn")]
+    return found
 
 
 def augment_training_split(train_data, model, cfg: TrainConfig, say=print) -> None:

@@ -104,6 +104,8 @@ def load_trained(directory: str, pretrained: Union[bool, str, None] = None, mode
                                  f"pretrained=True for the timm hub weights of {config['model']!r}")
         model = create_model(config["model"], method=config["method"], num_classes=config["num_classes"],
                              pretrained=source, train_head=config.get("train_head", True),
+                             # runs saved before the option existed kept a pretrained head of the same size
+                             pretrained_head=config.get("pretrained_head", True),
                              seed=_init_seed_of(directory, config, source), **options)
     path = RunDir(directory).weights
     if not os.path.isfile(path):

@@ -61,7 +61,7 @@ class VTABTask:
 
     name: str
     num_classes: int
-    group: str
+    group: Optional[str]
     aliases: Tuple[str, ...] = ()
 
 
@@ -99,7 +99,8 @@ def vtab_task(name: str) -> VTABTask:
     close = difflib.get_close_matches(key, list(_ALIASES), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(dict.fromkeys(_ALIASES[c] for c in close))}? " if close else ""
     raise TokenTuneError(f"unknown VTAB-1k dataset {name!r}; {hint}choose from {', '.join(VTAB_TASKS)} "
-                         "(or train on any class-per-folder tree with --image-folder)")
+                         "(or a folder <root>/<name> of your own in their layout, <name>/<split>.txt + <name>/images/, "
+                         "or any class-per-folder tree with --image-folder)")
 
 
 class ImageDataset(Dataset):
@@ -234,14 +235,16 @@ def vtab_dataset(root: str, name: str, split: str = "train800val200", transform:
 
     Args:
         root: the folder that holds one sub-folder per task (``<root>/cifar``, ...).
-        name: task name or alias (``cifar``/``cifar100``, ``oxford_iiit_pet``/``oxford_pet``, ...).
+        name: task name or alias (``cifar``/``cifar100``, ``oxford_iiit_pet``/``oxford_pet``, ...), or
+            the name of any other folder under ``root`` in the same layout (``<root>/<name>/<split>.txt``;
+            its class count is the largest label of its split files + 1, it belongs to no VTAB group).
         split: ``train800``, ``val200``, ``train800val200`` or ``test``.
         transform: applied to every PIL image (see :func:`build_transform`).
         check_files: verify at construction that every listed image exists (their contents are
             checked by :func:`check_images`, which :func:`load_datasets` calls).
     """
-    task = vtab_task(name)
     root = os.path.abspath(os.path.expanduser(str(root)))
+    task = _task_in_layout(root, name)
     if not os.path.isdir(root):
         raise TokenTuneError(f"VTAB-1k root {root!r} does not exist; pass the folder that holds the prepared "
                              f"task folders (<root>/{task.name}/{split}.txt)")
@@ -263,6 +266,19 @@ def vtab_dataset(root: str, name: str, split: str = "train800val200", transform:
     samples, origins = read_list_file(list_file, directory, task.num_classes, check_files)
     return ImageDataset(samples, origins, task.num_classes, [str(i) for i in range(task.num_classes)],
                         name=task.name, split=split, group=task.group, transform=transform, root=root, kind="vtab")
+
+
+def _task_in_layout(root: str, name: str) -> VTABTask:
+    """The VTAB-1k task ``name``, or a task of one's own in the VTAB-1k layout under ``root``."""
+    try:
+        return vtab_task(name)
+    except TokenTuneError:
+        directory = os.path.join(root, str(name))
+        if not (os.path.isdir(directory) and _split_files(directory)):
+            raise
+    labels = [label for split in _split_files(directory)
+              for _, label in read_list_file(os.path.join(directory, f"{split}.txt"), directory, check_files=False)[0]]
+    return VTABTask(str(name), max(labels) + 1, group=None)
 
 
 # ----------------------------------------------------------------------------- image folders

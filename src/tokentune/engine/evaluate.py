@@ -273,6 +273,11 @@ def _fmt(value: Optional[float], partial: bool = False) -> str:
     return f"{value:.2f}" + ("*" if partial else "")
 
 
+def _runs(count: Optional[int]) -> str:
+    """How many runs a cell averages, when several do."""
+    return f" (n={count})" if count and count > 1 else ""
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -286,7 +291,7 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     if summary["rows"]:
         body = []
         for row in summary["rows"]:
-            cells = [row["label"]] + [_fmt(row["per_task"].get(t)) for t in tasks]
+            cells = [row["label"]] + [_fmt(row["per_task"].get(t)) + _runs(row["runs_per_task"].get(t)) for t in tasks]
             for g in VTAB_GROUPS:
                 info = row["groups"][g]
                 partial = info["mean"] is not None and info["tasks"] < info["of"]
@@ -301,7 +306,8 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         if lines:
             lines += ["Other datasets (not VTAB-1k, in no mean above):", ""]
         lines += _table(["method"] + datasets,
-                        [[row["label"]] + [_fmt(row["per_dataset"].get(d)) for d in datasets] for row in other_rows])
+                        [[row["label"]] + [_fmt(row["per_dataset"].get(d)) + _runs(row["runs_per_dataset"].get(d))
+                                           for d in datasets] for row in other_rows])
         lines.append("")
     what = ("top-1 (%) on the test split after the last epoch" if summary["metric"] == "top1"
             else "BEST top-1 (%) over the evaluated epochs (selected on the test split: optimistic)")
@@ -315,5 +321,6 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         legend.append("* group mean over fewer tasks than the group has.")
     runs = [row["runs_per_task"] for row in summary["rows"]] + [row["runs_per_dataset"] for row in other_rows]
     if any(n > 1 for counts in runs for n in counts.values()):
-        legend.append("Cells with several runs (seeds) show their mean.")
+        legend.append("A cell marked (n=K) is the mean of K runs with the same row label (seeds; tell other runs "
+                      "apart with tokentune train --label or summarize --label dir).")
     return "\n".join(lines) + "\n" + "\n".join(legend) + "\n"

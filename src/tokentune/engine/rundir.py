@@ -47,6 +47,9 @@ LOG_NAME = "log.jsonl"
 CSV_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 RESUME_FORMAT = 1
+#: an export directory's own config (written by :mod:`tokentune.tools.export`; named here so that a run
+#: directory's reader can tell an export from a damaged run)
+DEPLOYED_CONFIG = "deployed.json"
 #: ``architecture`` entry of a run's ``config.json``. timm reads a folder's ``config.json`` for
 #: ``timm.create_model("local-dir:DIR")`` / ``"hf-hub:REPO"``; a run directory holds only the trained
 #: tensors, so timm must refuse it: it stops at this name with "Unknown model (...)", which says what to do.
@@ -156,6 +159,14 @@ class RunDir:
         damaged = ("it records how to rebuild the model, so the run cannot be loaded without it: restore it from a "
                    "copy, save the model again with save_trained, or train the run again")
         config = _read_json(self.config, damaged)
+        if os.path.isfile(self.file(DEPLOYED_CONFIG)) and not (isinstance(config, dict) and "model" in config):
+            raise TokenTuneError(f"{self.path!r} is an export (deployed model), not a run directory; evaluate the run "
+                                 "it was exported from (tokentune eval RUN --deploy), or load the export with "
+                                 "tokentune.open_model / load_deployed")
+        if isinstance(config, dict) and "model" not in config and isinstance(config.get("architecture"), str):
+            raise TokenTuneError(f"{self.path!r} holds a timm model (architecture {config['architecture']!r}), not a "
+                                 f"tokentune run; use it as a backbone: --model local-dir:{self.path} "
+                                 "(create_model('local-dir:DIR'))")
         missing = [k for k in ("model", "method", "num_classes") if k not in config] if isinstance(config, dict) \
             else ["model"]
         if missing:

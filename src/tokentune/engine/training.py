@@ -164,11 +164,16 @@ def step_hooks(model: nn.Module) -> List[Callable[[nn.Module, float], None]]:
 
 
 # ----------------------------------------------------------------------------- signals
+class _EvaluationStopped(Exception):
+    """A stop request during an epoch's evaluation (single process): the evaluation is abandoned."""
+
+
 class _StopFlag:
     """SIGTERM/SIGINT -> stop after the current step (a second SIGINT interrupts at once)."""
 
     def __init__(self, enabled: bool) -> None:
         self.requested = False
+        self.interrupt = False
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.previous = {}
 
@@ -182,6 +187,19 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        if self.interrupt:
+            raise _EvaluationStopped
+
+    @contextlib.contextmanager
+    def interrupting(self, enabled: bool = True):
+        """Inside, a stop request interrupts at once (an evaluation, which changes no training state)."""
+        self.interrupt = bool(enabled and self.enabled)
+        try:
+            if self.interrupt and self.requested:
+                raise _EvaluationStopped
+            yield
+        finally:
+            self.interrupt = False
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -444,7 +462,7 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
         hook(s.model, p.global_step / s.total_steps)
     dtype = amp_dtype(cfg.amp, s.dev)
     stats = torch.zeros(4, dtype=torch.float64)   # loss sum, images, non-finite, stop
-    bad_value = value = None
+    bad_value = value = cause = None
     for _ in range(group):
         try:
             images, targets = next(batch_iter)
@@ -459,6 +477,7 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
         value = float(loss.detach().float())
         if not math.isfinite(value):
             stats[2], bad_value = 1, value
+            cause = _data_cause(images, targets, s.criterion, p.global_step)
             break
         s.scaler.scale(loss / group).backward()
         stats[0] += value * targets.shape[0]
@@ -478,7 +497,7 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
         stats = D.all_reduce_sum(stats.to(s.dev)).cpu()
     if stats[2] > 0:
         s.optimizer.zero_grad(set_to_none=True)
-        _diverged(s, p, step, lr, bad_value)
+        _diverged(s, p, step, lr, bad_value, cause)
     D.average_gradients(s.trainable)
     if cfg.clip_grad is not None:
         s.scaler.unscale_(s.optimizer)
@@ -501,9 +520,26 @@ def _optimizer_step(s: _Session, p: Progress, batch_iter, bar, callbacks, stop_f
     return None
 
 
-def _diverged(s: _Session, p: Progress, step: int, lr: float, bad_value: Optional[float]) -> None:
+def _data_cause(images: torch.Tensor, targets: torch.Tensor, criterion, global_step: int) -> Optional[str]:
+    """Why a loss is non-finite when the learning rate cannot be the cause, or None."""
+    if images.is_floating_point() and not torch.isfinite(images).all():
+        return "the batch's images hold NaN or inf values: check the data"
+    ignore = getattr(criterion, "ignore_index", None)
+    if ignore is not None and not targets.is_floating_point() and bool((targets == ignore).all()):
+        return f"every target of the batch is the ignore index {ignore} (nothing to learn from): check the data"
+    if global_step == 0:
+        return ("it happened before the first update, so the learning rate is not the cause: check the data and the "
+                "pretrained weights")
+    return None
+
+
+def _diverged(s: _Session, p: Progress, step: int, lr: float, bad_value: Optional[float],
+              cause: Optional[str] = None) -> None:
     kept = (f"the checkpoint after epoch {len(p.history)} is kept in {s.run.path}" if s.run and p.history
             else "no checkpoint was written yet")
+    if cause is not None:
+        raise TokenTuneError(f"the loss is {bad_value} at epoch {p.epoch + 1}, step {step + 1}/{s.steps_per_epoch} "
+                             f"(global step {p.global_step + 1}): {cause} ({kept})")
     raise TokenTuneError(
         f"training diverged: the loss became "
         f"{bad_value if bad_value is not None else 'non-finite on another process'} at epoch {p.epoch + 1}, "
@@ -512,8 +548,12 @@ def _diverged(s: _Session, p: Progress, step: int, lr: float, bad_value: Optiona
         f"--clip-grad 1.0 ({kept})")
 
 
-def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: Optional[bool]) -> Dict[str, Any]:
-    """Close the epoch: its record (with the test evaluation when due), appended to the history."""
+def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: Optional[bool],
+                  stop_flag: Optional[_StopFlag] = None) -> Dict[str, Any]:
+    """Close the epoch: its record (with the test evaluation when due), appended to the history.
+
+    A stop request during the evaluation (one process; ranks evaluate together) raises
+    :class:`_EvaluationStopped` and leaves ``p`` at the end of the epoch's training."""
     cfg, epoch, part = s.cfg, p.epoch, p.partial
     p.train_time_s += part["time"]
     lr = learning_rate(cfg, epoch, (s.batches - 1) // cfg.grad_accum, s.steps_per_epoch)
@@ -523,7 +563,8 @@ def _finish_epoch(s: _Session, p: Progress, test_data, eval_bs: int, progress: O
     record.update({k: v / max(part["images"], 1) for k, v in part["logs"].items()})
     due = cfg.eval_every > 0 and epoch % cfg.eval_every == 0
     if test_data is not None and (due or epoch == cfg.epochs - 1):
-        with s.ema.applied(s.model) if s.ema is not None else contextlib.nullcontext():
+        interrupting = stop_flag.interrupting(s.inf.world_size == 1) if stop_flag else contextlib.nullcontext()
+        with interrupting, s.ema.applied(s.model) if s.ema is not None else contextlib.nullcontext():
             metrics = evaluate_fn(s.model, test_data, batch_size=eval_bs, device=s.dev, amp=cfg.amp,
                                   num_workers=cfg.num_workers, progress=progress, desc="test")
         record[metric] = metrics[metric]
@@ -632,7 +673,15 @@ def _epochs(s: _Session, p: Progress, model: nn.Module, test_data, eval_bs: int,
                 say(f"stopped at epoch {p.epoch + 1}, step {p.batches_done // cfg.grad_accum}/{s.steps_per_epoch} "
                     f"(global step {p.global_step}); continue with resume=True (--resume)")
                 return _result(p.history, p.global_step, False, p.train_time_s, None, stop, metric)
-            record = _finish_epoch(s, p, test_data, eval_bs, progress)
+            try:
+                record = _finish_epoch(s, p, test_data, eval_bs, progress, stop_flag)
+            except _EvaluationStopped:
+                p.train_time_s += p.partial["time"]
+                p.partial["time"] = 0.0
+                _save(s, p)
+                say(f"stopped during the evaluation after epoch {p.epoch + 1}'s training (saved); continue with "
+                    "resume=True (--resume), which evaluates it first")
+                return _result(p.history, p.global_step, False, p.train_time_s, None, "signal", metric)
             say(_epoch_line(record, cfg.epochs, metric))
             if p.epoch < cfg.epochs:
                 _save(s, p)

@@ -55,14 +55,13 @@ from ..core.vit import info_of, input_size, spec_of
 from ..core.weights import load_safetensors
 from ..engine.checkpoint import load_trained, read_config
 from ..engine.data import normalization_stats
-from ..engine.rundir import CONFIG_NAME, WEIGHTS_NAME, RunDir
+from ..engine.rundir import CONFIG_NAME, DEPLOYED_CONFIG, WEIGHTS_NAME, RunDir
 from ..errors import TokenTuneError
 from ..fileio import atomic_write, atomic_write_json
 from ..utils import jsonable, unwrap_model
 from ..version import __version__
 
 DEPLOYED_WEIGHTS = "deployed.safetensors"
-DEPLOYED_CONFIG = "deployed.json"
 TIMM_CONFIG = "config.json"
 #: the extra tensor of an export that a plain timm ViT cannot run (uint8 bytes of the method spec)
 #: the name of a plain timm export's weights in a hub repository (timm's ``hf-hub:`` loader reads only this name)

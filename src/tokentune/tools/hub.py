@@ -19,6 +19,7 @@ timm (the ``hub`` extra pins it).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import List, Optional, Tuple, Union
 
@@ -64,6 +65,23 @@ def model_card(kind: str, how: str, repo: str) -> str:
             f"# {repo}\n\nA {kind}, written by tokentune.\n\nLoad it with `{how.format(repo=repo)}`.\n")
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def hub_repo_id(repo_id: str) -> Tuple[str, Optional[str]]:
+    """``(owner/name, revision)`` of a hub repository given as ``[hf-hub:]owner/name[@revision]``; anything
+    else (a ``local-dir:`` folder, a path) is one line saying what push_to_hub takes."""
+    text = str(repo_id)
+    if text.startswith(("local-dir:", ".", "/", "~")):
+        raise TokenTuneError(f"push_to_hub uploads to a Hugging Face hub repository (owner/name), not to the folder "
+                             f"{text!r}; a run, export or adapter folder is already what load_trained/load_deployed/"
+                             "load_peft read as local-dir:FOLDER (copy the folder there)")
+    repo, revision = split_revision(text[len("hf-hub:"):] if text.startswith("hf-hub:") else text)
+    if not _REPO_ID.match(repo):
+        raise TokenTuneError(f"{text!r} is not a hub repository id; write owner/name (optionally hf-hub:owner/name@branch)")
+    return repo, revision
+
+
 def push_to_hub(source: Union[nn.Module, PathLike], repo_id: str, *, private: Optional[bool] = None,
                 token: Optional[str] = None, commit_message: Optional[str] = None,
                 create_pr: bool = False) -> str:
@@ -81,9 +99,8 @@ def push_to_hub(source: Union[nn.Module, PathLike], repo_id: str, *, private: Op
     Returns:
         The URL of the commit (or pull request).
     """
+    repo, revision = hub_repo_id(repo_id)
     hub = require_extra("huggingface_hub", "hub", "pushing to the Hugging Face hub")
-    repo = repo_id[len("hf-hub:"):] if repo_id.startswith("hf-hub:") else repo_id
-    repo, revision = split_revision(repo)
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(source, nn.Module):
             save_trained(source, tmp)

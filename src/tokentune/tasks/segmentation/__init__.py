@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...core.task import Task, register_task
@@ -103,9 +105,19 @@ def apply_segmentation(model: nn.Module, cfg: SegmentationConfig, num_classes: i
     return cfg
 
 
+class PixelCrossEntropy(nn.CrossEntropyLoss):
+    """Per-pixel cross-entropy averaged over the pixels not ignored; a batch whose pixels are all
+    ignored adds zero loss (and zero gradients), as mmseg's, where PyTorch's mean gives NaN (0 / 0)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index, reduction="sum",
+                                label_smoothing=self.label_smoothing)
+        return total / (target != self.ignore_index).sum().clamp(min=1)
+
+
 def criterion(cfg: TrainConfig) -> nn.Module:
     """Per-pixel cross-entropy, the ignore index left out (mmseg's decode loss)."""
-    return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, label_smoothing=cfg.label_smoothing)
+    return PixelCrossEntropy(ignore_index=IGNORE_INDEX, label_smoothing=cfg.label_smoothing)
 
 
 def load_data(*, data_root: Optional[str] = None, dataset: Optional[str] = None, image_folder: Optional[str] = None,

@@ -16,7 +16,8 @@ As in the DyT reference (dense_tasks/Segmentation, a BEiT-style setup run throug
 
 Merged tokens (ToMe, PYRA) are unmerged to the grid first (:mod:`tokentune.core.features`); DyT
 keeps every token. Deviation: the reference's auxiliary FCN head (on the third level, loss
-weight 0.4, training only) is not built: training takes one logits tensor per forward.
+weight 0.4, training only) is not built: training takes one logits tensor per forward. A training
+batch of one image normalises the 1x1 pooling branch with the running statistics (:class:`BatchNorm2d`).
 """
 from __future__ import annotations
 
@@ -39,11 +40,23 @@ def default_levels(depth: int) -> List[int]:
     return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that normalises a training batch holding one value per channel (one image in the
+    1x1 pyramid-pooling branch: ``--batch-size 1``, a last batch of one) with its running statistics
+    and leaves them unchanged, where PyTorch's raises "Expected more than 1 value per channel";
+    every other batch is PyTorch's BatchNorm unchanged (same parameters and buffers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() == x.shape[1] and self.running_mean is not None:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
     """mmseg's ``ConvModule`` with BatchNorm and ReLU (no conv bias before a norm; kaiming init)."""
     conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(conv, BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

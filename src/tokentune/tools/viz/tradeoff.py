@@ -21,7 +21,7 @@ _ACCURACY_KEYS = ("accuracy", "top1", "acc", "mean_of_groups", "mean_of_tasks")
 _THROUGHPUT_KEYS = ("throughput", "img_per_s", "images_per_s", "img/s (median)", "img/s")
 _GMACS_KEYS = ("gmacs",)
 _GFLOPS_KEYS = ("gflops",)
-_LABEL_KEYS = ("label", "method", "model", "name")
+_LABEL_KEYS = ("label", "row", "method", "model", "name")
 
 
 @dataclass

@@ -1,0 +1,169 @@
+"""A new user's audit (bad inputs and silent mistakes): each case is the right behaviour or one line."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import tiny
+from safetensors.torch import save_file
+
+import tokentune
+from tokentune import cli
+from tokentune.errors import TokenTuneError
+
+
+# ----------------------------------------------------------------------------- 0: a new task gets a new head
+def _checkpoint(tmp_path, num_classes=10):
+    torch.manual_seed(1)
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **tiny())
+    with torch.no_grad():
+        src.head.weight.normal_(0, 1.0)          # far from timm's trunc_normal(0.02)
+        src.head.bias.fill_(3.0)
+    path = tmp_path / "ckpt.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    return path, src
+
+
+def test_adapting_to_as_many_classes_starts_from_a_new_head(tmp_path):
+    path, src = _checkpoint(tmp_path)
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=10, pretrained=str(path), **tiny())
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)   # the backbone is loaded
+    assert not torch.allclose(model.head.weight, src.head.weight)
+    assert model.head.weight.std() < 0.05 and torch.all(model.head.bias == 0)     # timm's initialisation
+    assert model.tokentune.spec["pretrained_head"] is False
+    kept = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=10, pretrained=str(path),
+                                  pretrained_head=True, **tiny())
+    assert torch.equal(kept.head.weight, src.head.weight) and kept.tokentune.spec["pretrained_head"] is True
+    own = tokentune.create_model("vit_tiny_patch16_224", "lora", pretrained=str(path), **tiny())  # no new task
+    assert torch.equal(own.head.weight, src.head.weight)
+
+
+def test_a_saved_run_rebuilds_with_the_head_it_was_trained_from(tmp_path):
+    path, src = _checkpoint(tmp_path)
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=10, pretrained=str(path),
+                                   train_head=False, pretrained_head=True, **tiny())
+    tokentune.save_trained(model, tmp_path / "run")
+    again = tokentune.load_trained(tmp_path / "run")
+    assert torch.equal(again.head.weight, src.head.weight)
+
+
+# ----------------------------------------------------------------------------- 00: --augment timm on today's Pillow
+def test_the_timm_recipe_posterizes_to_zero_bits_as_older_pillow_did():
+    from PIL import Image
+
+    from tokentune.engine.augment import augment_ops, train_transform
+
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=2, **tiny())
+    transform = train_transform(model, tokentune.TrainConfig(augment="timm"))     # the README's recipe
+    (op,) = [op for op in augment_ops(transform) if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0       # the strongest level: keep 0 bits
+    image = Image.new("RGB", (8, 8), (200, 130, 60))
+    assert set(map(tuple, np.asarray(op(image)).reshape(-1, 3).tolist())) == {(0, 0, 0)}
+    op.magnitude = 5                                           # 2 bits: 200 -> 192, 130 -> 128, 60 -> 0
+    assert set(map(tuple, np.asarray(op(image)).reshape(-1, 3).tolist())) == {(192, 128, 0)}
+    assert torch.isfinite(transform(Image.new("RGB", (40, 36), (9, 90, 30)))).all()
+
+
+# ----------------------------------------------------------------------------- 000: misleading one-liners
+@pytest.mark.parametrize("repo, says", [("local-dir:out", "not to the folder 'local-dir:out'"),
+                                        ("./out", "not to the folder"), ("x", "write owner/name")])
+def test_push_to_hub_to_a_folder_or_a_bad_id_says_what_it_takes(tmp_path, repo, says):
+    with pytest.raises(TokenTuneError, match=says) as info:
+        tokentune.push_to_hub(tmp_path, repo)
+    assert "network" not in str(info.value) and "\n" not in str(info.value)
+
+
+def _cli(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_resume_without_config_json_says_the_options_are_lost(tmp_path, capsys):
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, **tiny())
+    tokentune.save_trained(model, tmp_path / "run")
+    (tmp_path / "run" / "config.json").unlink()
+    code, _, err = _cli(["train", "--out", str(tmp_path / "run"), "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "config.json, which records the run's options, is missing" in err and "no data" not in err
+
+
+def test_eval_of_an_export_or_a_timm_folder_says_what_it_is(tmp_path, capsys):
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, **tiny())
+    tokentune.export_deployed(model, tmp_path / "export")
+    code, _, err = _cli(["eval", str(tmp_path / "export")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "is an export (deployed model), not a run directory" in err and "train" not in err.split(";")[0]
+    plain = tokentune.create_model("vit_tiny_patch16_224", "full", num_classes=3, **tiny())
+    tokentune.export_deployed(plain, tmp_path / "plain")      # a plain timm model: timm's own config.json
+    code, _, err = _cli(["eval", str(tmp_path / "plain")], capsys)
+    assert code == 2 and "is an export" in err
+
+
+def test_a_folder_of_ones_own_in_the_vtab_layout_is_a_dataset(tmp_path):
+    from test_data import make_vtab
+
+    from tokentune.engine.data import load_datasets
+    make_vtab(tmp_path, "my_task", labels=(0, 1, 4, 2))
+    train, test = load_datasets(data_root=str(tmp_path), dataset="my_task")
+    assert train.name == "my_task" and train.num_classes == 5 and train.group is None and len(test) == 4
+    with pytest.raises(TokenTuneError, match="unknown VTAB-1k dataset 'other'.*in their layout"):
+        load_datasets(data_root=str(tmp_path), dataset="other")
+
+
+def test_the_readme_tradeoff_command_joins_runs_with_the_reproduction_table(tmp_path, capsys):
+    import os
+
+    from test_evaluate import write_run
+    write_run(tmp_path / "runs", "cifar-lora", "cifar", "lora", 70.0)
+    write_run(tmp_path / "runs", "cifar-tome", "cifar", "lora+tome", 68.0)
+    table = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "reproduce_vit_b_b16.json")
+    code, out, err = _cli(["viz", "tradeoff", str(tmp_path / "runs"), table, "--rename", "LoRA=lora",
+                           "--rename", "ToMe (low)=lora+tome", "--out", str(tmp_path / "t.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "t.png").stat().st_size > 0
+    from tokentune.tools.viz import load_tradeoff_points
+    points = {p.label: p for p in load_tradeoff_points([tmp_path / "runs", table], {"LoRA": "lora"})}
+    assert points["lora"].accuracy == 70.0 and points["lora"].throughput == pytest.approx(7.8026, rel=1e-3)
+
+
+def test_the_docs_name_no_module_path_of_the_old_flat_layout():
+    import os
+    import re
+
+    from tokentune._compat import MOVED
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for doc in ("README.md", "CONTRIBUTING.md"):
+        text = open(os.path.join(root, doc), encoding="utf-8").read()
+        old = [m for m in MOVED if re.search(rf"(from|import) {re.escape(m)}\b|`{re.escape(m)}\.\w", text)]
+        assert not old, f"{doc} uses the deprecated module path(s) {old}"
+
+
+# ----------------------------------------------------------------------------- 1, 2: segmentation batches
+def test_an_all_ignored_mask_adds_zero_loss_and_the_rest_is_plain_cross_entropy():
+    from tokentune.tasks.segmentation import criterion
+    loss = criterion(tokentune.TrainConfig(label_smoothing=0.1))
+    logits = torch.randn(2, 4, 5, 5, requires_grad=True)
+    ignored = torch.full((2, 5, 5), 255)
+    value = loss(logits, ignored)
+    value.backward()
+    assert value.item() == 0.0 and torch.all(logits.grad == 0)
+    target = torch.randint(0, 4, (2, 5, 5))
+    target[0, :2] = 255
+    plain = torch.nn.CrossEntropyLoss(ignore_index=255, label_smoothing=0.1)(logits, target)
+    assert torch.allclose(loss(logits, target), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_segmentation_trains_on_all_ignored_masks_and_a_batch_of_one(tmp_path, capsys):
+    from PIL import Image
+    from seg_data import write_folder
+    from test_segmentation import TINY_ARGS
+    root = write_folder(str(tmp_path / "seg"), num_classes=3, num_train=5, num_test=2)
+    for i in range(4):                              # 4 of 5 masks all "ignore": some batch of 2 has no label
+        Image.new("L", (36, 36), 255).save(tmp_path / "seg" / "train" / "masks" / f"{i:03d}.png")
+    code, out, err = _cli(["train", "--task", "segmentation", "--image-folder", root, "--num-classes", "3",
+                           "--method", "lora", "--epochs", "1", "--out", str(tmp_path / "run")] + TINY_ARGS
+                          + ["--drop-last", "false"], capsys)
+    assert code == 0, err                           # 5 images in batches of 2: the last batch holds one
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["miou"] is not None
