@@ -9,8 +9,11 @@ horizontal flip, RandAugment ``auto_augment``, random erasing ``reprob``; mean/s
 the plain transform), the test split keeps the plain resize. ``mixup``/``cutmix`` mix each batch
 with timm's ``Mixup`` (targets become soft; label smoothing moves into them).
 
-Random draws: the transforms use Python's ``random`` in the loader workers (seeded per worker by
-the loader's generator), ``Mixup`` uses numpy's global generator, whose state ``resume.pt`` keeps.
+Random draws: the transforms use Python's ``random``, numpy's and torch's global generators, which
+the training loader seeds for every sample from (seed, epoch, sample index)
+(:mod:`tokentune.engine.seeding`), so the augmentation is the same with any worker count and after
+a resume; ``Mixup`` uses numpy's global generator in the training process, whose state ``resume.pt``
+keeps.
 """
 from __future__ import annotations
 
