@@ -13,8 +13,12 @@ timm's posterize keeps 0 bits at RandAugment's strongest magnitude (``inc1`` pol
 Pillow ≥ 13 refuses ("bits must be between or equal to 1 and 8"); the transform built here gives
 its posterize operations :func:`posterize`, which keeps older Pillow's result (a black image).
 
-Random draws: the transforms use Python's ``random`` in the loader workers (seeded per worker by
-the loader's generator), ``Mixup`` uses numpy's global generator, whose state ``resume.pt`` keeps.
+
+Random draws: the transforms use Python's ``random``, numpy's and torch's global generators, which
+the training loader seeds for every sample from (seed, epoch, sample index)
+(:mod:`tokentune.engine.seeding`), so the augmentation is the same with any worker count and after
+a resume; ``Mixup`` uses numpy's global generator in the training process, whose state ``resume.pt``
+keeps.
 """
 from __future__ import annotations
 

@@ -25,7 +25,9 @@ reads the stream to its end.
 the samples already trained (they are read, not decoded or trained on again). The result equals
 an uninterrupted run when the source yields the same samples in the same order for the same epoch
 (a fixed order, or shuffling seeded by the epoch as :class:`WebDatasetShards` does); a source
-shuffled by an unseeded random generator still resumes, but not bit-identically.
+shuffled by an unseeded random generator still resumes, but not bit-identically. A random
+training transform draws from generators seeded by (seed, epoch, position in the epoch)
+(:mod:`tokentune.engine.seeding`), so it too is the same after a resume and with any worker count.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..errors import TokenTuneError
 from ..utils import require_extra
 from .images import to_rgb
+from .seeding import sample_seed, seeded_generators
 
 IMAGE_KEYS = ("image", "img", "pixel_values", "jpg", "png", "jpeg", "webp")
 LABEL_KEYS = ("label", "labels", "fine_label", "cls", "target")
@@ -180,15 +183,20 @@ class StreamDataset(IterableDataset):
         self.skipped: list = []
         self.epoch, self.start = 0, 0
         self.batch_size, self.rank, self.world_size = 1, 0, 1
+        self.seed: Optional[int] = None
 
     def __len__(self) -> int:
         if self.epoch_size is None:
             raise TypeError("a stream without epoch_size has no length")
         return self.epoch_size
 
-    def configure(self, batch_size: int, rank: int = 0, world_size: int = 1) -> "StreamDataset":
-        """How the loop reads it: batches of ``batch_size`` for process ``rank`` of ``world_size``."""
+    def configure(self, batch_size: int, rank: int = 0, world_size: int = 1,
+                  seed: Optional[int] = None) -> "StreamDataset":
+        """How the loop reads it: batches of ``batch_size`` for process ``rank`` of ``world_size``; with
+        ``seed``, sample ``i`` of an epoch is transformed under :func:`~tokentune.engine.seeding.seeded_generators`
+        ``(sample_seed(seed, epoch, i))`` (the same whatever the workers and after a resume)."""
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.seed = None if seed is None else int(seed)
         return self
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -217,7 +225,12 @@ class StreamDataset(IterableDataset):
             j, local = local, local + 1
             if j < self.start or (j // self.batch_size - first_batch) % workers != worker:
                 continue
-            yield read_sample(sample, self.transform, self.image_key, self.label_key)
+            if self.seed is None:
+                yield read_sample(sample, self.transform, self.image_key, self.label_key)
+                continue
+            with seeded_generators(sample_seed(self.seed, self.epoch, i)):
+                item = read_sample(sample, self.transform, self.image_key, self.label_key)
+            yield item
         if self.epoch_size is not None and local < self.per_process():
             raise TokenTuneError(f"the stream {self.name!r} ended after {local * self.world_size} samples in epoch "
                                  f"{self.epoch + 1}, fewer than epoch_size={self.epoch_size}; lower epoch_size")
@@ -282,10 +295,12 @@ def as_training_data(data: Any) -> Any:
 
 
 def stream_loader(stream: StreamDataset, batch_size: int, num_workers: int, drop_last: bool, pin_memory: bool,
-                  rank: int = 0, world_size: int = 1, generator: Optional[torch.Generator] = None):
+                  rank: int = 0, world_size: int = 1, generator: Optional[torch.Generator] = None,
+                  seed: Optional[int] = None):
     """``(stream, loader)`` for a stream: the stream is also the loop's sampler (``set_epoch(epoch, start)``);
-    workers are not persistent, so every epoch's workers see its ``set_epoch``."""
-    stream.configure(batch_size, rank, world_size)
+    workers are not persistent, so every epoch's workers see its ``set_epoch``. ``seed``: seed each
+    sample's transform from (seed, epoch, position) (training; None: evaluation, nothing random)."""
+    stream.configure(batch_size, rank, world_size, seed)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
                                          pin_memory=pin_memory, persistent_workers=False, generator=generator)
     return stream, loader

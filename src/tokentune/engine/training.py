@@ -79,6 +79,7 @@ from .resume import (
     spec_key_of,
 )
 from .rundir import RESUME_FORMAT, RESUME_NAME, WEIGHTS_NAME, RunDir
+from .seeding import SeededSampler, SeededSamples
 from .sources import StreamDataset, as_training_data, stream_loader
 
 
@@ -273,18 +274,7 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
     dtype = amp_dtype(cfg.amp, dev)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    generator = torch.Generator().manual_seed(cfg.seed)      # own generator: the global RNG is not consumed
-    if isinstance(train_data, StreamDataset):                # an iterable source (engine.sources): epochs of it
-        sampler, loader = stream_loader(train_data, cfg.batch_size, cfg.num_workers, cfg.drop_last, dev.type == "cuda",
-                                        inf.rank, inf.world_size, generator)
-        per_process = train_data.per_process()
-    else:
-        sampler = D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=inf.rank, world_size=inf.world_size)
-        loader = torch.utils.data.DataLoader(
-            train_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-            drop_last=cfg.drop_last, pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
-            generator=generator)
-        per_process = len(sampler)
+    sampler, loader, per_process = training_loader(train_data, cfg, inf.rank, inf.world_size, dev.type == "cuda")
     batches = per_process // cfg.batch_size if cfg.drop_last else -(-per_process // cfg.batch_size)
     if batches == 0:
         raise TokenTuneError(f"the training split has {per_process} images per process, fewer than one batch of "
@@ -296,6 +286,24 @@ def _setup(model: nn.Module, train_data, cfg: TrainConfig, dev: torch.device, in
                     criterion=criterion_of(model, cfg, label_smoothing=0.0 if mixer else cfg.label_smoothing),
                     compute_loss=loss_function(model), on_step=step_hooks(model), sampler=sampler, loader=loader,
                     batches=batches, steps_per_epoch=-(-batches // cfg.grad_accum), run=run, records=records, say=say)
+
+
+def training_loader(train_data, cfg: TrainConfig, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """``(sampler, loader, samples per process)`` of the training split; ``sampler.set_epoch(epoch, start)``
+    chooses the epoch and where in it to start. Every sample is transformed with the global generators
+    seeded from ``(cfg.seed, epoch, sample index)`` (:mod:`tokentune.engine.seeding`), so the
+    augmentation is the same whatever ``cfg.num_workers`` and after a resume."""
+    generator = torch.Generator().manual_seed(cfg.seed)      # own generator: the global RNG is not consumed
+    if isinstance(train_data, StreamDataset):                # an iterable source (engine.sources): epochs of it
+        sampler, loader = stream_loader(train_data, cfg.batch_size, cfg.num_workers, cfg.drop_last, pin_memory,
+                                        rank, world_size, generator, seed=cfg.seed)
+        return sampler, loader, train_data.per_process()
+    sampler = SeededSampler(D.EpochSampler(len(train_data), seed=cfg.seed, shuffle=True, rank=rank,
+                                           world_size=world_size), cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(train_data), batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=cfg.drop_last, pin_memory=pin_memory, persistent_workers=cfg.num_workers > 0, generator=generator)
+    return sampler, loader, len(sampler)
 
 
 def _resume_state(s: _Session, p: Progress, finished: bool) -> Dict[str, Any]:

@@ -279,7 +279,8 @@ class TrainTransform:
     def __call__(self, image, mask: np.ndarray):
         from PIL import Image
 
-        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,)).item()))    # follows torch's (resumable) RNG
+        # torch's RNG, which the training loader seeds per (seed, epoch, sample): engine.seeding
+        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,)).item()))
         ratio = rng.uniform(*self.ratio_range)
         size = _rescale_size(image.size[0], image.size[1], (int(self.scale[0] * ratio), int(self.scale[1] * ratio)))
         image = image.resize(size, Image.BILINEAR)

@@ -250,7 +250,8 @@ class VideoDataset(Dataset):
         if problem is not None:
             raise TokenTuneError(problem)
         n = self.length(index)
-        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,)).item()))    # follows torch's (resumable) RNG
+        # torch's RNG, which the training loader seeds per (seed, epoch, sample): engine.seeding
+        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,)).item()))
         if self.clips:
             clips = eval_indices(n, self.frames, self.sampling_rate, self.clips)
         else:
