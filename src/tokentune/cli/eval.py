@@ -6,6 +6,7 @@ import os
 
 from ..core.deploy import deploy
 from ..core.task import task_of
+from ..core.vit import spec_of
 from ..engine import distributed as D
 from ..engine.checkpoint import load_trained, read_config
 from ..engine.config import TrainConfig
@@ -34,6 +35,9 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=2, metavar="N", help="data-loading processes [default: 2]")
     parser.add_argument("--deploy", action="store_true",
                         help="evaluate the deployed model (LoRA merged, method deploy hooks applied)")
+    parser.add_argument("--add-method", action="append", default=None, metavar="NAME[:FIELD=VALUE,...]",
+                        help="add a training-free method to the trained model, off the shelf (e.g. "
+                             "pitome:pitome_r=0.9, tome:r=flops:2.0); repeat or join with '+' [default: none]")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     inf = D.init_distributed(args.device)
     try:
         dev = D.resolve_device(args.device)
-        model = load_trained(args.run, pretrained=args.pretrained)
+        model = load_trained(args.run, pretrained=args.pretrained, add_method=args.add_method)
+        model_method = (spec_of(model) or {}).get("method")
         task = task_of(model)
         if task is not None:
             ds = _task_split(task, args, cli, train_cfg, config, split, model)
@@ -86,14 +91,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         D.shutdown()
     record = {"run": os.path.abspath(args.run), "dataset": ds.name, "split": ds.split, "deployed": args.deploy,
-              "method": config.get("method"), "model": config.get("model"), **metrics, "skipped": ds.skipped}
+              "method": config.get("method"), "model": config.get("model"),
+              "evaluated_method": model_method, "added": args.add_method or [], **metrics, "skipped": ds.skipped}
+    added = f" [{model_method}]" if args.add_method else ""
     if inf.is_main:
         if metric == "top1":
             print(f"{ds.name} {ds.split}: top-1 {metrics['top1']:.2f}% ({metrics['correct']}/{metrics['total']})"
-                  f"{' [deployed]' if args.deploy else ''}")
+                  f"{' [deployed]' if args.deploy else ''}{added}")
         else:
             others = "".join(f", {k} {v:.2f}%" for k, v in metrics.items() if k in ("pixel_acc", "macc"))
-            print(f"{ds.name} {ds.split}: {metric} {metrics[metric]:.2f}%{others}{' [deployed]' if args.deploy else ''}")
+            print(f"{ds.name} {ds.split}: {metric} {metrics[metric]:.2f}%{others}{' [deployed]' if args.deploy else ''}{added}")
         if args.json:
             atomic_write_json(args.json, record)
     return 0

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..errors import TokenTuneError
+from ..parsing import convert
 from ..utils import jsonable
 from .backbone import architecture_of, create_backbone
 from .features import features_only as feature_extractor
 from .hub import absolute_source
-from .method import BuildContext, Method, available_methods, canonical_spec, parse_method
+from .method import BuildContext, Method, available_methods, canonical_spec, get_method, parse_method
 from .task import Task, get_task
 from .vit import adapt_vit, spec_of
 
@@ -79,6 +81,56 @@ def split_options(methods: Sequence[Method], options: Dict[str, Any]) -> Tuple[D
         if m.config is not None and m.name not in configs:
             configs[m.name] = m.config()
     return configs, timm_kwargs
+
+
+def training_free_methods() -> List[str]:
+    """The registered methods that work on a trained model without training (``Method.training_free``)."""
+    return [n for n in available_methods() if get_method(n).training_free]
+
+
+def _added_options(method: Method, text: str, item: str) -> Dict[str, Any]:
+    """``field=value,field=value`` (fields with or without the ``<method>_`` prefix) -> create_model options."""
+    if method.config is None:
+        raise TokenTuneError(f"method {method.name!r} takes no options (in {item!r})")
+    hints = typing.get_type_hints(method.config)
+    options: Dict[str, Any] = {}
+    for pair in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text):
+        key, sep, value = pair.partition("=")
+        key = key.strip().removeprefix(method.name + "_")
+        if not sep or key not in hints:
+            raise TokenTuneError(f"{item!r}: expected {method.name}:FIELD=VALUE[,FIELD=VALUE...] with FIELD one of "
+                                 f"{', '.join(hints)}")
+        try:
+            options[f"{method.name}_{key}"] = convert(hints[key], value.strip())
+        except (ValueError, TypeError) as exc:
+            raise TokenTuneError(f"{item!r}: {method.name}_{key}: {exc}") from None
+    return options
+
+
+def added_methods(specs: Union[str, Sequence[str]]) -> Tuple[List[str], Dict[str, Any]]:
+    """Training-free methods to add to a trained model, as ``tokentune eval --add-method`` gives them.
+
+    Each item is ``NAME[:FIELD=VALUE,...]`` (``"pitome:pitome_r=0.9"``, ``"tome:r=flops:2.0"``); items
+    may be repeated or ``+``-joined (``"tome:r=4+..."``). Only methods with ``training_free=True``
+    are accepted. Returns the method names and their :func:`create_model` options.
+    """
+    items = [specs] if isinstance(specs, str) else list(specs)
+    names: List[str] = []
+    options: Dict[str, Any] = {}
+    for spec in items:
+        for item in re.split(r"\+(?=\s*[A-Za-z_]\w*\s*(?::|\+|$))", str(spec)):
+            name, _, text = item.strip().partition(":")
+            if not name:
+                raise TokenTuneError(f"empty method in --add-method {spec!r}; write NAME[:FIELD=VALUE,...], e.g. "
+                                     "pitome:pitome_r=0.9")
+            method = get_method(name.strip().lower())
+            if not method.training_free:
+                raise TokenTuneError(f"'{method.name}' needs training and cannot be added to a trained model; add a "
+                                     f"training-free method: {', '.join(training_free_methods()) or 'none registered'}")
+            names.append(method.name)
+            if text.strip():
+                options.update(_added_options(method, text, item.strip()))
+    return names, options
 
 
 def check_model_options(method: str, options: Dict[str, Any]) -> None:

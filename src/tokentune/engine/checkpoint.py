@@ -13,12 +13,12 @@ over the target, so a crash never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..core.factory import create_model, rebuild_options
+from ..core.factory import added_methods, create_model, rebuild_options
 from ..core.hub import resolve_location
 from ..core.vit import spec_of
 from ..core.weights import load_safetensors, load_state_into, rename_keys  # noqa: F401 - re-exported
@@ -76,7 +76,8 @@ def _weights_fix(directory: str, config: Dict[str, Any]) -> str:
     return "save the model again with save_trained, or train it again"
 
 
-def load_trained(directory: str, pretrained: Union[bool, str, None] = None, model: Optional[nn.Module] = None) -> nn.Module:
+def load_trained(directory: str, pretrained: Union[bool, str, None] = None, model: Optional[nn.Module] = None,
+                 add_method: Union[str, Sequence[str], None] = None) -> nn.Module:
     """Rebuild the model saved in ``directory`` (a folder, ``local-dir:DIR`` or ``hf-hub:owner/repo``)
     and load its trained parameters.
 
@@ -91,18 +92,29 @@ def load_trained(directory: str, pretrained: Union[bool, str, None] = None, mode
         pretrained: override where the frozen backbone weights come from (default: as recorded;
             a recorded weights file is looked up relative to the run directory).
         model: load into this model instead of rebuilding one.
+        add_method: training-free methods to add to the trained model (off the shelf), as
+            ``tokentune eval --add-method`` takes them: ``"pitome:pitome_r=0.9"``, ``["tome:r=flops:2.0"]``
+            (see :func:`tokentune.core.factory.added_methods`); the run's own methods and weights are
+            kept. A combination that cannot compose (two token reducers) is refused in one line.
     """
     directory = resolve_location(os.fspath(directory), "the run", allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
     config = read_config(directory)
+    if add_method is not None and model is not None:
+        raise TokenTuneError("load_trained takes add_method only when it rebuilds the model (model=None)")
     if model is None:
         options = rebuild_options(config)
+        method = config["method"]
+        if add_method:
+            names, added = added_methods(add_method)
+            method = "+".join([method] + names)
+            options.update(added)
         source = config.get("pretrained", False) if pretrained is None else pretrained
         if pretrained is None and isinstance(source, str) and not os.path.isfile(source):
             raise TokenTuneError(f"the run in {directory!r} was trained from the weights file "
                                  f"{os.path.basename(source)!r}, which is not at {source!r} (the path is recorded "
                                  f"relative to the run directory); pass pretrained=PATH (--pretrained PATH), or "
                                  f"pretrained=True for the timm hub weights of {config['model']!r}")
-        model = create_model(config["model"], method=config["method"], num_classes=config["num_classes"],
+        model = create_model(config["model"], method=method, num_classes=config["num_classes"],
                              pretrained=source, train_head=config.get("train_head", True),
                              # runs saved before the option existed kept a pretrained head of the same size
                              pretrained_head=config.get("pretrained_head", True),

@@ -18,8 +18,8 @@ from ...core.rope import keep_rope
 from ...core.vit import adapted_blocks, num_input_tokens, num_prefix
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
-from .matching import bipartite_soft_matching, max_merge, merge_source, merge_weighted
-from .schedules import Schedule, fit_schedule, named_schedule, parse_schedule, resolve_target
+from .matching import Matching, bipartite_soft_matching, max_merge, merge_source, merge_weighted
+from .schedules import Schedule, fit_schedule, named_schedule, parse_schedule, resolve_target, schedule_for_keep_ratio
 
 
 @dataclass
@@ -72,13 +72,23 @@ class TokenMerging(nn.Module):
             raise TokenTuneError(
                 f"block expects to merge {self.r} tokens but only {r} of {x.shape[1]} can merge; "
                 "the input has fewer tokens than the schedule was built for (rebuild with this image size)")
-        m = bipartite_soft_matching(keys, r, state.num_prefix)
+        m = self.match(keys, r, state.num_prefix)
         source = state.source
         if state.trace_source:
             source = merge_source(source, m, x.shape[1], x)
         rope = keep_rope(state, m.keep, x.shape[0], x.shape[1])      # a destination keeps its own rotation
-        x, size = merge_weighted(x, state.size, m, self.modulator)
+        x, size = self.combine(x, state.size, m)
         return x, state.replace(size=size, source=source, **rope)
+
+    def match(self, keys: torch.Tensor, r: int, num_prefix: int) -> Matching:
+        """Which ``r`` tokens merge into which (ToMe: bipartite soft matching). Methods that merge
+        between attention and MLP with another matching (PiToMe) override this."""
+        return bipartite_soft_matching(keys, r, num_prefix)
+
+    def combine(self, x: torch.Tensor, size: Optional[torch.Tensor], m: Matching):
+        """The merged tokens and their sizes (ToMe: the size-weighted average, PYRA's modulator first).
+        Methods with another merge rule (ToFu's pruning and norm-preserving merge) override this."""
+        return merge_weighted(x, size, m, self.modulator)
 
 
 def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
@@ -94,6 +104,23 @@ def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
         r = target if target is not None else named_schedule(model_name, r, len(blocks))
     values = parse_schedule(r, len(blocks))
     return fit_schedule(values, num_input_tokens(model), num_prefix(model), strict=strict)
+
+
+def resolve_rate(model: nn.Module, r, model_name: str, name: str, count_prefix: bool = False) -> List[int]:
+    """The rate of a merging method whose papers give a keep ratio (PiToMe, ToFu) -> one fitted r per block.
+
+    A float is the keep ratio of every block (:func:`~.schedules.schedule_for_keep_ratio`; ``count_prefix``:
+    the ratio counts the prefix tokens too); anything else is a ToMe schedule
+    (:func:`resolve_merge_schedule`: an int, a per-layer list, ``"tokens:N"``, ``"flops:X"``, ...).
+    """
+    if isinstance(r, float):
+        if not 0.5 <= r <= 1.0:
+            raise TokenTuneError(f"{name}_r={r} is a keep ratio per block, which one merge step can lower to 0.5 "
+                                 f"at most; use a keep ratio in [0.5, 1] (e.g. 0.9), or an int r per block, "
+                                 f"'tokens:N' or 'flops:X'")
+        blocks = adapted_blocks(model)
+        return schedule_for_keep_ratio(r, num_input_tokens(model), len(blocks), num_prefix(model), count_prefix)
+    return resolve_merge_schedule(model, r, model_name)
 
 
 def schedule_of(model: nn.Module) -> List[int]:
@@ -114,4 +141,5 @@ def apply_tome(model: nn.Module, cfg: ToMeConfig, ctx) -> ToMeConfig:
 
 
 register_method(Method("tome", ToMeConfig, apply_tome, order=20, reduces_tokens=True, composes_with=("dyt",),
+                       training_free=True, rate_option="r",
                        summary="ToMe token merging between attention and MLP (no parameters)"))

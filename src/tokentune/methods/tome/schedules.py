@@ -104,6 +104,21 @@ def fit_schedule(schedule: Sequence[int], num_tokens: int, num_prefix: int, stri
     return fitted
 
 
+def schedule_for_keep_ratio(ratio: float, num_tokens: int, depth: int, num_prefix: int,
+                            count_prefix: bool = False) -> List[int]:
+    """The per-block merge counts of a keep ratio (PiToMe's and ToFu's rate): a block entering with
+    ``n`` tokens merges ``floor(T - T * ratio)`` of them, ``T = n - num_prefix`` (PiToMe: the CLS
+    token is not counted) or ``T = n`` (``count_prefix``, ToFu), capped by what one bipartite step
+    can merge (:func:`~tokentune.methods.tome.matching.max_merge`)."""
+    schedule, n = [], num_tokens
+    for _ in range(depth):
+        t = n if count_prefix else n - num_prefix
+        r = min(max(math.floor(t - t * ratio), 0), max_merge(n, num_prefix))
+        schedule.append(r)
+        n -= r
+    return schedule
+
+
 # ----------------------------------------------------------------------------- named schedules
 # Per-layer schedules of the PYRA reference implementation (224x224, patch 16):
 # "low" ~1.7x and "high" ~3.2x speed-up on GPU.
