@@ -43,12 +43,13 @@ BASELINES = {
     "vpt-deep": ("vpt", dict(vpt_deep=True)),
     "vpt+pyra": ("vpt+pyra", dict(tome_r=2)),
     "evit+pyra": ("evit+pyra", {}),
+    "lora+mctf": ("lora+mctf", dict(mctf_r=2)),
 }
 SPECS.update(BASELINES)
 # methods that keep or drop tokens by a hard top-k of scores: in bf16 (8 significant bits) two
 # close scores may swap, which changes which tokens go on, so bf16 only gets a bound that catches
 # broken arithmetic (wrong dtype, lost sizes, NaN), not a swapped choice; fp16 checks them tightly
-SELECTS = {"evit", "evit+pyra", "dynamicvit", "diffrate", "lora+evit", "lora+dynamicvit", "lora+diffrate"}
+SELECTS = {"evit", "evit+pyra", "dynamicvit", "diffrate", "lora+evit", "lora+dynamicvit", "lora+diffrate", "lora+mctf"}
 
 
 def _deployed(case, x):
@@ -97,7 +98,7 @@ def test_low_precision_and_static_shapes(case):
         assert meta(x.to("meta")).shape == want.shape
 
 
-@pytest.mark.parametrize("case", ["pyra", "dyt+tome", "evit+pyra", "dynamicvit", "diffrate", "vpt+pyra"])
+@pytest.mark.parametrize("case", ["pyra", "dyt+tome", "evit+pyra", "dynamicvit", "diffrate", "vpt+pyra", "lora+mctf"])
 def test_no_graph_breaks(case):
     x = torch.randn(2, 3, 32, 32)
     deployed = _deployed(case, x)

@@ -9,6 +9,7 @@ fused SDPA and weight loading keep working) and adds optional plug-ins::
     x, state = prompt(x, state)                       VPT: insert / replace prompt (prefix) tokens
     x, state = reduce.before_attention(x, state)      DynamicViT: predict and prune before the block
     x = x + drop_path1(ls1(attn(norm1(x))))          attn: timm's qkv/q_norm/k_norm/proj + SDPA
+                                                      (MCTF: reduce.attention reduces x, then attends)
     x, state = reduce(x, state, cls_attn)             EViT: keep / fuse by the CLS attention row
     x, state = merge(x, keys, state)                  ToMe / PYRA (between attention and MLP)
     x = x + drop_path2(ls2(mlp(norm2(x)))) + adapter(x)
@@ -106,8 +107,13 @@ class AdaptedBlock(nn.Module):
         if self.is_dispatched():
             return self._forward_dispatched(x, state)
         need_cls = self.reduce is not None and self.reduce.needs_cls_attn
-        h, keys, *cls_attn = attention(self.attn, self.norm1(x), bias=state.attn_bias(), return_keys=self.merge is not None,
-                                       policy=state.policy, return_cls_attn=need_cls, **self.rope_args(x, state))
+        if self.reduce is not None and self.reduce.runs_attention:    # the reducer runs attention (MCTF)
+            x, state, h = self.reduce.attention(self, x, state)
+            keys, cls_attn = None, []
+        else:
+            h, keys, *cls_attn = attention(self.attn, self.norm1(x), bias=state.attn_bias(),
+                                           return_keys=self.merge is not None, policy=state.policy,
+                                           return_cls_attn=need_cls, **self.rope_args(x, state))
         x = x + self.drop_path1(self.ls1(h))
         if self.reduce is not None:
             x, state = self.reduce(x, state, *cls_attn)

@@ -31,13 +31,24 @@ class TokenReducer(nn.Module):
 
     Attributes:
         needs_cls_attn: the block computes the CLS attention row for :meth:`forward`.
+        runs_attention: the reducer runs the block's attention itself (:meth:`attention`), e.g. to
+            reduce the tokens with attention computed before the reduction (MCTF's one-step-ahead
+            attention); the block then adds the update it returns.
     """
 
     needs_cls_attn: bool = False
+    runs_attention: bool = False
 
     def before_attention(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
         """At the block input, before attention (default: nothing)."""
         return x, state
+
+    def attention(self, block: nn.Module, x: torch.Tensor,
+                  state: TokenState) -> Tuple[torch.Tensor, TokenState, torch.Tensor]:
+        """With :attr:`runs_attention`: reduce the block input ``x`` and compute the attention update
+        of the reduced tokens through the block's own modules; returns ``(x, state, update)``, the
+        block adds ``drop_path1(ls1(update))`` to ``x``."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, state: TokenState,
                 cls_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, TokenState]:

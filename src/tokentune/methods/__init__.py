@@ -10,9 +10,10 @@
 * :mod:`.evit`: EViT, keep the tokens the CLS token attends to, fuse the others
   (:mod:`.pruning`: what the pruning methods share);
 * :mod:`.dynamicvit`: DynamicViT, learned prediction modules prune rho, rho^2, rho^3 of the tokens;
-* :mod:`.diffrate`: DiffRate, per-block prune and merge counts searched under a FLOPs target, then fixed.
+* :mod:`.diffrate`: DiffRate, per-block prune and merge counts searched under a FLOPs target, then fixed;
 * :mod:`.pitome`: PiToMe, training-free merging that protects low-energy (informative) tokens;
-* :mod:`.tofu`: ToFu, training-free pruning in early blocks and norm-preserving merging in late ones.
+* :mod:`.tofu`: ToFu, training-free pruning in early blocks and norm-preserving merging in late ones;
+* :mod:`.mctf`: MCTF, multi-criteria token fusion with one-step-ahead attention (training-free or trained).
 
 Adding a method: one module or folder here that defines its config dataclass and calls
 ``register_method(Method(...))`` at import, an import line below, and its tests (CONTRIBUTING.md).
@@ -45,7 +46,7 @@ from ..core.method import (
                             register_method,
                             register_recipe,
 )
-from . import adapter, diffrate, dynamicvit, dyt, evit, lora, pitome, pyra, tofu, tome, tuning, vpt  # noqa: F401 - registers the built-in methods  # noqa: F401 - registers PiToMe and ToFu
+from . import adapter, diffrate, dynamicvit, dyt, evit, lora, mctf, pitome, pyra, tofu, tome, tuning, vpt  # noqa: F401 - registers the built-in methods
 
 __all__ = [
     "BuildContext", "HEAD_PATTERN", "Method", "Recipe", "available_methods", "available_recipes", "canonical_spec",

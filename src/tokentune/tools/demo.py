@@ -7,7 +7,7 @@
    pretrained backbone, obtained without any download;
 3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
    probe, LoRA, LoRA + ToMe, PYRA, AdaptFormer-style adapters, DyT with the same adapters, and with
-   ``rows="all"`` LoRA + EViT, LoRA + DynamicViT, LoRA + DiffRate with rates searched on the
+   ``rows="all"`` LoRA + EViT, LoRA + DynamicViT, LoRA + MCTF, LoRA + DiffRate with rates searched on the
    digits, VPT-deep, VPT-deep + PYRA), through the same ``create_model -> train -> deploy ->
    evaluate`` path as real runs;
 4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
@@ -107,6 +107,9 @@ ROWS: List[DemoRow] = [
     DemoRow("LoRA r=8 + DiffRate (searched)", "lora+diffrate", dict(_LORA), extra=True, search_from="LoRA r=8",
             search=dict(target_share=0.58, epochs=4, batch_size=64, lr=0.1, min_lr=0.01, flops_weight=1e7,
                         granularity=2)),
+    # MCTF at the ToMe rows' FLOPs: mctf_r="flops:1.714" on the demo's 65 tokens gives this schedule (8.81 MMACs
+    # against ToMe's 8.83), written out so that other token counts still build; trained with MCTF's loss
+    DemoRow("LoRA r=8 + MCTF", "lora+mctf", {**_LORA, "mctf_r": [0, 25, 19, 10]}, extra=True),
     DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}, extra=True),
     DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True, extra=True),
 ]
