@@ -80,10 +80,20 @@ def ref_merge_wavg(merge, x, size):
     return x / size, size
 
 
-def ref_attention(attn, x, size):
+def ref_attention(attn, x, size, lora=None):
+    """FPETAttention.forward, or with ``lora=(bits, scale, training)`` apply_fpet.py's forward_attn (lora.py's
+    q and v adapters: identity activation, dropout on the hidden)."""
     B, N, C = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(B, N, 3, attn.num_heads, C // attn.num_heads)
+    qkv = qkv.permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]
+    if lora is not None:
+        bits, scale, training = lora
+        A, Bw = attn.qkv.lora_A, attn.qkv.lora_B
+        delta_q = ref_adapter(x, A[0], Bw[0], bits, relu=False, training=training) * scale
+        delta_v = ref_adapter(x, A[1], Bw[1], bits, relu=False, training=training) * scale
+        heads = lambda d: d.reshape(B, N, attn.num_heads, C // attn.num_heads).permute(0, 2, 1, 3)  # noqa: E731
+        q, v = q + heads(delta_q), v + heads(delta_v)
     a = (q @ k.transpose(-2, -1)) * attn.scale
     if size is not None:
         a = a + size.log()[:, None, None, :, 0]
@@ -92,12 +102,12 @@ def ref_attention(attn, x, size):
     return attn.proj(x), k.mean(1)
 
 
-def ref_forward(model, images, r_layer, bits, scale, training=False):
-    """main.py's adaptformer + apply_patch(prop_attn=True): FPET's forward_block on every block."""
+def ref_forward(model, images, r_layer, bits, scale, training=False, lora=False):
+    """main.py's adaptformer (or lora) + apply_patch(prop_attn=True): FPET's forward_block (FPETBlock) on every block."""
     x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
     size = None
     for i, blk in enumerate(model.blocks):
-        x_attn, metric = ref_attention(blk.attn, blk.norm1(x), size)
+        x_attn, metric = ref_attention(blk.attn, blk.norm1(x), size, (bits, scale, training) if lora else None)
         x = x + x_attn
         if i == r_layer:
             ref = blk.merge.refinement
@@ -105,20 +115,27 @@ def ref_forward(model, images, r_layer, bits, scale, training=False):
             metric = metric + 1 * ref_adapter(metric, ref.down_proj.weight, ref.up_proj.weight, ref.bits,
                                               training=training)
             x, size = ref_merge_wavg(ref_matching(metric), x, size)
+        if lora:
+            x = x + blk.mlp(blk.norm2(x))
+            continue
         ad = blk.adapter
         x = x + blk.mlp(blk.norm2(x)) + ref_adapter(x, ad.down_proj.weight, ad.up_proj.weight, bits,
                                                      training=training) * scale
     return model.forward_head(model.norm(x)), size
 
 
-def _fpet(bits=1, r_layer=2, img=32, scale=0.1, seed=0, **kw):
+def _fpet(bits=1, r_layer=2, img=32, scale=0.1, seed=0, lora=False, **kw):
     torch.manual_seed(seed)
-    model = tokentune.create_model(MODEL, method="adapter+fpet", num_classes=5, fpet_r_layer=r_layer,
-                                   adapter_bits=bits, adapter_bias=False, adapter_bottleneck=8, adapter_scale=scale,
-                                   **tiny(img_size=img), **kw)
+    if lora:     # FPET's LoRA: q and v, rank = --dim, scale s = alpha / rank, dropout on the hidden
+        peft = dict(method="lora+fpet", lora_targets=("q", "v"), lora_rank=8, lora_alpha=8 * scale, lora_bits=bits,
+                    lora_hidden_dropout=True)
+    else:
+        peft = dict(method="adapter+fpet", adapter_bits=bits, adapter_bias=False, adapter_bottleneck=8,
+                    adapter_scale=scale)
+    model = tokentune.create_model(MODEL, num_classes=5, fpet_r_layer=r_layer, **peft, **tiny(img_size=img), **kw)
     with torch.no_grad():                   # float up projections start at zero: move every weight
         for name, p in model.named_parameters():
-            if p.requires_grad and "up_proj" in name:
+            if p.requires_grad and ("up_proj" in name or "lora_B" in name):
                 p.add_(torch.randn_like(p) * 0.3)
     return model
 
@@ -174,21 +191,23 @@ def test_binary_adapter_option_and_storage_as_the_paper_counts():
 
 
 # ----------------------------------------------------------------------------- reference parity
-@pytest.mark.parametrize("bits,img", [(1, 32), (32, 32), (1, 40)])   # 4x4 and odd 5x5 grids
-def test_eval_equals_the_reference(bits, img):
-    model = _fpet(bits=bits, img=img).eval()
+@pytest.mark.parametrize("bits,img,lora", [(1, 32, False), (32, 32, False), (1, 40, False), (1, 32, True),
+                                           (32, 40, True)])   # 4x4 and odd 5x5 grids, AdaptFormer and LoRA
+def test_eval_equals_the_reference(bits, img, lora):
+    model = _fpet(bits=bits, img=img, lora=lora).eval()
     x = torch.randn(3, 3, img, img)
     with torch.no_grad():
         out, state = model(x, return_state=True)
-        want, size = ref_forward(model, x, 2, bits, 0.1)
+        want, size = ref_forward(model, x, 2, bits, 0.1, lora=lora)
     n = (img // 8) ** 2
     assert state.size.shape[1] == 1 + n // 2                             # prefix + |B| tokens
     assert torch.allclose(state.size, size, atol=1e-6)
     assert torch.allclose(out, want, atol=1e-5, rtol=1e-4)
 
 
-def test_training_and_straight_through_gradients_equal_the_reference():
-    model = _fpet(bits=1).train()
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_and_straight_through_gradients_equal_the_reference(lora):
+    model = _fpet(bits=1, lora=lora).train()
     x = torch.randn(4, 3, 32, 32)
     g = torch.randn(4, 5)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,7 +215,7 @@ def test_training_and_straight_through_gradients_equal_the_reference():
     out = model(x)
     ours = torch.autograd.grad((out * g).sum(), params)
     torch.manual_seed(7)                                                 # the same dropout draws, in the same order
-    want, _ = ref_forward(model, x, 2, 1, 0.1, training=True)
+    want, _ = ref_forward(model, x, 2, 1, 0.1, training=True, lora=lora)
     ref = torch.autograd.grad((want * g).sum(), params)
     assert torch.allclose(out, want, atol=1e-5, rtol=1e-4)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -206,8 +225,9 @@ def test_training_and_straight_through_gradients_equal_the_reference():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), name
 
 
-def test_deployed_equals_the_training_time_model_and_keeps_static_shapes():
-    model = _fpet(bits=1).eval()
+@pytest.mark.parametrize("lora", [False, True])
+def test_deployed_equals_the_training_time_model_and_keeps_static_shapes(lora):
+    model = _fpet(bits=1, lora=lora).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
@@ -249,6 +269,12 @@ def test_bad_options_fail_in_one_line():
         with pytest.raises(TokenTuneError, match=match) as e:
             tokentune.create_model(MODEL, method="adapter+fpet", **kw, **tiny())
         assert "\n" not in str(e.value)
+    with pytest.raises(TokenTuneError, match="lora_bits"):
+        tokentune.create_model(MODEL, method="lora+fpet", lora_bits=3, **tiny())
+    with pytest.raises(TokenTuneError, match="both 'qkv' and its part"):
+        tokentune.create_model(MODEL, method="lora", lora_targets=("qkv", "q"), **tiny())
+    with pytest.raises(TokenTuneError, match="peft's LoRA format cannot hold a LoRA on q/k/v parts"):
+        tokentune.save_peft(_fpet(lora=True), "unused")
     with pytest.raises(TokenTuneError, match="cannot be combined"):
         tokentune.create_model(MODEL, method="lora+tome+fpet", **tiny())
     with pytest.raises(TokenTuneError, match="cannot split a 1x2"):
@@ -280,3 +306,12 @@ def test_sources_and_unmerged_features():
     assert torch.equal(state.source.sum(1), torch.ones(2, 17))          # every patch in exactly one token
     assert torch.equal(state.source.sum(2, keepdim=True), state.size)
     assert [f.shape for f in feats] == [(2, 48, 4, 4)] * 2
+
+
+@pytest.mark.parametrize("name", ["fpet-vtab", "fpet-vtab-lora", "fpet-vtab-1bit", "fpet-vtab-lora-1bit"])
+def test_recipes_build(name):
+    recipe = tokentune.get_recipe(name)
+    tokentune.TrainConfig(**recipe.train_options)
+    opts = dict(recipe.model_options, fpet_r_layer=2)          # the tiny model has 4 blocks
+    model = tokentune.create_model(MODEL, method=recipe.method, num_classes=3, **opts, **tiny())
+    assert len(merges_of(model)) == 1 and recipe.train_options["lr"] == 1e-3

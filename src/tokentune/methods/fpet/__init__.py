@@ -11,6 +11,7 @@ token of the other half through a straight-through estimator, so the matching tr
 
 Reference: kyk120/fpet@17a45e76 (no licence file: read, not copied). Deviations: docs/baselines.md.
 """
+from . import recipes  # noqa: F401 - registers the VTAB-1k recipes
 from .matching import checkerboard, diff_matching, merge_dense
 from .method import FPETConfig, FPETMerge, apply_fpet, deploy_fpet, merges_of
 
