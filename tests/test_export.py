@@ -26,6 +26,7 @@ METHOD_OPTIONS = {
     "tome": dict(tome_r=[3, 2, 2, 1]),
     "pyra": dict(tome_r=[3, 2, 2, 1]),
     "diffrate": dict(diffrate_prune_kept=[17, 15, 11, 8], diffrate_merge_kept=[17, 13, 9, 5]),
+    "fpet": dict(fpet_r_layer=2),
 }
 
 
@@ -51,6 +52,8 @@ def _cases():
         cases += [("vpt-deep", "vpt", dict(vpt_deep=True)), ("vpt+pyra", "vpt+pyra", {})]
     if "evit" in methods:
         cases += [("evit+pyra", "evit+pyra", {})]
+    if "fpet" in methods:
+        cases += [("adapter-1bit+fpet", "adapter+fpet", dict(adapter_bits=1, adapter_bias=False)), ("lora+fpet", "lora+fpet", {})]
     if "dyt" in methods:
         from tokentune.methods.dyt import VARIANTS as DYT_VARIANTS
         cases += [(f"dyt-{v}", "dyt", dict(dyt_variant=v)) for v in DYT_VARIANTS if v != "mlp"]

@@ -5,6 +5,10 @@ Papers (PYRA, DyT, VTAB-1k PEFT tables): tunable parameters of the *backbone*, i
 classification head, as a share of the pretrained backbone without head (before any method
 added parameters; ViT-B/16: 85,798,656). A method may exclude further
 trainable parameters from the paper count (PYRA's LayerNorms, for instance).
+
+Storage: a model with low-bit layers (modules with a ``storage_bits()`` method, e.g. binary
+adapters) also reports the bytes the papers count for its trained backbone tensors: each low-bit
+weight at its bits (plus what ``storage_bits`` adds per layer), every other value in 32 bits.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ def count_parameters(model: nn.Module) -> Dict[str, float]:
     except Exception:  # a plain or deployed model: no method breakdown
         methods = []
     excluded = [re.compile(p) for m in methods for p in m.exclude_from_paper_count]
+    low_bit = {id(m.weight): int(m.storage_bits()) for m in model.modules()
+               if callable(getattr(m, "storage_bits", None)) and getattr(m, "weight", None) is not None}
+    storage_bits = 0
     per_method: Dict[str, int] = {}
     trainable = total = backbone = paper_trainable = head_params = 0
     for name, p in model.named_parameters():
@@ -42,6 +49,7 @@ def count_parameters(model: nn.Module) -> Dict[str, float]:
             continue
         if not any(e.search(name) for e in excluded):
             paper_trainable += n
+            storage_bits += low_bit.get(id(p), 32 * n)
         for m in methods:
             if m.name != "full" and any(re.search(pat, name) for pat in m.trainable):
                 per_method[m.name] = per_method.get(m.name, 0) + n
@@ -57,6 +65,7 @@ def count_parameters(model: nn.Module) -> Dict[str, float]:
         "paper_trainable": paper_trainable,
         "paper_pct": 100.0 * paper_trainable / max(backbone, 1),
         "per_method": per_method,
+        "paper_storage_bytes": storage_bits / 8 if low_bit else None,
     }
 
 
@@ -68,5 +77,8 @@ def print_trainable_parameters(model: nn.Module) -> str:
             f"paper count (backbone, no head): {c['paper_trainable']:,} of {c['backbone']:,} = {c['paper_pct']:.3f}%")
     if c["per_method"]:
         line += " (" + ", ".join(f"{k}: {v:,}" for k, v in c["per_method"].items()) + ")"
+    if c["paper_storage_bytes"] is not None:
+        line += (f"\nstorage (backbone, no head; low-bit weights at their bits + mu, sigma per layer, the rest 32-bit): "
+                 f"{c['paper_storage_bytes'] / 1024:,.1f} KB")
     print(line)
     return line

@@ -6,7 +6,12 @@ post-attention (un-normalised) stream::
     x' = x + MLP(LN2(x)) + Adapter(x)
 
 ``down`` is kaiming-uniform (a=sqrt 5), ``up`` and both biases are zero, so the adapter outputs
-0 at initialisation and training starts from the pretrained model. Parameter names follow the
+0 at initialisation and training starts from the pretrained model. ``bias=False`` leaves the
+biases out (FPET's adapters). ``bits < 32`` makes both projections low-bit layers
+(:class:`~tokentune.methods.binary.BinaryLinear`, FPET's and the Binary Adapter's 1-bit adapters:
+no biases, ``up`` starts at trunc_normal(0, 0.001) in [-0.002, 0.002] as in kyk120/fpet
+``adaptformer.py:20-24``, so a binary adapter is *not* zero at initialisation); ``deploy()`` folds
+them into plain float layers with the quantised weights. Parameter names follow the
 DyT reference (``adaptmlp.down_proj``/``adaptmlp.up_proj`` there, ``adapter.down_proj``/
 ``adapter.up_proj`` here).
 
@@ -27,6 +32,7 @@ from ..core.method import Method, register_method
 from ..core.vit import adapted_blocks
 from ..errors import TokenTuneError
 from ..typecheck import check_fields
+from .binary import BITS, fold_binary, make_linear
 
 
 @dataclass
@@ -38,12 +44,17 @@ class AdapterConfig:
         scale: output multiplier (DyT: 1.0 on VTAB-1k, AdaptFormer: 0.1).
         dropout: dropout on the hidden activation (training only).
         layernorm: ``"none"`` (DyT), ``"in"`` (LayerNorm on the input) or ``"out"`` (on the output).
+        bits: weight bits of the two projections: 32 (float) or 1, 2, 4, 8 (binary/low-bit weights
+            with a straight-through estimator, FPET's ``--bit``; such layers have no biases).
+        bias: biases on the two projections (32-bit only; FPET's adapters have none).
     """
 
     bottleneck: int = 16
     scale: float = 1.0
     dropout: float = 0.1
     layernorm: str = "none"
+    bits: int = 32
+    bias: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self, "adapter_")
@@ -51,13 +62,16 @@ class AdapterConfig:
             raise TokenTuneError(f"invalid adapter_bottleneck={self.bottleneck}: must be at least 1")
         if not 0.0 <= self.dropout < 1.0:
             raise TokenTuneError(f"invalid adapter_dropout={self.dropout}: a dropout probability is in [0, 1)")
+        if self.bits not in BITS:
+            raise TokenTuneError(f"invalid adapter_bits={self.bits}: choose one of {', '.join(map(str, BITS))} "
+                                 "(32 = full precision)")
 
 
 class Adapter(nn.Module):
-    """Bottleneck adapter ``scale * up(dropout(relu(down(x))))``."""
+    """Bottleneck adapter ``scale * up(dropout(relu(down(x))))`` (``bits < 32``: low-bit projections)."""
 
     def __init__(self, dim: int, bottleneck: int = 16, scale: float = 1.0, dropout: float = 0.1,
-                 layernorm: str = "none") -> None:
+                 layernorm: str = "none", bits: int = 32, bias: bool = True, act: str = "relu") -> None:
         super().__init__()
         if bottleneck <= 0:
             raise TokenTuneError(f"adapter bottleneck must be positive, got {bottleneck}")
@@ -65,9 +79,10 @@ class Adapter(nn.Module):
             raise TokenTuneError(f"adapter layernorm must be 'none', 'in' or 'out', got {layernorm!r}")
         self.layernorm = layernorm
         self.norm = nn.LayerNorm(dim) if layernorm != "none" else None
-        self.down_proj = nn.Linear(dim, bottleneck)
-        self.up_proj = nn.Linear(bottleneck, dim)
-        self.act = nn.ReLU()
+        self.bits = int(bits)
+        self.down_proj = make_linear(dim, bottleneck, bits, bias)
+        self.up_proj = make_linear(bottleneck, dim, bits, bias)
+        self.act = nn.ReLU() if act == "relu" else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = float(scale)
         self.reset_parameters()
@@ -75,12 +90,17 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.down_proj.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.down_proj.bias)
-        nn.init.zeros_(self.up_proj.weight)
-        nn.init.zeros_(self.up_proj.bias)
+        if self.bits < 32:          # kyk120/fpet adaptformer.py:24: a binary up projection cannot start at 0
+            nn.init.trunc_normal_(self.up_proj.weight, mean=0.0, std=0.001, a=-0.002, b=0.002)
+        else:
+            nn.init.zeros_(self.up_proj.weight)
+        for layer in (self.down_proj, self.up_proj):
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale:g}, layernorm={self.layernorm}"
+        bits = f", bits={self.bits}" if self.bits < 32 else ""
+        return f"scale={self.scale:g}, layernorm={self.layernorm}{bits}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layernorm == "in":
@@ -168,13 +188,17 @@ class MoEAdapter(nn.Module):
 def apply_adapters(blocks, cfg: AdapterConfig) -> None:
     """Give every block an :class:`Adapter` parallel to its MLP."""
     for block in blocks:
-        block.adapter = Adapter(block.width(), cfg.bottleneck, cfg.scale, cfg.dropout, cfg.layernorm).to(
-            **block.param_like())
+        block.adapter = Adapter(block.width(), cfg.bottleneck, cfg.scale, cfg.dropout, cfg.layernorm,
+                                cfg.bits, cfg.bias).to(**block.param_like())
 
 
 def _apply(model: nn.Module, cfg: AdapterConfig, ctx) -> None:
     apply_adapters(adapted_blocks(model), cfg)
 
 
+def _deploy(model: nn.Module) -> None:
+    fold_binary(model)              # low-bit adapters: the quantised weights in plain float layers
+
+
 register_method(Method("adapter", AdapterConfig, _apply, trainable=(r"\.adapter\.",), order=13, peft=True,
-                       summary="AdaptFormer-style bottleneck adapters parallel to the MLP"))
+                       deploy=_deploy, summary="AdaptFormer-style bottleneck adapters parallel to the MLP"))

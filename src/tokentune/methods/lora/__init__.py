@@ -8,7 +8,7 @@ from torch import nn
 
 from ...core.method import Method, register_method
 from ...core.vit import adapted_blocks
-from .layer import LoRAConfig, LoRALinear, apply_lora, merge_lora
+from .layer import LoRAConfig, LoRALinear, PartLoRALinear, apply_lora, merge_lora
 from .peft import load_peft, save_peft
 
 
@@ -24,4 +24,4 @@ register_method(Method("lora", LoRAConfig, _apply, trainable=(r"\.lora_[AB]$",),
                        deploy=_deploy, save_formats={"peft": save_peft},
                        summary="LoRA on the fused qkv projection (mergeable for deployment)"))
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "load_peft", "merge_lora", "save_peft"]
+__all__ = ["LoRAConfig", "LoRALinear", "PartLoRALinear", "apply_lora", "load_peft", "merge_lora", "save_peft"]

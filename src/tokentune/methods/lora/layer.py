@@ -23,6 +23,7 @@ from torch import nn
 
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
+from ..binary import BITS, binarized_weight
 
 
 @dataclass
@@ -36,13 +37,21 @@ class LoRAConfig:
         dropout: dropout on the LoRA input (training only).
         targets: names of the Linear layers inside each block to adapt (``qkv``, ``proj``,
             ``fc1``, ``fc2``; timm's Eva blocks also ``q_proj``, ``k_proj``, ``v_proj``, ``fc1_g``,
-            ``fc1_x``, and ``qkv``/``fc1`` adapt the separate parts where a block splits them).
+            ``fc1_x``, and ``qkv``/``fc1`` adapt the separate parts where a block splits them), or
+            ``q``, ``k``, ``v``: one LoRA of its own on that part of the attention's fused qkv
+            (FPET's LoRA: ``q`` and ``v``; separate projections: ``q_proj`` etc.).
+        bits: weight bits of A and B: 32 (float) or 1, 2, 4, 8 (binary/low-bit weights with a
+            straight-through estimator, FPET's ``--bit``; B then starts at trunc_normal(0, 0.001)).
+        hidden_dropout: apply the dropout to the rank-r hidden ``A x`` instead of the input (FPET's
+            LoRA, ``lora.py:40-45``).
     """
 
     rank: int = 8
     alpha: Optional[float] = None
     dropout: float = 0.1
     targets: Sequence[str] = ("qkv",)
+    bits: int = 32
+    hidden_dropout: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "lora_")
@@ -54,6 +63,9 @@ class LoRAConfig:
             raise TokenTuneError(f"invalid lora_dropout={self.dropout}: a dropout probability is in [0, 1)")
         if not self.targets:
             raise TokenTuneError("lora_targets is empty; name at least one of qkv, proj, fc1, fc2")
+        if self.bits not in BITS:
+            raise TokenTuneError(f"invalid lora_bits={self.bits}: choose one of {', '.join(map(str, BITS))} "
+                                 "(32 = full precision)")
 
 
 class LoRALinear(nn.Linear):
@@ -104,6 +116,94 @@ class LoRALinear(nn.Linear):
         return merged
 
 
+class PartLoRALinear(nn.Linear):
+    """A frozen ``nn.Linear`` plus one low-rank update per *part* of its output: FPET's LoRA, separate
+    updates of q and v on timm's fused qkv (kyk120/fpet ``lora.py:7-21``), optionally with low-bit
+    A and B and the dropout on the hidden. For part ``j`` of ``chunks`` equal output slices::
+
+        y_j = W_j x + b_j + s * B_j dropout(A_j x)      (hidden_dropout; else B_j A_j dropout(x))
+
+    ``lora_A`` [k, rank, in], ``lora_B`` [k, out / chunks, rank] (``k`` adapted parts); low-bit
+    A_j and B_j are quantised each as one layer (:mod:`tokentune.methods.binary`). :meth:`merge`
+    folds every ``s B_j A_j`` into its rows.
+    """
+
+    def __init__(self, base: nn.Linear, parts: Sequence[int], chunks: int, rank: int, alpha: Optional[float] = None,
+                 dropout: float = 0.0, bits: int = 32, hidden_dropout: bool = False) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if self.out_features % chunks:
+            raise TokenTuneError(f"cannot split {self.out_features} outputs into {chunks} parts for LoRA")
+        self.weight, self.bias = base.weight, base.bias
+        self.parts, self.chunks, self.bits = tuple(int(p) for p in parts), int(chunks), int(bits)
+        part = self.out_features // chunks
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(len(self.parts), rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(len(self.parts), part, rank, **factory))
+        with torch.no_grad():
+            for j in range(len(self.parts)):
+                nn.init.kaiming_uniform_(self.lora_A[j], a=math.sqrt(5))
+                if bits < 32:            # a binary B cannot start at zero (kyk120/fpet lora.py:35)
+                    nn.init.trunc_normal_(self.lora_B[j], mean=0.0, std=0.001, a=-0.002, b=0.002)
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        self.hidden_dropout = bool(hidden_dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, parts={self.parts} of {self.chunks}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"bits={self.bits}")
+
+    def _ab(self, j: int):
+        a, b = self.lora_A[j], self.lora_B[j]
+        if self.bits < 32:
+            return binarized_weight(a, self.bits), binarized_weight(b, self.bits)
+        return a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        xin = x if self.hidden_dropout else self.lora_dropout(x)
+        deltas = {}
+        for j, part in enumerate(self.parts):
+            a, b = self._ab(j)
+            h = F.linear(xin, a)
+            if self.hidden_dropout:
+                h = self.lora_dropout(h)
+            deltas[part] = F.linear(h, b) * self.scaling
+        width = self.out_features // self.chunks
+        pieces = [deltas[c] if c in deltas else out.new_zeros(*out.shape[:-1], width) for c in range(self.chunks)]
+        return out + torch.cat(pieces, dim=-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s B_j A_j`` in the rows of each part, zeros elsewhere: what :meth:`merge` adds."""
+        rows = []
+        width = self.out_features // self.chunks
+        for c in range(self.chunks):
+            if c in self.parts:
+                a, b = self._ab(self.parts.index(c))
+                rows.append((b @ a) * self.scaling)
+            else:
+                rows.append(self.weight.new_zeros(width, self.in_features))
+        return torch.cat(rows, dim=0)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        merged.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
+        if self.bias is not None:
+            merged.bias.copy_(self.bias)
+        merged.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            merged.bias.requires_grad_(self.bias.requires_grad)
+        return merged
+
+
+#: parts of the attention's fused qkv that a LoRA may adapt alone, and the separate projection
+#: that stands for each on an attention without a fused qkv
+_QKV_PARTS = {"q": (0, "q_proj"), "k": (1, "k_proj"), "v": (2, "v_proj")}
+
 #: where a target lives in a block, and what it stands for in blocks that split it: timm's Eva
 #: attention may have separate q/k/v projections (EVA-02 base and up; DINOv3 uses a fused qkv), its SwiGLU MLP
 #: separate gate and value halves of fc1 (``fc1_g``, ``fc1_x``)
@@ -132,22 +232,51 @@ def _block_linears(block: nn.Module, target: str) -> List[Tuple[nn.Module, str]]
                          f"{', '.join(n for n, m in parent.named_children() if isinstance(m, nn.Linear))}")
 
 
+def _plan(block: nn.Module, targets: Sequence[str]):
+    """{(parent, attribute): parts or None (the whole layer)} of one block's LoRA targets."""
+    plan = {}
+    for target in targets:
+        if target in _QKV_PARTS:
+            part, separate = _QKV_PARTS[target]
+            attn = block.attn
+            if isinstance(getattr(attn, "qkv", None), nn.Linear):
+                parts = plan.setdefault((attn, "qkv"), [])
+                if parts is None:
+                    raise TokenTuneError(f"lora_targets names both 'qkv' and its part {target!r}; choose one")
+                parts.append(part)
+                continue
+            target = separate
+        for key in _block_linears(block, target):
+            if plan.get(key):
+                raise TokenTuneError("lora_targets names both 'qkv' and its parts; choose one")
+            plan[key] = None
+    return plan
+
+
 def apply_lora(blocks: Sequence[nn.Module], cfg: LoRAConfig) -> None:
-    """Wrap the target Linear layers of every block with :class:`LoRALinear`."""
+    """Wrap the target Linear layers of every block with :class:`LoRALinear` (with ``q``/``k``/``v``
+    parts, low-bit weights or the hidden dropout: :class:`PartLoRALinear`)."""
+    plain = cfg.bits == 32 and not cfg.hidden_dropout
     for block in blocks:
-        for target in cfg.targets:
-            for parent, attr in _block_linears(block, target):
-                layer = getattr(parent, attr)
-                if not isinstance(layer, LoRALinear):
-                    setattr(parent, attr, LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout))
+        for (parent, attr), parts in _plan(block, cfg.targets).items():
+            layer = getattr(parent, attr)
+            if isinstance(layer, (LoRALinear, PartLoRALinear)):
+                continue
+            if parts is None and plain:
+                setattr(parent, attr, LoRALinear(layer, cfg.rank, cfg.alpha, cfg.dropout))
+                continue
+            parts, chunks = (sorted(set(parts)), 3) if parts is not None else ((0,), 1)
+            setattr(parent, attr, PartLoRALinear(layer, parts, chunks, cfg.rank, cfg.alpha, cfg.dropout,
+                                                 cfg.bits, cfg.hidden_dropout))
 
 
 def merge_lora(model: nn.Module) -> int:
-    """Replace every :class:`LoRALinear` in ``model`` by its merged ``nn.Linear``; returns how many."""
+    """Replace every :class:`LoRALinear` (and :class:`PartLoRALinear`) in ``model`` by its merged
+    ``nn.Linear``; returns how many."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, (LoRALinear, PartLoRALinear)):
                 setattr(module, name, child.merge())
                 count += 1
     return count

@@ -51,7 +51,7 @@ from ...errors import TokenTuneError
 from ...fileio import atomic_write, atomic_write_json
 from ...utils import unwrap_model
 from ...version import __version__
-from .layer import LoRALinear
+from .layer import LoRALinear, PartLoRALinear
 
 PREFIX = "base_model.model."
 #: tokentune's LoRA targets and the module they are inside a timm block (q_proj/k_proj/v_proj and
@@ -118,6 +118,10 @@ def peft_config_of(model: nn.Module) -> Dict[str, Any]:
     model = unwrap_model(model)
     spec = spec_of(model)
     layers = _lora_layers(model)
+    if any(isinstance(m, PartLoRALinear) for m in model.modules()):
+        raise TokenTuneError("peft's LoRA format cannot hold a LoRA on q/k/v parts of a fused qkv, with low-bit "
+                             "weights or with the hidden dropout (lora_targets q/v, lora_bits, lora_hidden_dropout); "
+                             "keep tokentune's format (tokentune.save_trained, tokentune export)")
     if spec is None or not layers:
         raise TokenTuneError("peft's format holds a LoRA: pass a model built by tokentune.create_model with a LoRA "
                              "(method='lora', 'lora+tome', ...) before deploy() merged it")
