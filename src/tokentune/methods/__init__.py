@@ -10,7 +10,8 @@
 * :mod:`.evit`: EViT, keep the tokens the CLS token attends to, fuse the others
   (:mod:`.pruning`: what the pruning methods share);
 * :mod:`.dynamicvit`: DynamicViT, learned prediction modules prune rho, rho^2, rho^3 of the tokens;
-* :mod:`.diffrate`: DiffRate, per-block prune and merge counts searched under a FLOPs target, then fixed.
+* :mod:`.diffrate`: DiffRate, per-block prune and merge counts searched under a FLOPs target, then fixed;
+* :mod:`.dtem`: DTEM, ToMe on a learned decoupled embedding (soft grouping in training).
 
 Adding a method: one module or folder here that defines its config dataclass and calls
 ``register_method(Method(...))`` at import, an import line below, and its tests (CONTRIBUTING.md).
@@ -43,7 +44,7 @@ from ..core.method import (
                             register_method,
                             register_recipe,
 )
-from . import adapter, diffrate, dynamicvit, dyt, evit, lora, pyra, tome, tuning, vpt  # noqa: F401 - registers the built-in methods
+from . import adapter, diffrate, dtem, dynamicvit, dyt, evit, lora, pyra, tome, tuning, vpt  # noqa: F401 - registers the built-in methods
 
 __all__ = [
     "BuildContext", "HEAD_PATTERN", "Method", "Recipe", "available_methods", "available_recipes", "canonical_spec",
