@@ -339,3 +339,31 @@ def test_half_precision_runs(dtype):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x).float()).all()
+
+
+# ----------------------------------------------------------------------------- tasks and pictures
+@pytest.mark.parametrize("task, options, shape", [
+    ("segmentation", dict(segmentation_channels=16, segmentation_scale=(64, 32)), (2, 5, 32, 32)),
+    ("video", dict(video_frames=2, video_pool="mean"), (1, 5)),
+])
+def test_segmentation_and_video_train_and_deploy(task, options, shape):
+    torch.manual_seed(0)
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+dtem", num_classes=5, task=task, dtem_r=[3, 2, 2, 1],
+                                   **options, **tiny())
+    x = torch.randn(2, 3, 32, 32) if task == "segmentation" else torch.randn(1, 2, 3, 32, 32)
+    model.train()
+    out = model(x)                                  # soft grouping: every level is on the grid
+    assert out.shape == shape
+    out.float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".merge.embed." in n and "blocks.3" not in n)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(tokentune.deploy(model)(x), model(x), atol=1e-5)
+
+
+def test_token_groups_of_the_merged_model():
+    from tokentune.tools import viz
+
+    model = _model().eval()
+    groups = viz.token_groups(model, _images(2))
+    assert [groups[d][1] for d in sorted(groups)] == [31, 26, 22, 19]
