@@ -54,7 +54,7 @@ def test_every_demo_row_builds_trains_and_deploys_at_demo_size(tmp_path):
     from torch.utils.data import TensorDataset
 
     from tokentune import create_model, deploy
-    from tokentune.tools.demo import BACKBONE, searched_options
+    from tokentune.tools.demo import BACKBONE, _rate_option, searched_options
 
     cfg = DemoConfig(patch_size=8)
     arch = dict(img_size=32, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
@@ -65,7 +65,7 @@ def test_every_demo_row_builds_trains_and_deploys_at_demo_size(tmp_path):
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     models = {}
     for row in ROWS:
-        options = {**arch, **row.options, **({"tome_r": 2} if row.merge else {})}
+        options = {**arch, **row.options, **({_rate_option(row.method): 2} if row.merge else {})}
         if row.search:       # the row's search runs from the earlier row's model, as in the demo
             found, record = searched_options(row, models[row.search_from], TensorDataset(x, y))
             assert found and record["num_tokens"] == 17 and len(record["history"]) == row.search["epochs"], row.label

@@ -86,9 +86,23 @@ def softmax_with_policy(logits: torch.Tensor, policy: torch.Tensor, eps: float =
     return ((weights + eps / N) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
 
 
+def softmax_sized(logits: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Size-weighted attention [B, H, N, N]: ``A_ij = exp(l_ij - max_j l_ij) s_j / sum_j exp(l_ij - max_j l_ij) s_j``.
+
+    DTEM's attention (movinghoon/DTEM@13f20463, ``dtem/dtem.py:80-82``, "as in DynamicViT"), in
+    float32 as there. With every ``s_j > 0`` it equals ``softmax(l + log s)`` (proportional
+    attention); unlike the log bias it stays exact and differentiable where soft merging left a
+    size at 0 (the key is hidden, and the gradient still reaches ``s``).
+    """
+    weights = (logits - logits.max(dim=-1, keepdim=True)[0]).to(torch.float32).exp()
+    weights = weights * size[:, None, None, :].to(torch.float32)
+    return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype)
+
+
 def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
               return_keys: bool = False, policy: Optional[torch.Tensor] = None,
-              return_cls_attn: bool = False, rope: Optional[torch.Tensor] = None, num_prefix: int = 0):
+              return_cls_attn: bool = False, rope: Optional[torch.Tensor] = None, num_prefix: int = 0,
+              key_weight: Optional[torch.Tensor] = None):
     """Run timm's ``Attention`` module on ``x`` [B, N, C] with an optional additive bias.
 
     Calls the module's own ``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate`` and ``proj``; uses
@@ -96,7 +110,9 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     and the explicit softmax otherwise. ``bias`` broadcasts to [B, heads, N, N] (e.g. log token
     sizes [B, 1, 1, N], or -inf for keys that must be ignored). ``policy`` [B, N] (training-time
     token pruning, see :attr:`TokenState.policy`) hides dropped keys with
-    :func:`softmax_with_policy`, always on the explicit path.
+    :func:`softmax_with_policy`, always on the explicit path. ``key_weight`` [B, N] (soft token
+    sizes, :attr:`TokenState.soft_tokens`) multiplies the softmax numerators
+    (:func:`softmax_sized`), also on the explicit path.
 
     Returns ``(output, keys)``: the attention output and, if ``return_keys``, the keys averaged
     over heads [B, N, head_dim] (the ToMe matching metric; they include LoRA deltas and k_norm).
@@ -125,7 +141,7 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     cls_attn = None
-    if getattr(attn, "fused_attn", False) and policy is None:
+    if getattr(attn, "fused_attn", False) and policy is None and key_weight is None:
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         if return_cls_attn:
@@ -137,7 +153,12 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
-        probs = logits.softmax(dim=-1) if policy is None else softmax_with_policy(logits, policy)
+        if policy is not None:
+            probs = softmax_with_policy(logits, policy)
+        elif key_weight is not None:
+            probs = softmax_sized(logits, key_weight)
+        else:
+            probs = logits.softmax(dim=-1)
         if return_cls_attn:
             cls_attn = probs[:, :, 0].mean(dim=1)
         out = attn.attn_drop(probs) @ v

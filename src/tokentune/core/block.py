@@ -44,7 +44,10 @@ class AdaptedBlock(nn.Module):
     """A timm ``Block`` whose submodules are adopted as-is, plus method plug-ins.
 
     Plug-ins (each None when unused):
-        merge: :class:`tokentune.tome.TokenMerging` run between attention and MLP.
+        merge: :class:`tokentune.tome.TokenMerging` run between attention and MLP, as
+            ``merge(x, metric, state)``; the metric is the head-averaged keys, or, when the module
+            has an ``input_metric(h)`` method, its output on the normalised block input ``h``
+            (DTEM's decoupled embedding).
         adapter: a module on the post-attention stream, added in parallel with the MLP.
         attn_dispatcher, mlp_dispatcher, layer_dispatcher: token dispatchers (DyT), called as
             ``dispatcher(x, state) -> (Dispatch or None, state)``; they decide which tokens take
@@ -107,18 +110,22 @@ class AdaptedBlock(nn.Module):
         if self.is_dispatched():
             return self._forward_dispatched(x, state)
         need_cls = self.reduce is not None and self.reduce.needs_cls_attn
+        # a merge module with its own metric (DTEM's embedding) reads the normalised block input
+        own_metric = getattr(self.merge, "input_metric", None)
         if self.reduce is not None and self.reduce.runs_attention:    # the reducer runs attention (MCTF)
             x, state, h = self.reduce.attention(self, x, state)
-            keys, cls_attn = None, []
+            keys, cls_attn, xn = None, [], None
         else:
-            h, keys, *cls_attn = attention(self.attn, self.norm1(x), bias=state.attn_bias(),
-                                           return_keys=self.merge is not None, policy=state.policy,
-                                           return_cls_attn=need_cls, **self.rope_args(x, state))
+            xn = self.norm1(x)
+            h, keys, *cls_attn = attention(self.attn, xn, bias=state.attn_bias(),
+                                           return_keys=self.merge is not None and own_metric is None,
+                                           policy=state.policy, return_cls_attn=need_cls,
+                                           key_weight=state.key_weight(), **self.rope_args(x, state))
         x = x + self.drop_path1(self.ls1(h))
         if self.reduce is not None:
             x, state = self.reduce(x, state, *cls_attn)
         if self.merge is not None:
-            x, state = self.merge(x, keys, state)
+            x, state = self.merge(x, keys if own_metric is None else own_metric(xn), state)
         mlp_out = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         if self.adapter is None:
             return x + mlp_out, state

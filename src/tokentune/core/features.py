@@ -33,7 +33,7 @@ OUTPUT_FORMATS = ("NCHW", "NLC")
 def unmerge(x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
     """Tokens ``x`` [B, N, C] back on the input tokens [B, N0, C]: each input token takes the value
     of the token that stands for it (``source`` [B, N, N0], ToMe's 0/1 map; None: nothing merged)."""
-    if source is None or source.shape[1] == source.shape[2]:
+    if source is None:          # nothing merged, or tokens only reordered (DTEM's soft merging in training)
         return x
     owner = source.argmax(dim=1)                           # [B, N0]: the token each input token belongs to
     out = x.gather(1, owner.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

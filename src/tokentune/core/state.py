@@ -36,6 +36,11 @@ class TokenState:
             tokens by every reduction; None while nothing was reduced (token ``p + j`` at row ``j``).
         rope_identity: the table's appended identity row (no rotation), once a token needs it
             (EViT's fused token); None before.
+        soft_tokens: soft merging in training (DTEM): the number of leading tokens that still take
+            part in matching; the tokens after them were merged away softly and stay in the sequence
+            with sizes near or at 0. While set, attention weights every key by its size by
+            multiplying the softmax numerators (:func:`tokentune.core.attention.softmax_sized`: exact
+            and differentiable at size 0, where a ``log(size)`` bias is not). None = hard reduction.
         records: one dict per block that recorded something (token counts, DyT masks, ...).
         options: per-forward switches passed as ``model(x, **options)`` (e.g. a method's
             "complete model" pass); read by plug-ins, never by the composition layer.
@@ -50,6 +55,7 @@ class TokenState:
     rope: Optional[torch.Tensor] = None
     rope_pos: Optional[torch.Tensor] = None
     rope_identity: Optional[int] = None
+    soft_tokens: Optional[int] = None
     records: Tuple[Dict[str, Any], ...] = ()
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -60,10 +66,18 @@ class TokenState:
         return dataclasses.replace(self, records=self.records + (items,))
 
     def attn_bias(self) -> Optional[torch.Tensor]:
-        """Additive attention bias [B, 1, 1, N] for proportional attention, or None."""
-        if not self.prop_attn or self.size is None:
+        """Additive attention bias [B, 1, 1, N] for proportional attention, or None (also while
+        sizes are soft: :meth:`key_weight` weights the keys then)."""
+        if not self.prop_attn or self.size is None or self.soft_tokens is not None:
             return None
         return self.size.log().transpose(1, 2).unsqueeze(1)
+
+    def key_weight(self) -> Optional[torch.Tensor]:
+        """[B, N] sizes that multiply the attention's softmax numerators while sizes are soft
+        (:attr:`soft_tokens`, with proportional attention), else None."""
+        if not self.prop_attn or self.size is None or self.soft_tokens is None:
+            return None
+        return self.size[..., 0]
 
 
 @dataclass

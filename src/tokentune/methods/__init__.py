@@ -15,7 +15,8 @@
 * :mod:`.tofu`: ToFu, training-free pruning in early blocks and norm-preserving merging in late ones;
 * :mod:`.mctf`: MCTF, multi-criteria token fusion with one-step-ahead attention (training-free or trained);
 * :mod:`.fpet`: FPET, one checkerboard merge with a refined metric and straight-through matching;
-* :mod:`.binary`: low-bit (binary) linear layers with a straight-through estimator (adapters, FPET).
+* :mod:`.binary`: low-bit (binary) linear layers with a straight-through estimator (adapters, FPET);
+* :mod:`.dtem`: DTEM, ToMe on a learned decoupled embedding (soft grouping in training).
 
 Adding a method: one module or folder here that defines its config dataclass and calls
 ``register_method(Method(...))`` at import, an import line below, and its tests (CONTRIBUTING.md).
@@ -48,7 +49,7 @@ from ..core.method import (
                             register_method,
                             register_recipe,
 )
-from . import adapter, diffrate, dynamicvit, dyt, evit, fpet, lora, mctf, pitome, pyra, tofu, tome, tuning, vpt  # noqa: F401 - registers the built-in methods
+from . import adapter, diffrate, dtem, dynamicvit, dyt, evit, fpet, lora, mctf, pitome, pyra, tofu, tome, tuning, vpt  # noqa: F401 - registers the built-in methods
 
 __all__ = [
     "BuildContext", "HEAD_PATTERN", "Method", "Recipe", "available_methods", "available_recipes", "canonical_spec",

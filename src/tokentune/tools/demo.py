@@ -8,7 +8,7 @@
 3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
    probe, LoRA, LoRA + ToMe, PYRA, AdaptFormer-style adapters, DyT with the same adapters, and with
    ``rows="all"`` LoRA + EViT, LoRA + DynamicViT, LoRA + MCTF, LoRA + DiffRate with rates searched on the
-   digits, VPT-deep, VPT-deep + PYRA), through the same ``create_model -> train -> deploy ->
+   digits, VPT-deep, VPT-deep + PYRA, LoRA + DTEM), through the same ``create_model -> train -> deploy ->
    evaluate`` path as real runs;
 4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
    adds per image and throughput, measured side by side in one process on the same batch.
@@ -112,6 +112,8 @@ ROWS: List[DemoRow] = [
     DemoRow("LoRA r=8 + MCTF", "lora+mctf", {**_LORA, "mctf_r": [0, 25, 19, 10]}, extra=True),
     DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}, extra=True),
     DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True, extra=True),
+    # DTEM: the ToMe rows' schedule on a learned embedding, trained with LoRA by soft grouping
+    DemoRow("LoRA r=8 + DTEM", "lora+dtem", dict(_LORA), merge=True, extra=True),
 ]
 
 
@@ -142,7 +144,7 @@ class DemoConfig:
         rows: ``"default"``: the seed papers' methods and their deployment forms (linear probe, LoRA,
             LoRA + ToMe, PYRA, AdaptFormer, DyT, DyT with static shapes); ``"all"``: also the papers'
             other baselines and prompt tuning (EViT, DynamicViT, DiffRate with rates searched on the
-            digits at the ToMe rows' FLOPs, VPT-deep, VPT-deep + PYRA; about two minutes more).
+            digits at the ToMe rows' FLOPs, VPT-deep, VPT-deep + PYRA, DTEM; about two minutes more).
     """
 
     pretrain_epochs: int = 8
@@ -355,6 +357,13 @@ def searched_options(row: DemoRow, model: nn.Module, data, log: Optional[Callabl
     return {f"{method.name}_{k}": v for k, v in record["options"].items()}, record
 
 
+def _rate_option(spec: str) -> str:
+    """The option that takes a merging row's schedule: the rate option of the spec's method that has
+    one (:attr:`Method.rate_option`, e.g. ``dtem_r``), else ToMe's ``tome_r``."""
+    named = [f"{m.name}_{m.rate_option}" for m in parse_method(spec) if m.rate_option]
+    return named[0] if named else "tome_r"
+
+
 def adapt(setup: DemoSetup, row: DemoRow, cfg: DemoConfig, out_dir: Optional[str], seed: Optional[int] = None,
           log: Optional[Callable[[str], None]] = None, options: Optional[Dict[str, Any]] = None) -> Adapted:
     """Adapt the demo's backbone to digits 5-9 with ``row``'s method: ``create_model -> train ->
@@ -367,7 +376,7 @@ def adapt(setup: DemoSetup, row: DemoRow, cfg: DemoConfig, out_dir: Optional[str
     seed = cfg.seed if seed is None else seed
     options = {**row.options, **(options or {})}
     if row.merge:
-        options["tome_r"] = list(cfg.tome_r)
+        options[_rate_option(row.method)] = list(cfg.tome_r)
     torch.manual_seed(seed)
     model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=setup.backbone,
                          head_init_std=0.01, **{**setup.arch, **options})   # a row may override the head's pooling

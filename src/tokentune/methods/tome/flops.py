@@ -35,6 +35,9 @@ class ViTDims:
         mlp_linear_macs: multiply-adds per token of the MLP's Linear layers.
         stem_flops: FLOPs of the patch embedding per image.
         head_flops: FLOPs of the classifier head(s) per image.
+        metric_dim: width of the merge metric (0: ``head_dim``, ToMe's keys; DTEM's embedding).
+        metric_macs: multiply-adds per token of a merge metric's own projection, in merging
+            blocks only (0 for ToMe, whose keys come with attention; DTEM: ``dim x metric_dim``).
     """
 
     dim: int
@@ -47,6 +50,8 @@ class ViTDims:
     mlp_linear_macs: int
     stem_flops: int = 0
     head_flops: int = 0
+    metric_dim: int = 0
+    metric_macs: int = 0
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ViTDims":
@@ -94,14 +99,16 @@ def block_flops(dims: ViTDims, tokens: int, r: int, modulator_flops: int = 0) ->
 
     Attention on all tokens: Linear layers ``2 N macs``, ``QK^T`` and ``AV`` ``2 N^2 (H d)`` each;
     ToMe's matching ``A B^T`` on the head-averaged keys of the unprotected tokens (``2 |A| |B| d``); the modulator (PYRA:
-    ``4 r D``); the MLP on the ``N - r`` remaining tokens.
+    ``4 r D``); a metric projection of its own (DTEM: ``2 N metric_macs``); the MLP on the ``N - r`` remaining tokens.
     """
     n = tokens
     inner = dims.heads * dims.head_dim
     flops = 2 * n * dims.attn_linear_macs + 2 * (2 * n * n * inner)
     if r > 0:
         p = dims.num_prefix          # protected tokens take no part in the similarity matrix
-        flops += 2 * ((n + 1) // 2 - (p + 1) // 2) * (n // 2 - p // 2) * dims.head_dim + modulator_flops
+        width = dims.metric_dim or dims.head_dim
+        flops += 2 * ((n + 1) // 2 - (p + 1) // 2) * (n // 2 - p // 2) * width + modulator_flops
+        flops += 2 * n * dims.metric_macs
     flops += 2 * (n - r) * dims.mlp_linear_macs
     return flops
 

@@ -18,6 +18,7 @@ from ...core.rope import keep_rope
 from ...core.vit import adapted_blocks, num_input_tokens, num_prefix
 from ...errors import TokenTuneError
 from ...typecheck import check_fields
+from .flops import ViTDims
 from .matching import Matching, bipartite_soft_matching, max_merge, merge_source, merge_weighted
 from .schedules import Schedule, fit_schedule, named_schedule, parse_schedule, resolve_target, schedule_for_keep_ratio
 
@@ -91,16 +92,17 @@ class TokenMerging(nn.Module):
         return merge_weighted(x, size, m, self.modulator)
 
 
-def resolve_merge_schedule(model: nn.Module, r, model_name: str) -> List[int]:
+def resolve_merge_schedule(model: nn.Module, r, model_name: str, dims: Optional[ViTDims] = None) -> List[int]:
     """A ToMe schedule (int, list, (r, inflect), name or target string) -> one fitted r per block.
 
     Named and list schedules must fit the token count exactly; int and (r, inflect) schedules
-    are capped per block as ToMe defines them.
+    are capped per block as ToMe defines them. ``dims`` (FLOPs targets) replaces the model's own
+    dimensions, for a merge metric with a cost of its own (DTEM).
     """
     blocks = adapted_blocks(model)
     strict = isinstance(r, (list, str)) or (isinstance(r, tuple) and not (len(r) == 2 and isinstance(r[1], float)))
     if isinstance(r, str):
-        target = resolve_target(model, r)           # "tokens:N" / "flops:X" targets
+        target = resolve_target(model, r, dims)     # "tokens:N" / "flops:X" targets
         r = target if target is not None else named_schedule(model_name, r, len(blocks))
     values = parse_schedule(r, len(blocks))
     return fit_schedule(values, num_input_tokens(model), num_prefix(model), strict=strict)

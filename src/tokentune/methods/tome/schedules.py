@@ -328,13 +328,14 @@ def parse_target(spec: str) -> Optional[Tuple[str, float, str]]:
     return parts[0], value, profile
 
 
-def resolve_target(model: nn.Module, spec: str) -> Optional[List[int]]:
-    """The schedule a ``tome_r`` target string asks for on ``model`` (None: not a target string)."""
+def resolve_target(model: nn.Module, spec: str, dims: Optional[ViTDims] = None) -> Optional[List[int]]:
+    """The schedule a ``tome_r`` target string asks for on ``model`` (None: not a target string);
+    ``dims`` replaces the model's own dimensions (a merge metric with a cost of its own: DTEM)."""
     parsed = parse_target(spec)
     if parsed is None:
         return None
     kind, value, profile = parsed
-    dims = ViTDims.from_model(model)
+    dims = dims if dims is not None else ViTDims.from_model(model)
     if kind == "tokens":
         return schedule_for_tokens(dims.num_tokens, dims.depth, int(value), dims.num_prefix, profile)
     return schedule_for_flops(dims, value, profile)
