@@ -114,4 +114,5 @@ def apply_tome(model: nn.Module, cfg: ToMeConfig, ctx) -> ToMeConfig:
 
 
 register_method(Method("tome", ToMeConfig, apply_tome, order=20, reduces_tokens=True, composes_with=("dyt",),
+                       training_free=True, rate_option="r",
                        summary="ToMe token merging between attention and MLP (no parameters)"))
