@@ -8,9 +8,12 @@ import torch
 from conftest import tiny
 
 import tokentune
+from tokentune.core.flops import count_flops
+from tokentune.core.method import get_method
 from tokentune.errors import TokenTuneError
-from tokentune.methods.evit import EViTConfig, evit_reducers, shrink_keep_rate, token_path, update_keep_rate
+from tokentune.methods.evit import EViTConfig, evit_flops, evit_reducers, shrink_keep_rate, token_path, update_keep_rate
 from tokentune.methods.pyra import modulators, parameter_report
+from tokentune.methods.tome.flops import ViTDims
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
@@ -219,3 +222,26 @@ def test_evit_does_not_compose_with_other_reducers(spec):
 def test_pyra_refuses_a_keep_rate_schedule():
     with pytest.raises(TokenTuneError, match="evit_shrink_end=0"):
         _model("evit+pyra", evit_shrink_end=0.5)
+
+
+# ----------------------------------------------------------------------------- keep-rate targets
+def test_flops_and_token_targets_resolve_to_the_largest_keep_rate_that_meets_them():
+    assert get_method("evit").training_free and get_method("evit").rate_option == "keep_rate"
+    full = count_flops(_model(evit_keep_rate=1.0), X[:1])
+    model = _model(evit_keep_rate="flops:1.4")
+    rate = model.tokentune.spec["configs"]["evit"]["keep_rate"]
+    dims, locs = ViTDims.from_model(model), model.tokentune.state["evit"].locations
+    ratio = evit_flops(dims, 1.0, locs, True) / evit_flops(dims, rate, locs, True)
+    assert ratio >= 1.4 and evit_flops(dims, 1.0, locs, True) / evit_flops(dims, rate + 0.02, locs, True) < 1.4
+    # the analytic count agrees with the counter on the real forward (it leaves out the CLS row's ranking)
+    assert abs(full / count_flops(model, X[:1]) - ratio) < 0.02 * ratio
+    counts, _ = token_path(dims.num_tokens, dims.num_prefix, locs,
+                           _model(evit_keep_rate="tokens:20").tokentune.state["evit"].keep_rate, True, dims.depth)
+    assert counts[-1] <= 20
+
+
+@pytest.mark.parametrize("rate, match", [("flops:50", "out of reach"), ("tokens:0", "invalid evit_keep_rate"),
+                                         ("speed:2", "invalid evit_keep_rate")])
+def test_bad_keep_rate_targets_fail_in_one_line(rate, match):
+    with pytest.raises(TokenTuneError, match=match):
+        _model(evit_keep_rate=rate)

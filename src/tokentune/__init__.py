@@ -42,6 +42,7 @@ from .methods.lora.peft import load_peft, save_peft
 from .methods.pyra import PYRAConfig
 from .methods.tome import ToMeConfig, bipartite_soft_matching, merge_weighted
 from .methods.vpt import VPTConfig
+from .tools.accelerate import AccelerateConfig, accelerate
 from .tools.export import export_deployed, export_format, load_deployed, open_model
 from .tools.hub import push_to_hub
 from .tools.onnx import export_onnx
@@ -51,6 +52,7 @@ from .version import __version__
 _compat.install()
 
 __all__ = [
+    "AccelerateConfig", "accelerate",
     "Adapter", "AdapterConfig", "AdaptedBlock", "DiffRateConfig", "DynamicViTConfig", "DyTConfig", "EViTConfig",
     "ImageSource", "LoRAConfig", "LoRALinear", "MoEAdapter", "PYRAConfig", "Recipe", "StreamDataset", "ToMeConfig",
     "TokenState", "TokenTuneError", "TrainConfig", "VPTConfig", "attention",

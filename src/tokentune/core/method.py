@@ -82,6 +82,9 @@ class Method:
         rate_option: the field of the method's config that sets how much it reduces, accepting the
             schedule targets ``"flops:X"`` and ``"tokens:N"`` (ToMe: ``"r"``, i.e. ``tome_r``); the
             schedule searches (``tokentune accelerate``) set it. None when the method has no rate.
+        load_formats: other libraries' formats the method reads a trained model from,
+            ``{format: load(directory) -> model}`` (LoRA: ``"peft"``, an adapter directory on a timm
+            base); the counterpart of :attr:`save_formats`, asked by tools that open any saved model.
     """
 
     name: str
@@ -110,6 +113,7 @@ class Method:
     search_option: Optional[str] = None
     training_free: bool = False
     rate_option: Optional[str] = None
+    load_formats: Dict[str, Callable[..., nn.Module]] = field(default_factory=dict)
 
 
 _REGISTRY: Dict[str, Method] = {}

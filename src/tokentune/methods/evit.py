@@ -35,6 +35,13 @@ PYRA on the fused token (``method="evit+pyra"``, an opt-in extension of PYRA bey
 (unmodulated), one row per source. W_r has one row per fused token, so the keep rate is fixed at
 build time (no shrink schedule, no ``evit_keep_rate`` override that changes the count).
 
+Keep-rate targets (``tokentune accelerate`` sets them; the resolved rate is what the model records):
+``keep_rate="flops:X"`` is the largest keep rate whose analytic FLOPs (:func:`evit_flops`: the
+attention on the tokens entering a block, the MLP on those left after its pruning, 2 FLOPs per
+multiply-add as :mod:`tokentune.methods.tome.flops`) are at least ``X`` times below the unpruned
+model's; ``keep_rate="tokens:N"`` the largest one that leaves at most ``N`` tokens after the last
+block. A target beyond the smallest keep rate's is one line naming what is reachable.
+
 Defaults: ``keep_rate=0.7`` with fusion, the paper's setting for DeiT-S/DeiT-B and the ViT-B/16
 rows of DyT's Table 5. EViT has no parameters; ``"evit"`` alone trains the whole model (the
 paper's setting), ``"lora+evit"``/``"adapter+evit"`` combine it with PEFT.
@@ -58,6 +65,7 @@ from ..core.weights import load_reference_state, read_checkpoint, rename_keys, s
 from ..errors import TokenTuneError
 from ..typecheck import check_fields
 from .pruning import PEFT_TENSORS, check_keep_rate, check_locations
+from .tome.flops import ViTDims
 
 
 @dataclass
@@ -65,7 +73,9 @@ class EViTConfig:
     """EViT options (defaults: the paper's DeiT / ViT-B/16 setting).
 
     Attributes:
-        keep_rate: share of the non-prefix tokens each pruning block keeps, in (0, 1] (paper 0.7).
+        keep_rate: share of the non-prefix tokens each pruning block keeps, in (0, 1] (paper 0.7), or a
+            target resolved for this backbone: ``"flops:X"`` (X times fewer FLOPs), ``"tokens:N"``
+            (at most N tokens after the last block).
         locations: blocks that prune (0-based); None = a quarter, half and three quarters of the
             depth (3, 6, 9 for 12 blocks, the paper's ``drop_loc``).
         fuse: fuse the inattentive tokens into one token weighted by their CLS attention (the
@@ -76,7 +86,7 @@ class EViTConfig:
             half cosine from 1 (reference: 110 of 300 epochs); 0 = ``keep_rate`` from the start.
     """
 
-    keep_rate: float = 0.7
+    keep_rate: Union[float, str] = 0.7
     locations: Optional[Sequence[int]] = None
     fuse: bool = True
     shrink_start: float = 0.0
@@ -84,7 +94,10 @@ class EViTConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "evit_")
-        check_keep_rate("evit", self.keep_rate)
+        if isinstance(self.keep_rate, str):
+            parse_rate_target(self.keep_rate)
+        else:
+            check_keep_rate("evit", self.keep_rate)
         if not 0.0 <= self.shrink_start <= 1.0 or not 0.0 <= self.shrink_end <= 1.0:
             raise TokenTuneError(f"evit_shrink_start and evit_shrink_end are fractions of training in [0, 1], "
                                  f"got {self.shrink_start} and {self.shrink_end}")
@@ -178,12 +191,66 @@ def token_path(num_tokens: int, prefix: int, locations: Sequence[int], keep_rate
     return counts, fused
 
 
+def parse_rate_target(spec: str) -> Tuple[str, float]:
+    """``"flops:2"`` / ``"tokens:40"`` -> (kind, value); anything else is one line."""
+    kind, _, value = spec.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if kind not in ("flops", "tokens") or not number > 0 or (kind == "tokens" and number != int(number)):
+        raise TokenTuneError(f"invalid evit_keep_rate {spec!r}: give a share in (0, 1], 'flops:X' (X >= 1 times fewer "
+                             "FLOPs) or 'tokens:N' (N tokens after the last block)")
+    return kind, number
+
+
+def evit_flops(dims: ViTDims, keep_rate: float, locations: Sequence[int], fuse: bool) -> int:
+    """FLOPs per image (2 per multiply-add; matrix products only) under EViT: attention on the tokens
+    entering each block, the MLP on those its pruning leaves (the CLS row's ranking is not counted)."""
+    counts, _ = token_path(dims.num_tokens, dims.num_prefix, locations, keep_rate, fuse, dims.depth)
+    inner = dims.heads * dims.head_dim
+    total = dims.stem_flops + dims.head_flops
+    for i in range(dims.depth):
+        n, left = counts[i], counts[i + 1]
+        total += 2 * n * dims.attn_linear_macs + 2 * (2 * n * n * inner) + 2 * left * dims.mlp_linear_macs
+    return total
+
+
+def resolve_keep_rate(model: nn.Module, spec: str, locations: Sequence[int], fuse: bool) -> float:
+    """The largest keep rate (to 1e-4) meeting a ``"flops:X"`` / ``"tokens:N"`` target on ``model``."""
+    kind, value = parse_rate_target(spec)
+    dims = ViTDims.from_model(model)
+
+    def measure(rate: float) -> float:
+        if kind == "flops":
+            return evit_flops(dims, 1.0, locations, fuse) / evit_flops(dims, rate, locations, fuse)
+        return -float(token_path(dims.num_tokens, dims.num_prefix, locations, rate, fuse, dims.depth)[0][-1])
+
+    goal = value if kind == "flops" else -value
+    lowest = 1e-4
+    if measure(lowest) < goal:
+        reach = (f"a FLOPs ratio of {measure(lowest):.3f}" if kind == "flops"
+                 else f"{-measure(lowest):.0f} final tokens")
+        raise TokenTuneError(f"evit_keep_rate {spec!r} is out of reach for this model: keeping the fewest tokens at "
+                             f"blocks {list(locations)} gives {reach}; ask for at most that")
+    lo, hi = lowest, 1.0                   # measure(lo) reaches the goal; find the largest such rate
+    if measure(hi) >= goal:
+        return 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if measure(mid) >= goal else (lo, mid)
+    rounded = math.floor(lo * 1e4) / 1e4         # a readable rate, when it still meets the target
+    return rounded if rounded >= lowest and measure(rounded) >= goal else lo
+
+
 def apply_evit(model: nn.Module, cfg: EViTConfig, ctx) -> EViTConfig:
     blocks = adapted_blocks(model)
     locations = check_locations("evit", cfg.locations, len(blocks))
     if getattr(model, "cls_token", None) is None:
         raise TokenTuneError("EViT ranks tokens by the CLS token's attention, and this model has no class token; "
                              "use a ViT with a class token (class_token=True)")
+    if isinstance(cfg.keep_rate, str):
+        cfg = replace(cfg, keep_rate=resolve_keep_rate(model, cfg.keep_rate, locations, cfg.fuse))
     _, fused = token_path(num_input_tokens(model), num_prefix(model), locations, cfg.keep_rate, cfg.fuse, len(blocks))
     for i in locations:
         blocks[i].reduce = EViTReducer(i, cfg.keep_rate, cfg.fuse, fused.get(i, 0) if cfg.fuse else 0)
@@ -271,4 +338,5 @@ def load_reference_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLi
 
 register_method(Method(
     "evit", EViTConfig, apply_evit, order=21, reduces_tokens=True, default_peft="full", on_step=update_keep_rate,
+    training_free=True, rate_option="keep_rate",
     summary="EViT: keep the tokens the CLS token attends to most, fuse the others into one (no parameters)"))

@@ -21,7 +21,7 @@ def _deploy(model: nn.Module) -> None:
 
 
 register_method(Method("lora", LoRAConfig, _apply, trainable=(r"\.lora_[AB]$",), order=12, peft=True,
-                       deploy=_deploy, save_formats={"peft": save_peft},
+                       deploy=_deploy, save_formats={"peft": save_peft}, load_formats={"peft": load_peft},
                        summary="LoRA on the fused qkv projection (mergeable for deployment)"))
 
 __all__ = ["LoRAConfig", "LoRALinear", "PartLoRALinear", "apply_lora", "load_peft", "merge_lora", "save_peft"]

@@ -1,0 +1,208 @@
+"""``tokentune accelerate``: the whole command on a tiny trained run and a tiny image folder (export,
+table, picture, record), resume, the speed-up refinement, recovery training, every source kind, and
+one-line errors."""
+import io
+import json
+import os
+import re
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+from conftest import randomize_lora, tiny
+from test_cli import TINY_ARGS, run
+from test_data import make_folder
+
+import tokentune
+from tokentune import cli
+from tokentune.core.flops import count_flops
+from tokentune.engine.data import build_transform, image_folder_dataset
+from tokentune.errors import TokenTuneError
+from tokentune.tools import accelerate as acc
+
+FAST = ["--batch-size", "4", "--rounds", "1", "--max-trials", "2", "--eval-batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA run trained for one epoch on a 3-class image folder (12 images per split)."""
+    tmp = tmp_path_factory.mktemp("accelerate")
+    folder = make_folder(tmp / "shapes", classes=("a", "b", "c"), per_class=4)
+    out = tmp / "lora"
+    with redirect_stdout(io.StringIO()):
+        code = cli.main(["train", "--image-folder", str(folder), "--method", "lora", "--epochs", "1", "--lr", "1e-3",
+                         "--out", str(out)] + TINY_ARGS)
+    assert code == 0
+    return tmp, folder, out
+
+
+def _calls(monkeypatch):
+    """Count the side-by-side timings (the real ones still run)."""
+    calls = []
+    real = acc.time_side_by_side
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(acc, "time_side_by_side", counted)
+    return calls
+
+
+def test_the_command_exports_the_choice_writes_its_record_and_resumes(lora_run, capsys, monkeypatch):
+    tmp, folder, run_dir = lora_run
+    out = tmp / "fast"
+    argv = ["accelerate", str(run_dir), "--image-folder", str(folder), "--target-share", "0.7", "--out", str(out)] + FAST
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    for name in ("accelerate.json", "accelerate.md", "accelerate.png", "accelerate-state.json", "deployed.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "accelerate.json").read_text())
+    choice = record["choice"]
+    assert {r["method"] for r in record["candidates"]} == {"tome", "evit"}     # every training-free method
+    assert choice["gmacs"] <= 0.7 * record["base"]["gmacs"] and choice["top1"] == max(
+        r["top1"] for r in record["candidates"] if r["gmacs"] <= 0.7 * record["base"]["gmacs"])
+    assert set(record["time"]) >= {"open", "data", "flops", "timing", "evaluation", "build", "outputs"}
+    assert "| unmodified |" in (out / "accelerate.md").read_text() and "(chosen)" in stdout
+    # the export is the chosen model: its spec, its FLOPs and its accuracy are the recorded ones
+    model = tokentune.open_model(str(out))
+    spec = model.tokentune.spec
+    assert spec["method"] == f"lora+{choice['method']}" and spec["configs"][choice["method"]][choice["option"]] == \
+        choice["schedule"]
+    images = torch.randn(1, 3, 32, 32)
+    assert count_flops(model, images) / 2e9 == pytest.approx(choice["gmacs"], rel=1e-6)
+    test = image_folder_dataset(str(folder), "test", classes=image_folder_dataset(str(folder), "train").classes)
+    test.transform = build_transform(model)
+    assert tokentune.evaluate(model, test, batch_size=8, progress=False)["top1"] == pytest.approx(choice["top1"])
+    # the same command again continues: nothing is timed again, the same choice is made
+    calls = _calls(monkeypatch)
+    code, stdout, err = run(argv, capsys)
+    assert code == 0 and "continuing the search" in stdout and not calls, err
+    assert json.loads((out / "accelerate.json").read_text())["choice"] == choice
+    # a search stopped after some trials: only the missing ones are measured
+    state = json.loads((out / "accelerate-state.json").read_text())
+    dropped = sorted(state["trials"])[-1]
+    del state["trials"][dropped]
+    (out / "accelerate-state.json").write_text(json.dumps(state))
+    code, _, err = run(argv, capsys)
+    assert code == 0 and len(calls) == 1, err
+    # other settings never mix with the recorded ones
+    code, _, err = run(argv[:-len(FAST)] + ["--batch-size", "8"] + FAST[2:], capsys)
+    assert code == 2 and "holds a search with other settings (batch_size differ)" in err
+
+
+def _fake_timer(efficiency):
+    """A deterministic machine: the speed-up is ``efficiency`` times the FLOPs ratio."""
+    def timer(base, candidate, images, cfg, seed):
+        ratio = count_flops(base, images[:1]) / count_flops(candidate, images[:1])
+        speedup = efficiency * ratio
+        return {"speedup": speedup, "speedup_low": speedup * 0.95, "speedup_high": speedup * 1.05,
+                "img_s": 100.0 * speedup, "base_img_s": 100.0}
+    return timer
+
+
+def _trained(seed=0):
+    torch.manual_seed(seed)
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora", num_classes=3, seed=seed, **tiny())
+    randomize_lora(model)
+    return model
+
+
+def test_a_speedup_target_is_refined_by_the_measured_time_and_is_deterministic(lora_run, monkeypatch):
+    _, folder, _ = lora_run
+    monkeypatch.setattr(acc, "time_side_by_side", _fake_timer(0.8))
+    results = [tokentune.accelerate(_trained(), image_folder_dataset(str(folder), "test"), 1.3, methods=["tome"],
+                                    batch_size=4, eval_batch_size=8, progress=False, log=None) for _ in range(2)]
+    trials = results[0].record["search"]["tome"]["trials"]
+    # FLOPs first (1.3 gives 0.8 * 1.3 < 1.3 measured), then corrected by the measured efficiency
+    assert trials[0]["rate"] == "flops:1.3000" and trials[0]["speedup"] < 1.3
+    assert float(trials[1]["rate"].split(":")[1]) > 1.3 and results[0].choice["speedup"] >= 1.3
+    assert results[0].choice == results[1].choice and results[0].rows == results[1].rows
+
+
+def test_recovery_training_runs_when_the_drop_exceeds_max_drop(lora_run, tmp_path, monkeypatch):
+    _, folder, run_dir = lora_run
+    monkeypatch.setattr(acc, "time_side_by_side", _fake_timer(1.0))
+    monkeypatch.setattr(acc, "method_accuracy", lambda ctx, row: ctx.state.data["base"]["top1"] - 50.0)
+    train = image_folder_dataset(str(folder), "train")
+    result = tokentune.accelerate(str(run_dir), image_folder_dataset(str(folder), "test"), "share:0.7",
+                                  str(tmp_path / "out"), train_data=train, methods=["tome"], max_drop=1.0,
+                                  finetune_epochs=1, finetune_batch_size=4, batch_size=4, progress=False, log=None)
+    assert result.choice["label"] == "tome + recovery" and result.record["finetune"]["finetuned_epochs"] == 1
+    assert (tmp_path / "out" / "finetune" / "results.json").is_file() and "finetune" in result.record["time"]
+    assert tokentune.open_model(str(tmp_path / "out")).tokentune.spec["method"] == "lora+tome"
+
+
+def test_every_source_kind_gives_the_same_candidate(lora_run, tmp_path):
+    _, _, run_dir = lora_run
+    tokentune.export_deployed(str(run_dir), tmp_path / "export")
+    model = tokentune.load_trained(str(run_dir))
+    tokentune.save_peft(model, tmp_path / "peft")
+    images = torch.randn(2, 3, 32, 32)
+    outputs = []
+    for source in (model, str(run_dir), str(tmp_path / "export"), str(tmp_path / "peft")):
+        src = acc.open_source(source, pretrained=False)
+        base = acc.deployed_base(src)
+        with torch.no_grad():
+            outputs.append(acc.build_candidate(src, base, "tome", "flops:1.5")(images))
+    # and the candidate is the model create_model builds with the same method and rate
+    direct = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=3, tome_r="flops:1.5",
+                                    seed=0, **tiny())
+    direct.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        outputs.append(tokentune.deploy(direct)(images))
+    for other in outputs[1:]:
+        torch.testing.assert_close(other, outputs[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs[0], model.eval()(images), atol=1e-3)     # merging changed something
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--target-speedup", "50"], r"no candidate reaches 50x measured speed-up: the closest is (tome|evit) \(flops:"),
+    (["--target-gmacs", "1e-9"], r"no candidate reaches at most 1e-09 GMACs per image: the closest is"),
+    (["--target-gmacs", "5"], r"already runs at .* GMACs per image"),
+    (["--target-share", "0.7", "--image-folder", "FOUR"], r"has 4 classes but the model's head has 3"),
+    (["--target-share", "0.7", "--source", "FILE"], r"tokentune cannot adapt the file"),
+    (["--target-share", "0.7", "--source", "resnet18", "--pretrained", "none"], r"ResNet is not a timm VisionTransformer"),
+    (["--target-share", "0.7", "--methods", "dyt"], r"'dyt' is not a candidate: it needs training"),
+    (["--target-share", "0.7", "--methods", "nope"], r"unknown method 'nope'"),
+    (["--target-share", "0.7", "--target-speedup", "2"], r"give one target"),
+    (["--target-speedup", "0.9"], r"a speed-up target must be above 1"),
+    (["--target-share", "0.7", "--finetune-epochs", "1"], r"--finetune-epochs needs --train-data"),
+    (["--target-share", "0.7", "--out", "FULL"], r"is not empty and holds no accelerate search"),
+])
+def test_bad_inputs_fail_in_one_line(lora_run, capsys, args, match):
+    tmp, folder, run_dir = lora_run
+    four = make_folder(tmp / "four", classes=("a", "b", "c", "d"), per_class=1)
+    (tmp / "full").mkdir(exist_ok=True)
+    (tmp / "full" / "x.txt").write_text("x")
+    (tmp / "weights.bin").write_text("x")
+    names = {"FOUR": str(four), "FILE": str(tmp / "weights.bin"), "FULL": str(tmp / "full")}
+    args = [names.get(a, a) for a in args]
+    source = args[args.index("--source") + 1] if "--source" in args else str(run_dir)
+    if "--source" in args:
+        del args[args.index("--source"):args.index("--source") + 2]
+    if "--image-folder" not in args:
+        args += ["--image-folder", str(folder)]
+    if "--out" not in args:
+        args += ["--out", str(tmp / f"bad{abs(hash(match)) % 10**6}")]
+    code, _, err = run(["accelerate", source] + args + FAST, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+
+
+def test_targets_and_candidates():
+    assert acc.parse_target(1.5) == acc.Target("speedup", 1.5) == acc.parse_target("1.5x")
+    assert acc.parse_target("gmacs:8.7") == acc.Target("gmacs", 8.7)
+    with pytest.raises(TokenTuneError, match="a FLOPs share target must be in"):
+        acc.parse_target("share:1.2")
+    spec = {"method": "lora"}
+    assert acc.candidate_methods(spec) == [n for n in tokentune.available_methods()
+                                           if tokentune.core.method.get_method(n).training_free
+                                           and tokentune.core.method.get_method(n).rate_option]
+    # a model that reduces tokens keeps its reducer: only its schedule is searched
+    assert acc.candidate_methods({"method": "lora+tome"}) == ["tome"]
+    with pytest.raises(TokenTuneError, match="has no schedule to search"):
+        acc.candidate_methods({"method": "dyt"})
+    with pytest.raises(TokenTuneError, match="keeps its own token reduction"):
+        acc.candidate_methods({"method": "lora+tome"}, ["evit"])
+    assert os.path.basename(acc.STATE_NAME) == "accelerate-state.json"
