@@ -33,6 +33,8 @@ def test_vtab_summary_means(tmp_path):
     lora = rows["lora"]
     assert s["tasks"] == list(VTAB_TASKS)
     assert lora["per_task"]["cifar"] == 51.0 and lora["runs_per_task"]["cifar"] == 2
+    # sample std of the two seeds (50, 52): sqrt(((50-51)^2 + (52-51)^2) / 1)
+    assert lora["per_task_std"]["cifar"] == pytest.approx(2 ** 0.5) and lora["per_task_std"]["eurosat"] is None
     natural = sum(51.0 + i for i in range(7)) / 7
     specialized = sum(50.0 + i for i in range(7, 11)) / 4
     structured = sum(50.0 + i for i in range(11, 19)) / 8
@@ -108,6 +110,7 @@ def test_image_folder_runs_get_their_own_table_and_enter_no_vtab_mean(tmp_path):
     assert row["groups"]["Natural"]["mean"] == 70.0 and row["num_tasks"] == 2
     assert s["other_datasets"] == ["cifar", "pets", "shapes"]
     assert s["other_rows"] == [{"label": "lora", "per_dataset": {"cifar": 10.0, "pets": 55.0, "shapes": 40.0},
+                                "per_dataset_std": {"cifar": None, "pets": None, "shapes": None},
                                 "runs_per_dataset": {"cifar": 1, "pets": 1, "shapes": 1}}]
     md = summary_markdown(s)
     assert "None" not in md

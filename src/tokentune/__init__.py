@@ -18,6 +18,7 @@ directories), ``tools`` (bench, export, pictures, demo), ``cli``; leaves (errors
 from . import _compat
 from . import methods as _methods  # noqa: F401 - importing registers the built-in methods
 from . import tasks as _tasks  # noqa: F401 - importing registers the built-in tasks
+from .cli.sweep import sweep
 from .core.attention import attention
 from .core.block import AdaptedBlock
 from .core.deploy import deploy
@@ -60,5 +61,5 @@ __all__ = [
     "create_model", "deploy", "evaluate", "export_deployed", "export_format", "export_onnx", "export_program",
     "get_recipe", "load_deployed", "load_peft", "load_trained", "merge_weighted", "open_model",
     "print_trainable_parameters", "push_to_hub", "register_method", "save_peft", "save_trained", "search_rates",
-    "train", "WebDatasetShards", "__version__",
+    "sweep", "train", "WebDatasetShards", "__version__",
 ]

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 from ..errors import TokenTuneError, error_line
 from ..version import __version__
-from . import accelerate, bench, data, demo, export, search, summarize, train, viz
+from . import accelerate, bench, data, demo, export, search, summarize, sweep, train, viz
 from . import eval as eval_
 from .config import add_config_options, apply_config_file, config_path, leaf_parser, render_config
 from .options import DEFAULT_MODEL, DataclassOption, add_dataclass_options, convert, describe, field_docs  # noqa: F401
@@ -40,7 +40,7 @@ def _command(module) -> Command:
 COMMANDS: Dict[str, Command] = {
     "train": _command(train), "eval": _command(eval_), "summarize": _command(summarize), "demo": _command(demo),
     "export": _command(export), "viz": _command(viz), "bench": _command(bench), "data": _command(data),
-    "search": _command(search), "accelerate": _command(accelerate),
+    "search": _command(search), "accelerate": _command(accelerate), "sweep": _command(sweep),
 }
 
 
@@ -61,6 +61,7 @@ EPILOG = """examples:
   tokentune search diffrate runs/cifar-lora --target-gmacs 8.7 --out cifar-rates.json
   tokentune accelerate runs/cifar-lora --target-speedup 1.5 --batch-size 64 --out fast/cifar
   tokentune train --config cifar-lora.yaml --lr 3e-3
+  tokentune sweep vtab.yaml --workers 2
 Run 'tokentune COMMAND --help' for every option of a command."""
 
 

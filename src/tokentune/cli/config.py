@@ -119,23 +119,29 @@ def _parse(action: argparse.Action, text: str, where: str) -> Any:
     return result
 
 
-def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
-    """Make the options of the file at ``path`` the defaults of ``parser`` (flags still override them)."""
+def config_values(parser: argparse.ArgumentParser, values: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """``{dest: value}`` of a mapping of options as ``parser`` would parse them on the command line; every
+    problem (unknown option, bad value, a positional argument) is one line starting with ``where``."""
     actions = _actions(parser)
     positionals = {a.dest for a in parser._actions if not a.option_strings}
-    defaults = {}
-    for key, value in read_config_file(path).items():
+    parsed = {}
+    for key, value in values.items():
         name = str(key).replace("-", "_")
-        where = f"{path}: {key}"
+        here = f"{where}: {key}"
         if name in positionals:
-            raise TokenTuneError(f"{where}: give the positional argument {name.upper()} on the command line")
+            raise TokenTuneError(f"{here}: give the positional argument {name.upper()} on the command line")
         action = actions.get(name)
         if action is None:
             close = difflib.get_close_matches(name, list(actions), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see --help for the options"
-            raise TokenTuneError(f"{where}: this command has no option --{name.replace('_', '-')}{hint}")
-        defaults[action.dest] = _value(action, value, where)
-    parser.set_defaults(**defaults)
+            raise TokenTuneError(f"{here}: this command has no option --{name.replace('_', '-')}{hint}")
+        parsed[action.dest] = _value(action, value, here)
+    return parsed
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the options of the file at ``path`` the defaults of ``parser`` (flags still override them)."""
+    parser.set_defaults(**config_values(parser, read_config_file(path), path))
 
 
 def leaf_parser(parser: argparse.ArgumentParser, argv: List[str]) -> Optional[argparse.ArgumentParser]:

@@ -204,13 +204,19 @@ def canonical_spec(methods: Sequence[Method]) -> str:
 @dataclass
 class Recipe:
     """A named bundle of model options (``create_model`` keywords) and training options
-    (:class:`tokentune.TrainConfig` fields) of a paper's reference run."""
+    (:class:`tokentune.TrainConfig` fields) of a paper's reference run.
+
+    ``published`` holds what the recipe's paper reports for it, so that a sweep's table shows it
+    beside ours: ``{"source": "...", "mean_of_tasks": 72.06}`` (keys: ``mean_of_tasks``,
+    ``mean_of_groups``, a VTAB group or a task name; ``source`` says where from and how it was
+    measured)."""
 
     name: str
     method: str
     model_options: Dict[str, Any] = field(default_factory=dict)
     train_options: Dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    published: Dict[str, Any] = field(default_factory=dict)
 
 
 _RECIPES: Dict[str, Recipe] = {}

@@ -186,6 +186,14 @@ def _dataset_name(rec: Dict[str, Any]) -> str:
     return rec.get("dataset") or (os.path.basename(os.path.normpath(root)) if root else "") or "unnamed dataset"
 
 
+def _std(values: Sequence[float]) -> Optional[float]:
+    """Sample standard deviation (n - 1) of several runs (seeds); None for fewer than two."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def _vtab_row(name: str, cells: Dict[str, List[float]]) -> Dict[str, Any]:
 
     per_task = {t: _mean(v) for t, v in cells.items()}
@@ -198,6 +206,7 @@ def _vtab_row(name: str, cells: Dict[str, List[float]]) -> Dict[str, Any]:
     return {
         "label": name,
         "per_task": per_task,
+        "per_task_std": {t: _std(v) for t, v in cells.items()},
         "runs_per_task": {t: len(v) for t, v in cells.items()},
         "groups": groups,
         "mean_of_groups": _mean(group_means) if len(group_means) == len(VTAB_GROUPS) else None,
@@ -263,6 +272,7 @@ def summarize(paths: Iterable[str], metric: str = "top1", label: str = "auto") -
             "rows": [_vtab_row(name, cells) for name, cells in vtab.items()],
             "other_datasets": sorted({d for cells in other.values() for d in cells}),
             "other_rows": [{"label": name, "per_dataset": {d: _mean(v) for d, v in cells.items()},
+                            "per_dataset_std": {d: _std(v) for d, v in cells.items()},
                             "runs_per_dataset": {d: len(v) for d, v in cells.items()}} for name, cells in other.items()],
             "runs": [r["_dir"] for r in records]}
 

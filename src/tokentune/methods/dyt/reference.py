@@ -92,4 +92,5 @@ _VTAB_TRAIN = dict(
 register_recipe(Recipe(
     name="dyt-vtab", method="dyt", model_options=dict(_VTAB_MODEL), train_options=dict(_VTAB_TRAIN),
     summary="DyT VTAB-1k reference recipe for vit_base_patch16_224.orig_in21k (MLP Dispatch r=0.5, "
-            "adapter 16/scale 1, CE + 2 rate + complete CE + KL)"))
+            "adapter 16/scale 1, CE + 2 rate + complete CE + KL)",
+    published={"source": "Dynamic Tuning (NeurIPS 2024), VTAB-1k, ViT-B/16, r=0.5", "mean_of_groups": 77.14}))
