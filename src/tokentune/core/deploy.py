@@ -26,6 +26,7 @@ from ..timing import measure_throughput
 from ..utils import one_line
 from .factory import methods_of
 from .method import Method
+from .quantize import check_quantize, quantize_dynamic_int8
 from .vit import TokenTuneMixin, adapted_blocks, input_size, restore_timm
 
 log = logging.getLogger("tokentune")
@@ -63,7 +64,7 @@ def _deploy_options(methods: List[Method], options: Dict[str, Any]) -> Dict[str,
 
 
 def deploy(model: nn.Module, inplace: bool = False, compile: Union[bool, str] = False,
-           example: Optional[torch.Tensor] = None, **options) -> nn.Module:
+           example: Optional[torch.Tensor] = None, quantize: Optional[str] = None, **options) -> nn.Module:
     """The inference version of ``model`` (a deep copy unless ``inplace``).
 
     Every method's ``deploy`` hook runs (LoRA merges into the weights, DyT switches to real
@@ -81,7 +82,12 @@ def deploy(model: nn.Module, inplace: bool = False, compile: Union[bool, str] = 
     model side by side on ``example`` (default: one random image at the model's input size; pass
     a batch of the size you serve) on this machine and returns the faster one (eager if
     compiling fails); the choice is logged on the ``tokentune`` logger.
+
+    ``quantize="int8-dynamic"`` gives every Linear layer int8 weights and per-batch int8 inputs
+    (CPU, fp32 models; :mod:`tokentune.core.quantize`): its outputs are close to, not equal to,
+    the fp32 model's.
     """
+    check_quantize(quantize)
     if compile not in COMPILE_CHOICES:
         raise TokenTuneError(f"deploy(compile={compile!r}): choose False, True or 'auto'")
     methods = methods_of(model) if isinstance(model, TokenTuneMixin) else []
@@ -101,6 +107,8 @@ def deploy(model: nn.Module, inplace: bool = False, compile: Union[bool, str] = 
             info.deployed = True
     for p in model.parameters():
         p.requires_grad_(False)
+    if quantize == "int8-dynamic":
+        model = quantize_dynamic_int8(model)
     if compile == "auto":
         return faster_of_compiled(model, example)
     return torch.compile(model) if compile else model
