@@ -12,7 +12,11 @@ def _linears(model):
     return [m for m in model.modules() if type(m) is nn.Linear]
 
 
-@pytest.mark.parametrize("spec", CASE_IDS)
+# each registered method once, plus DyT's static-shape execution
+SPECS = [c for c in CASE_IDS if c in tokentune.available_methods() or c in ("lora+tome", "dyt-mlp-capacity")]
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_int8_dynamic_deploy_is_close_to_fp32(spec):
     model = _trained(spec)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -34,3 +38,50 @@ def test_int8_refuses_what_it_cannot_run():
         tokentune.deploy(model, quantize="int4")
     with pytest.raises(TokenTuneError, match="CPU fp32"):
         tokentune.deploy(model.to(torch.bfloat16), quantize="int8-dynamic")
+
+
+# ----------------------------------------------------------------------------- ONNX int8 (onnxruntime)
+ONNX_INT8_SPECS = ["lora+tome", "pyra", "dyt-mlp-capacity", "evit", "dynamicvit", "diffrate", "vpt", "lora"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ONNX_INT8_SPECS)
+@pytest.mark.parametrize("mode", ["int8", "int8-static"])
+def test_onnx_int8_graph_is_close_to_the_fp32_model(spec, mode, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tokentune.tools.onnx import check_onnx, export_onnx, quantize_onnx
+
+    model = _trained(spec)
+    deployed = tokentune.deploy(model, **({"dyt_execution": "capacity"} if "capacity" in spec else {}))
+    path = export_onnx(deployed, tmp_path / "m.onnx")
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = quantize_onnx(path, mode, calibration=calib, out=tmp_path / "m.int8.onnx")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scale = float(deployed(x).abs().max())
+    diff = check_onnx(out, deployed, x)
+    assert 0.0 < diff < 0.5 * scale, (diff, scale)
+    assert (tmp_path / "m.int8.onnx").stat().st_size < 0.5 * (tmp_path / "m.onnx").stat().st_size   # int8 weights
+
+
+def test_export_command_writes_an_int8_graph(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from test_data import write_image
+    from test_export import _cli
+
+    from tokentune.tools.export import export_deployed
+
+    export_deployed(_trained("lora+tome"), tmp_path / "exp")
+    for i in range(3):
+        write_image(str(tmp_path / "calib" / f"{i}.jpg"), value=40 * i, seed=i)
+    assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8-static",
+                 "--calibration", str(tmp_path / "calib")]) == 0
+    out = capsys.readouterr().out
+    assert "onnx int8 (int8-static)" in out and "on 3 calibration images" in out
+    assert (tmp_path / "exp" / "model.int8.onnx").is_file()
+    assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp2"), "--quantize", "int8"]) == 2
+    assert "add --onnx" in capsys.readouterr().err
+    assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8-static"]) == 2
+    assert "needs calibration images" in capsys.readouterr().err

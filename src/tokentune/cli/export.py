@@ -9,6 +9,7 @@ from ..tools.export import (
     DEPLOYED_CONFIG,
     DEPLOYED_WEIGHTS,
     EXPORT_DTYPES,
+    example_images,
     export_deployed,
     export_format,
     is_export,
@@ -17,7 +18,7 @@ from ..tools.export import (
     trace_options,
 )
 from ..tools.hub import hub_repo_id, push_to_hub
-from ..tools.onnx import export_onnx
+from ..tools.onnx import ONNX_QUANTIZE, calibration_images, check_onnx, export_onnx, quantize_onnx
 from .options import parse_pretrained
 
 HELP = "write the deployed model of a run (one safetensors file + config; optional ONNX)"
@@ -54,6 +55,14 @@ def add(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset [default: the exporter's]")
     g.add_argument("--static-batch", action="store_true", help="fix the batch size in the graph (default: any batch)")
     g.add_argument("--batch-size", type=int, default=1, metavar="N", help="example batch size traced [default: 1]")
+    g.add_argument("--quantize", choices=list(ONNX_QUANTIZE), default=None,
+                   help="also write an int8 graph (OUT/<name>.int8.onnx) with onnxruntime's quantization: int8 = dynamic "
+                        "(nothing to calibrate), int8-static = static with --calibration images")
+    g.add_argument("--calibration", metavar="DIR", default=None,
+                   help="images from your data for --quantize (int8-static: activation ranges; both: the reported "
+                        "difference from the fp32 model)")
+    g.add_argument("--calibration-images", type=int, default=64, metavar="N",
+                   help="at most N images of --calibration [default: 64]")
 
 
 def _size(path: str) -> str:
@@ -113,7 +122,24 @@ def run(args: argparse.Namespace) -> int:
               f"{checked}")
         for note in notes:
             print(f"note: {note}")
+        if args.quantize:
+            _quantize(args, deployed, path)
+    elif args.quantize:
+        raise TokenTuneError("--quantize quantizes the ONNX graph: add --onnx")
     return _push(args)
+
+
+def _quantize(args: argparse.Namespace, deployed, path: str) -> None:
+    """The int8 graph beside the fp32 one, and how far its logits are from the fp32 model's."""
+    images = calibration_images(deployed, args.calibration, args.calibration_images) if args.calibration else None
+    out = os.path.splitext(path)[0] + ".int8.onnx"
+    quantize_onnx(path, args.quantize, calibration=images, out=out)
+    probe = images if images is not None else example_images(deployed, 4, seed=0)
+    diff = check_onnx(out, deployed, probe)
+    scale = float(deployed(probe).abs().max())
+    print(f"onnx int8 ({args.quantize}): {out} ({_size(out)}); largest logit difference from the fp32 model "
+          f"{diff:.4g} (largest logit {scale:.4g}) on {probe.shape[0]} "
+          f"{'calibration' if images is not None else 'random'} images")
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..engine.data import build_transform
+from ..engine.images import load_image
 from ..errors import TokenTuneError
 from ..utils import one_line
 from .export import PathLike, describe_model, example_images
@@ -133,3 +135,78 @@ def check_onnx(path: PathLike, model: nn.Module, images: torch.Tensor) -> float:
     got = session.run(None, {session.get_inputs()[0].name: images.detach().cpu().float().numpy()})[0]
     want = model.eval()(images).float().cpu().numpy()
     return float(abs(got - want).max())
+
+
+# ----------------------------------------------------------------------------- int8 graphs (onnxruntime)
+ONNX_QUANTIZE = ("int8", "int8-static")
+
+
+class _Calibration:
+    """onnxruntime's calibration reader over a batch of preprocessed images, one image at a time."""
+
+    def __init__(self, input_name: str, images: torch.Tensor) -> None:
+        self._items = iter([{input_name: images[i:i + 1].float().cpu().numpy()} for i in range(images.shape[0])])
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torch.Tensor] = None,
+                  out: Optional[PathLike] = None) -> str:
+    """An int8 version of the ONNX graph at ``path`` (written to ``out``, default: in place, atomically).
+
+    ``"int8"``: dynamic quantization (onnxruntime's ``quantize_dynamic``): int8 weights per output
+    channel, activations quantized per batch at run time, nothing to calibrate. ``"int8-static"``:
+    static QDQ quantization (``quantize_static``) with activation ranges measured on ``calibration``
+    (preprocessed images ``[N, 3, H, W]`` from your data; a few dozen suffice). Both keep attention's
+    softmax, LayerNorm and the token-reduction steps in fp32.
+    """
+    if mode not in ONNX_QUANTIZE:
+        raise TokenTuneError(f"ONNX quantization {mode!r} is not supported; choose {' or '.join(ONNX_QUANTIZE)}")
+    try:
+        import onnxruntime as ort
+        from onnxruntime import quantization as q
+    except ImportError as exc:
+        raise TokenTuneError("quantizing an ONNX graph needs onnxruntime; pip install 'tokentune[onnx]'") from exc
+    if mode == "int8-static" and (calibration is None or calibration.shape[0] == 0):
+        raise TokenTuneError("int8-static quantization needs calibration images from your data (--calibration DIR)")
+    src = os.fspath(path)
+    dst = os.fspath(out) if out is not None else src
+    tmp = dst + ".int8-tmp.onnx"
+    prepared = dst + ".pre-tmp.onnx"
+    try:
+        q.quant_pre_process(src, prepared, skip_symbolic_shape=True)
+        if mode == "int8":
+            q.quantize_dynamic(prepared, tmp, weight_type=q.QuantType.QInt8, per_channel=True,
+                               op_types_to_quantize=["MatMul", "Gemm"])
+        else:
+            name = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            q.quantize_static(prepared, tmp, _Calibration(name, calibration), quant_format=q.QuantFormat.QDQ,
+                              per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              op_types_to_quantize=["MatMul", "Gemm"])
+        os.replace(tmp, dst)
+    except TokenTuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's failures become one line naming the cause
+        raise TokenTuneError(f"int8 quantization of {src} failed: {one_line(exc, 240)}") from exc
+    finally:
+        for leftover in (tmp, prepared):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return dst
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def calibration_images(model: nn.Module, directory: PathLike, limit: int = 64) -> torch.Tensor:
+    """Up to ``limit`` images found under ``directory`` (sorted by path), preprocessed as ``model`` expects."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise TokenTuneError(f"calibration folder {directory!r} does not exist; pass a folder of images from your data")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise TokenTuneError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {directory}; pass a folder of images from "
+                             "your data")
+    transform = build_transform(model)
+    return torch.stack([transform(load_image(f)) for f in files[:limit]])
