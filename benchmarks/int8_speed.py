@@ -1,0 +1,119 @@
+"""int8 with token reduction on the CPU: does the saving of int8 weights compound with ToMe's?
+
+ViT-B/16 at 224 (random weights: speed does not depend on them), deployed dense (LoRA merged = the
+plain timm model) and with ToMe "high", each in fp32 and int8:
+
+* onnxruntime (CPU provider): the fp32 graph of ``export_onnx`` and its ``quantize_onnx(..., "int8")``
+  (dynamic) version, batch 1 (and ``--batch``), every session timed in interleaved rounds in one process;
+* PyTorch eager: ``deploy(model)`` against ``deploy(model, quantize="int8-dynamic")``.
+
+Prints a table (median img/s, min-max, speed-up over the fp32 dense model of the same runtime) and
+writes ``benchmarks/results/int8_speed_t<threads>.json``.
+
+Goals (issue): ToMe high + int8 in onnxruntime at batch 1 >= 4x the fp32 dense graph and >= 1.6x the
+int8 dense graph.
+
+    python benchmarks/int8_speed.py --threads 2 --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+import tokentune
+from tokentune.tools.onnx import export_onnx, quantize_onnx
+
+
+def _ort_sessions(models: Dict[str, torch.nn.Module], tmp: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sessions = {}
+    for name, model in models.items():
+        path = export_onnx(model, os.path.join(tmp, f"{name}.onnx"), verify=False)
+        sessions[f"ort fp32 {name}"] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        q = quantize_onnx(path, "int8", out=os.path.join(tmp, f"{name}.int8.onnx"))
+        sessions[f"ort int8 {name}"] = ort.InferenceSession(q, opts, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def _time(fns: Dict[str, callable], rounds: int, iters: int) -> Dict[str, List[float]]:
+    for fn in fns.values():
+        fn()
+        fn()
+    times: Dict[str, List[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fns[n]()
+            times[n].append((time.perf_counter() - t0) / iters)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dense = tokentune.deploy(tokentune.create_model(args.model, method="lora", num_classes=100, pretrained=False))
+    tome = tokentune.deploy(tokentune.create_model(args.model, method="lora+tome", tome_r="high", num_classes=100,
+                                                   pretrained=False))
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    fns = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = _ort_sessions({"dense": dense, "tome-high": tome}, tmp, args.threads)
+        xn = x.numpy()
+        for name, s in sessions.items():
+            fns[name] = (lambda s=s: s.run(None, {s.get_inputs()[0].name: xn}))
+        eager = {"eager fp32 dense": dense, "eager fp32 tome-high": tome,
+                 "eager int8 dense": tokentune.deploy(dense, quantize="int8-dynamic"),
+                 "eager int8 tome-high": tokentune.deploy(tome, quantize="int8-dynamic")}
+        for name, m in eager.items():
+            fns[name] = (lambda m=m: m(x))
+        with torch.inference_mode():
+            times = _time(fns, args.rounds, args.iters)
+            with torch.no_grad():
+                ref = {k: dense(x).numpy() for k in ("dense",)}
+            diffs = {n: float(np.abs(np.asarray(sessions[n].run(None, {"images": xn})[0]) - ref["dense"]).max())
+                     for n in sessions if "dense" in n}
+    rows = []
+    for name, ts in times.items():
+        ips = [args.batch / t for t in ts]
+        runtime = name.split()[0]
+        base = statistics.median([args.batch / t for t in times[f"{runtime} fp32 dense"]])
+        rows.append({"row": name, "img_per_s": statistics.median(ips), "min": min(ips), "max": max(ips),
+                     "speedup_vs_fp32_dense": statistics.median(ips) / base})
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds x {args.iters}")
+    print("| row | img/s | min-max | vs fp32 dense (same runtime) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | {r['img_per_s']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {r['speedup_vs_fp32_dense']:.2f}x |")
+    med = {r["row"]: r["img_per_s"] for r in rows}
+    print(f"ToMe high int8 / int8 dense (onnxruntime): {med['ort int8 tome-high'] / med['ort int8 dense']:.2f}x; "
+          f"largest logit difference int8 vs fp32 dense graph: {diffs}")
+    record = {"rows": rows, "logit_diff": diffs, "model": args.model, "batch": args.batch, "threads": args.threads,
+              "cpu": platform.processor() or platform.machine(), "load": os.getloadavg()}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"int8_speed_b{args.batch}_t{args.threads}.json"), "w") as fh:
+        json.dump(record, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
