@@ -85,11 +85,11 @@ def test_classification_with_randaugment_resumes_exactly_with_workers(tmp_path):
 
 def test_segmentation_resumes_exactly_with_workers(tmp_path):
     data = write_ade(str(tmp_path / "ade"), num_train=4, num_val=2)
-    _stopped_and_resumed(["train", "--task", "segmentation", "--data", data, "--method", "lora", "--epochs", "2"]
-                         + SEG_ARGS + ["--num-workers", "2"], tmp_path)
+    _stopped_and_resumed(["train", "--task", "segmentation", "--data", data, "--method", "lora", "--epochs", "2",
+                          "--eval-every", "0"] + SEG_ARGS + ["--num-workers", "2"], tmp_path)
 
 
 def test_video_resumes_exactly_with_workers(tmp_path):
     data = write_lists(str(tmp_path / "vid"), per_split=(4, 2), frames=12, as_video=False)
     _stopped_and_resumed(["train", "--task", "video", "--data", data, "--method", "lora+tome", "--tome-r", "2",
-                          "--epochs", "2"] + VIDEO_ARGS + ["--num-workers", "2"], tmp_path)
+                          "--epochs", "2", "--eval-every", "0"] + VIDEO_ARGS + ["--num-workers", "2"], tmp_path)
