@@ -1,9 +1,11 @@
 """Random augmentation with data-loader workers: every sample's draws depend on (seed, epoch, index)
 only, so runs with 0, 1 or 2 workers see the same samples and a run stopped and resumed ends with
-the weights of an uninterrupted one, for classification (timm's RandAugment), segmentation and video."""
+the weights of an uninterrupted one, for classification (timm's RandAugment), segmentation and video
+(LoRA, LoRA + ToMe here; DyT with 2 workers in test_segmentation's and test_video's CLI tests)."""
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -111,12 +113,14 @@ def test_classification_with_randaugment_resumes_exactly_with_workers(tmp_path):
     _assert_same_run(tmp_path / "full", tmp_path / "w0")        # the same run in the training process
 
 
+@pytest.mark.slow          # the default suite: test_segmentation's CLI test, with 2 workers
 def test_segmentation_resumes_exactly_with_workers(tmp_path):
     data = write_ade(str(tmp_path / "ade"), num_train=4, num_val=2)
     _stopped_and_resumed(["train", "--task", "segmentation", "--data", data, "--method", "lora", "--epochs", "2",
                           "--eval-every", "0"] + SEG_ARGS + ["--num-workers", "2"], tmp_path)
 
 
+@pytest.mark.slow          # the default suite: test_video's CLI test, with 2 workers
 def test_video_resumes_exactly_with_workers(tmp_path):
     data = write_lists(str(tmp_path / "vid"), per_split=(4, 2), frames=12, as_video=False)
     _stopped_and_resumed(["train", "--task", "video", "--data", data, "--method", "lora+tome", "--tome-r", "2",
