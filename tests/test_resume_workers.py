@@ -1,10 +1,13 @@
 """Random augmentation with data-loader workers: every sample's draws depend on (seed, epoch, index)
 only, so runs with 0, 1 or 2 workers see the same samples and a run stopped and resumed ends with
-the weights of an uninterrupted one, for classification (timm's RandAugment), segmentation and video."""
+the weights of an uninterrupted one, for classification (timm's RandAugment), segmentation and video
+(LoRA, LoRA + ToMe here; DyT with 2 workers in test_segmentation's and test_video's CLI tests)."""
 import random
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from seg_data import write_ade
 from test_cli import TINY_ARGS
@@ -13,7 +16,7 @@ from test_segmentation import TINY_ARGS as SEG_ARGS
 from test_video import TINY_ARGS as VIDEO_ARGS
 from video_data import write_lists
 
-from tokentune import TrainConfig, cli
+from tokentune import StreamDataset, TrainConfig, cli
 from tokentune.engine.seeding import sample_seed, seeded_generators
 from tokentune.engine.training import training_loader
 
@@ -57,6 +60,33 @@ def test_sample_draws_depend_on_seed_epoch_and_index_only_whatever_the_workers()
     assert by_index[1][5].tolist() == expected
 
 
+class _DrawingTransform:
+    """A stream's transform: the image's mean, then the three generators' draws."""
+
+    def __call__(self, image):
+        return torch.tensor([float(np.asarray(image).mean()), random.random(), float(np.random.rand()),
+                             float(torch.rand(()))], dtype=torch.float64)
+
+
+def _stream_epochs(workers, start=0, epochs=(0, 1)):
+    items = [(Image.new("RGB", (4, 4), (10 * i, 0, 0)), i % 3) for i in range(12)]
+    stream = StreamDataset(items, epoch_size=12, transform=_DrawingTransform(), num_classes=3)
+    sampler, loader, _ = training_loader(stream, TrainConfig(batch_size=4, num_workers=workers, seed=3))
+    out = []
+    for epoch in epochs:
+        sampler.set_epoch(epoch, start=start if epoch == epochs[0] else 0)
+        out.append(torch.cat([x for x, _ in loader]))
+    return out
+
+
+def test_stream_transforms_draw_the_same_whatever_the_workers_and_after_a_resume():
+    ref = _stream_epochs(0)
+    got = _stream_epochs(2)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert torch.equal(_stream_epochs(2, start=8, epochs=(1,))[0], ref[1][8:])
+    assert not torch.equal(ref[0][:, 1:], ref[1][:, 1:])              # another epoch, other draws
+
+
 def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
@@ -83,13 +113,15 @@ def test_classification_with_randaugment_resumes_exactly_with_workers(tmp_path):
     _assert_same_run(tmp_path / "full", tmp_path / "w0")        # the same run in the training process
 
 
+@pytest.mark.slow          # the default suite: test_segmentation's CLI test, with 2 workers
 def test_segmentation_resumes_exactly_with_workers(tmp_path):
     data = write_ade(str(tmp_path / "ade"), num_train=4, num_val=2)
-    _stopped_and_resumed(["train", "--task", "segmentation", "--data", data, "--method", "lora", "--epochs", "2"]
-                         + SEG_ARGS + ["--num-workers", "2"], tmp_path)
+    _stopped_and_resumed(["train", "--task", "segmentation", "--data", data, "--method", "lora", "--epochs", "2",
+                          "--eval-every", "0"] + SEG_ARGS + ["--num-workers", "2"], tmp_path)
 
 
+@pytest.mark.slow          # the default suite: test_video's CLI test, with 2 workers
 def test_video_resumes_exactly_with_workers(tmp_path):
     data = write_lists(str(tmp_path / "vid"), per_split=(4, 2), frames=12, as_video=False)
     _stopped_and_resumed(["train", "--task", "video", "--data", data, "--method", "lora+tome", "--tome-r", "2",
-                          "--epochs", "2"] + VIDEO_ARGS + ["--num-workers", "2"], tmp_path)
+                          "--epochs", "2", "--eval-every", "0"] + VIDEO_ARGS + ["--num-workers", "2"], tmp_path)

@@ -176,6 +176,7 @@ def _files(path):
 def test_cli_trains_resumes_evaluates_and_exports(tmp_path, capsys):
     data = write_ade(str(tmp_path / "ade"), num_train=4, num_val=2)
     base = ["train", "--task", "segmentation", "--data", data, "--method", "dyt", "--epochs", "2"] + TINY_ARGS
+    base += ["--num-workers", "2"]           # exact resume with loader workers
     assert cli.main(base + ["--out", str(tmp_path / "full")]) == 0
     assert cli.main(base + ["--out", str(tmp_path / "cut"), "--max-steps", "1"]) == 0
     assert cli.main(base + ["--out", str(tmp_path / "cut"), "--resume"]) == 0

@@ -147,6 +147,7 @@ def test_list_files_transforms_and_bad_clips(tmp_path):
 def test_cli_trains_resumes_evaluates_and_exports_frame_folders(tmp_path, capsys):
     data = write_lists(str(tmp_path / "vid"), per_split=(4, 2), frames=12, as_video=False)
     base = ["train", "--task", "video", "--data", data, "--method", "dyt", "--epochs", "2"] + TINY_ARGS
+    base += ["--num-workers", "2"]           # exact resume with loader workers
     assert cli.main(base + ["--out", str(tmp_path / "full")]) == 0
     assert cli.main(base + ["--out", str(tmp_path / "cut"), "--max-steps", "1"]) == 0
     assert cli.main(base + ["--out", str(tmp_path / "cut"), "--resume"]) == 0

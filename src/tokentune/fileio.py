@@ -7,10 +7,13 @@ point leaves either the old file or the new one, never a mixture. Temporary file
 :func:`remove_stale_temporaries` deletes on the next start.
 
 Write failures (disk full, read-only file system, no permission) become one
-:class:`~tokentune.errors.TokenTuneError` line naming the file, the reason and the fix.
+:class:`~tokentune.errors.TokenTuneError` line naming the file, the reason and the fix: in
+:func:`atomic_write`, and for files written in place (appended logs, other libraries' writers)
+through :func:`reported_writes`.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -47,6 +50,22 @@ def _reason(exc: BaseException, directory: str) -> str:
     text = os.strerror(code) if code is not None else " ".join(str(exc).split())[:160]
     hint = _HINTS.get(code, "check the disk and the directory's permissions")
     return f"{text}; {hint}"
+
+
+def write_failure(path: str, exc: BaseException, consequence: str = "") -> TokenTuneError:
+    """The one-line error for a failed write of ``path``: the reason, the fix, then ``consequence``."""
+    path = os.path.abspath(path)
+    return TokenTuneError(f"cannot write {path}: {_reason(exc, os.path.dirname(path))}{consequence}")
+
+
+@contextlib.contextmanager
+def reported_writes(path: str, consequence: str = ""):
+    """Writes to ``path`` (a file or a folder) in the body that fail with an ``OSError`` (disk full,
+    read-only file system, no permission) become one :func:`write_failure` line."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_failure(path, exc, consequence) from None
 
 
 def _make_directory(directory: str, what: str) -> None:
@@ -144,10 +163,11 @@ def remove_stale_temporaries(directory: str) -> List[str]:
 
 
 def check_writable_directory(directory: str, what: str = "output directory") -> str:
-    """Create ``directory`` if needed and prove that files can be created in it; returns its path.
+    """Create ``directory`` if needed and prove that data can be written in it; returns its path.
 
-    Fails with one line when the path is a file, cannot be created, or is not writable, before any
-    work is done that would then be lost.
+    Fails with one line when the path is a file, cannot be created, is not writable, or its disk
+    is full (a probe file of 4 KiB is written and flushed to disk), before any work is done that
+    would then be lost.
     """
     directory = os.path.abspath(os.path.expanduser(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -155,8 +175,15 @@ def check_writable_directory(directory: str, what: str = "output directory") -> 
     _make_directory(directory, what)
     probe = os.path.join(directory, f"{TMP_PREFIX}probe-{secrets.token_hex(4)}")
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        os.remove(probe)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, bytes(4096))     # an empty file needs no space: a full disk fails only on data
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise TokenTuneError(f"cannot write to the {what} {directory}: {_reason(exc, directory)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
     return directory

@@ -12,10 +12,17 @@ last micro-batch on the main process), ``lr``; ``"epoch"`` with the epoch's reco
   interrupted run logged after its last checkpoint are dropped before new ones are written, so
   the log reads as that of an uninterrupted run.
 * :class:`TensorBoardLogger` (``loggers=("tensorboard",)``; ``pip install 'tokentune[tensorboard]'``):
-  ``<run>/tensorboard``, scalars ``train/loss``, ``train/lr``, ``epoch/<name>``.
+  ``<run>/tensorboard``, scalars ``train/loss``, ``train/lr``, ``epoch/<name>``. The events are
+  written and flushed in the training process itself (tensorboard's record format, torch's scalar
+  summaries), not by ``SummaryWriter``'s background thread, so a failed write stops the run with
+  one line rather than a thread's traceback.
 * :class:`WandbLogger` (``loggers=("wandb",)``; ``pip install 'tokentune[wandb]'``): one W&B run per
   run directory (its id is derived from the directory, so ``--resume`` continues it); project from
   ``WANDB_PROJECT`` (default ``tokentune``), offline with ``WANDB_MODE=offline`` as usual.
+
+Every write of a logger that fails (disk full, read-only file system, no permission), at the start
+of a run as in its middle, is one :class:`~tokentune.errors.TokenTuneError` line naming the file
+(:func:`tokentune.fileio.reported_writes`); checkpoints already written stay intact.
 """
 from __future__ import annotations
 
@@ -24,12 +31,18 @@ import hashlib
 import io
 import json
 import os
+import secrets
+import socket
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..errors import TokenTuneError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, reported_writes
 from ..utils import jsonable, require_extra
 from .rundir import CSV_NAME, LOG_NAME, TENSORBOARD_DIR, RunDir
+
+#: what a failed logger write adds to its error line
+KEPT = "; the checkpoints already written are intact (continue with --resume once it is fixed)"
 
 
 class Logger:
@@ -64,14 +77,18 @@ class FileLogger(Logger):
             return rec.get("global_step", 0) >= global_step if kind == "step" else rec.get("epoch", 0) > epoch
 
         kept = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:      # a line cut by a kill
-                    continue
-                if not later(rec):
-                    kept.append(rec)
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except OSError as exc:
+            raise TokenTuneError(f"cannot read {self.path}: {exc.strerror or exc}; check its permissions") from None
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:      # a line cut by a kill
+                continue
+            if not later(rec):
+                kept.append(rec)
         self.epochs = [r for r in kept if r.get("kind") == "epoch"]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write_text(self.path, text)
@@ -80,7 +97,7 @@ class FileLogger(Logger):
         if not self.started:
             self._start(kind, int(record.get("epoch", 0)), int(record.get("global_step", 0)))
         entry = dict(kind=kind, **jsonable(record))
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with reported_writes(self.path, KEPT), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
         if kind == "epoch":
             self.epochs.append(entry)
@@ -96,28 +113,45 @@ class FileLogger(Logger):
         atomic_write_text(self.run.file(CSV_NAME), text)
 
 
-
-
-
 class TensorBoardLogger(Logger):
-    """Scalars in ``<run>/tensorboard`` (``tensorboard --logdir RUN``)."""
+    """Scalars in ``<run>/tensorboard`` (``tensorboard --logdir RUN``): one event file per run segment,
+    named as ``SummaryWriter`` names them, written and flushed record by record in this process."""
 
     def __init__(self, run: RunDir) -> None:
         require_extra("tensorboard", "tensorboard", "logging to TensorBoard")
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        from torch.utils.tensorboard.summary import scalar
 
-        self.writer = SummaryWriter(log_dir=run.file(TENSORBOARD_DIR))
+        self.event, self.scalar = Event, scalar
+        directory = run.file(TENSORBOARD_DIR)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
+        self.path = os.path.join(directory, name)
+        self.file = None
+        with reported_writes(self.path, KEPT):
+            os.makedirs(directory, exist_ok=True)
+            self.file = open(self.path, "wb")
+            self.records = RecordWriter(self.file)
+            self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, *events) -> None:
+        with reported_writes(self.path, KEPT):
+            for event in events:
+                self.records.write(event.SerializeToString())
+            self.file.flush()
 
     def log(self, kind: str, record: Dict[str, Any]) -> None:
         step = int(record.get("global_step", 0))
         prefix = "train" if kind == "step" else "epoch"
-        for key, value in record.items():
-            if key not in ("global_step", "epoch", "step") and isinstance(value, (int, float)) and value is not None:
-                self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
-        self.writer.flush()
+        now = time.time()
+        self._write(*(self.event(wall_time=now, step=step, summary=self.scalar(f"{prefix}/{key}", float(value)))
+                      for key, value in record.items()
+                      if key not in ("global_step", "epoch", "step") and isinstance(value, (int, float))))
 
     def close(self) -> None:
-        self.writer.close()
+        if self.file is not None:
+            with reported_writes(self.path, KEPT):
+                self.file.close()
 
 
 class WandbLogger(Logger):
@@ -127,16 +161,21 @@ class WandbLogger(Logger):
         wandb = require_extra("wandb", "wandb", "logging to Weights & Biases")
         run_id = hashlib.sha1(run.path.encode()).hexdigest()[:16]
         self.wandb = wandb
-        self.session = wandb.init(project=os.environ.get("WANDB_PROJECT", "tokentune"), id=run_id, resume="allow",
-                                  dir=run.path, name=os.path.basename(run.path), config=jsonable(config))
+        self.path = os.path.join(run.path, "wandb")
+        with reported_writes(self.path, KEPT):
+            self.session = wandb.init(project=os.environ.get("WANDB_PROJECT", "tokentune"), id=run_id,
+                                      resume="allow", dir=run.path, name=os.path.basename(run.path),
+                                      config=jsonable(config))
 
     def log(self, kind: str, record: Dict[str, Any]) -> None:
         prefix = "train" if kind == "step" else "epoch"
         values = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "global_step"}
-        self.session.log(values, step=int(record.get("global_step", 0)))
+        with reported_writes(self.path, KEPT):
+            self.session.log(values, step=int(record.get("global_step", 0)))
 
     def close(self) -> None:
-        self.session.finish()
+        with reported_writes(self.path, KEPT):
+            self.session.finish()
 
 
 def training_loggers(run: Optional[RunDir], names: Sequence[str], config: Dict[str, Any]) -> List[Logger]:
@@ -167,6 +206,14 @@ class LoggingCallback:
         for logger in self.loggers:
             logger.log(event, record)
 
-    def close(self) -> None:
+    def close(self, raising: bool = True) -> None:
+        """Close every logger; the first failure is raised afterwards (``raising=False``: dropped, as
+        when another error is already stopping the run)."""
+        failure = None
         for logger in self.loggers:
-            logger.close()
+            try:
+                logger.close()
+            except TokenTuneError as exc:
+                failure = failure or exc
+        if failure is not None and raising:
+            raise failure

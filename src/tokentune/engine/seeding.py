@@ -10,7 +10,8 @@ uninterrupted run's, and it differs between worker counts.
 
 Here every sample's transform runs with the three global generators seeded from
 ``sample_seed(seed, epoch, index)`` (``index``: the sample's index in the dataset, or its position
-in a stream's epoch) and restored afterwards: the draws depend on nothing else, so a resumed run
+in a stream's epoch) (in the training process, their states are restored afterwards): the draws
+depend on nothing else, so a resumed run
 and an uninterrupted one, and runs with 0, 1 or 2 workers, see the same augmented samples, and the
 training process's own generators (dropout, mixup, whose states ``resume.pt`` keeps) are untouched
 when ``num_workers=0`` reads the samples in it.
@@ -27,7 +28,7 @@ from typing import Iterator, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -40,17 +41,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 @contextlib.contextmanager
 def seeded_generators(seed: int):
     """Run the body with Python's, numpy's and torch's (CPU) global generators seeded from ``seed``;
-    their previous states come back afterwards (CUDA generators are not touched)."""
-    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    their previous states come back afterwards (CUDA generators are not touched). In a data-loader
+    worker, whose generators serve only the seeded transforms, nothing is restored: saving and
+    restoring numpy's state alone costs more than the seeding."""
+    restore = get_worker_info() is None
+    saved = (random.getstate(), np.random.get_state(), torch.default_generator.get_state()) if restore else None
     random.seed(seed)
     np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
     torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.default_generator.set_state(saved[2])
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
 
 
 class SeededSampler(Sampler):

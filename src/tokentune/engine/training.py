@@ -43,6 +43,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -654,7 +655,7 @@ def train(model: nn.Module, train_data, test_data=None, cfg: Optional[TrainConfi
         return _epochs(s, p, model, test_data, eval_bs, [logging, *callbacks], max_steps, progress, handle_signals,
                        run_info, metric)
     finally:
-        logging.close()
+        logging.close(raising=sys.exc_info()[0] is None)     # an error already on its way is the one to report
 
 
 def _moving_average(s: _Session, state: Optional[Dict[str, Any]]) -> Optional[TrainedEMA]:
