@@ -25,6 +25,7 @@ import torch
 
 from tokentune import accelerate, open_model
 from tokentune.engine.data import image_folder_dataset
+from tokentune.timing import measure_throughput
 from tokentune.tools import accelerate as acc
 from tokentune.tools.demo import ROWS, DemoConfig, adapt, prepare_demo
 from tokentune.tools.measure import environment, markdown_table
@@ -42,21 +43,28 @@ def lora_run(workdir: str):
 
 
 def sweep(run_dir: str, val, cfg: acc.AccelerateConfig):
-    """Every constant ToMe r on the run: measured speed-up and top-1."""
+    """Every constant ToMe r on the run, all timed in the same interleaved rounds with the unmodified
+    model (the base is timed once per round for all of them), then evaluated."""
     source = acc.open_source(run_dir)
     base = acc.deployed_base(source)
     images = val.batch(cfg.batch_size, int(base.patch_embed.img_size[0]), cfg.seed)
-    rows, r = [], 1
+    models, merged, r = {}, -1, 1
     while True:
         model = acc.build_candidate(source, base, "tome", r)
-        schedule = model.tokentune.state["tome"]
-        timed = acc.time_side_by_side(base, model, images, cfg, cfg.seed)
-        rows.append({"r": r, "schedule": schedule, "gmacs": acc.gmacs_of(model, images), **timed,
-                     "top1": acc.accuracy(model, val, cfg, f"r={r}")})
-        print(f"r={r} {schedule}: {timed['speedup']:.3f}x top-1 {rows[-1]['top1']:.2f}")
-        if sum(schedule) >= sum(acc.build_candidate(source, base, "tome", r + 1).tokentune.state["tome"]):
+        if sum(model.tokentune.state["tome"]) <= merged:
             break                                  # the caps stop every larger r from merging more
+        merged = sum(model.tokentune.state["tome"])
+        models[r] = model
         r += 1
+    stats = measure_throughput({"base": base, **{f"r={k}": m for k, m in models.items()}}, images=images,
+                               rounds=cfg.rounds, warmup=cfg.warmup)
+    rows = []
+    for k, model in models.items():
+        c, b = stats[f"r={k}"], stats["base"]
+        rows.append({"r": k, "schedule": model.tokentune.state["tome"], "gmacs": acc.gmacs_of(model, images),
+                     "speedup": c.median / b.median, "speedup_low": c.low / b.high, "speedup_high": c.high / b.low,
+                     "top1": acc.accuracy(model, val, cfg, f"r={k}")})
+        print(f"r={k} {rows[-1]['schedule']}: {rows[-1]['speedup']:.3f}x top-1 {rows[-1]['top1']:.2f}")
     return rows, base
 
 
@@ -66,7 +74,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=1.5)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fresh-rounds", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -129,10 +129,12 @@ def test_recovery_training_runs_when_the_drop_exceeds_max_drop(lora_run, tmp_pat
     train = image_folder_dataset(str(folder), "train")
     result = tokentune.accelerate(str(run_dir), image_folder_dataset(str(folder), "test"), "share:0.7",
                                   str(tmp_path / "out"), train_data=train, methods=["tome"], max_drop=1.0,
-                                  finetune_epochs=1, finetune_batch_size=4, batch_size=4, progress=False, log=None)
+                                  finetune_epochs=1, finetune_batch_size=4, batch_size=4, onnx=True, progress=False,
+                                  log=None)
     assert result.choice["label"] == "tome + recovery" and result.record["finetune"]["finetuned_epochs"] == 1
     assert (tmp_path / "out" / "finetune" / "results.json").is_file() and "finetune" in result.record["time"]
     assert tokentune.open_model(str(tmp_path / "out")).tokentune.spec["method"] == "lora+tome"
+    assert (tmp_path / "out" / "model.onnx").is_file()
 
 
 def test_every_source_kind_gives_the_same_candidate(lora_run, tmp_path):
@@ -166,6 +168,7 @@ def test_every_source_kind_gives_the_same_candidate(lora_run, tmp_path):
     (["--target-gmacs", "5"], r"already runs at .* GMACs per image"),
     (["--target-share", "0.7", "--image-folder", "FOUR"], r"has 4 classes but the model's head has 3"),
     (["--target-share", "0.7", "--source", "FILE"], r"tokentune cannot adapt the file"),
+    (["--target-share", "0.7", "--source", "runs/none"], r"'runs/none' does not exist"),
     (["--target-share", "0.7", "--source", "resnet18", "--pretrained", "none"], r"ResNet is not a timm VisionTransformer"),
     (["--target-share", "0.7", "--methods", "dyt"], r"'dyt' is not a candidate: it needs training"),
     (["--target-share", "0.7", "--methods", "nope"], r"unknown method 'nope'"),

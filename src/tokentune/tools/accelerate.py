@@ -268,6 +268,8 @@ def open_source(source: Union[nn.Module, str, "os.PathLike[str]"], pretrained: U
             return _from_directory(directory, name, pretrained, base_model)
     if os.path.exists(name):
         raise _cannot_adapt(f"the file {name!r}")
+    if "/" in name or os.sep in name:                   # timm names have no slash: a path that is not there
+        raise TokenTuneError(f"{name!r} does not exist; pass a run, export or peft adapter directory, or a timm name")
     model = create_model(name, method="linear", pretrained=True if pretrained is None else pretrained)
     return Source(model.eval(), dict(info_of(model).spec), name, preprocessing_of(model), True)
 
