@@ -48,12 +48,12 @@ def sweep(run_dir: str, val, cfg: acc.AccelerateConfig):
     source = acc.open_source(run_dir)
     base = acc.deployed_base(source)
     images = val.batch(cfg.batch_size, int(base.patch_embed.img_size[0]), cfg.seed)
-    models, merged, r = {}, -1, 1
+    models, last, r = {}, None, 1
     while True:
         model = acc.build_candidate(source, base, "tome", r)
-        if sum(model.tokentune.state["tome"]) <= merged:
-            break                                  # the caps stop every larger r from merging more
-        merged = sum(model.tokentune.state["tome"])
+        if model.tokentune.state["tome"] == last:
+            break                                  # the caps give every larger r this schedule too
+        last = model.tokentune.state["tome"]
         models[r] = model
         r += 1
     stats = measure_throughput({"base": base, **{f"r={k}": m for k, m in models.items()}}, images=images,

@@ -117,8 +117,10 @@ def test_a_speedup_target_is_refined_by_the_measured_time(lora_run, monkeypatch)
     # FLOPs first (1.3 gives 0.8 * 1.3 < 1.3 measured), then corrected by the measured efficiency
     assert trials[0]["rate"] == "flops:1.3000" and trials[0]["speedup"] < 1.3
     assert float(trials[1]["rate"].split(":")[1]) > 1.3 and result.choice["speedup"] >= 1.3
-    assert result.choice == min((t for t in trials if t["speedup"] >= 1.3), key=lambda t: t["flops_ratio"]) | {
-        "met": True, "top1": result.choice["top1"], "drop": result.choice["drop"]}
+    # every schedule within the target is evaluated, and the most accurate one is chosen
+    within = [t for t in trials if t["speedup"] >= 1.3]
+    assert within and all("top1" in t for t in within)
+    assert result.choice == dict(max(within, key=lambda t: (t["top1"], t["speedup"])), met=True)
 
 
 @pytest.mark.slow
