@@ -888,6 +888,7 @@ def _accelerate(model, val_data, goal: Target, out_dir, train_data, pretrained, 
     state.data["time"]["data"] = state.data["time"].get("data", 0.0) + time.perf_counter() - t0 - opened
     if state.resumed:
         log(f"continuing the search in {out_dir} ({len(state.data['trials'])} trials measured)")
+    state.save()                                   # the setting and the time so far, before the first measurement
     image_size = int(base.patch_embed.img_size[0])
     ctx = Context(source, base, val, goal, cfg, state, val.batch(cfg.batch_size, image_size, cfg.seed).to(cfg.device),
                   log)
