@@ -15,8 +15,8 @@ reducer and only its schedule is searched, where it has one. The steps:
    is corrected by the measured efficiency (speed-up / FLOPs ratio), as
    :func:`tokentune.methods.tome.speedup.schedule_for_speedup` does for ToMe alone. The gentlest
    candidate that reaches the target is kept (else the fastest one tried).
-4. **Accuracy** of each method's candidate on the validation data, and the **choice**: the most
-   accurate candidate within the target.
+4. **Accuracy** of each method's candidates that meet the target (of the closest one when none
+   does) on the validation data, and the **choice**: the most accurate candidate within the target.
 5. Optionally a short PEFT **recovery** (``finetune_epochs``) of the choice when its drop exceeds
    ``max_drop``, then the same measurement.
 6. **Outputs** in ``out_dir``: the chosen deployed model as an export (:func:`tokentune.open_model`
@@ -268,6 +268,8 @@ def open_source(source: Union[nn.Module, str, "os.PathLike[str]"], pretrained: U
             return _from_directory(directory, name, pretrained, base_model)
     if os.path.exists(name):
         raise _cannot_adapt(f"the file {name!r}")
+    if "/" in name or os.sep in name:                   # timm names have no slash: a path that is not there
+        raise TokenTuneError(f"{name!r} does not exist; pass a run, export or peft adapter directory, or a timm name")
     model = create_model(name, method="linear", pretrained=True if pretrained is None else pretrained)
     return Source(model.eval(), dict(info_of(model).spec), name, preprocessing_of(model), True)
 
@@ -597,8 +599,9 @@ def _done(ctx: Context, row: Dict[str, Any]) -> bool:
 
 
 def search_method(ctx: Context, method: str) -> Dict[str, Any]:
-    """The schedules of ``method`` tried for the target and the one kept: the gentlest (fewest FLOPs
-    removed) that meets the target, else the fastest (speed-up) or cheapest (GMACs) tried."""
+    """The schedules of ``method`` tried for the target and a first pick: the gentlest (fewest FLOPs
+    removed) that meets the target, else the fastest (speed-up) or cheapest (GMACs) tried
+    (:func:`_search_all` then keeps the most accurate of those that meet it)."""
     ratio = ctx.target.flops_ratio(ctx.base_gmacs)
     rows: List[Dict[str, Any]] = []
     seen: Dict[str, Dict[str, Any]] = {}
@@ -820,10 +823,14 @@ def _search_all(ctx: Context, methods: List[str]) -> Dict[str, Dict[str, Any]]:
         bar.set_postfix_str(method)
         ctx.log(f"{method}: searching its schedule for {ctx.target.describe()}")
         result = search_method(ctx, method)
+        result["trials"] = [dict(t) for t in result["trials"]]
         if "chosen" in result:
-            row = result["chosen"]
-            row["top1"] = method_accuracy(ctx, row)
-            row["drop"] = ctx.state.data["base"]["top1"] - row["top1"]
+            met = [t for t in result["trials"] if ctx.target.met(t, ctx.base_gmacs)]
+            for row in met or [result["chosen"]]:         # every schedule within the target is evaluated
+                row["top1"] = method_accuracy(ctx, row)
+                row["drop"] = ctx.state.data["base"]["top1"] - row["top1"]
+            if met:                                       # the method's most accurate one (ties: the faster)
+                result["chosen"] = dict(max(met, key=lambda t: (t["top1"], t["speedup"])), met=True)
         found[method] = result
     return found
 
@@ -881,6 +888,7 @@ def _accelerate(model, val_data, goal: Target, out_dir, train_data, pretrained, 
     state.data["time"]["data"] = state.data["time"].get("data", 0.0) + time.perf_counter() - t0 - opened
     if state.resumed:
         log(f"continuing the search in {out_dir} ({len(state.data['trials'])} trials measured)")
+    state.save()                                   # the setting and the time so far, before the first measurement
     image_size = int(base.patch_embed.img_size[0])
     ctx = Context(source, base, val, goal, cfg, state, val.batch(cfg.batch_size, image_size, cfg.seed).to(cfg.device),
                   log)

@@ -245,6 +245,8 @@ def search_record(model: nn.Module, data, cfg: SearchConfig, checkpoint: Optiona
             "search": asdict(cfg), "history": found.history}
 
 
+# Not offered by ``tokentune accelerate`` (training_free stays False, no rate_option): its counts come from a
+# gradient search on data ('tokentune search diffrate'), and its presets only fit ViT-B/L at 224 px.
 register_method(Method(
     "diffrate", DiffRateConfig, apply_diffrate, order=23, reduces_tokens=True, default_peft="full",
     search=search_record, search_config=SearchConfig, search_option="rates",

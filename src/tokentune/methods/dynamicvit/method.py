@@ -197,6 +197,7 @@ def dynamicvit_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tenso
     return loss, logs
 
 
+# Not training-free (``tokentune accelerate`` does not offer it): its keep/drop predictors are trained.
 register_method(Method(
     "dynamicvit", DynamicViTConfig, apply_dynamicvit, trainable=(TRAINABLE,), order=22, reduces_tokens=True,
     default_peft="full", deploy=deploy_dynamicvit, loss=dynamicvit_loss,

@@ -1,0 +1,70 @@
+"""How long ``tokentune accelerate`` takes on ViT-B/16 at 224 with every training-free candidate.
+
+Random weights (speed does not depend on them; the accuracies are those of a random model, so only
+the timing part is meaningful), a folder of ``--images`` random 224x224 images in 10 classes as
+the validation data, target ``--target`` at ``--batch`` images per timed forward. Prints the
+search's seconds per phase (its record's ``time``) and writes
+benchmarks/results/accelerate_vitb.json.
+
+    python benchmarks/accelerate_vitb.py --workdir /tmp/accel-vitb            # 512 images, 1.5x, batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokentune import accelerate, create_model, save_trained
+from tokentune.engine.data import image_folder_dataset
+from tokentune.tools.measure import environment
+
+
+def write_images(root: str, count: int, classes: int = 10) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = os.path.join(root, "test", f"c{i % classes}")
+        os.makedirs(folder, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.jpg"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--target", type=float, default=1.5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = os.path.join(args.workdir, "images")
+    if not os.path.isdir(folder):
+        write_images(folder, args.images)
+    run_dir = os.path.join(args.workdir, "vit-b")
+    if not os.path.isdir(run_dir):
+        save_trained(create_model("vit_base_patch16_224", method="linear", num_classes=10, pretrained=False, seed=0),
+                     run_dir)
+    out = os.path.join(args.workdir, "accelerated")
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    result = accelerate(run_dir, image_folder_dataset(folder, "test"), args.target, out, batch_size=args.batch,
+                        rounds=args.rounds, threads=args.threads)
+    total = time.perf_counter() - t0
+    record = {"environment": dict(environment("cpu"), load_average=list(os.getloadavg())), "images": args.images,
+              "target": args.target, "batch": args.batch, "rounds": args.rounds, "seconds": total,
+              "time": result.record["time"], "choice": result.choice,
+              "trials": {m: len(r["trials"]) for m, r in result.record["search"].items()}}
+    print(json.dumps({k: record[k] for k in ("seconds", "time", "trials")}, indent=1))
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    with open(os.path.join(os.path.dirname(__file__), "results", "accelerate_vitb.json"), "w") as fh:
+        json.dump(record, fh, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
