@@ -43,6 +43,8 @@ BASELINES = {
     "vpt-deep": ("vpt", dict(vpt_deep=True)),
     "vpt+pyra": ("vpt+pyra", dict(tome_r=2)),
     "evit+pyra": ("evit+pyra", {}),
+    "lora+pitome": ("lora+pitome", dict(pitome_r=[3, 2, 2, 1])),
+    "lora+tofu": ("lora+tofu", dict(tofu_r=[3, 2, 2, 1])),
 }
 SPECS.update(BASELINES)
 # methods that keep or drop tokens by a hard top-k of scores: in bf16 (8 significant bits) two
@@ -97,7 +99,8 @@ def test_low_precision_and_static_shapes(case):
         assert meta(x.to("meta")).shape == want.shape
 
 
-@pytest.mark.parametrize("case", ["pyra", "dyt+tome", "evit+pyra", "dynamicvit", "diffrate", "vpt+pyra"])
+@pytest.mark.parametrize("case", ["pyra", "dyt+tome", "evit+pyra", "dynamicvit", "diffrate", "vpt+pyra", "lora+pitome",
+                                  "lora+tofu"])
 def test_no_graph_breaks(case):
     x = torch.randn(2, 3, 32, 32)
     deployed = _deployed(case, x)
