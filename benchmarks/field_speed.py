@@ -1,6 +1,6 @@
 """The training-free token reducers of the field at matched FLOPs: speed-up against their FLOPs ratio.
 
-Times, side by side in ONE process (interleaved rounds, the same random batch, :func:`tokentune.tools.bench.measure`),
+Times, side by side in ONE process (interleaved rounds, the same random batch, :func:`tokentune.timing.measure_throughput`),
 the dense model, ToMe and every registered method with ``training_free=True`` and a ``rate_option``
 (asked through the registry, never by name: PiToMe, ToFu, and whatever registers later), plus any
 ``--specs``, at two matched FLOPs points on ViT-B/16 (224 px, random weights: speed does not depend on
@@ -27,11 +27,14 @@ from typing import Dict, List
 
 import torch
 
+from tokentune import create_model, deploy
+from tokentune.core.flops import count_flops
 from tokentune.core.method import available_methods, get_method
 from tokentune.fileio import atomic_write_json, atomic_write_text
 from tokentune.methods.tome import ViTDims, named_schedule, vit_flops
+from tokentune.timing import measure_throughput
 from tokentune.tools import measure as measure_env
-from tokentune.tools.bench import BenchSettings, Candidate, measure, parse_config
+from tokentune.tools.bench import Candidate, parse_config
 
 GOAL = 0.95
 TIME_GOAL = 1.03
@@ -97,7 +100,7 @@ def main() -> None:
     ap.add_argument("--specs", action="append", default=[],
                     help="extra rows, 'tokentune bench --config' syntax; their rate option gets each target")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--latency-iters", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny width, 1 round: checks the script runs")
@@ -106,17 +109,30 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     targets = args.targets.split(";") if args.targets else default_targets(args.model)
-    settings = BenchSettings(model=args.model, batch_size=args.batch_size, rounds=1 if args.quick else args.rounds,
-                             warmup=1, latency=True, latency_iters=1 if args.quick else args.latency_iters,
-                             memory=False, train=False, num_classes=1000, pretrained=False,
-                             timm_kwargs=dict(embed_dim=64, num_heads=2) if args.quick else {})
+    kw = dict(embed_dim=64, num_heads=2) if args.quick else {}
+    rounds = 1 if args.quick else args.rounds
+    models, flops, tokens = {}, {}, {}
+    probe = torch.randn(1, 3, 224, 224)
+    for cand in candidates(targets, args.specs):
+        torch.manual_seed(0)
+        model = create_model(args.model, method=cand.method, num_classes=1000, **kw, **cand.options).eval()
+        with torch.no_grad():
+            tokens[cand.label] = int(model(probe, return_tokens=True)[1].shape[1])
+        models[cand.label] = deploy(model)
+        flops[cand.label] = count_flops(models[cand.label], probe)
+        print(f"{cand.label}: {flops[cand.label] / 2e9:.2f} GMACs, {tokens[cand.label]} tokens out", flush=True)
     load_before = loadavg()
-    result = measure(candidates(targets, args.specs), settings, progress=print)
-    rows = table(result.rows, targets)
+    b16 = measure_throughput(models, batch_size=args.batch_size, image_size=224, rounds=rounds, warmup=1)
+    b1 = measure_throughput(models, batch_size=1, image_size=224, rounds=rounds, warmup=1, iters_per_round=args.latency_iters)
+    raw = [{"label": n, "tokens_out": tokens[n], "gmacs": flops[n] / 2e9, "flops_ratio": flops["dense"] / flops[n],
+            "img_per_s": b16[n].median, "img_per_s_low": b16[n].low, "img_per_s_high": b16[n].high,
+            "speedup": b16[n].median / b16["dense"].median, "latency_speedup": b1[n].median / b1["dense"].median,
+            "b1_img_per_s": b1[n].median} for n in models]
+    rows = table(raw, targets)
     env = measure_env.environment(torch.device("cpu"), "fp32")
     env["load before"], env["load after"] = load_before, loadavg()
     title = (f"Training-free token reducers at matched FLOPs: {args.model}, 224 px, fp32, batch {args.batch_size} "
-             f"and 1, {torch.get_num_threads()} threads, {settings.rounds} interleaved rounds"
+             f"and 1, {torch.get_num_threads()} threads, {rounds} interleaved rounds"
              + (" [QUICK]" if args.quick else ""))
     md = (f"## {title}\n\nEnvironment: {', '.join(f'{k}={v}' for k, v in env.items())}\n\n"
           f"{measure_env.markdown_table(rows, list(rows[0]))}\n")
@@ -125,7 +141,7 @@ def main() -> None:
     prefix = os.path.join(args.out, "field_speed" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else ""))
     atomic_write_text(prefix + ".md", md)
     atomic_write_json(prefix + ".json", {"title": title, "environment": env, "targets": targets, "rows": rows,
-                                         "raw": result.rows, "goal": GOAL, "time_goal": TIME_GOAL})
+                                         "raw": raw, "goal": GOAL, "time_goal": TIME_GOAL})
 
 
 if __name__ == "__main__":

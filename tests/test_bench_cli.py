@@ -289,6 +289,8 @@ BASELINES = {   # config -> (method as built, options of the same model, tokens 
     "vpt+pyra:tome_r=2,vpt_tokens=3": ("vpt+tome+pyra", dict(tome_r=2, vpt_tokens=3), 20, 12),  # 16 patches - 4 x 2
     "adapter+pyra:tome_r=2": ("adapter+tome+pyra", dict(tome_r=2), 17, 9),
     "evit+pyra:evit_keep_rate=0.5": ("lora+evit+pyra", dict(evit_keep_rate=0.5), 17, 5),
+    "lora+pitome:r=0.75": ("lora+pitome", dict(pitome_r=0.75), 17, 7),    # 16 -> 12 -> 9 -> 7 -> 6 patches + CLS
+    "lora+tofu:r=3,2,2,1": ("lora+tofu", dict(tofu_r=[3, 2, 2, 1]), 17, 9),
 }
 
 

@@ -44,6 +44,8 @@ BASELINES = {
     "vpt+pyra": ("vpt+pyra", dict(tome_r=2)),
     "evit+pyra": ("evit+pyra", {}),
     "lora+mctf": ("lora+mctf", dict(mctf_r=2)),
+    "lora+pitome": ("lora+pitome", dict(pitome_r=[3, 2, 2, 1])),
+    "lora+tofu": ("lora+tofu", dict(tofu_r=[3, 2, 2, 1])),
 }
 SPECS.update(BASELINES)
 # methods that keep or drop tokens by a hard top-k of scores: in bf16 (8 significant bits) two
@@ -98,7 +100,8 @@ def test_low_precision_and_static_shapes(case):
         assert meta(x.to("meta")).shape == want.shape
 
 
-@pytest.mark.parametrize("case", ["pyra", "dyt+tome", "evit+pyra", "dynamicvit", "diffrate", "vpt+pyra", "lora+mctf"])
+@pytest.mark.parametrize("case", ["pyra", "dyt+tome", "evit+pyra", "dynamicvit", "diffrate", "vpt+pyra", "lora+mctf",
+                                  "lora+pitome", "lora+tofu"])
 def test_no_graph_breaks(case):
     x = torch.randn(2, 3, 32, 32)
     deployed = _deployed(case, x)

@@ -279,6 +279,34 @@ def test_forward_intermediates_unmerge_to_the_patch_grid():
     assert [tuple(f.shape) for f in feats] == [(2, 48, 6, 6)] * 2
 
 
+@pytest.mark.parametrize("task,shape", [("segmentation", (2, 3, 48, 48)), ("video", (2, 2, 3, 48, 48))])
+def test_segmentation_and_video_tasks_run(task, shape):
+    opts = dict(video_frames=2) if task == "video" else {}
+    for spec in ("lora+pitome", "lora+tofu"):
+        torch.manual_seed(0)
+        model = tokentune.create_model(NAME, method=spec, num_classes=3, task=task, **WIDE, **opts).eval()
+        with torch.no_grad():
+            out = model(torch.randn(*shape))
+        assert out.shape[:2] == (2, 3) and torch.isfinite(out).all()
+
+
+def test_viz_token_groups_follow_the_merges():
+    import numpy as np
+
+    from tokentune.tools import viz
+
+    model = _model("lora+pitome", pitome_r=0.75).eval()
+    x = torch.randn(2, 3, 48, 48)
+    groups = viz.token_groups(model, x)
+    with torch.no_grad():
+        _, state = model(x, return_state=True, trace_source=True)
+    g, tokens = groups[max(groups)]
+    assert tokens == state.size.shape[1]
+    for b in range(2):
+        ids, sizes = np.unique(g[b].numpy(), return_counts=True)
+        assert torch.equal(torch.from_numpy(sizes).float(), state.size[b, 1 + torch.from_numpy(ids), 0])
+
+
 def test_bf16_runs():
     model = _model("pitome", pitome_r=0.75).eval().to(torch.bfloat16)
     with torch.no_grad():

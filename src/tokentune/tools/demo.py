@@ -8,8 +8,8 @@
 3. the backbone is adapted to the held-back digits 5-9 with each method of :data:`ROWS` (linear
    probe, LoRA, LoRA + ToMe, PYRA, AdaptFormer-style adapters, DyT with the same adapters, and with
    ``rows="all"`` LoRA + EViT, LoRA + DynamicViT, LoRA + MCTF, LoRA + DiffRate with rates searched on the
-   digits, VPT-deep, VPT-deep + PYRA, LoRA + DTEM), through the same ``create_model -> train -> deploy ->
-   evaluate`` path as real runs;
+   digits, VPT-deep, VPT-deep + PYRA, LoRA + DTEM, LoRA + PiToMe, LoRA + ToFu), through the same
+   ``create_model -> train -> deploy -> evaluate`` path as real runs;
 4. one table: test top-1 of the deployed model, trainable parameters, tokens per block, multiply-
    adds per image and throughput, measured side by side in one process on the same batch.
 
@@ -32,7 +32,7 @@ from torch import nn
 from ..core.deploy import deploy
 from ..core.factory import create_model
 from ..core.flops import count_flops
-from ..core.method import parse_method
+from ..core.method import get_method, parse_method
 from ..core.params import count_parameters
 from ..core.vit import num_input_tokens
 from ..engine.config import TrainConfig
@@ -67,6 +67,8 @@ class DemoRow:
             method's options on the demo's training data and the row trains with them.
         search_from: label of an earlier row whose trained model the search starts from (a model
             whose head knows digits 5-9).
+        rate_of: a method of the spec whose rate option (``Method.rate_option``) gets the demo's merge
+            schedule (``tome_r``): the row removes as many tokens per block as the ToMe rows.
     """
 
     label: str
@@ -78,6 +80,7 @@ class DemoRow:
     extra: bool = False
     search: Dict[str, Any] = field(default_factory=dict)
     search_from: Optional[str] = None
+    rate_of: Optional[str] = None
 
 
 # LoRA on every linear layer of the blocks: at this width (64) qkv alone is too little capacity
@@ -114,6 +117,9 @@ ROWS: List[DemoRow] = [
     DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True, extra=True),
     # DTEM: the ToMe rows' schedule on a learned embedding, trained with LoRA by soft grouping
     DemoRow("LoRA r=8 + DTEM", "lora+dtem", dict(_LORA), merge=True, extra=True),
+    # the training-free mergers trained with LoRA at the ToMe rows' tokens per block (equal FLOPs up to the matching)
+    DemoRow("LoRA r=8 + PiToMe", "lora+pitome", dict(_LORA), extra=True, rate_of="pitome"),
+    DemoRow("LoRA r=8 + ToFu", "lora+tofu", dict(_LORA), extra=True, rate_of="tofu"),
 ]
 
 
@@ -144,7 +150,8 @@ class DemoConfig:
         rows: ``"default"``: the seed papers' methods and their deployment forms (linear probe, LoRA,
             LoRA + ToMe, PYRA, AdaptFormer, DyT, DyT with static shapes); ``"all"``: also the papers'
             other baselines and prompt tuning (EViT, DynamicViT, DiffRate with rates searched on the
-            digits at the ToMe rows' FLOPs, VPT-deep, VPT-deep + PYRA, DTEM; about two minutes more).
+            digits at the ToMe rows' FLOPs, VPT-deep, VPT-deep + PYRA, MCTF, DTEM, LoRA + PiToMe and LoRA + ToFu at
+            the ToMe rows' tokens per block; about three minutes more).
     """
 
     pretrain_epochs: int = 8
@@ -377,6 +384,8 @@ def adapt(setup: DemoSetup, row: DemoRow, cfg: DemoConfig, out_dir: Optional[str
     options = {**row.options, **(options or {})}
     if row.merge:
         options[_rate_option(row.method)] = list(cfg.tome_r)
+    if row.rate_of:
+        options[f"{row.rate_of}_{get_method(row.rate_of).rate_option}"] = list(cfg.tome_r)
     torch.manual_seed(seed)
     model = create_model(BACKBONE, method=row.method, num_classes=5, pretrained=setup.backbone,
                          head_init_std=0.01, **{**setup.arch, **options})   # a row may override the head's pooling
