@@ -51,15 +51,18 @@ def main() -> None:
         mctf_options = _row("LoRA r=8 + MCTF").options
         for seed in seeds:
             lora = adapt(setup, _row("LoRA r=8"), cfg, None, seed=seed)
+            print(f"seed {seed}: LoRA r=8 (dense): {lora.top1:.1f}%", flush=True)
             for label, method, opts in (("ToMe off the shelf", "lora+tome", {**_row("LoRA r=8").options,
                                                                               "tome_r": list(cfg.tome_r)}),
                                         ("MCTF off the shelf", "lora+mctf", mctf_options)):
                 top1, macs = off_the_shelf(lora.model, setup, method, opts)
                 results.setdefault(label, []).append((top1, macs))
+                print(f"seed {seed}: {label}: {top1:.1f}% at {macs / 1e6:.2f} MMACs", flush=True)
             test = torch.stack([setup.test[i][0] for i in range(len(setup.test))])
             for label in ("LoRA r=8 + ToMe", "LoRA r=8 + MCTF"):
                 done = adapt(setup, _row(label), cfg, None, seed=seed)
                 results.setdefault(label + " (trained)", []).append((done.top1, count_macs(done.deployed, test)))
+                print(f"seed {seed}: {label} (trained): {done.top1:.1f}%", flush=True)
             results.setdefault("LoRA r=8 (dense)", []).append((lora.top1, count_macs(lora.deployed, test)))
             print(f"seed {seed} done ({time.perf_counter() - tic:.0f} s)", flush=True)
     lines = ["| row | top-1 % (mean ± std) | per seed | MMACs/img |", "|---|---|---|---|"]

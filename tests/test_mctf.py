@@ -430,3 +430,13 @@ def test_vpt_prompts_stay_out_of_the_fusion():
         _, state = model(images(2).float().double(), return_state=True)
     assert state.num_prefix == 4 and torch.equal(state.size[:, :4, 0], torch.ones(2, 4, dtype=state.size.dtype))
     assert state.size[:, 4:].sum(1).eq(64).all()
+
+
+def test_merged_groups_can_be_drawn():
+    from tokentune.tools.viz import default_depths, token_groups
+
+    model = build("lora+mctf", mctf_r=8).float()
+    groups = token_groups(model, torch.randn(2, 3, 64, 64), depths=default_depths(model))
+    last = groups[4]
+    assert last[1] == token_counts([0, 8, 8, 8], 65, 1)[-1]
+    assert last[0].shape == (2, 8, 8) and int(last[0].max()) < last[1] - 1       # every patch in a group

@@ -144,6 +144,7 @@ class MCTFMerge(TokenReducer):
     """
 
     runs_attention = True
+    merges = True
 
     def __init__(self, r: float, cfg: MCTFConfig) -> None:
         super().__init__()
