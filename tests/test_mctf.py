@@ -403,3 +403,40 @@ def test_bad_options_fail_in_one_line(kw, match):
 def test_other_token_reducers_are_refused(spec):
     with pytest.raises(TokenTuneError, match="cannot be combined"):
         tokentune.create_model("vit_tiny_patch16_224", method=spec, num_classes=5, **tiny())
+
+
+@pytest.mark.parametrize("task,options,target", [
+    ("segmentation", dict(segmentation_channels=16, segmentation_scale=(64, 32)), (2, 32, 32)),
+    ("video", dict(video_frames=2), (2,))])
+def test_tasks_train_with_the_teacher_and_deploy(task, options, target):
+    """Segmentation (features unmerged to the grid) and video (frames as images): the loss is the
+    task's criterion on the student and the teacher (no class token, no consistency term)."""
+    torch.manual_seed(0)
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+mctf", num_classes=3, task=task, mctf_r=3,
+                                   **options, **tiny())
+    x = torch.randn(2, 2, 3, 32, 32) if task == "video" else torch.randn(2, 3, 32, 32)
+    y = torch.randint(0, 3, target)
+    criterion = torch.nn.CrossEntropyLoss()
+    loss, logs = mctf_loss(model.train(), x, y, criterion)
+    loss.backward()
+    assert "teacher_ce" in logs and "consistency" not in logs and torch.isfinite(loss)
+    with torch.no_grad():
+        assert torch.isfinite(tokentune.deploy(model.eval())(x)).all()
+
+
+def test_vpt_prompts_stay_out_of_the_fusion():
+    model = build("vpt+mctf", mctf_r=8, vpt_deep=True, vpt_tokens=3).eval()
+    with torch.no_grad():
+        _, state = model(images(2).float().double(), return_state=True)
+    assert state.num_prefix == 4 and torch.equal(state.size[:, :4, 0], torch.ones(2, 4, dtype=state.size.dtype))
+    assert state.size[:, 4:].sum(1).eq(64).all()
+
+
+def test_merged_groups_can_be_drawn():
+    from tokentune.tools.viz import default_depths, token_groups
+
+    model = build("lora+mctf", mctf_r=8).float()
+    groups = token_groups(model, torch.randn(2, 3, 64, 64), depths=default_depths(model))
+    last = groups[4]
+    assert last[1] == token_counts([0, 8, 8, 8], 65, 1)[-1]
+    assert last[0].shape == (2, 8, 8) and int(last[0].max()) < last[1] - 1       # every patch in a group

@@ -34,10 +34,13 @@ class TokenReducer(nn.Module):
         runs_attention: the reducer runs the block's attention itself (:meth:`attention`), e.g. to
             reduce the tokens with attention computed before the reduction (MCTF's one-step-ahead
             attention); the block then adds the update it returns.
+        merges: the reducer only merges tokens (every input patch keeps a token that stands for it,
+            so merged groups can be drawn: ``tokentune viz merge``).
     """
 
     needs_cls_attn: bool = False
     runs_attention: bool = False
+    merges: bool = False
 
     def before_attention(self, x: torch.Tensor, state: TokenState) -> Tuple[torch.Tensor, TokenState]:
         """At the block input, before attention (default: nothing)."""

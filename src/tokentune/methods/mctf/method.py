@@ -144,6 +144,7 @@ class MCTFMerge(TokenReducer):
     """
 
     runs_attention = True
+    merges = True
 
     def __init__(self, r: float, cfg: MCTFConfig) -> None:
         super().__init__()
@@ -334,23 +335,29 @@ def mctf_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
     the student merges ``r``, the teacher (same weights, with gradient) a random r per forward,
     ``f`` the final class token (pre-logits features), ``^-`` no gradient, ``c_i`` = 1 when the
-    student's probability of the label exceeds ``consistency_threshold``.
+    student's probability of the label exceeds ``consistency_threshold``. Task models (segmentation,
+    video) have no class token: their loss is the task's criterion on the student and the teacher.
     """
     cfg = config_of(model)
-    logits, state, tokens = model(images, return_state=True, return_tokens=True)
+    inner = unwrap_model(model)
+    task = inner._modules.get("task_head") is not None          # segmentation / video: no class token
+    consistent = cfg.consistency_weight > 0 and not task
+    extra = {} if task else dict(return_state=True, return_tokens=True)
+    out = model(images, **extra)
+    logits, state, tokens = out if not task else (out, None, None)
     loss = criterion(logits, targets)
     logs: Dict[str, float] = {"ce": float(loss.detach())}
-    if cfg.teacher_weight <= 0 and cfg.consistency_weight <= 0:
+    if cfg.teacher_weight <= 0 and not consistent:
         return loss, logs
     r_teacher = teacher_rate(cfg.teacher_r)
-    t_logits, t_state, t_tokens = model(images, return_state=True, return_tokens=True, mctf_r=r_teacher)
+    out = model(images, mctf_r=r_teacher, **extra)
+    t_logits, t_state, t_tokens = out if not task else (out, None, None)
     logs["teacher_r"] = float(r_teacher)
     if cfg.teacher_weight > 0:
         t_ce = criterion(t_logits, targets)
         loss = loss + cfg.teacher_weight * t_ce
         logs["teacher_ce"] = float(t_ce.detach())
-    if cfg.consistency_weight > 0:
-        inner = unwrap_model(model)
+    if consistent:
         f_s = inner.forward_head_sized(tokens, state, pre_logits=True)
         f_t = inner.forward_head_sized(t_tokens, t_state, pre_logits=True).detach()
         per_image = (f_t - f_s).pow(2).mean(dim=1)

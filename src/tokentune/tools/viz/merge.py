@@ -22,7 +22,8 @@ from .common import (
 
 # ----------------------------------------------------------------------------- merged tokens
 def _merging_blocks(model: nn.Module) -> List[int]:
-    return [i for i, b in enumerate(getattr(model, "blocks", [])) if getattr(b, "merge", None) is not None]
+    return [i for i, b in enumerate(getattr(model, "blocks", []))
+            if getattr(b, "merge", None) is not None or getattr(getattr(b, "reduce", None), "merges", False)]
 
 
 @torch.no_grad()
