@@ -167,3 +167,33 @@ def test_segmentation_trains_on_all_ignored_masks_and_a_batch_of_one(tmp_path, c
                           + ["--drop-last", "false"], capsys)
     assert code == 0, err                           # 5 images in batches of 2: the last batch holds one
     assert json.loads((tmp_path / "run" / "results.json").read_text())["miou"] is not None
+
+
+# ----------------------------------------------------------------------------- 3: segmentation scales follow the data
+def test_segmentation_rescales_as_the_data_needs_and_says_so(tmp_path):
+    from seg_data import write_ade, write_folder
+
+    from tokentune.tasks.segmentation import ade20k_dataset, describe, mask_folder_dataset, set_transforms
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, task="segmentation",
+                                   segmentation_channels=16, **tiny())
+    folder = write_folder(str(tmp_path / "seg"), num_classes=3, size=(36, 48))
+    train, test = mask_folder_dataset(folder, "train", 3), mask_folder_dataset(folder, "test", 3)
+    set_transforms(train, test, model, tokentune.TrainConfig())
+    assert train.transform.scale == (32, 32) and test.transform.scale == (32, 32)     # the model's input size
+    line = describe(train, test, model)
+    assert "training images rescaled to fit 32x32 (x0.5-2), 32x32 crops" in line
+    assert "test images rescaled to fit 32x32, slide windows of 32x32, stride 21: 1 window(s) per image" in line
+    ade = ade20k_dataset(write_ade(str(tmp_path / "ade"), size=(40, 48)), "validation")
+    set_transforms(None, ade, model, tokentune.TrainConfig())
+    assert ade.transform.scale == (2048, 512)                                        # ADE20K's setting
+    assert "rescaled to fit 2048x512" in describe(None, ade, model) and "window(s) per image" in describe(None, ade, model)
+
+
+# ----------------------------------------------------------------------------- 4: a peft adapter of another depth
+@pytest.mark.parametrize("saved, loaded", [(4, 2), (2, 4)])
+def test_load_peft_into_a_model_of_another_depth_names_both_depths(tmp_path, saved, loaded):
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, **tiny(depth=saved))
+    tokentune.save_peft(model, tmp_path / "adapter")
+    with pytest.raises(TokenTuneError, match=rf"trained on a model of depth {saved} .* has depth {loaded}") as info:
+        tokentune.load_peft(tmp_path / "adapter", "vit_tiny_patch16_224", pretrained=False, depth=loaded)
+    assert "\n" not in str(info.value)
