@@ -197,3 +197,22 @@ def test_load_peft_into_a_model_of_another_depth_names_both_depths(tmp_path, sav
     with pytest.raises(TokenTuneError, match=rf"trained on a model of depth {saved} .* has depth {loaded}") as info:
         tokentune.load_peft(tmp_path / "adapter", "vit_tiny_patch16_224", pretrained=False, depth=loaded)
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 8: method specs
+def test_a_repeated_method_is_refused_and_diffrate_without_rates_says_nothing_is_reduced():
+    with pytest.raises(TokenTuneError, match="'lora' appears more than once in 'lora\\+lora'"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora+lora", num_classes=3, **tiny())
+    with pytest.warns(UserWarning, match="keeps every token: nothing is reduced.*search diffrate"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora+diffrate", num_classes=3, **tiny())
+
+
+# ----------------------------------------------------------------------------- 7: hub names given as weights
+@pytest.mark.parametrize("source", ["hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "local-dir:some/folder"])
+def test_a_model_source_given_as_pretrained_weights_says_where_it_belongs(source, capsys, tmp_path):
+    with pytest.raises(TokenTuneError, match=f"pass it as the model: create_model\\('{source}', pretrained=True\\)"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, pretrained=source, **tiny())
+    with pytest.raises(SystemExit) as info:                   # argparse's usage error
+        cli.main(["train", "--image-folder", str(tmp_path), "--pretrained", source])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"pass it as the model: --model {source} --pretrained hub" in err

@@ -86,6 +86,10 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     if isinstance(pretrained, str):
+        if split_source(pretrained)[0] is not None:
+            raise TokenTuneError(f"pretrained={pretrained!r} names a model with its own weights, not a weights file; "
+                                 f"pass it as the model: create_model({pretrained!r}, pretrained=True) "
+                                 f"(--model {pretrained} --pretrained hub)")
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
             raise TokenTuneError(f"pretrained weights file {pretrained!r} does not exist; pass an existing "
