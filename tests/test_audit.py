@@ -216,3 +216,29 @@ def test_a_model_source_given_as_pretrained_weights_says_where_it_belongs(source
         cli.main(["train", "--image-folder", str(tmp_path), "--pretrained", source])
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"pass it as the model: --model {source} --pretrained hub" in err
+
+
+# ----------------------------------------------------------------------------- 5: weights of another patch/image size
+def test_weights_of_another_patch_and_image_size_say_what_was_resampled(tmp_path):
+    src = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "t4.safetensors"))
+    with pytest.warns(UserWarning, match=r"t4.safetensors: timm resampled the patch embedding from 4x4 to 8x8 pixel "
+                                         r"patches and the position embedding from 65 to 17 positions"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, pretrained=str(tmp_path / "t4.safetensors"),
+                               **tiny(depth=2))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # the same sizes: not a word
+        tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, pretrained=str(tmp_path / "t4.safetensors"),
+                               **tiny(depth=2, patch_size=4))
+
+
+# ----------------------------------------------------------------------------- 6: one source split used twice
+def test_prepare_vtab_refuses_a_source_split_used_twice(tmp_path):
+    from test_data import make_folder
+
+    from tokentune.tools.vtab import prepare_vtab
+    make_folder(tmp_path / "src", classes=("a", "b"), per_class=1, splits=("train", "test"))
+    with pytest.raises(TokenTuneError, match="source split 'train' is used for both train800 and val200"):
+        prepare_vtab(str(tmp_path / "src"), str(tmp_path / "vtab"), "eurosat", {"train800": "train", "val200": "train"})
+    assert not (tmp_path / "vtab").exists()                   # nothing written
