@@ -74,3 +74,12 @@ def test_the_method_name_check_finds_what_it_looks_for():
                      "g = cfg.tau_schedule == 'linear'")
     assert sorted(_tested_names(tree, {"tome", "dyt", "lora", "pyra", "linear"})) == [
         (1, "tome"), (2, "dyt"), (3, "lora"), (4, "pyra"), (6, "dyt")]
+
+
+def test_ci_runs_the_readme_test_command_and_the_onnx_tests():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    ci = open(os.path.join(root, ".ci", "run"), encoding="utf-8").read()
+    command = re.search(r'Run the tests.*?```bash\n(.*?)\n```', readme, re.S).group(1).strip()
+    assert command in ci and ".[test,onnx]" in command          # the ONNX tests run, not skip
+    assert "python -m pytest -q -m slow -k onnx" in ci and "python -m pytest -q -m slow -k onnx" in readme
