@@ -167,3 +167,78 @@ def test_segmentation_trains_on_all_ignored_masks_and_a_batch_of_one(tmp_path, c
                           + ["--drop-last", "false"], capsys)
     assert code == 0, err                           # 5 images in batches of 2: the last batch holds one
     assert json.loads((tmp_path / "run" / "results.json").read_text())["miou"] is not None
+
+
+# ----------------------------------------------------------------------------- 3: segmentation scales follow the data
+def test_segmentation_rescales_as_the_data_needs_and_says_so(tmp_path):
+    from seg_data import write_ade, write_folder
+
+    from tokentune.tasks.segmentation import ade20k_dataset, describe, mask_folder_dataset, set_transforms
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, task="segmentation",
+                                   segmentation_channels=16, **tiny())
+    folder = write_folder(str(tmp_path / "seg"), num_classes=3, size=(36, 48))
+    train, test = mask_folder_dataset(folder, "train", 3), mask_folder_dataset(folder, "test", 3)
+    set_transforms(train, test, model, tokentune.TrainConfig())
+    assert train.transform.scale == (32, 32) and test.transform.scale == (32, 32)     # the model's input size
+    line = describe(train, test, model)
+    assert "training images rescaled to fit 32x32 (x0.5-2), 32x32 crops" in line
+    assert "test images rescaled to fit 32x32, slide windows of 32x32, stride 21: 1 window(s) per image" in line
+    ade = ade20k_dataset(write_ade(str(tmp_path / "ade"), size=(40, 48)), "validation")
+    set_transforms(None, ade, model, tokentune.TrainConfig())
+    assert ade.transform.scale == (2048, 512)                                        # ADE20K's setting
+    assert "rescaled to fit 2048x512" in describe(None, ade, model) and "window(s) per image" in describe(None, ade, model)
+
+
+# ----------------------------------------------------------------------------- 4: a peft adapter of another depth
+@pytest.mark.parametrize("saved, loaded", [(4, 2), (2, 4)])
+def test_load_peft_into_a_model_of_another_depth_names_both_depths(tmp_path, saved, loaded):
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, **tiny(depth=saved))
+    tokentune.save_peft(model, tmp_path / "adapter")
+    with pytest.raises(TokenTuneError, match=rf"trained on a model of depth {saved} .* has depth {loaded}") as info:
+        tokentune.load_peft(tmp_path / "adapter", "vit_tiny_patch16_224", pretrained=False, depth=loaded)
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- 8: method specs
+def test_a_repeated_method_is_refused_and_diffrate_without_rates_says_nothing_is_reduced():
+    with pytest.raises(TokenTuneError, match="'lora' appears more than once in 'lora\\+lora'"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora+lora", num_classes=3, **tiny())
+    with pytest.warns(UserWarning, match="keeps every token: nothing is reduced.*search diffrate"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora+diffrate", num_classes=3, **tiny())
+
+
+# ----------------------------------------------------------------------------- 7: hub names given as weights
+@pytest.mark.parametrize("source", ["hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "local-dir:some/folder"])
+def test_a_model_source_given_as_pretrained_weights_says_where_it_belongs(source, capsys, tmp_path):
+    with pytest.raises(TokenTuneError, match=f"pass it as the model: create_model\\('{source}', pretrained=True\\)"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, pretrained=source, **tiny())
+    with pytest.raises(SystemExit) as info:                   # argparse's usage error
+        cli.main(["train", "--image-folder", str(tmp_path), "--pretrained", source])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"pass it as the model: --model {source} --pretrained hub" in err
+
+
+# ----------------------------------------------------------------------------- 5: weights of another patch/image size
+def test_weights_of_another_patch_and_image_size_say_what_was_resampled(tmp_path):
+    src = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "t4.safetensors"))
+    with pytest.warns(UserWarning, match=r"t4.safetensors: timm resampled the patch embedding from 4x4 to 8x8 pixel "
+                                         r"patches and the position embedding from 65 to 17 positions"):
+        tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, pretrained=str(tmp_path / "t4.safetensors"),
+                               **tiny(depth=2))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # the same sizes: not a word
+        tokentune.create_model("vit_tiny_patch16_224", "lora", num_classes=3, pretrained=str(tmp_path / "t4.safetensors"),
+                               **tiny(depth=2, patch_size=4))
+
+
+# ----------------------------------------------------------------------------- 6: one source split used twice
+def test_prepare_vtab_refuses_a_source_split_used_twice(tmp_path):
+    from test_data import make_folder
+
+    from tokentune.tools.vtab import prepare_vtab
+    make_folder(tmp_path / "src", classes=("a", "b"), per_class=1, splits=("train", "test"))
+    with pytest.raises(TokenTuneError, match="source split 'train' is used for both train800 and val200"):
+        prepare_vtab(str(tmp_path / "src"), str(tmp_path / "vtab"), "eurosat", {"train800": "train", "val200": "train"})
+    assert not (tmp_path / "vtab").exists()                   # nothing written

@@ -1,5 +1,6 @@
 """The flat layout's module paths still import for one release, with a DeprecationWarning."""
 import importlib
+import re
 import sys
 
 import pytest
@@ -78,3 +79,19 @@ def test_a_broken_plugin_is_one_line(monkeypatch):
     monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
     with pytest.raises(TokenTuneError, match="the method plug-in 'broken' .* failed to import: ModuleNotFoundError"):
         registry.get_method("broken")
+
+
+@pytest.mark.parametrize("old, new", [("tome_schedule", "model.tokentune.state['tome']"),
+                                      ("dyt_config", "model.tokentune.state['dyt']"),
+                                      ("tokentune_prop_attn", "model.tokentune.prop_attn"),
+                                      ("tokentune_trace_source", "model.tokentune.trace_source"),
+                                      ("tokentune_export", "model.tokentune.export")])
+def test_the_model_attributes_of_0_1_name_their_new_place(old, new):
+    from conftest import tiny
+
+    from tokentune.errors import TokenTuneError
+    model = tokentune.create_model("vit_tiny_patch16_224", "lora+tome", tome_r=2, num_classes=3, **tiny())
+    with pytest.raises(TokenTuneError, match=rf"model\.{old} \(tokentune 0\.1\) is now {re.escape(new)}"):
+        getattr(model, old)
+    with pytest.raises(TokenTuneError, match="is now"):
+        setattr(model, old, 1)

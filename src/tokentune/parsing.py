@@ -164,6 +164,10 @@ def parse_pretrained(text: str) -> Union[bool, str]:
         return True
     if t.lower() in ("none", "false", "no", "0", "random"):
         return False
+    if t.startswith(("hf-hub:", "local-dir:")):
+        raise argparse.ArgumentTypeError(
+            f"{t!r} names a model with its own weights, not a weights file; pass it as the model: --model {t} "
+            "--pretrained hub")
     return t
 
 

@@ -117,4 +117,6 @@ def _task_split(task, args, cli, train_cfg, config, split, model):
                            options=config.get("task_config"))
     task.set_transforms(None, ds, model, TrainConfig(normalization=train_cfg.get("normalization", "auto"),
                                                      image_size=train_cfg.get("image_size")))
+    if task.describe is not None:
+        print(task.describe(None, ds, model))
     return ds

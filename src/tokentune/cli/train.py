@@ -219,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"data {train_ds.name}: {len(train_ds)} training images ({train_ds.split}), {len(test_ds)} test images "
             f"({test_ds.split}), {num_classes} classes; {inf.world_size} process(es); run directory {out}")
         say(head_line(opts, num_classes))
+        if task is not None and task.describe is not None:
+            say(task.describe(train_ds, test_ds, model))
         cli_record = {k: opts[k] for k in ("model", "method", "pretrained", "num_classes", "head_init_std",
                                            "train_head", "pretrained_head", "data", "dataset", "image_folder", "recipe",
                                            "skip_bad_images", "task")}

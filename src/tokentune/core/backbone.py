@@ -26,6 +26,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from typing import List, Optional, Tuple, Union
 
@@ -86,6 +87,10 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
     if isinstance(pretrained, os.PathLike):
         pretrained = os.fspath(pretrained)
     if isinstance(pretrained, str):
+        if split_source(pretrained)[0] is not None:
+            raise TokenTuneError(f"pretrained={pretrained!r} names a model with its own weights, not a weights file; "
+                                 f"pass it as the model: create_model({pretrained!r}, pretrained=True) "
+                                 f"(--model {pretrained} --pretrained hub)")
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
             raise TokenTuneError(f"pretrained weights file {pretrained!r} does not exist; pass an existing "
@@ -110,9 +115,11 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
                            num_classes=int(head.shape[0]) if head is not None and head.ndim == 2 else -1)
             overlay.update(fresh)
         try:
+            shapes = _embedding_shapes(overlay.get("state_dict") or {})
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **timm_kwargs)
             if fresh.get("npz_head"):
                 _timm_head_init(model)
+            _say_resampled(pretrained, shapes, _embedding_shapes(model.state_dict()))
             if isinstance(getattr(model, "pretrained_cfg", None), dict):
                 model.pretrained_cfg.pop("state_dict", None)    # do not keep a second copy alive
                 model.pretrained_cfg["file"] = path
@@ -124,7 +131,6 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
                                  "check that the file is a checkpoint of this architecture") from exc
     if pretrained:
         if name in _LEGACY_NOTES:
-            import warnings
             warnings.warn(f"timm maps {name!r} to AugReg weights; the VTAB-1k papers used Google's original "
                           f"ImageNet-21k weights, timm name {_LEGACY_NOTES[name]!r}", stacklevel=3)
         unavailable = _hub_unavailable(name)
@@ -142,6 +148,29 @@ def create_backbone(name: str, pretrained: Union[bool, str, os.PathLike] = False
                 f"could not fetch pretrained weights for {name!r} ({one_line(exc)}); download them once and pass "
                 f"the local file, e.g. pretrained='ViT-B_16.npz' (or --pretrained PATH)") from exc
     return timm.create_model(name, pretrained=False, **timm_kwargs)
+
+
+_EMBEDDINGS = {"patch_embed.proj.weight": "patch embedding", "pos_embed": "position embedding"}
+
+
+def _embedding_shapes(state: dict) -> dict:
+    return {k: tuple(state[k].shape) for k in _EMBEDDINGS if k in state and hasattr(state[k], "shape")}
+
+
+def _say_resampled(source: str, before: dict, after: dict) -> None:
+    """Warn (one line) when timm resampled a checkpoint's patch or position embedding to this model."""
+    changes = []
+    for key, what in _EMBEDDINGS.items():
+        if key in before and key in after and before[key] != after[key]:
+            if key == "pos_embed":
+                changes.append(f"the {what} from {before[key][1]} to {after[key][1]} positions")
+            else:
+                changes.append(f"the {what} from {before[key][2]}x{before[key][3]} to {after[key][2]}x{after[key][3]} "
+                               "pixel patches")
+    if changes:
+        warnings.warn(f"{source}: timm resampled {' and '.join(changes)}; the weights were trained at another patch "
+                      "or image size than this model's (pass the model name and img_size/patch_size they were "
+                      "trained with to use them as they are)", UserWarning, stacklevel=4)
 
 
 @torch.no_grad()

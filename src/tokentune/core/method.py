@@ -163,6 +163,10 @@ def parse_method(spec: str) -> List[Method]:
     if not isinstance(spec, str) or not spec.strip():
         raise TokenTuneError(f"method must be a non-empty string like 'lora+tome', got {spec!r}")
     names = [n.strip().lower() for n in spec.split("+") if n.strip()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TokenTuneError(f"method {repeated[0]!r} appears more than once in {spec!r}; name each method once "
+                             f"(e.g. {'+'.join(dict.fromkeys(names))!r})")
     todo, seen = list(names), []
     while todo:
         name = todo.pop(0)

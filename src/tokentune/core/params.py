@@ -51,7 +51,7 @@ def count_parameters(model: nn.Module) -> Dict[str, float]:
             paper_trainable += n
             storage_bits += low_bit.get(id(p), 32 * n)
         for m in methods:
-            if m.name != "full" and any(re.search(pat, name) for pat in m.trainable):
+            if not m.exclusive and any(re.search(pat, name) for pat in m.trainable):   # full's is everything
                 per_method[m.name] = per_method.get(m.name, 0) + n
                 break
     spec = spec_of(model) or {}

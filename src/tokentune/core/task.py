@@ -75,6 +75,8 @@ class Task:
             line builds them (see the task's module for its arguments).
         set_transforms: ``set_transforms(train, test, model, train_config)`` gives the datasets (either
             may be None) the task's training and evaluation transforms for ``model``.
+        describe: ``describe(train, test, model) -> str``: one line a run prints about what the task will
+            do with this data (e.g. segmentation's rescale and test windows per image).
     """
 
     name: str
@@ -86,6 +88,7 @@ class Task:
     evaluate: Optional[Callable[..., Dict[str, Any]]] = None
     load_data: Optional[Callable[..., Tuple[Any, Any]]] = None
     set_transforms: Optional[Callable[..., None]] = None
+    describe: Optional[Callable[..., str]] = None
 
 
 _TASKS: Dict[str, Task] = {}

@@ -61,6 +61,13 @@ def spec_of(model: nn.Module) -> Optional[Dict[str, Any]]:
     info = info_of(model)
     return info.spec if info is not None else None
 
+def _moved(old: str, new: str) -> property:
+    """A model attribute of tokentune 0.1 that moved: reading or setting it is one line naming the new place."""
+    def fail(*_):
+        raise TokenTuneError(f"model.{old} (tokentune 0.1) is now {new}")
+    return property(fail, fail, doc=f"Moved: {new}.")
+
+
 class TokenTuneMixin:
     """Forward of a timm ViT whose blocks are :class:`AdaptedBlock` s.
 
@@ -70,6 +77,14 @@ class TokenTuneMixin:
     """
 
     tokentune: ModelInfo
+
+    # 0.1's public attributes, now in ``model.tokentune``
+    tome_schedule = _moved("tome_schedule", "model.tokentune.state['tome'] (ToMe's fitted per-block schedule)")
+    dyt_config = _moved("dyt_config", "model.tokentune.state['dyt'] (DyT's config)")
+    tokentune_prop_attn = _moved("tokentune_prop_attn", "model.tokentune.prop_attn")
+    tokentune_trace_source = _moved("tokentune_trace_source", "model.tokentune.trace_source (or the forward option "
+                                    "model(x, trace_source=True))")
+    tokentune_export = _moved("tokentune_export", "model.tokentune.export")
 
     def initial_state(self, x: torch.Tensor, trace_source: Optional[bool] = None, **options) -> TokenState:
         info = self.tokentune

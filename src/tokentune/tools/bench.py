@@ -179,7 +179,7 @@ def parse_config(text: str) -> Candidate:
         except (ValueError, TypeError) as exc:
             raise TokenTuneError(f"{where}: {owner}_{name}={value!r}: {exc} (expected {describe(hint)})") from None
         cand.options[f"{owner}_{name}"] = parsed
-    if cand.rate not in (AUTO, None) and "dyt" not in [m.name for m in methods]:
+    if cand.rate not in (AUTO, None) and not any(m.set_activation for m in methods):   # token dispatchers
         raise TokenTuneError(f"{where}: rate= calibrates DyT token dispatchers; this spec has none (add dyt)")
     return cand
 
@@ -432,32 +432,22 @@ def _build(cand: Candidate, s: BenchSettings, device: torch.device):
 
 def measure(candidates: Sequence[Candidate], settings: BenchSettings,
             progress: Optional[Callable[[str], None]] = None) -> BenchResult:
-    """Build, deploy and measure every candidate; returns one row per candidate, in order."""
+    """Build, deploy and measure every candidate; returns one row per candidate, in order.
 
-    if not candidates:
-        raise TokenTuneError("nothing to measure; give at least one --config (e.g. --config lora) or --run DIR")
+    The steps: check the settings; per candidate build it (:func:`_build`), describe it (parameters,
+    tokens), put its token dispatchers at an activation rate (:func:`_calibrate`), make the network
+    that is timed (:func:`_timed_net`) and measure what needs no timing (:func:`_measure_untimed`);
+    then time every network interleaved (:func:`_time_all`) and relate the rows (:func:`_result`)."""
+    _check_settings(candidates, settings)
     s = settings
-    if s.dtype not in DTYPES:
-        raise TokenTuneError(f"unknown dtype {s.dtype!r}; choose from {', '.join(DTYPES)}")
-    for name, value in (("batch size", s.batch_size), ("rounds", s.rounds), ("latency iterations", s.latency_iters),
-                        ("training steps", s.train_steps), *(("sweep batch size", b) for b in s.sweep)):
-        if value < 1:
-            raise TokenTuneError(f"{name} must be at least 1, got {value}")
-    if s.warmup < 0:
-        raise TokenTuneError(f"warm-up must be >= 0, got {s.warmup}")
     device = _resolve_device(s.device)
     labels: Dict[str, int] = {}
     rows: List[Dict[str, Any]] = []
     timed: Dict[str, nn.Module] = {}
     pool: Dict[tuple, List[torch.Tensor]] = {}
-    image_size = s.image_size
-    images = None
+    image_size, images = s.image_size, None
     for i, cand in enumerate(candidates):
-        label = cand.label
-        if label in labels:             # rows are keyed by label: keep them apart
-            labels[label] += 1
-            label = f"{label} ({labels[label]})"
-        labels.setdefault(label, 1)
+        label = _unique_label(cand.label, labels)
         _say(progress, f"[{i + 1}/{len(candidates)}] {label}: building")
         t0 = time.perf_counter()
         model, is_deployed = _build(cand, s, device)
@@ -470,63 +460,13 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
         if images is None:          # a task's inputs (clips) come from its head; plain images as always otherwise
             images = (example_images(model, s.batch_size, seed=s.seed).to(device) if task_head_of(model) is not None
                       else random_images(s.batch_size, image_size, s.seed, device))
-        counts = count_parameters(model)
-        head = task_head_of(model)
-        row: Dict[str, Any] = {
-            "label": label, "unit": head.unit if head is not None else "image", "config": cand.config,
-            "run": os.path.abspath(cand.run) if cand.run else None,
-            "model": ((spec_of(model) or {}).get("model")
-                      or cand.model or (s.model if cand.run is None else type(model).__name__)),
-            "method": (spec_of(model) or {}).get("method", cand.method or "deployed"),
-            "options": {k: v for k, v in cand.options.items()},
-            "deployed": bool(cand.deploy or is_deployed),
-            "params_total": int(counts["total"]),
-            "params_trainable": None if is_deployed else int(counts["trainable"]),
-            "paper_trainable": None if is_deployed else int(counts["paper_trainable"]),
-            "paper_pct": None if is_deployed else float(counts["paper_pct"]),
-            "backbone_params": int(counts["backbone"]),
-        }
+        row = _describe(cand, model, s, label, is_deployed)
         row["tokens_in"], row["tokens_out"] = _token_counts(model, images)
-        # token dispatchers (DyT): untrained ones are put at an activation rate on the timed batch
-        has_dispatchers = bool(dispatchers(model))
-        set_activation, target = _hook(model, "set_activation"), _hook(model, "activation_target")
-        rate = cand.rate
-        if rate == AUTO:
-            rate = s.rate if s.rate is not None else (
-                target(model) if target is not None and cand.run is None else None)
-        if rate is not None and has_dispatchers:
-            if set_activation is None:
-                raise TokenTuneError(f"{label}: rate= needs a method that can set its dispatchers' activation rate")
-            set_activation(model, images, float(rate))
-        elif cand.rate not in (AUTO, None) and not has_dispatchers:
-            raise TokenTuneError(f"{label}: rate= calibrates token dispatchers (DyT); this model has none")
-        row["calibrated_rate"] = float(rate) if (rate is not None and has_dispatchers) else None
-        if is_deployed:
-            net = model.eval()
-        elif cand.deploy:
-            net = deploy(model)
-        else:
-            net = copy.deepcopy(model).eval()
-        if s.share_weights:
-            share_frozen_tensors(net, pool)
-        flops = count_flops(net, images) / s.batch_size
-        row.update(flops=flops, gflops=flops / 1e9, gmacs=flops / 2e9)
-        row["activation"] = None
-        if has_dispatchers:
-            with torch.inference_mode():
-                _, state = net(images, return_state=True)
-            rate_now = activation_rate(state)
-            row["activation"] = None if rate_now is None else float(rate_now)
-        row["infer_peak_mib"] = (_mib(bench.peak_memory(functools.partial(_infer, net, images, s.dtype, device),
-                                                        device)) if s.memory else None)
-        row["train_step_s"] = row["train_img_per_s"] = row["train_peak_mib"] = None
+        has_dispatchers = _calibrate(cand, model, images, s, label, row)
+        net = _timed_net(model, cand, is_deployed, s, pool)
         if s.train and not is_deployed and any(p.requires_grad for p in model.parameters()):
             _say(progress, f"[{i + 1}/{len(candidates)}] {label}: training step")
-            step = bench.measure_train_step(model, batch_size=s.batch_size, image_size=image_size,
-                                            steps=s.train_steps, warmup=1, dtype=s.dtype, device=device,
-                                            loss=_train_loss(model), inputs=images, targets=_targets(net, images))
-            row.update(train_step_s=step["seconds_per_step"], train_img_per_s=s.batch_size / step["seconds_per_step"],
-                       train_peak_mib=_mib(step["peak_memory_bytes"]))
+        _measure_untimed(row, model, net, images, s, device, image_size, has_dispatchers, is_deployed)
         del model
         gc.collect()
         timed[label] = net
@@ -534,6 +474,109 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
         _say(progress, f"[{i + 1}/{len(candidates)}] {label}: {row['gmacs']:.3g} GMACs, "
                        f"{row['params_total'] / 1e6:.2f}M params ({time.perf_counter() - t0:.1f} s)")
     _time_all(timed, rows, s, image_size, device, progress, images)
+    return _result(rows, s, device, image_size, images)
+
+
+def _check_settings(candidates: Sequence[Candidate], s: BenchSettings) -> None:
+    if not candidates:
+        raise TokenTuneError("nothing to measure; give at least one --config (e.g. --config lora) or --run DIR")
+    if s.dtype not in DTYPES:
+        raise TokenTuneError(f"unknown dtype {s.dtype!r}; choose from {', '.join(DTYPES)}")
+    for name, value in (("batch size", s.batch_size), ("rounds", s.rounds), ("latency iterations", s.latency_iters),
+                        ("training steps", s.train_steps), *(("sweep batch size", b) for b in s.sweep)):
+        if value < 1:
+            raise TokenTuneError(f"{name} must be at least 1, got {value}")
+    if s.warmup < 0:
+        raise TokenTuneError(f"warm-up must be >= 0, got {s.warmup}")
+
+
+def _unique_label(label: str, labels: Dict[str, int]) -> str:
+    """Rows are keyed by label: a repeated one gets a number."""
+    if label in labels:
+        labels[label] += 1
+        label = f"{label} ({labels[label]})"
+    labels.setdefault(label, 1)
+    return label
+
+
+def _describe(cand: Candidate, model: nn.Module, s: BenchSettings, label: str, is_deployed: bool) -> Dict[str, Any]:
+    """A row's description: what was built, its parameters as a whole and as the papers count them."""
+    counts = count_parameters(model)
+    head = task_head_of(model)
+    return {
+        "label": label, "unit": head.unit if head is not None else "image", "config": cand.config,
+        "run": os.path.abspath(cand.run) if cand.run else None,
+        "model": ((spec_of(model) or {}).get("model")
+                  or cand.model or (s.model if cand.run is None else type(model).__name__)),
+        "method": (spec_of(model) or {}).get("method", cand.method or "deployed"),
+        "options": {k: v for k, v in cand.options.items()},
+        "deployed": bool(cand.deploy or is_deployed),
+        "params_total": int(counts["total"]),
+        "params_trainable": None if is_deployed else int(counts["trainable"]),
+        "paper_trainable": None if is_deployed else int(counts["paper_trainable"]),
+        "paper_pct": None if is_deployed else float(counts["paper_pct"]),
+        "backbone_params": int(counts["backbone"]),
+    }
+
+
+def _calibrate(cand: Candidate, model: nn.Module, images: torch.Tensor, s: BenchSettings, label: str,
+               row: Dict[str, Any]) -> bool:
+    """Put untrained token dispatchers (DyT's) at an activation rate on the timed batch; whether there are any."""
+    has_dispatchers = bool(dispatchers(model))
+    set_activation, target = _hook(model, "set_activation"), _hook(model, "activation_target")
+    rate = cand.rate
+    if rate == AUTO:
+        rate = s.rate if s.rate is not None else (
+            target(model) if target is not None and cand.run is None else None)
+    if rate is not None and has_dispatchers:
+        if set_activation is None:
+            raise TokenTuneError(f"{label}: rate= needs a method that can set its dispatchers' activation rate")
+        set_activation(model, images, float(rate))
+    elif cand.rate not in (AUTO, None) and not has_dispatchers:
+        raise TokenTuneError(f"{label}: rate= calibrates token dispatchers (DyT); this model has none")
+    row["calibrated_rate"] = float(rate) if (rate is not None and has_dispatchers) else None
+    return has_dispatchers
+
+
+def _timed_net(model: nn.Module, cand: Candidate, is_deployed: bool, s: BenchSettings,
+               pool: Dict[tuple, List[torch.Tensor]]) -> nn.Module:
+    """The network that is timed: deployed when asked, an eval-mode copy otherwise (frozen tensors shared)."""
+    if is_deployed:
+        net = model.eval()
+    elif cand.deploy:
+        net = deploy(model)
+    else:
+        net = copy.deepcopy(model).eval()
+    if s.share_weights:
+        share_frozen_tensors(net, pool)
+    return net
+
+
+def _measure_untimed(row: Dict[str, Any], model: nn.Module, net: nn.Module, images: torch.Tensor, s: BenchSettings,
+                     device: torch.device, image_size: int, has_dispatchers: bool, is_deployed: bool) -> None:
+    """FLOPs, the dispatchers' activation, inference memory and a training step: into ``row``."""
+    flops = count_flops(net, images) / s.batch_size
+    row.update(flops=flops, gflops=flops / 1e9, gmacs=flops / 2e9)
+    row["activation"] = None
+    if has_dispatchers:
+        with torch.inference_mode():
+            _, state = net(images, return_state=True)
+        rate_now = activation_rate(state)
+        row["activation"] = None if rate_now is None else float(rate_now)
+    row["infer_peak_mib"] = (_mib(bench.peak_memory(functools.partial(_infer, net, images, s.dtype, device),
+                                                    device)) if s.memory else None)
+    row["train_step_s"] = row["train_img_per_s"] = row["train_peak_mib"] = None
+    if s.train and not is_deployed and any(p.requires_grad for p in model.parameters()):
+        step = bench.measure_train_step(model, batch_size=s.batch_size, image_size=image_size,
+                                        steps=s.train_steps, warmup=1, dtype=s.dtype, device=device,
+                                        loss=_train_loss(model), inputs=images, targets=_targets(net, images))
+        row.update(train_step_s=step["seconds_per_step"], train_img_per_s=s.batch_size / step["seconds_per_step"],
+                   train_peak_mib=_mib(step["peak_memory_bytes"]))
+
+
+def _result(rows: List[Dict[str, Any]], s: BenchSettings, device: torch.device, image_size: int,
+            images: torch.Tensor) -> BenchResult:
+    """The rows relative to the first (FLOPs ratio, speed-up), the environment, the settings and a title."""
     base = rows[0]
     for row in rows:
         row["flops_ratio"] = base["flops"] / row["flops"] if row["flops"] else None

@@ -487,8 +487,8 @@ def run_demo(cfg: Optional[DemoConfig] = None, rows: Optional[Sequence[DemoRow]]
         "counted by torch's FLOP counter, attention included.")
     out(f"img/s: deployed models (LoRA merged into the weights), fp32, batch {cfg.bench_batch}, "
         f"{cfg.threads or threads} CPU thread(s), median of {cfg.bench_rounds} interleaved rounds in one process"
-        + ("; the linear probe and merged LoRA run the same network, so their difference is measurement noise."
-           if {"linear", "lora"} <= {r["method"] for r in table} else "."))
+        + ("; rows with the same MMACs run the same network (the linear probe and merged LoRA), so their img/s "
+           "differ by measurement noise." if len({r["macs"] for r in table}) < len(table) else "."))
     if rows is None and cfg.rows == "default":
         out("--rows all adds " + ", ".join(r.label for r in ROWS if r.extra) + ".")
     out(f"total time {time.perf_counter() - start:.0f} s")

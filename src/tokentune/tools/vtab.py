@@ -96,6 +96,12 @@ def prepare_vtab(source: str, out_root: str, task: str, splits: Optional[Dict[st
     unknown = sorted(set(splits or {}) - set(SOURCE_SPLITS))
     if unknown:
         raise TokenTuneError(f"unknown layout split {unknown[0]!r}; map {', '.join(SOURCE_SPLITS)} to the source's names")
+    shared = sorted({n for n in names.values() if list(names.values()).count(n) > 1})
+    if shared:
+        both = [s for s, n in names.items() if n == shared[0]]
+        raise TokenTuneError(f"the source split {shared[0]!r} is used for both {' and '.join(both)}, which would hold the "
+                             "same images (and train800val200 each twice); give each layout split its own source split "
+                             "(split it into two folders first, e.g. 800 and 200 images)")
     if not os.path.isdir(source):
         raise TokenTuneError(f"source {source!r} does not exist; pass a folder of split folders or a saved DatasetDict")
     hf = os.path.isfile(os.path.join(source, "dataset_dict.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -219,6 +220,10 @@ def apply_diffrate(model: nn.Module, cfg: DiffRateConfig, ctx) -> DiffRateConfig
                              "use a ViT with a class token (class_token=True)")
     prune_kept, merge_kept = PRESETS[cfg.preset] if cfg.preset else (cfg.prune_kept, cfg.merge_kept)
     n, p = num_input_tokens(model), num_prefix(model)
+    if cfg.rates is None and not prune_kept and not merge_kept:
+        warnings.warn("DiffRate without rates keeps every token: nothing is reduced. Search rates on your data first "
+                      "('tokentune search diffrate RUN --target-gmacs G --out rates.json', then --diffrate-rates "
+                      f"rates.json) or pass a diffrate_preset ({', '.join(PRESETS)})", UserWarning, stacklevel=2)
     if cfg.rates is not None:
         record = read_rates(cfg.rates)
         if (record.get("num_tokens"), record.get("depth")) != (n, len(blocks)):

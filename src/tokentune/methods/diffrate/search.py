@@ -114,19 +114,7 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
     for prm in arch:
         prm.requires_grad_(True)
     optimizer = torch.optim.AdamW(arch, lr=lr, weight_decay=0.0)
-    start, history = 0, []
-    if checkpoint is not None and os.path.isfile(checkpoint):
-        state = load_torch_file(checkpoint, "delete it to start the search over", opt_in=None)
-        if state.get("target") != float(target_gmacs) or len(state.get("arch", [])) != len(arch):
-            raise TokenTuneError(f"{checkpoint} is a search for another target or model; delete it or pass another path")
-        with torch.no_grad():
-            for prm, value in zip(arch, state["arch"]):
-                prm.copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]), list(state["history"])
-        torch.set_rng_state(state["rng"])
-    else:
-        torch.manual_seed(seed)       # the model's randomness in training mode (PEFT dropout): a search is repeatable
+    start, history = _resume_search(checkpoint, target_gmacs, arch, optimizer, seed)
     device = arch[0].device
     try:
         base.train()
@@ -136,21 +124,7 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
             weight = 0.0 if epoch < warmup_epochs else flops_weight
             loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                                  generator=torch.Generator().manual_seed(seed + epoch))
-            totals = {"ce": 0.0, "flops_loss": 0.0, "batches": 0}
-            for images, targets in loader:
-                images, targets = images.to(device), targets.to(device)
-                logits, state = model(images, return_state=True)
-                records = [r["diffrate"] for r in state.records if "diffrate" in r]
-                macs = rate_macs(dims, [(n, n)] + records)
-                ce = F.cross_entropy(logits, targets)
-                flops_loss = (macs / 1e9 - target_gmacs) ** 2
-                loss = ce + weight * flops_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                totals["ce"] += float(ce.detach())
-                totals["flops_loss"] += float(flops_loss.detach())
-                totals["batches"] += 1
+            totals = _search_epoch(model, loader, optimizer, dims, n, target_gmacs, weight, device)
             prunes, merges = _kept_counts(searchers, n, p, depth)
             done = max(totals["batches"], 1)
             history.append({"epoch": epoch, "ce": totals["ce"] / done, "flops_loss": totals["flops_loss"] / done,
@@ -175,6 +149,42 @@ def search_rates(model: nn.Module, data, target_gmacs: float, *, epochs: int = 3
     assert not any(isinstance(r, DiffRateSearchReducer) for r in reducers(base))
     return SearchResult(prune_kept=prunes, merge_kept=merges, target=float(target_gmacs), history=history,
                         gmacs=float(rate_macs(dims, list(zip(prunes, merges)))) / 1e9)
+
+
+def _resume_search(checkpoint: Optional[str], target_gmacs: float, arch, optimizer, seed: int):
+    """``(first epoch, history)``: from the search state in ``checkpoint`` when it exists, else a new search."""
+    if checkpoint is not None and os.path.isfile(checkpoint):
+        state = load_torch_file(checkpoint, "delete it to start the search over", opt_in=None)
+        if state.get("target") != float(target_gmacs) or len(state.get("arch", [])) != len(arch):
+            raise TokenTuneError(f"{checkpoint} is a search for another target or model; delete it or pass another path")
+        with torch.no_grad():
+            for prm, value in zip(arch, state["arch"]):
+                prm.copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        return int(state["epoch"]), list(state["history"])
+    torch.manual_seed(seed)       # the model's randomness in training mode (PEFT dropout): a search is repeatable
+    return 0, []
+
+
+def _search_epoch(model, loader, optimizer, dims, n: int, target_gmacs: float, weight: float, device):
+    """One epoch of the rate logits' training, ``L = CE + weight (GMACs - target)^2``; the summed terms."""
+    totals = {"ce": 0.0, "flops_loss": 0.0, "batches": 0}
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        logits, state = model(images, return_state=True)
+        records = [r["diffrate"] for r in state.records if "diffrate" in r]
+        macs = rate_macs(dims, [(n, n)] + records)
+        ce = F.cross_entropy(logits, targets)
+        flops_loss = (macs / 1e9 - target_gmacs) ** 2
+        loss = ce + weight * flops_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals["ce"] += float(ce.detach())
+        totals["flops_loss"] += float(flops_loss.detach())
+        totals["batches"] += 1
+    return totals
 
 
 @dataclass

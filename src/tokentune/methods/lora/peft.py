@@ -45,6 +45,7 @@ from torch import nn
 
 from ...core.factory import HEAD_PATTERN, create_model, methods_of
 from ...core.hub import ADAPTER_CONFIG, ADAPTER_WEIGHTS, portable_backbone, resolve_location, resolved_backbone, split_source
+from ...core.method import parse_method
 from ...core.vit import spec_of
 from ...core.weights import load_safetensors, load_state_into
 from ...errors import TokenTuneError
@@ -336,7 +337,7 @@ def load_peft(adapter: Union[str, "os.PathLike[str]"], model: Optional[str] = No
     if config.get("use_rslora"):
         alpha = alpha * rank / math.sqrt(rank)     # peft scales by alpha / sqrt(r); tokentune by alpha / r
     spec_method = method or (recorded or {}).get("method") or "lora"
-    if "lora" not in spec_method.split("+") and "pyra" not in spec_method.split("+"):
+    if "lora" not in [m.name for m in parse_method(spec_method)]:     # explicit or implied (pyra)
         raise TokenTuneError(f"method={spec_method!r} has no LoRA to put the adapter in; use 'lora' or 'lora+tome'")
     build: Dict[str, Any] = {}
     if recorded:
@@ -356,15 +357,16 @@ def load_peft(adapter: Union[str, "os.PathLike[str]"], model: Optional[str] = No
                          train_head="head.weight" in ours,
                          lora_rank=rank, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout") or 0.0),
                          lora_targets=tuple(targets), **build)
+    depth = len([n for n, m in built.named_modules() if re.fullmatch(r"blocks\.\d+", n)])
+    if len(blocks) != depth:
+        raise TokenTuneError(f"{weights}: the adapter was trained on a model of depth {len(blocks)} (LoRA on blocks "
+                             f"0-{blocks[-1]}) but {name!r} has depth {depth}; pass the base model the adapter was "
+                             "trained on (load_peft(..., model=NAME), --model NAME)")
     bypassed = _bypassed(built, sorted({n.rsplit(".lora_", 1)[0] for n in ours if ".lora_" in n}))
     if bypassed:
         raise TokenTuneError(f"{weights}: the adapter's LoRA on {_some(bypassed)} never ran "
                              f"in peft: {_BYPASS_WHY}; train the adapter on layers timm calls (attn.proj, mlp.fc1, "
                              "mlp.fc2) or train the LoRA with tokentune")
-    depth = len([n for n, m in built.named_modules() if re.fullmatch(r"blocks\.\d+", n)])
-    if len(blocks) != depth:
-        raise TokenTuneError(f"{weights}: LoRA on {len(blocks)} blocks but {name!r} has {depth}; pass the base model "
-                             "the adapter was trained on")
     load_state_into(built, ours, source=weights, require_all_trainable=False)
     return built.eval()
 

@@ -35,11 +35,12 @@ from .data import (
     EvalTransform,
     SegmentationDataset,
     TrainTransform,
+    _rescale_size,
     ade20k_dataset,
     check_pairs,
     mask_folder_dataset,
 )
-from .evaluate import MODES, evaluate_segmentation, infer, scores
+from .evaluate import MODES, evaluate_segmentation, infer, scores, windows_per_image
 from .head import SegmentationHead, build_head
 
 __all__ = ["SegmentationConfig", "SegmentationDataset", "SegmentationHead", "ade20k_dataset", "evaluate_segmentation",
@@ -57,7 +58,8 @@ class SegmentationConfig:
         pool_scales: pyramid pooling scales.
         dropout: dropout before the classifier.
         scale: training and test images are rescaled to fit (long side, short side) keeping their
-            aspect ratio (training: times a random ratio); mmseg's (2048, 512).
+            aspect ratio (training: times a random ratio); None follows the data: mmseg's ADE20K
+            setting (2048, 512) for ADE20K, the model's input size (S, S) for image + mask folders.
         ratio_range: the random ratio of the training rescale.
         cat_max_ratio: the training crop is redrawn (up to 10 times) while one class covers more
             than this share of it.
@@ -73,7 +75,7 @@ class SegmentationConfig:
     channels: int = 768
     pool_scales: Tuple[int, ...] = (1, 2, 3, 6)
     dropout: float = 0.1
-    scale: Tuple[int, int] = (2048, 512)
+    scale: Optional[Tuple[int, int]] = None
     ratio_range: Tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     flip: float = 0.5
@@ -87,7 +89,7 @@ class SegmentationConfig:
             raise TokenTuneError("segmentation_channels and segmentation_pool_scales must be positive")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.flip <= 1.0:
             raise TokenTuneError("segmentation_dropout must be in [0, 1) and segmentation_flip in [0, 1]")
-        if min(self.scale) < 1 or not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+        if (self.scale is not None and min(self.scale) < 1) or not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise TokenTuneError(f"segmentation_scale {self.scale} and ratio_range {self.ratio_range} must be positive "
                                  "(ratio_range low <= high)")
         if self.inference not in MODES:
@@ -146,22 +148,68 @@ def load_data(*, data_root: Optional[str] = None, dataset: Optional[str] = None,
     return train, test
 
 
-def set_transforms(train: Optional[SegmentationDataset], test: Optional[SegmentationDataset], model: nn.Module,
-                   cfg: TrainConfig) -> None:
-    """mmseg's training transform (crop = the model's input size) and evaluation transform."""
-    task_cfg = SegmentationConfig(**((model.tokentune.spec or {}).get("task_config") or {}))
-    mean, std = normalization_stats(cfg.normalization, model)
+#: mmseg's ADE20K rescale (long side, short side)
+ADE20K_SCALE = (2048, 512)
+
+
+def _task_config(model: nn.Module) -> SegmentationConfig:
+    return SegmentationConfig(**((model.tokentune.spec or {}).get("task_config") or {}))
+
+
+def _crop(model: nn.Module) -> int:
     crop = input_size(model)
     if crop[0] != crop[1]:
         raise TokenTuneError(f"the segmentation crop is the model's input size, which must be square (got {crop})")
+    return int(crop[0])
+
+
+def data_scale(task_cfg: SegmentationConfig, dataset: Optional[SegmentationDataset], crop: int) -> Tuple[int, int]:
+    """The rescale of ``dataset``: the configured one, else ADE20K's for ADE20K, else the model's input size."""
+    if task_cfg.scale is not None:
+        return tuple(task_cfg.scale)
+    return ADE20K_SCALE if dataset is not None and dataset.kind == "ade20k" else (crop, crop)
+
+
+def set_transforms(train: Optional[SegmentationDataset], test: Optional[SegmentationDataset], model: nn.Module,
+                   cfg: TrainConfig) -> None:
+    """mmseg's training transform (crop = the model's input size) and evaluation transform."""
+    task_cfg = _task_config(model)
+    mean, std = normalization_stats(cfg.normalization, model)
+    crop = _crop(model)
     if train is not None:
-        train.transform = TrainTransform(crop[0], task_cfg.scale, task_cfg.ratio_range, mean, std, train.ignore_index,
-                                         task_cfg.cat_max_ratio, task_cfg.flip, task_cfg.photometric)
+        train.transform = TrainTransform(crop, data_scale(task_cfg, train, crop), task_cfg.ratio_range, mean, std,
+                                         train.ignore_index, task_cfg.cat_max_ratio, task_cfg.flip, task_cfg.photometric)
     if test is not None:
-        test.transform = EvalTransform(task_cfg.scale, mean, std)
+        test.transform = EvalTransform(data_scale(task_cfg, test, crop), mean, std)
+
+
+def describe(train: Optional[SegmentationDataset], test: Optional[SegmentationDataset], model: nn.Module,
+             sample: int = 20) -> str:
+    """One line: the rescale, the training crops and the test windows per image (of up to ``sample`` test images)."""
+    from PIL import Image
+
+    task_cfg, crop = _task_config(model), _crop(model)
+    lines = []
+    if train is not None:
+        lo, hi = task_cfg.ratio_range
+        scale = data_scale(task_cfg, train, crop)
+        lines.append(f"training images rescaled to fit {scale[0]}x{scale[1]} (x{lo:g}-{hi:g}), {crop}x{crop} crops")
+    if test is not None:
+        scale = data_scale(task_cfg, test, crop)
+        counts = []
+        for image, _ in test.samples[:sample]:
+            with Image.open(image) as im:
+                w, h = _rescale_size(im.size[0], im.size[1], scale)
+            counts.append(windows_per_image(h, w, crop, task_cfg.inference, task_cfg.stride))
+        span = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+        how = (f"{task_cfg.inference} windows of {crop}x{crop}, stride {task_cfg.stride or max(crop * 2 // 3, 1)}"
+               if task_cfg.inference == "slide" else f"whole images resized to {crop}x{crop}")
+        lines.append(f"test images rescaled to fit {scale[0]}x{scale[1]}, {how}: {span} window(s) per image"
+                     + (f" (first {len(counts)} images)" if len(test.samples) > len(counts) else ""))
+    return "segmentation: " + "; ".join(lines) + " (set --segmentation-scale to change)"
 
 
 register_task(Task(
     "segmentation", SegmentationConfig, apply_segmentation, metric="miou", criterion=criterion,
-    evaluate=evaluate_segmentation, load_data=load_data, set_transforms=set_transforms,
+    evaluate=evaluate_segmentation, load_data=load_data, set_transforms=set_transforms, describe=describe,
     summary="semantic segmentation: UperNet on 4 block outputs (merged tokens unmerged), mIoU"))

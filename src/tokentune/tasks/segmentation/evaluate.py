@@ -39,6 +39,14 @@ def _windows(height: int, width: int, crop: Tuple[int, int], stride: Tuple[int, 
             yield max(y1 - crop[0], 0), max(x1 - crop[1], 0), y1, x1
 
 
+def windows_per_image(height: int, width: int, crop: int, mode: str = "slide", stride: Optional[int] = None) -> int:
+    """How many forward passes :func:`infer` makes for an image of ``height`` x ``width``."""
+    if mode == "whole":
+        return 1
+    step = stride or max(crop * 2 // 3, 1)
+    return len(list(_windows(height, width, (crop, crop), (step, step))))
+
+
 def infer(model: nn.Module, image: torch.Tensor, num_classes: int, mode: str = "slide",
           stride: Optional[int] = None, batch_size: int = 8) -> torch.Tensor:
     """Logits [1, K, h, w] of one image [1, 3, h, w] by sliding windows or as a whole."""
