@@ -367,3 +367,18 @@ def test_token_groups_of_the_merged_model():
     model = _model().eval()
     groups = viz.token_groups(model, _images(2))
     assert [groups[d][1] for d in sorted(groups)] == [31, 26, 22, 19]
+
+
+def test_rotary_models_train_and_deploy():
+    """timm's Eva (EVA-02: RoPE, SwiGLU): the rotary rows follow the tokens DTEM re-orders in training."""
+    torch.manual_seed(0)
+    model = tokentune.create_model("eva02_tiny_patch14_224", method="lora+dtem", num_classes=5, dtem_r=[4, 3, 2],
+                                   img_size=56, depth=3, embed_dim=48, num_heads=3)
+    x = torch.randn(2, 3, 56, 56)
+    model.train()
+    out, state = model(x, return_state=True)
+    assert state.rope_pos is not None and sorted(state.rope_pos[0, 1:].tolist()) == list(range(16))
+    out.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(tokentune.deploy(model)(x), model(x), atol=1e-5)
