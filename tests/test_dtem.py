@@ -382,3 +382,18 @@ def test_rotary_models_train_and_deploy():
     model.eval()
     with torch.no_grad():
         assert torch.allclose(tokentune.deploy(model)(x), model(x), atol=1e-5)
+
+
+def test_bench_times_and_sweeps_dtem(tmp_path, capsys):
+    import json
+
+    from tokentune import cli
+
+    argv = ["bench", "--model", "vit_tiny_patch16_224", "--timm", "patch_size=8", "--timm", "embed_dim=48", "--timm",
+            "depth=4", "--timm", "num_heads=3", "--image-size", "32", "--batch-size", "2", "--rounds", "1", "--warmup",
+            "1", "--device", "cpu", "--quiet", "--no-train", "--no-latency", "--sweep", "1,2", "--out", str(tmp_path),
+            "--name", "d", "--config", "lora", "--config", "lora+dtem:dtem_r=2"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert (rows[1]["tokens_in"], rows[1]["tokens_out"]) == (17, 9) and rows[1]["flops"] < rows[0]["flops"]
+    assert list(rows[1]["sweep"]) == ["1", "2"] and rows[1]["deployed"] is True
