@@ -1,5 +1,6 @@
 """DTEM: a literal reimplementation of the official code's math (eval and training, forward and
 gradients) on timm's modules, the identity setting, deployment, composition, FLOPs, errors."""
+import json
 import math
 
 import pytest
@@ -9,11 +10,13 @@ import torch.nn.functional as F
 from conftest import randomize_lora, tiny
 
 import tokentune
+from tokentune import cli
 from tokentune.core.flops import count_flops
 from tokentune.errors import TokenTuneError
 from tokentune.methods import get_method
 from tokentune.methods.dtem import DTEMMerging, load_reference_checkpoint, soft_assignment
 from tokentune.methods.tome import ViTDims, vit_flops
+from tokentune.tools import viz
 
 KW = tiny(img_size=48)            # 36 patches + CLS
 SCHEDULE = [6, 5, 4, 3]
@@ -362,8 +365,6 @@ def test_segmentation_and_video_train_and_deploy(task, options, shape):
 
 
 def test_token_groups_of_the_merged_model():
-    from tokentune.tools import viz
-
     model = _model().eval()
     groups = viz.token_groups(model, _images(2))
     assert [groups[d][1] for d in sorted(groups)] == [31, 26, 22, 19]
@@ -385,10 +386,6 @@ def test_rotary_models_train_and_deploy():
 
 
 def test_bench_times_and_sweeps_dtem(tmp_path, capsys):
-    import json
-
-    from tokentune import cli
-
     argv = ["bench", "--model", "vit_tiny_patch16_224", "--timm", "patch_size=8", "--timm", "embed_dim=48", "--timm",
             "depth=4", "--timm", "num_heads=3", "--image-size", "32", "--batch-size", "2", "--rounds", "1", "--warmup",
             "1", "--device", "cpu", "--quiet", "--no-train", "--no-latency", "--sweep", "1,2", "--out", str(tmp_path),
