@@ -1,5 +1,6 @@
 """DTEM: a literal reimplementation of the official code's math (eval and training, forward and
 gradients) on timm's modules, the identity setting, deployment, composition, FLOPs, errors."""
+import json
 import math
 
 import pytest
@@ -9,11 +10,13 @@ import torch.nn.functional as F
 from conftest import randomize_lora, tiny
 
 import tokentune
+from tokentune import cli
 from tokentune.core.flops import count_flops
 from tokentune.errors import TokenTuneError
 from tokentune.methods import get_method
 from tokentune.methods.dtem import DTEMMerging, load_reference_checkpoint, soft_assignment
 from tokentune.methods.tome import ViTDims, vit_flops
+from tokentune.tools import viz
 
 KW = tiny(img_size=48)            # 36 patches + CLS
 SCHEDULE = [6, 5, 4, 3]
@@ -362,8 +365,32 @@ def test_segmentation_and_video_train_and_deploy(task, options, shape):
 
 
 def test_token_groups_of_the_merged_model():
-    from tokentune.tools import viz
-
     model = _model().eval()
     groups = viz.token_groups(model, _images(2))
     assert [groups[d][1] for d in sorted(groups)] == [31, 26, 22, 19]
+
+
+def test_rotary_models_train_and_deploy():
+    """timm's Eva (EVA-02: RoPE, SwiGLU): the rotary rows follow the tokens DTEM re-orders in training."""
+    torch.manual_seed(0)
+    model = tokentune.create_model("eva02_tiny_patch14_224", method="lora+dtem", num_classes=5, dtem_r=[4, 3, 2],
+                                   img_size=56, depth=3, embed_dim=48, num_heads=3)
+    x = torch.randn(2, 3, 56, 56)
+    model.train()
+    out, state = model(x, return_state=True)
+    assert state.rope_pos is not None and sorted(state.rope_pos[0, 1:].tolist()) == list(range(16))
+    out.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(tokentune.deploy(model)(x), model(x), atol=1e-5)
+
+
+def test_bench_times_and_sweeps_dtem(tmp_path, capsys):
+    argv = ["bench", "--model", "vit_tiny_patch16_224", "--timm", "patch_size=8", "--timm", "embed_dim=48", "--timm",
+            "depth=4", "--timm", "num_heads=3", "--image-size", "32", "--batch-size", "2", "--rounds", "1", "--warmup",
+            "1", "--device", "cpu", "--quiet", "--no-train", "--no-latency", "--sweep", "1,2", "--out", str(tmp_path),
+            "--name", "d", "--config", "lora", "--config", "lora+dtem:dtem_r=2"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert (rows[1]["tokens_in"], rows[1]["tokens_out"]) == (17, 9) and rows[1]["flops"] < rows[0]["flops"]
+    assert list(rows[1]["sweep"]) == ["1", "2"] and rows[1]["deployed"] is True
