@@ -315,3 +315,27 @@ def test_recipes_build(name):
     opts = dict(recipe.model_options, fpet_r_layer=2)          # the tiny model has 4 blocks
     model = tokentune.create_model(MODEL, method=recipe.method, num_classes=3, **opts, **tiny())
     assert len(merges_of(model)) == 1 and recipe.train_options["lr"] == 1e-3
+
+
+# ----------------------------------------------------------------------------- the other capabilities
+def test_merge_picture_groups_segmentation_video_and_half_precision():
+    from tokentune.tools import viz
+
+    model = _fpet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    groups = viz.token_groups(model, x)
+    g, tokens = groups[4]
+    assert tokens == 9 and g.shape == (2, 4, 4)                     # every patch in one of the 8 B groups
+    seg = tokentune.create_model(MODEL, method="adapter+fpet", fpet_r_layer=2, num_classes=3, task="segmentation",
+                                 segmentation_channels=16, segmentation_scale=(64, 32), **tiny()).eval()
+    with torch.no_grad():
+        assert torch.allclose(tokentune.deploy(seg)(x), seg(x), atol=1e-5)
+        assert seg(x).shape == (2, 3, 32, 32)
+    video = tokentune.create_model(MODEL, method="adapter+fpet", fpet_r_layer=2, num_classes=3, task="video",
+                                   video_frames=2, **tiny()).eval()
+    with torch.no_grad():
+        assert video(torch.randn(2, 2, 3, 32, 32)).shape == (2, 3)
+    half = tokentune.deploy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        out = half(x.to(torch.bfloat16)).float()
+        assert torch.allclose(out, model(x), atol=0.1, rtol=0.1)

@@ -109,6 +109,10 @@ ROWS: List[DemoRow] = [
                         granularity=2)),
     DemoRow("VPT-deep (10 prompts)", "vpt", {"vpt_deep": True, "vpt_tokens": 10}, extra=True),
     DemoRow("VPT-deep + PYRA", "vpt+pyra", {"vpt_deep": True, "vpt_tokens": 10}, merge=True, extra=True),
+    # FPET merges once, 65 -> 33 tokens; block 1 is the earliest it can (fpet_r_layer=0 is "off"): ~68% of the MACs
+    DemoRow("LoRA r=8 + FPET (block 1)", "lora+fpet", {**_LORA, "fpet_r_layer": 1}, extra=True),
+    DemoRow("AdaptFormer (adapter 16) + FPET (block 1)", "adapter+fpet", {"adapter_bottleneck": 16, "fpet_r_layer": 1},
+            extra=True),
 ]
 
 
