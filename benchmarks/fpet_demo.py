@@ -41,11 +41,12 @@ def dropped_tokens(model, dataset) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", nargs="+", default=LABELS, help="demo row labels (default: the three above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = DemoConfig()
-    rows = [next(r for r in ROWS if r.label == label) for label in LABELS]
-    results = {label: [] for label in LABELS}
+    rows = [next(r for r in ROWS if r.label == label) for label in args.rows]
+    results = {label: [] for label in args.rows}
     with tempfile.TemporaryDirectory() as workdir:
         setup = prepare_demo(cfg, workdir, print, len(rows) + 1)
         for seed in args.seeds:

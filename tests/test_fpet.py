@@ -281,7 +281,8 @@ def test_bad_options_fail_in_one_line():
         tokentune.create_model(MODEL, method="fpet", fpet_r_layer=1, **tiny(img_size=(8, 16)))
 
 
-@pytest.mark.parametrize("spec", ["lora+fpet", "vpt+fpet", "full+fpet"])
+@pytest.mark.parametrize("spec", ["lora+fpet", pytest.param("vpt+fpet", marks=pytest.mark.slow),
+                                  pytest.param("full+fpet", marks=pytest.mark.slow)])
 def test_compositions_train_and_deploy(spec):
     torch.manual_seed(0)
     model = tokentune.create_model(MODEL, method=spec, num_classes=5, fpet_r_layer=1, **tiny())
@@ -318,6 +319,7 @@ def test_recipes_build(name):
 
 
 # ----------------------------------------------------------------------------- the other capabilities
+@pytest.mark.slow
 def test_merge_picture_groups_segmentation_video_and_half_precision():
     from tokentune.tools import viz
 
