@@ -172,7 +172,7 @@ def test_binary_linear_equals_the_reference_qlinear_with_its_gradient():
     assert torch.allclose(binarized_weight(w, 1), want, atol=1e-6)
     folded = layer.fold()
     assert type(folded) is torch.nn.Linear and torch.allclose(folded(x), layer(x), atol=1e-6)
-    assert layer.storage_bits() == 30 + 64
+    assert layer.storage_bits() == {layer.weight: 30 + 64}
 
 
 def test_binary_adapter_option_and_storage_as_the_paper_counts():
@@ -186,6 +186,9 @@ def test_binary_adapter_option_and_storage_as_the_paper_counts():
     assert stored == 4 * (n + 2 * 64) / 8                               # 1 bit each + mu, sigma per layer
     line = tokentune.print_trainable_parameters(model)
     assert "storage" in line
+    lora = _fpet(lora=True)                                             # 1-bit LoRA q, v: A and B per part
+    assert tokentune.count_parameters(lora)["paper_storage_bytes"] == (
+        4 * 2 * (2 * 48 * 8 + 2 * 64) / 8 + (2 * 16 * 32 + 2 * 64) / 8)        # + the 1-bit refinement (head 16)
     with pytest.raises(TokenTuneError, match="adapter_bits"):
         tokentune.create_model(MODEL, method="adapter", adapter_bits=3, **tiny())
 
