@@ -58,7 +58,7 @@ def main() -> None:
                                                          progress=False)["top1"]
                     rec["dropped_patches"] = dropped_tokens(done.model, setup.test)
                 sample = torch.stack([setup.test[i][0] for i in range(8)])
-                rec["mmacs"] = count_macs(done.deployed, sample)
+                rec["mmacs"] = count_macs(done.deployed, sample) / 1e6
                 results[row.label].append(rec)
                 print(f"seed {seed} {row.label}: {rec}", flush=True)
     print("\n| row | top-1 mean ± std (seeds) | MMACs/img | training-time form top-1 | dropped patches |")
