@@ -172,7 +172,7 @@ def test_binary_linear_equals_the_reference_qlinear_with_its_gradient():
     assert torch.allclose(binarized_weight(w, 1), want, atol=1e-6)
     folded = layer.fold()
     assert type(folded) is torch.nn.Linear and torch.allclose(folded(x), layer(x), atol=1e-6)
-    assert layer.storage_bits() == 30 + 64
+    assert layer.storage_bits() == {layer.weight: 30 + 64}
 
 
 def test_binary_adapter_option_and_storage_as_the_paper_counts():
@@ -186,6 +186,9 @@ def test_binary_adapter_option_and_storage_as_the_paper_counts():
     assert stored == 4 * (n + 2 * 64) / 8                               # 1 bit each + mu, sigma per layer
     line = tokentune.print_trainable_parameters(model)
     assert "storage" in line
+    lora = _fpet(lora=True)                                             # 1-bit LoRA q, v: A and B per part
+    assert tokentune.count_parameters(lora)["paper_storage_bytes"] == (
+        4 * 2 * (2 * 48 * 8 + 2 * 64) / 8 + (2 * 16 * 32 + 2 * 64) / 8)        # + the 1-bit refinement (head 16)
     with pytest.raises(TokenTuneError, match="adapter_bits"):
         tokentune.create_model(MODEL, method="adapter", adapter_bits=3, **tiny())
 
@@ -281,7 +284,8 @@ def test_bad_options_fail_in_one_line():
         tokentune.create_model(MODEL, method="fpet", fpet_r_layer=1, **tiny(img_size=(8, 16)))
 
 
-@pytest.mark.parametrize("spec", ["lora+fpet", "vpt+fpet", "full+fpet"])
+@pytest.mark.parametrize("spec", ["lora+fpet", pytest.param("vpt+fpet", marks=pytest.mark.slow),
+                                  pytest.param("full+fpet", marks=pytest.mark.slow)])
 def test_compositions_train_and_deploy(spec):
     torch.manual_seed(0)
     model = tokentune.create_model(MODEL, method=spec, num_classes=5, fpet_r_layer=1, **tiny())
@@ -315,3 +319,28 @@ def test_recipes_build(name):
     opts = dict(recipe.model_options, fpet_r_layer=2)          # the tiny model has 4 blocks
     model = tokentune.create_model(MODEL, method=recipe.method, num_classes=3, **opts, **tiny())
     assert len(merges_of(model)) == 1 and recipe.train_options["lr"] == 1e-3
+
+
+# ----------------------------------------------------------------------------- the other capabilities
+@pytest.mark.slow
+def test_merge_picture_groups_segmentation_video_and_half_precision():
+    from tokentune.tools import viz
+
+    model = _fpet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    groups = viz.token_groups(model, x)
+    g, tokens = groups[4]
+    assert tokens == 9 and g.shape == (2, 4, 4)                     # every patch in one of the 8 B groups
+    seg = tokentune.create_model(MODEL, method="adapter+fpet", fpet_r_layer=2, num_classes=3, task="segmentation",
+                                 segmentation_channels=16, segmentation_scale=(64, 32), **tiny()).eval()
+    with torch.no_grad():
+        assert torch.allclose(tokentune.deploy(seg)(x), seg(x), atol=1e-5)
+        assert seg(x).shape == (2, 3, 32, 32)
+    video = tokentune.create_model(MODEL, method="adapter+fpet", fpet_r_layer=2, num_classes=3, task="video",
+                                   video_frames=2, **tiny()).eval()
+    with torch.no_grad():
+        assert video(torch.randn(2, 2, 3, 32, 32)).shape == (2, 3)
+    half = tokentune.deploy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        out = half(x.to(torch.bfloat16)).float()
+        assert torch.allclose(out, model(x), atol=0.1, rtol=0.1)

@@ -6,9 +6,10 @@ classification head, as a share of the pretrained backbone without head (before 
 added parameters; ViT-B/16: 85,798,656). A method may exclude further
 trainable parameters from the paper count (PYRA's LayerNorms, for instance).
 
-Storage: a model with low-bit layers (modules with a ``storage_bits()`` method, e.g. binary
-adapters) also reports the bytes the papers count for its trained backbone tensors: each low-bit
-weight at its bits (plus what ``storage_bits`` adds per layer), every other value in 32 bits.
+Storage: a model with low-bit layers (modules with a ``storage_bits()`` method returning
+``{parameter: bits}``, e.g. binary adapters) also reports the bytes the papers count for its
+trained backbone tensors: each low-bit tensor at the bits its layer states (its codes plus the
+per-layer scale numbers), every other value in 32 bits.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def count_parameters(model: nn.Module) -> Dict[str, float]:
     except Exception:  # a plain or deployed model: no method breakdown
         methods = []
     excluded = [re.compile(p) for m in methods for p in m.exclude_from_paper_count]
-    low_bit = {id(m.weight): int(m.storage_bits()) for m in model.modules()
-               if callable(getattr(m, "storage_bits", None)) and getattr(m, "weight", None) is not None}
+    low_bit = {id(p): int(bits) for m in model.modules() if callable(getattr(m, "storage_bits", None))
+               for p, bits in m.storage_bits().items()}
     storage_bits = 0
     per_method: Dict[str, int] = {}
     trainable = total = backbone = paper_trainable = head_params = 0

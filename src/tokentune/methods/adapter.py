@@ -71,7 +71,7 @@ class Adapter(nn.Module):
     """Bottleneck adapter ``scale * up(dropout(relu(down(x))))`` (``bits < 32``: low-bit projections)."""
 
     def __init__(self, dim: int, bottleneck: int = 16, scale: float = 1.0, dropout: float = 0.1,
-                 layernorm: str = "none", bits: int = 32, bias: bool = True, act: str = "relu") -> None:
+                 layernorm: str = "none", bits: int = 32, bias: bool = True) -> None:
         super().__init__()
         if bottleneck <= 0:
             raise TokenTuneError(f"adapter bottleneck must be positive, got {bottleneck}")
@@ -82,7 +82,7 @@ class Adapter(nn.Module):
         self.bits = int(bits)
         self.down_proj = make_linear(dim, bottleneck, bits, bias)
         self.up_proj = make_linear(bottleneck, dim, bits, bias)
-        self.act = nn.ReLU() if act == "relu" else nn.Identity()
+        self.act = nn.ReLU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = float(scale)
         self.reset_parameters()

@@ -89,9 +89,9 @@ class BinaryLinear(nn.Linear):
         layer.weight.requires_grad_(self.weight.requires_grad)
         return layer
 
-    def storage_bits(self) -> int:
-        """Bits to store this layer as the papers count it: ``bits`` per weight + mu, sigma in float32."""
-        return self.weight.numel() * self.bits + 64
+    def storage_bits(self):
+        """``{weight: bits}`` to store it as the papers count it: ``bits`` per weight + mu, sigma in float32."""
+        return {self.weight: self.weight.numel() * self.bits + 64}
 
 
 def make_linear(in_features: int, out_features: int, bits: int = 32, bias: bool = True, **factory) -> nn.Linear:
@@ -116,8 +116,9 @@ def fold_binary(model: nn.Module) -> int:
 
 def storage_bytes(model: nn.Module, pattern=None) -> float:
     """Bytes to store the trainable tensors as the binary-adapter papers count them: ``b`` bits per
-    weight of a :class:`BinaryLinear` (+ its mu, sigma), 32 bits per other trainable value."""
-    binary = {id(m.weight): m.storage_bits() for m in model.modules() if isinstance(m, BinaryLinear)}
+    weight of a low-bit layer (+ its mu, sigma), 32 bits per other trainable value."""
+    binary = {id(p): b for m in model.modules() if callable(getattr(m, "storage_bits", None))
+              for p, b in m.storage_bits().items()}
     bits = 0
     for name, p in model.named_parameters():
         if not p.requires_grad or (pattern is not None and not pattern(name)):

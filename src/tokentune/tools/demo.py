@@ -120,6 +120,10 @@ ROWS: List[DemoRow] = [
     # the training-free mergers trained with LoRA at the ToMe rows' tokens per block (equal FLOPs up to the matching)
     DemoRow("LoRA r=8 + PiToMe", "lora+pitome", dict(_LORA), extra=True, rate_of="pitome"),
     DemoRow("LoRA r=8 + ToFu", "lora+tofu", dict(_LORA), extra=True, rate_of="tofu"),
+    # FPET merges once, 65 -> 33 tokens; block 1 is the earliest it can (fpet_r_layer=0 is "off"): ~68% of the MACs
+    DemoRow("LoRA r=8 + FPET (block 1)", "lora+fpet", {**_LORA, "fpet_r_layer": 1}, extra=True),
+    DemoRow("AdaptFormer (adapter 16) + FPET (block 1)", "adapter+fpet", {"adapter_bottleneck": 16, "fpet_r_layer": 1},
+            extra=True),
 ]
 
 

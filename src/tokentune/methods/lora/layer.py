@@ -155,6 +155,15 @@ class PartLoRALinear(nn.Linear):
         return (f"{super().extra_repr()}, parts={self.parts} of {self.chunks}, rank={self.rank}, alpha={self.alpha:g}, "
                 f"bits={self.bits}")
 
+    def storage_bits(self):
+        """``{tensor: bits}`` of low-bit A and B as the papers count them (each A_j, B_j one layer:
+        ``bits`` per weight + mu, sigma in float32); {} at 32 bits."""
+        if self.bits == 32:
+            return {}
+        k = len(self.parts)
+        return {self.lora_A: self.lora_A.numel() * self.bits + 64 * k,
+                self.lora_B: self.lora_B.numel() * self.bits + 64 * k}
+
     def _ab(self, j: int):
         a, b = self.lora_A[j], self.lora_B[j]
         if self.bits < 32:
