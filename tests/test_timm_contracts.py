@@ -106,7 +106,8 @@ def test_local_dir_backbone_from_timms_save_for_hf(tmp_path, monkeypatch):
     base = timm.create_model(NAME, num_classes=5, **tiny()).eval()
     save_for_hf(base, str(tmp_path / "backbone"), safe_serialization=True)
     monkeypatch.chdir(tmp_path)
-    model = tokentune.create_model("local-dir:backbone", method="lora", num_classes=5, pretrained=True).eval()
+    model = tokentune.create_model("local-dir:backbone", method="lora", num_classes=5, pretrained=True,
+                                   pretrained_head=True).eval()     # the saved head too (a new task gets a new one)
     with torch.no_grad():
         assert (model(X) - base(X)).abs().max() < 1e-5      # LoRA starts at the identity
     randomize_lora(model)

@@ -84,6 +84,8 @@ def _deploy_options(items):
 def run(args: argparse.Namespace) -> int:
     """``tokentune export``: write the deployed model (and optionally its ONNX graph)."""
     source = os.fspath(args.run)
+    if args.quantize and not args.onnx:
+        raise TokenTuneError("--quantize quantizes the ONNX graph: add --onnx")
     if args.push_to_hub:
         hub_repo_id(args.push_to_hub)      # before anything is written
     if args.format != "deployed":
@@ -124,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         if args.quantize:
             _quantize(args, deployed, path)
-    elif args.quantize:
-        raise TokenTuneError("--quantize quantizes the ONNX graph: add --onnx")
     return _push(args)
 
 
