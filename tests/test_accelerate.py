@@ -14,9 +14,9 @@ from test_cli import TINY_ARGS, run
 from test_data import make_folder
 
 import tokentune
-from tokentune.core.method import get_method
 from tokentune import cli
 from tokentune.core.flops import count_flops
+from tokentune.core.method import get_method
 from tokentune.engine.data import build_transform, image_folder_dataset
 from tokentune.errors import TokenTuneError
 from tokentune.tools import accelerate as acc
