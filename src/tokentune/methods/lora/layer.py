@@ -68,6 +68,20 @@ class LoRAConfig:
                                  "(32 = full precision)")
 
 
+@torch.no_grad()
+def merged_linear(layer: nn.Linear) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``W + delta`` of a layer with ``delta_weight()`` (a new weight tensor;
+    the layer is unchanged), its bias and its ``requires_grad`` flags."""
+    merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=layer.weight.device, dtype=layer.weight.dtype)
+    merged.weight.copy_(layer.weight + layer.delta_weight().to(layer.weight.dtype))
+    merged.weight.requires_grad_(layer.weight.requires_grad)
+    if layer.bias is not None:
+        merged.bias.copy_(layer.bias)
+        merged.bias.requires_grad_(layer.bias.requires_grad)
+    return merged
+
+
 class LoRALinear(nn.Linear):
     """A frozen ``nn.Linear`` plus a trainable low-rank update."""
 
@@ -105,15 +119,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A plain ``nn.Linear`` with ``W + s B A`` (a new weight tensor; this layer is unchanged)."""
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        merged.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
-        if self.bias is not None:
-            merged.bias.copy_(self.bias)
-        merged.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            merged.bias.requires_grad_(self.bias.requires_grad)
-        return merged
+        return merged_linear(self)
 
 
 class PartLoRALinear(nn.Linear):
@@ -198,15 +204,7 @@ class PartLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        merged.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
-        if self.bias is not None:
-            merged.bias.copy_(self.bias)
-        merged.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            merged.bias.requires_grad_(self.bias.requires_grad)
-        return merged
+        return merged_linear(self)
 
 
 #: parts of the attention's fused qkv that a LoRA may adapt alone, and the separate projection
