@@ -30,6 +30,7 @@ import torch
 from tokentune import create_model, deploy
 from tokentune.core.flops import count_flops
 from tokentune.core.method import available_methods, get_method
+from tokentune.errors import TokenTuneError
 from tokentune.fileio import atomic_write_json, atomic_write_text
 from tokentune.methods.tome import ViTDims, named_schedule, vit_flops
 from tokentune.timing import measure_throughput
@@ -115,7 +116,11 @@ def main() -> None:
     probe = torch.randn(1, 3, 224, 224)
     for cand in candidates(targets, args.specs):
         torch.manual_seed(0)
-        model = create_model(args.model, method=cand.method, num_classes=1000, **kw, **cand.options).eval()
+        try:
+            model = create_model(args.model, method=cand.method, num_classes=1000, **kw, **cand.options).eval()
+        except TokenTuneError as exc:       # a method whose rate option does not take this target form
+            print(f"{cand.label}: skipped ({exc})", flush=True)
+            continue
         with torch.no_grad():
             tokens[cand.label] = int(model(probe, return_tokens=True)[1].shape[1])
         models[cand.label] = deploy(model)
