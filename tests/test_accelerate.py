@@ -126,6 +126,22 @@ def test_a_speedup_target_is_refined_by_the_measured_time(lora_run, monkeypatch)
     assert result.choice == dict(max(within, key=lambda t: (t["top1"], t["speedup"])), met=True)
 
 
+def test_later_methods_start_from_the_efficiency_measured_before(lora_run, monkeypatch):
+    """The first method needs a correction; the next starts where the pooled efficiency points
+    (target / efficiency) and meets the target with its first timing."""
+    _, folder, _ = lora_run
+    monkeypatch.setattr(acc, "time_side_by_side", _fake_timer(0.8))
+    result = tokentune.accelerate(_trained(), image_folder_dataset(str(folder), "test"), 1.3,
+                                  methods=["tome", "pitome"], batch_size=4, eval_batch_size=8, progress=False, log=None)
+    earlier, later = list(result.record["search"])
+    assert float(result.record["search"][earlier]["trials"][0]["rate"].split(":")[1]) == 1.3
+    first = result.record["search"][later]["trials"][0]
+    assert first["rate"] == f"flops:{1.3 / 0.8:.4f}" and first["speedup"] >= 1.3
+    assert acc.efficiency([{"speedup": 2.0, "flops_ratio": 1.0}, {"speedup": 1.0, "flops_ratio": 2.0},
+                           {"error": "x"}]) == pytest.approx(1.0)
+    assert acc.efficiency([]) is None
+
+
 @pytest.mark.slow
 def test_recovery_training_runs_when_the_drop_exceeds_max_drop(lora_run, tmp_path, monkeypatch):
     _, folder, run_dir = lora_run

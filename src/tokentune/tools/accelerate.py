@@ -581,11 +581,35 @@ def trial(ctx: Context, method: str, ratio: float) -> Dict[str, Any]:
     return record
 
 
-def _next_ratio(ctx: Context, last: Dict[str, Any], ratio: float) -> float:
-    """The FLOPs ratio of the next candidate, corrected by what the last one measured."""
+def efficiency(trials: Sequence[Dict[str, Any]]) -> Optional[float]:
+    """Measured speed-up per FLOPs ratio, pooled (geometric mean) over ``trials``; None without any.
+
+    One timing is noisy (a few percent on an idle machine, far more on a shared one); the
+    efficiency of one backbone at nearby FLOPs is nearly constant, so pooling every trial averages
+    the noise down instead of letting the last measurement throw the next candidate around.
+    """
+    values = [t["speedup"] / t["flops_ratio"] for t in trials if "error" not in t and t.get("flops_ratio")]
+    if not values:
+        return None
+    return math.exp(sum(math.log(max(v, 1e-6)) for v in values) / len(values))
+
+
+def first_ratio(ctx: Context, earlier: Sequence[str] = ()) -> float:
+    """A method's first FLOPs ratio: the target's own, corrected for speed-up targets by the
+    efficiency the ``earlier`` methods measured (they share the backbone, batch size and machine;
+    naming them keeps a resumed search on the uninterrupted one's path)."""
+    ratio = ctx.target.flops_ratio(ctx.base_gmacs)
+    pooled = efficiency([t for t in ctx.state.data["trials"].values() if t["method"] in earlier])
+    if ctx.target.kind != "speedup" or pooled is None:
+        return ratio
+    return max(min(ratio / pooled, ratio * 1.5), ratio / 1.5, MIN_RATIO)
+
+
+def _next_ratio(ctx: Context, rows: Sequence[Dict[str, Any]], ratio: float) -> float:
+    """The FLOPs ratio of the next candidate, corrected by what this method's trials measured."""
+    last = rows[-1]
     if ctx.target.kind == "speedup":
-        efficiency = last["speedup"] / last["flops_ratio"]          # measured speed-up per FLOPs ratio
-        wanted = ctx.target.value / max(efficiency, 1e-6)
+        wanted = ctx.target.value / max(efficiency(rows) or 1.0, 1e-6)
         # one noisy timing must not throw the search to either end: at most 1.5x per step, never below 1
         return max(min(wanted, ratio * 1.5), ratio / 1.5, MIN_RATIO)
     limit = ctx.target.value if ctx.target.kind == "gmacs" else ctx.target.value * ctx.base_gmacs
@@ -598,11 +622,11 @@ def _done(ctx: Context, row: Dict[str, Any]) -> bool:
     return ctx.target.value <= row["speedup"] <= ctx.target.value * (1 + ctx.cfg.tolerance)
 
 
-def search_method(ctx: Context, method: str) -> Dict[str, Any]:
+def search_method(ctx: Context, method: str, earlier: Sequence[str] = ()) -> Dict[str, Any]:
     """The schedules of ``method`` tried for the target and a first pick: the gentlest (fewest FLOPs
     removed) that meets the target, else the fastest (speed-up) or cheapest (GMACs) tried
     (:func:`_search_all` then keeps the most accurate of those that meet it)."""
-    ratio = ctx.target.flops_ratio(ctx.base_gmacs)
+    ratio = first_ratio(ctx, earlier)
     rows: List[Dict[str, Any]] = []
     seen: Dict[str, Dict[str, Any]] = {}
     cap = None
@@ -626,7 +650,7 @@ def search_method(ctx: Context, method: str) -> Dict[str, Any]:
         rows.append(row)
         if _done(ctx, row) or (not ctx.target.met(row, ctx.base_gmacs) and cap is not None and ratio >= cap):
             break
-        ratio = _next_ratio(ctx, row, ratio)
+        ratio = _next_ratio(ctx, rows, ratio)
     if not rows:
         return {"method": method, "trials": rows, "error": "no schedule could be built"}
     met = [r for r in rows if ctx.target.met(r, ctx.base_gmacs)]
@@ -819,10 +843,10 @@ def _search_all(ctx: Context, methods: List[str]) -> Dict[str, Dict[str, Any]]:
 
     found = {}
     bar = tqdm(methods, desc="accelerate", disable=not progress_enabled(ctx.cfg.progress), dynamic_ncols=True)
-    for method in bar:
+    for i, method in enumerate(bar):
         bar.set_postfix_str(method)
         ctx.log(f"{method}: searching its schedule for {ctx.target.describe()}")
-        result = search_method(ctx, method)
+        result = search_method(ctx, method, methods[:i])
         result["trials"] = [dict(t) for t in result["trials"]]
         if "chosen" in result:
             met = [t for t in result["trials"] if ctx.target.met(t, ctx.base_gmacs)]
