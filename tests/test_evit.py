@@ -227,6 +227,7 @@ def test_pyra_refuses_a_keep_rate_schedule():
 # ----------------------------------------------------------------------------- keep-rate targets
 def test_flops_and_token_targets_resolve_to_the_largest_keep_rate_that_meets_them():
     assert get_method("evit").training_free and get_method("evit").rate_option == "keep_rate"
+    assert get_method("evit").rate_profiles == ()          # one keep rate at fixed blocks: no schedule profile
     full = count_flops(_model(evit_keep_rate=1.0), X[:1])
     model = _model(evit_keep_rate="flops:1.4")
     rate = model.tokentune.spec["configs"]["evit"]["keep_rate"]
@@ -240,8 +241,9 @@ def test_flops_and_token_targets_resolve_to_the_largest_keep_rate_that_meets_the
     assert counts[-1] <= 20
 
 
-@pytest.mark.parametrize("rate, match", [("flops:50", "out of reach"), ("tokens:0", "invalid evit_keep_rate"),
-                                         ("speed:2", "invalid evit_keep_rate")])
+@pytest.mark.parametrize("rate, match", [("flops:50", "out of reach.*prune earlier"), ("tokens:0", "invalid evit_keep_rate"),
+                                         ("speed:2", "invalid evit_keep_rate"),
+                                         ("flops:1.4:geometric", "one keep rate at fixed blocks.*drop ':geometric'")])
 def test_bad_keep_rate_targets_fail_in_one_line(rate, match):
     with pytest.raises(TokenTuneError, match=match):
         _model(evit_keep_rate=rate)

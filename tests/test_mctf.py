@@ -377,6 +377,28 @@ def test_analytic_flops_match_the_counter_and_targets_resolve():
     assert token_counts(tokens, 65, 1)[-1] == 30
 
 
+def test_geometric_target_resolves_to_the_smallest_fraction():
+    """``":geometric"``: one fraction of the tokens in every merging block (the reference's r < 1), the
+    smallest (to 4 decimals) whose FLOPs reach the target; recorded as that fraction, counted on the real forward."""
+    assert get_method("mctf").rate_profiles == ("constant", "geometric")
+    model = build(mctf_r="flops:1.4:geometric").float().eval()
+    r = config_of(model).r
+    assert isinstance(r, float) and 0 < r < 1 and round(r, 4) == r
+    dims = ViTDims.from_model(model)
+    dense = mctf_flops(dims, [0, 0, 0, 0])
+    assert dense / mctf_flops(dims, [0, r, r, r]) >= 1.4
+    assert dense / mctf_flops(dims, [0] + [r - 1e-4] * 3) < 1.4
+    assert mctf_flops(dims, [0, r, r, r]) == count_flops(model, torch.randn(1, 3, 64, 64))
+    counts = token_counts([0, r, r, r], 65, 1)
+    assert counts[2] - counts[3] == int((counts[2] - 1) * r)                           # int((t - p) r) per block
+    rebuilt = build(mctf_r=r).float().eval()                                           # the record rebuilds it
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model(x), atol=1e-5)
+    few = config_of(build(mctf_r="tokens:30:geometric")).r
+    assert token_counts([0, few, few, few], 65, 1)[-1] <= 30 < token_counts([0] + [few - 1e-4] * 3, 65, 1)[-1]
+
+
 def test_features_unmerge_and_dtype():
     model = build("lora+mctf", mctf_r=8).float().eval()
     x = torch.randn(2, 3, 64, 64)
@@ -392,7 +414,8 @@ def test_features_unmerge_and_dtype():
     (dict(mctf_r=-1), "mctf_r must be >= 0"), (dict(mctf_r="fast"), "invalid mctf_r"),
     (dict(mctf_pooling="max"), "unknown mctf_pooling"), (dict(mctf_one_step_ahead=0), "not implemented"),
     (dict(mctf_layers=[7]), "mctf_layers has block 7"), (dict(mctf_r=[1, 2]), "one per block"),
-    (dict(mctf_r="flops:50"), "out of reach"), (dict(mctf_tau_info=-1.0), "mctf_tau_info must be >= 0")])
+    (dict(mctf_r="flops:50"), "out of reach"), (dict(mctf_tau_info=-1.0), "mctf_tau_info must be >= 0"),
+    (dict(mctf_r="flops:1.5:decreasing"), "drop ':decreasing'"), (dict(mctf_r="flops:50:geometric"), "out of reach")])
 def test_bad_options_fail_in_one_line(kw, match):
     with pytest.raises(TokenTuneError, match=match) as err:
         build(**kw)

@@ -82,6 +82,10 @@ class Method:
         rate_option: the field of the method's config that sets how much it reduces, accepting the
             schedule targets ``"flops:X"`` and ``"tokens:N"`` (ToMe: ``"r"``, i.e. ``tome_r``); the
             schedule searches (``tokentune accelerate``) set it. None when the method has no rate.
+        rate_profiles: the schedule profiles (``"constant"``, ``"decreasing"``, ``"geometric"``, see
+            :mod:`tokentune.methods.tome.schedules`) the rate option's targets accept as a third part
+            (``"flops:X:geometric"``); empty (the default): the plain targets only, e.g. a rate that is one
+            share at fixed blocks (EViT), where a profile has no meaning.
         load_formats: other libraries' formats the method reads a trained model from,
             ``{format: load(directory) -> model}`` (LoRA: ``"peft"``, an adapter directory on a timm
             base); the counterpart of :attr:`save_formats`, asked by tools that open any saved model.
@@ -113,6 +117,7 @@ class Method:
     search_option: Optional[str] = None
     training_free: bool = False
     rate_option: Optional[str] = None
+    rate_profiles: Tuple[str, ...] = ()
     load_formats: Dict[str, Callable[..., nn.Module]] = field(default_factory=dict)
 
 

@@ -66,7 +66,7 @@ from ..core.vit import adapted_blocks
 from ..errors import TokenTuneError
 from ..typecheck import check_fields
 from .tome import TokenMerging, ViTDims, resolve_merge_schedule
-from .tome.schedules import Schedule
+from .tome.schedules import PROFILES, Schedule
 
 TRAINABLE = r"\.merge\.embed\."
 
@@ -254,4 +254,5 @@ def load_reference_checkpoint(model: nn.Module, state_dict: Dict[str, torch.Tens
 
 register_method(Method(
     "dtem", DTEMConfig, apply_dtem, trainable=(TRAINABLE,), order=27, reduces_tokens=True, rate_option="r",
+    rate_profiles=PROFILES,
     summary="DTEM: ToMe on a learned, decoupled embedding (soft grouping in training, hard merging in eval)"))

@@ -194,6 +194,10 @@ def token_path(num_tokens: int, prefix: int, locations: Sequence[int], keep_rate
 def parse_rate_target(spec: str) -> Tuple[str, float]:
     """``"flops:2"`` / ``"tokens:40"`` -> (kind, value); anything else is one line."""
     kind, _, value = spec.partition(":")
+    if kind in ("flops", "tokens") and ":" in value:
+        profile = value.partition(":")[2]
+        raise TokenTuneError(f"evit_keep_rate {spec!r}: EViT's rate is one keep rate at fixed blocks, so a schedule "
+                             f"profile has no meaning; drop ':{profile}'")
     try:
         number = float(value)
     except ValueError:
@@ -232,7 +236,8 @@ def resolve_keep_rate(model: nn.Module, spec: str, locations: Sequence[int], fus
         reach = (f"a FLOPs ratio of {measure(lowest):.3f}" if kind == "flops"
                  else f"{-measure(lowest):.0f} final tokens")
         raise TokenTuneError(f"evit_keep_rate {spec!r} is out of reach for this model: keeping the fewest tokens at "
-                             f"blocks {list(locations)} gives {reach}; ask for at most that")
+                             f"blocks {list(locations)} gives {reach}; ask for at most that (or prune earlier, "
+                             "evit_locations)")
     lo, hi = lowest, 1.0                   # measure(lo) reaches the goal; find the largest such rate
     if measure(hi) >= goal:
         return 1.0

@@ -50,7 +50,7 @@ from ..errors import TokenTuneError
 from ..typecheck import check_fields
 from .tome.matching import Matching
 from .tome.method import TokenMerging, resolve_rate
-from .tome.schedules import Schedule
+from .tome.schedules import PROFILES, Schedule
 
 
 @dataclass
@@ -167,4 +167,5 @@ def apply_pitome(model: nn.Module, cfg: PiToMeConfig, ctx) -> PiToMeConfig:
 
 register_method(Method(
     "pitome", PiToMeConfig, apply_pitome, order=20, reduces_tokens=True, training_free=True, rate_option="r",
+    rate_profiles=PROFILES,
     summary="PiToMe: energy-protected token merging between attention and MLP (training-free, no parameters)"))

@@ -41,7 +41,7 @@ from ..errors import TokenTuneError
 from ..typecheck import check_fields
 from .tome.matching import Matching, merge
 from .tome.method import TokenMerging, resolve_rate
-from .tome.schedules import Schedule
+from .tome.schedules import PROFILES, Schedule
 
 
 @dataclass
@@ -118,4 +118,5 @@ def apply_tofu(model: nn.Module, cfg: ToFuConfig, ctx) -> ToFuConfig:
 
 register_method(Method(
     "tofu", ToFuConfig, apply_tofu, order=20, reduces_tokens=True, training_free=True, rate_option="r",
+    rate_profiles=PROFILES,
     summary="ToFu: prune in early blocks, norm-preserving merge (MLERP) in late ones (training-free, no parameters)"))

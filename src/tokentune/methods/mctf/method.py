@@ -17,6 +17,7 @@ without gradient, merge, then ordinary attention on the merged tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -49,8 +50,10 @@ class MCTFConfig:
     Attributes:
         r: tokens merged per merging block: a whole number, a fraction (< 1) of the non-prefix
             tokens entering the block, one whole number per block (a list), or a target for this
-            backbone (``"flops:X"``: X times fewer FLOPs, ``"tokens:N"``: N tokens left). At least
-            10 tokens stay and at most half the non-prefix tokens merge per block (the reference's rules).
+            backbone (``"flops:X"``: X times fewer FLOPs, ``"tokens:N"``: N tokens left; with
+            ``":geometric"``, e.g. ``"flops:3.46:geometric"``, the target is met by one fraction instead of
+            one whole number). At least 10 tokens stay and at most half the non-prefix tokens merge per
+            block (the reference's rules).
         layers: blocks that merge (0-based); None = every block but the first (the reference's 1..11).
         one_step_ahead: 1 = merge at the block input and attend with the merged attention map
             (default); 2 = merge with the attention map, then recompute attention ("precise").
@@ -249,17 +252,24 @@ def mctf_flops(dims: ViTDims, rates: Sequence[float], one_step_ahead: int = 1) -
     return total
 
 
+#: the target profiles MCTF's r takes: one whole r per merging block ("constant") or one fraction of the
+#: tokens entering each merging block ("geometric": the reference's r < 1, e.g. MCTF-Fast's r = 0.35)
+RATE_PROFILES = ("constant", "geometric")
+
+
 def resolve_rate(model: nn.Module, cfg: MCTFConfig) -> List[float]:
     """One r per block; ``"flops:X"``/``"tokens:N"`` become the whole numbers of the gentlest
     schedule that reaches the target (the same r in every merging block, then the last blocks
-    give back what is not needed)."""
+    give back what is not needed); with ``":geometric"`` the smallest fraction (4 decimals) that
+    reaches it, the same in every merging block (:func:`_fraction_for`)."""
     blocks = adapted_blocks(model)
     layers = merging_blocks(cfg, len(blocks))
     if not isinstance(cfg.r, str):
         return per_block(cfg.r, layers, len(blocks))
     kind, value, profile = parse_target(cfg.r)
-    if profile != "constant":
-        raise TokenTuneError(f"mctf_r={cfg.r!r}: MCTF targets use the constant profile; drop ':{profile}'")
+    if profile not in RATE_PROFILES:
+        raise TokenTuneError(f"mctf_r={cfg.r!r}: MCTF's r is one whole number per merging block (constant profile) or "
+                             f"one fraction of the tokens (':geometric'); drop ':{profile}' or use ':geometric'")
     dims = ViTDims.from_model(model)
     dense = mctf_flops(dims, [0] * len(blocks))
 
@@ -268,6 +278,8 @@ def resolve_rate(model: nn.Module, cfg: MCTFConfig) -> List[float]:
             return token_counts(rates, dims.num_tokens, dims.num_prefix)[-1] <= value
         return dense / mctf_flops(dims, rates, cfg.one_step_ahead) >= value
 
+    if profile == "geometric":
+        return _fraction_for(reaches, layers, len(blocks), cfg.r)
     rates = next((per_block(r, layers, len(blocks)) for r in range(dims.num_tokens + 1)
                   if reaches(per_block(r, layers, len(blocks)))), None)
     if rates is None:
@@ -277,6 +289,22 @@ def resolve_rate(model: nn.Module, cfg: MCTFConfig) -> List[float]:
         while rates[i] > 0 and reaches(rates[:i] + [rates[i] - 1] + rates[i + 1:]):
             rates = rates[:i] + [rates[i] - 1] + rates[i + 1:]
     return rates
+
+
+def _fraction_for(reaches, layers: Sequence[int], depth: int, spec: str) -> List[float]:
+    """The smallest fraction ``r < 1`` (rounded up to 4 decimals) whose schedule ``reaches`` the target:
+    every merging block merges ``int((t - p) r)`` of its ``t`` tokens (the reference's fractional r,
+    ``utils/mctf.py:26``), at most half; the token path shrinks monotonically as ``r`` grows."""
+    top = 0.5                                 # every merging block merges half its non-prefix tokens
+    if not reaches(per_block(top, layers, depth)):
+        raise TokenTuneError(f"mctf_r={spec!r} is out of reach for this model (merging in blocks {list(layers)}); "
+                             "ask for less")
+    lo, hi = 0.0, top
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if reaches(per_block(mid, layers, depth)) else (mid, hi)
+    rounded = min(math.ceil(hi * 1e4) / 1e4, top)   # a readable rate, when it still meets the target
+    return per_block(rounded if reaches(per_block(rounded, layers, depth)) else hi, layers, depth)
 
 
 def apply_mctf(model: nn.Module, cfg: MCTFConfig, ctx) -> MCTFConfig:
@@ -291,8 +319,9 @@ def apply_mctf(model: nn.Module, cfg: MCTFConfig, ctx) -> MCTFConfig:
     info.prop_attn = cfg.prop_attn
     info.trace_source = cfg.trace_source
     info.pool_by_size = cfg.pool_by_size
-    if isinstance(cfg.r, str):
-        cfg = replace(cfg, r=[int(v) for v in rates])
+    if isinstance(cfg.r, str):                # a target: recorded as what it resolved to
+        fraction = next((v for v in rates if 0 < v < 1), None)
+        cfg = replace(cfg, r=fraction if fraction is not None else [int(v) for v in rates])
     info.state["mctf"] = cfg
     return cfg
 
@@ -373,5 +402,5 @@ def mctf_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 register_method(Method(
     "mctf", MCTFConfig, apply_mctf, order=24, reduces_tokens=True, loss=mctf_loss, training_free=True,
-    rate_option="r",
+    rate_option="r", rate_profiles=RATE_PROFILES,
     summary="MCTF: multi-criteria token fusion (similarity, informativeness, size), one-step-ahead attention"))

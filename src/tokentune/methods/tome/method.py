@@ -20,7 +20,7 @@ from ...errors import TokenTuneError
 from ...typecheck import check_fields
 from .flops import ViTDims
 from .matching import Matching, bipartite_soft_matching, max_merge, merge_source, merge_weighted
-from .schedules import Schedule, fit_schedule, named_schedule, parse_schedule, resolve_target, schedule_for_keep_ratio
+from .schedules import PROFILES, Schedule, fit_schedule, named_schedule, parse_schedule, resolve_target, schedule_for_keep_ratio
 
 
 @dataclass
@@ -143,5 +143,5 @@ def apply_tome(model: nn.Module, cfg: ToMeConfig, ctx) -> ToMeConfig:
 
 
 register_method(Method("tome", ToMeConfig, apply_tome, order=20, reduces_tokens=True, composes_with=("dyt",),
-                       training_free=True, rate_option="r",
+                       training_free=True, rate_option="r", rate_profiles=PROFILES,
                        summary="ToMe token merging between attention and MLP (no parameters)"))
