@@ -7,7 +7,8 @@ from the LoRA row, as the demo does) and VPT-deep, then evaluates on the demo's 
 
 * ``fp32``: ``tokentune.deploy(model, **row.deploy)`` (the demo's top-1);
 * ``torch int8``: ``tokentune.deploy(model, quantize="int8-dynamic", **row.deploy)``;
-* ``ort fp32``: its ``export_onnx`` graph in onnxruntime (the export alone);
+* ``ort fp32``: its ``export_onnx`` graph in onnxruntime (the export alone, not verified on export:
+  its logit difference shows what the export changes);
 * ``ort int8``: ``quantize_onnx(graph, "int8")`` (dynamic);
 * ``ort int8-static``: ``quantize_onnx(graph, "int8-static")`` calibrated on ``--calibration`` images
   of the demo's *training* split (the first N in dataset order).
@@ -100,7 +101,8 @@ def _ort(path: str) -> Callable[[torch.Tensor], np.ndarray]:
 def forms(model: torch.nn.Module, row, tmp: str, calibration: torch.Tensor) -> Dict[str, Callable]:
     """Every form of one trained model, as functions images -> logits."""
     fp32 = deploy(model, **row.deploy)
-    path = export_onnx(fp32, os.path.join(tmp, f"{_slug(row.label)}.onnx"))
+    # not verified on export: the "ort fp32" form's top-1 and logit difference show what the export changes
+    path = export_onnx(fp32, os.path.join(tmp, f"{_slug(row.label)}.onnx"), verify=False)
     return {"fp32": _torch(fp32),
             "torch int8": _torch(deploy(model, quantize="int8-dynamic", **row.deploy)),
             "ort fp32": _ort(path),
