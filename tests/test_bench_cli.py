@@ -335,3 +335,49 @@ def test_bad_baseline_options_are_one_line_errors(config, message, capsys):
                           "--config", config], capsys)
     assert code == 2 and err.startswith("error: ") and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- int8 rows
+def test_int8_rows_beside_fp32(tmp_path, capsys):
+    """quantize=int8-dynamic: the row is the deployed model with int8 Linear layers, timed with the fp32 rows,
+    marked in the table; its logits are close to (not equal to) its fp32 row's, its FLOPs are the fp32 form's."""
+    dyt_row = "dyt:inference=capacity,capacity=1.0,rate=0.5"
+    configs = ["lora+tome:tome_r=2", "lora+tome:tome_r=2,quantize=int8-dynamic", dyt_row,
+               dyt_row + ",quantize=int8-dynamic"]
+    argv = ["bench", *TINY_ARGS, "--no-latency", "--no-memory", "--no-train", "--rounds", "1", "--warmup", "0",
+            "--out", str(tmp_path), "--name", "q"]
+    for c in configs:
+        argv += ["--config", c]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    header, rows = table_rows(out)
+    precision, diff = header.index("precision"), header.index("int8 logit diff")
+    assert [r[precision] for r in rows] == ["fp32", "int8-dynamic", "fp32", "int8-dynamic"]
+    assert rows[0][diff] == "" and float(rows[1][diff]) > 0 and "precision int8-dynamic" in out
+    jrows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert [r["quantize"] for r in jrows] == [None, "int8-dynamic", None, "int8-dynamic"]
+    for fp32, int8 in ((jrows[0], jrows[1]), (jrows[2], jrows[3])):
+        assert int8["flops"] == fp32["flops"] and int8["img_per_s"] > 0 and fp32["int8_logit_diff"] is None
+    assert abs(jrows[3]["activation"] - jrows[2]["activation"]) < 0.1     # the dispatchers still decide in int8
+    # the timed int8 network against the same model deployed in fp32 (the fp32 row's network), on the timed batch
+    images = timing.random_images(B, 32, seed=0)
+    torch.manual_seed(0)
+    model = tokentune.create_model(MODEL, method="lora+tome", num_classes=100, tome_r=2, **tiny())
+    with torch.no_grad():
+        want = tokentune.deploy(model)(images)
+        got = tokentune.deploy(model, quantize="int8-dynamic")(images)
+    err_max = float((got - want).abs().max())
+    assert 0.0 < err_max < 0.25 * float(want.abs().max())    # a wrong scale moves logits by their own size
+    assert jrows[1]["int8_logit_diff"] == pytest.approx(err_max, rel=0.05)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config", "lora:quantize=int4"], "quantize='int4' is not supported"),
+    (["--config", "lora:quantize=int8-dynamic,deploy=false"], "drop deploy=false"),
+    (["--config", "lora:quantize=int8-dynamic", "--dtype", "bf16"], "runs PyTorch's int8 CPU kernels on fp32 models"),
+])
+def test_int8_rows_refuse_what_cannot_apply(extra, message, capsys):
+    code, out, err = run(["bench", *TINY_ARGS, "--no-latency", "--no-memory", "--no-train", "--config", "lora", *extra],
+                         capsys)
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err

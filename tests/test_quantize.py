@@ -63,6 +63,24 @@ def test_onnx_int8_graph_is_close_to_the_fp32_model(spec, mode, tmp_path):
     diff = check_onnx(out, deployed, x)
     assert 0.0 < diff < 0.5 * scale, (diff, scale)
     assert (tmp_path / "m.int8.onnx").stat().st_size < 0.5 * (tmp_path / "m.onnx").stat().st_size   # int8 weights
+    assert _activation_products_in_int8(out) == 0     # q k^T, softmax v and ToMe's similarities stay fp32
+
+
+def _activation_products_in_int8(path):
+    """MatMul/Gemm nodes of an int8 graph whose second input is a quantized activation (not a weight)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    weights = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def quantized_activation(name):
+        node = producer.get(name)
+        if node is None or node.op_type not in ("DequantizeLinear", "DynamicQuantizeLinear"):
+            return False
+        return node.input[0] not in weights if node.op_type == "DequantizeLinear" else True
+
+    return sum(quantized_activation(n.input[1]) for n in graph.node if n.op_type in ("MatMul", "MatMulInteger", "Gemm"))
 
 
 def test_export_command_writes_an_int8_graph(tmp_path, capsys):

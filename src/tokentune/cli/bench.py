@@ -44,6 +44,10 @@ EPILOG = """configuration syntax (--config, repeatable; rows keep the order give
              rate=R        DyT: calibrate the untrained dispatchers to activate R of the patch tokens
                            of the timed batch (default: dyt_target_rate, 0.5; none: as initialised)
              deploy=false  time the training form (eval mode) instead of tokentune.deploy's model
+             quantize=int8-dynamic
+                           the deployed model with int8 Linear layers (tokentune.deploy's quantize=;
+                           CPU, fp32 only), timed beside the fp32 rows; the table marks it in a
+                           precision column and gives its largest logit difference from its fp32 form
              timm_<kw>=V   a timm.create_model keyword for this row only (timm_embed_dim=384)
   --run DIR adds a trained run directory (tokentune train) or an export directory as a row.
 
@@ -56,6 +60,8 @@ examples:
   tokentune bench --config lora --config lora+tome:tome_r=low --config pyra:tome_r=high
   tokentune bench --config lora --config "dyt:dyt_variant=layer,rate=0.5" --config dyt+tome:tome_r=8
   tokentune bench --config lora --config "lora:model=vit_small_patch16_224,rank=4,label=ViT-S LoRA" --no-train
+  tokentune bench --config lora --config lora:quantize=int8-dynamic --config lora+tome:r=high \
+      --config lora+tome:r=high,quantize=int8-dynamic --batch-size 1 --no-train
   tokentune bench --config lora --run runs/cifar-pyra --run exports/cifar-dyt --dtype bf16 --device cuda
   tokentune bench --config lora --config lora+tome:r=high --config "dyt:inference=capacity,capacity=1.0" --sweep 1,8,32,128"""
 

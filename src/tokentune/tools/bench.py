@@ -50,6 +50,12 @@ commas (``tome_r=16x11,10``). Keys:
 * ``rate=R``: DyT only, calibrate the dispatchers to activation ``R``; ``rate=none`` keeps
   them as they are;
 * ``deploy=false``: time the training-form model in eval mode instead of the deployed one;
+* ``quantize=int8-dynamic``: deploy with int8 Linear layers (:func:`tokentune.deploy`'s
+  ``quantize``; CPU, fp32 only). The row is timed interleaved with the others like any row; its
+  FLOPs are those of the fp32 deployed model (the multiply-adds are the same, in int8), its
+  ``int8_logit_diff`` is the largest absolute difference of its logits from the same model
+  deployed in fp32 on the timed batch, and its training columns stay empty (training runs the
+  fp32 model of its fp32 row);
 * ``timm_<keyword>=VALUE``: a ``timm.create_model`` keyword for this row only
   (``timm_embed_dim=384``).
 """
@@ -78,6 +84,7 @@ from ..core.factory import create_model, methods_of
 from ..core.flops import count_flops
 from ..core.method import available_methods, parse_method
 from ..core.params import count_parameters
+from ..core.quantize import check_quantize, quantize_dynamic_int8
 from ..core.task import task_head_of
 from ..core.vit import info_of, input_size, num_input_tokens, spec_of
 from ..engine.distributed import resolve_device
@@ -92,7 +99,7 @@ from . import measure as bench
 from .export import example_images, open_model
 
 DEFAULT_MODEL = "vit_base_patch16_224"
-RESERVED = ("label", "model", "rate", "deploy")
+RESERVED = ("label", "model", "rate", "deploy", "quantize")
 AUTO = "auto"
 
 # ----------------------------------------------------------------------------- configurations
@@ -109,6 +116,8 @@ class Candidate:
         rate: DyT calibration target: a float in [0, 1], None (keep the dispatchers as they are),
             or ``"auto"`` (the config's ``dyt_target_rate`` for new models, none for runs).
         deploy: time the deployed model (:func:`tokentune.deploy`); False times the model as built.
+        quantize: ``"int8-dynamic"``: time the deployed model with int8 Linear layers
+            (:mod:`tokentune.core.quantize`); None: as deployed (fp32 or the benchmark's autocast).
         run: a training run directory (``tokentune train``) or export directory instead of a
             method spec.
         config: the configuration text it was parsed from (for the record).
@@ -121,6 +130,7 @@ class Candidate:
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)
     rate: Union[float, None, str] = AUTO
     deploy: bool = True
+    quantize: Optional[str] = None
     run: Optional[str] = None
     config: str = ""
 
@@ -181,6 +191,8 @@ def parse_config(text: str) -> Candidate:
         cand.options[f"{owner}_{name}"] = parsed
     if cand.rate not in (AUTO, None) and not any(m.set_activation for m in methods):   # token dispatchers
         raise TokenTuneError(f"{where}: rate= calibrates DyT token dispatchers; this spec has none (add dyt)")
+    if cand.quantize is not None and not cand.deploy:
+        raise TokenTuneError(f"{where}: quantize= quantizes the deployed model; drop deploy=false")
     return cand
 
 
@@ -203,6 +215,13 @@ def _set_reserved(cand: Candidate, key: str, value: str, where: str) -> None:
         if rate is not None and not 0.0 <= rate <= 1.0:
             raise TokenTuneError(f"{where}: rate={value} is outside [0, 1]")
         cand.rate = rate
+    elif key == "quantize":
+        quantize = None if value.lower() == "none" else value
+        try:
+            check_quantize(quantize)
+        except TokenTuneError as exc:
+            raise TokenTuneError(f"{where}: {exc}") from None
+        cand.quantize = quantize
 
 
 def _resolve_key(key: str, fields: Dict[str, Dict[str, Any]], names: List[str], where: str):
@@ -441,6 +460,10 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
     _check_settings(candidates, settings)
     s = settings
     device = _resolve_device(s.device)
+    quantized = [c.label for c in candidates if c.quantize]
+    if quantized and (device.type != "cpu" or s.dtype != "fp32"):
+        raise TokenTuneError(f"{quantized[0]}: quantize=int8-dynamic runs PyTorch's int8 CPU kernels on fp32 models, "
+                             f"not {s.dtype} on {device.type}; use --device cpu --dtype fp32 or drop quantize=")
     labels: Dict[str, int] = {}
     rows: List[Dict[str, Any]] = []
     timed: Dict[str, nn.Module] = {}
@@ -463,8 +486,8 @@ def measure(candidates: Sequence[Candidate], settings: BenchSettings,
         row = _describe(cand, model, s, label, is_deployed)
         row["tokens_in"], row["tokens_out"] = _token_counts(model, images)
         has_dispatchers = _calibrate(cand, model, images, s, label, row)
-        net = _timed_net(model, cand, is_deployed, s, pool)
-        if s.train and not is_deployed and any(p.requires_grad for p in model.parameters()):
+        net = _timed_net(model, cand, is_deployed, s, pool, images, row)
+        if s.train and not is_deployed and not cand.quantize and any(p.requires_grad for p in model.parameters()):
             _say(progress, f"[{i + 1}/{len(candidates)}] {label}: training step")
         _measure_untimed(row, model, net, images, s, device, image_size, has_dispatchers, is_deployed)
         del model
@@ -511,6 +534,7 @@ def _describe(cand: Candidate, model: nn.Module, s: BenchSettings, label: str, i
         "method": (spec_of(model) or {}).get("method", cand.method or "deployed"),
         "options": {k: v for k, v in cand.options.items()},
         "deployed": bool(cand.deploy or is_deployed),
+        "quantize": cand.quantize, "int8_logit_diff": None,
         "params_total": int(counts["total"]),
         "params_trainable": None if is_deployed else int(counts["trainable"]),
         "paper_trainable": None if is_deployed else int(counts["paper_trainable"]),
@@ -539,23 +563,40 @@ def _calibrate(cand: Candidate, model: nn.Module, images: torch.Tensor, s: Bench
 
 
 def _timed_net(model: nn.Module, cand: Candidate, is_deployed: bool, s: BenchSettings,
-               pool: Dict[tuple, List[torch.Tensor]]) -> nn.Module:
-    """The network that is timed: deployed when asked, an eval-mode copy otherwise (frozen tensors shared)."""
+               pool: Dict[tuple, List[torch.Tensor]], images: torch.Tensor, row: Dict[str, Any]) -> nn.Module:
+    """The network that is timed: deployed when asked (in int8 with ``quantize=``), an eval-mode copy
+    otherwise (frozen tensors shared)."""
     if is_deployed:
         net = model.eval()
     elif cand.deploy:
         net = deploy(model)
     else:
         net = copy.deepcopy(model).eval()
+    if cand.quantize:
+        net = _quantized(net, images, row)
     if s.share_weights:
         share_frozen_tensors(net, pool)
+    return net
+
+
+def _quantized(net: nn.Module, images: torch.Tensor, row: Dict[str, Any]) -> nn.Module:
+    """The int8 form of the deployed ``net`` (made in place); into ``row``: the FLOPs of the fp32 model (the
+    same multiply-adds, in int8; the FLOP counter does not see int8 kernels) and the largest absolute
+    difference of the int8 logits from the fp32 ones on ``images``."""
+    row["flops"] = count_flops(net, images) / images.shape[0]
+    with torch.inference_mode():
+        want = net(images).float()
+    net = quantize_dynamic_int8(net)
+    with torch.inference_mode():
+        got = net(images).float()
+    row["int8_logit_diff"] = float((got - want).abs().max())
     return net
 
 
 def _measure_untimed(row: Dict[str, Any], model: nn.Module, net: nn.Module, images: torch.Tensor, s: BenchSettings,
                      device: torch.device, image_size: int, has_dispatchers: bool, is_deployed: bool) -> None:
     """FLOPs, the dispatchers' activation, inference memory and a training step: into ``row``."""
-    flops = count_flops(net, images) / s.batch_size
+    flops = row["flops"] if row["quantize"] else count_flops(net, images) / s.batch_size   # int8: of its fp32 form
     row.update(flops=flops, gflops=flops / 1e9, gmacs=flops / 2e9)
     row["activation"] = None
     if has_dispatchers:
@@ -566,7 +607,7 @@ def _measure_untimed(row: Dict[str, Any], model: nn.Module, net: nn.Module, imag
     row["infer_peak_mib"] = (_mib(bench.peak_memory(functools.partial(_infer, net, images, s.dtype, device),
                                                     device)) if s.memory else None)
     row["train_step_s"] = row["train_img_per_s"] = row["train_peak_mib"] = None
-    if s.train and not is_deployed and any(p.requires_grad for p in model.parameters()):
+    if s.train and not is_deployed and not row["quantize"] and any(p.requires_grad for p in model.parameters()):
         step = bench.measure_train_step(model, batch_size=s.batch_size, image_size=image_size,
                                         steps=s.train_steps, warmup=1, dtype=s.dtype, device=device,
                                         loss=_train_loss(model), inputs=images, targets=_targets(net, images))
@@ -658,12 +699,15 @@ def display_rows(result: BenchResult) -> List[Dict[str, str]]:
     any_train = any(r["train_step_s"] is not None for r in rows)
     any_mem = any(r["infer_peak_mib"] is not None for r in rows)
     any_latency = any(r.get("latency_ms") is not None for r in rows)
+    any_int8 = any(r.get("quantize") for r in rows)
     out = []
     for r in rows:
         d: Dict[str, str] = {"config": r["label"]}
         if several_models:
             d["model"] = r["model"]
         d["method"] = r["method"]
+        if any_int8:
+            d["precision"] = r["quantize"] or result.settings["dtype"]
         d["params"] = f"{r['params_total'] / 1e6:.2f}M"
         d["trainable"] = _fmt(r["params_trainable"], ",")
         d["paper count (%)"] = ("" if r["paper_trainable"] is None
@@ -678,6 +722,8 @@ def display_rows(result: BenchResult) -> List[Dict[str, str]]:
         d[f"{per}/s"] = f"{r['img_per_s']:.1f}"
         d[f"{per}/s min-max"] = f"{r['img_per_s_low']:.1f}-{r['img_per_s_high']:.1f}"
         d["speed-up"] = f"{r['speedup']:.2f}x"
+        if any_int8:
+            d["int8 logit diff"] = _fmt(r.get("int8_logit_diff"), ".3g")
         if any_latency:
             d["b1 latency ms"] = _fmt(r["latency_ms"], ".2f")
         if any_mem:
@@ -696,6 +742,11 @@ NOTES = ("GMACs: multiply-adds per sample (an image; a clip or a segmentation im
          "without head, as a share of the pretrained backbone (as PYRA/DyT count). tokens: entering the first "
          "block -> after the last. active: DyT activation rate measured on the timed batch. infer/train MiB: "
          "peak memory of one forward / training step (CPU: live tensors, parameters excluded).")
+INT8_NOTES = (" precision int8-dynamic: the deployed model with int8 Linear layers (weights per output channel, inputs "
+              "per batch; PyTorch's CPU kernels), timed in the same rounds as the fp32 rows; its GMACs are its fp32 "
+              "form's (the same multiply-adds, in int8); int8 logit diff: the largest absolute difference of its "
+              "logits from the same model deployed in fp32, on the timed batch; no training columns (training runs "
+              "the fp32 model).")
 
 
 def sweep_rows(result: BenchResult) -> List[Dict[str, str]]:
@@ -718,8 +769,9 @@ def markdown(result: BenchResult) -> str:
     """Title, environment, table(s) and notes as Markdown."""
     env = ", ".join(f"{k}={v}" for k, v in result.environment.items())
     table = display_rows(result)
+    notes = NOTES + (INT8_NOTES if any(r.get("quantize") for r in result.rows) else "")
     text = (f"## tokentune bench: {result.title}\n\nEnvironment: {env}\n\n"
-            f"{bench.markdown_table(table, list(table[0]))}\n\n{NOTES}\n")
+            f"{bench.markdown_table(table, list(table[0]))}\n\n{notes}\n")
     sweep = sweep_rows(result)
     if sweep:
         text += (f"\n### Batch-size sweep\n\n{bench.markdown_table(sweep, list(sweep[0]))}\n\n"
@@ -728,11 +780,11 @@ def markdown(result: BenchResult) -> str:
     return text
 
 
-CSV_KEYS = ("label", "unit", "model", "method", "config", "run", "deployed", "params_total", "params_trainable",
+CSV_KEYS = ("label", "unit", "model", "method", "config", "run", "deployed", "quantize", "params_total", "params_trainable",
             "paper_trainable", "paper_pct", "backbone_params", "tokens_in", "tokens_out", "calibrated_rate",
             "activation", "flops", "gflops", "gmacs", "flops_ratio", "img_per_s", "img_per_s_low", "img_per_s_high",
             "batch_ms", "speedup", "latency_ms", "latency_ms_low", "latency_ms_high", "latency_speedup",
-            "infer_peak_mib", "train_step_s", "train_img_per_s", "train_peak_mib")
+            "infer_peak_mib", "train_step_s", "train_img_per_s", "train_peak_mib", "int8_logit_diff")
 
 
 def write_outputs(result: BenchResult, directory: str, name: str) -> Dict[str, str]:

@@ -158,8 +158,11 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
     ``"int8"``: dynamic quantization (onnxruntime's ``quantize_dynamic``): int8 weights per output
     channel, activations quantized per batch at run time, nothing to calibrate. ``"int8-static"``:
     static QDQ quantization (``quantize_static``) with activation ranges measured on ``calibration``
-    (preprocessed images ``[N, 3, H, W]`` from your data; a few dozen suffice). Both keep attention's
-    softmax, LayerNorm and the token-reduction steps in fp32.
+    (preprocessed images ``[N, 3, H, W]`` from your data; a few dozen suffice). Both quantize only
+    the products with a weight (onnxruntime's default in dynamic mode; in static mode the other
+    ``MatMul`` nodes are excluded by name): attention's ``q k^T`` and ``softmax v``, ToMe's matching
+    similarities and the other activation-by-activation products stay in fp32 with softmax,
+    LayerNorm and the token-reduction steps, so no merge is decided on 8-bit similarities.
     """
     if mode not in ONNX_QUANTIZE:
         raise TokenTuneError(f"ONNX quantization {mode!r} is not supported; choose {' or '.join(ONNX_QUANTIZE)}")
@@ -183,7 +186,7 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
             name = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).get_inputs()[0].name
             q.quantize_static(prepared, tmp, _Calibration(name, calibration), quant_format=q.QuantFormat.QDQ,
                               per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              op_types_to_quantize=["MatMul", "Gemm"])
+                              op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=_activation_products(prepared))
         os.replace(tmp, dst)
     except TokenTuneError:
         raise
@@ -194,6 +197,15 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
             if os.path.exists(leftover):
                 os.remove(leftover)
     return dst
+
+
+def _activation_products(path: str) -> list:
+    """Names of the ``MatMul`` nodes of the graph at ``path`` whose second factor is not a weight."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
