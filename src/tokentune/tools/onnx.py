@@ -9,7 +9,7 @@ of the model, converted by PyTorch's ONNX exporter.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -184,9 +184,11 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
                                op_types_to_quantize=["MatMul", "Gemm"])
         else:
             name = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            excluded = _activation_products(prepared)
             q.quantize_static(prepared, tmp, _Calibration(name, calibration), quant_format=q.QuantFormat.QDQ,
                               per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=_activation_products(prepared))
+                              op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded)
+            _read_unrounded(tmp, excluded)
         os.replace(tmp, dst)
     except TokenTuneError:
         raise
@@ -197,6 +199,39 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
             if os.path.exists(leftover):
                 os.remove(leftover)
     return dst
+
+
+def _read_unrounded(path: str, names: Sequence[str]) -> None:
+    """Let the excluded nodes at ``path`` read their activations unrounded.
+
+    The QDQ quantizer quantizes a tensor once for all its consumers, so an excluded product whose
+    activation also feeds a quantized node (PYRA's modulator: its LayerNorm output) reads it through
+    the shared ``QuantizeLinear -> DequantizeLinear`` pair, rounded to 8 bits; rewire it to the
+    original tensor and drop the pairs nothing reads any more.
+    """
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = {i.name for i in graph.initializer}
+    for node in graph.node:
+        if node.name not in names:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            qn = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] not in weights:
+                node.input[k] = qn.input[0]
+    while True:                                     # Q/DQ nodes left without a reader
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    onnx.save(model, path)
 
 
 def _activation_products(path: str) -> list:
