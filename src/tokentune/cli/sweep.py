@@ -3,6 +3,7 @@ ending in the VTAB-1k table (:mod:`tokentune.tools.sweep`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from typing import Any, Dict, Union
 
@@ -38,12 +39,18 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@functools.lru_cache(maxsize=1)
+def _train_parser() -> argparse.ArgumentParser:
+    """The train command's parser, built once (it is only read)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    train.add(parser)
+    return parser
+
+
 def check_train_options(options: Dict[str, Any], where: str) -> None:
     """A cell's options checked exactly as ``tokentune train --config`` checks them before reading data
     (option names and values, the recipe, the method's options against its spec): one line each."""
-    parser = argparse.ArgumentParser(add_help=False)
-    train.add(parser)
-    args = argparse.Namespace(**config_values(parser, options, where))
+    args = argparse.Namespace(**config_values(_train_parser(), options, where))
     try:
         opts = train._resolve_train_options(args)
         check_model_options(opts["method"], opts["model_options"])
