@@ -19,7 +19,9 @@ DESCRIPTION = ("Every cell is a normal run directory below the sweep's 'out': a 
                "--retry-failed). Kill the sweep at any moment and start it again: nothing finished is lost and no "
                "cell runs twice. The sweep file (YAML) names tasks (VTAB-1k names, natural/specialized/structured/"
                "all, or {name, image_folder}), methods (specs or recipe:NAME), seeds, grid and options (train options "
-               "as in a --config file), backend (local/slurm), workers and slurm settings; see the README.")
+               "as in a --config file), backend (local/slurm), workers and slurm settings; see the README. With "
+               "'backend: slurm', run it on a Slurm login node: the cells go out as one job array through submitit "
+               "(sbatch --array=0-N%array_parallelism), preempted or timed-out cells requeue and resume.")
 
 
 def add(parser: argparse.ArgumentParser) -> None:
