@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,10 +60,16 @@ def _mtime(path: str) -> float:
     return os.stat(path).st_mtime
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: less sensitive to machine load than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_direct(tmp: str, data: str, tasks: List[str], tag: str, env: Dict[str, str]) -> Dict[str, float]:
     """Each cell by ``tokentune train``; seconds per cell, split into start-to-results and results-to-exit."""
     to_results, to_exit = [], []
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu()
     for task in tasks:
         cfg = os.path.join(tmp, f"{tag}-{task}.yaml")
         with open(cfg, "w") as fh:
@@ -76,8 +83,8 @@ def run_direct(tmp: str, data: str, tasks: List[str], tag: str, env: Dict[str, s
         to_results.append(results - start)
         to_exit.append(end - results)
     n = len(tasks)
-    return {"s_per_cell": (time.time() - t0) / n, "cell_start_to_results": sum(to_results) / n,
-            "cell_results_to_exit": sum(to_exit) / n}
+    return {"s_per_cell": (time.time() - t0) / n, "cpu_s_per_cell": (_cpu() - cpu0) / n,
+            "cell_start_to_results": sum(to_results) / n, "cell_results_to_exit": sum(to_exit) / n}
 
 
 def run_sweep(tmp: str, data: str, tasks: List[str], tag: str, env: Dict[str, str]) -> Dict[str, float]:
@@ -86,7 +93,7 @@ def run_sweep(tmp: str, data: str, tasks: List[str], tag: str, env: Dict[str, st
     sweep_file = os.path.join(tmp, f"{tag}.yaml")
     with open(sweep_file, "w") as fh:
         yaml.safe_dump({"out": out, "data": data, "tasks": tasks, "methods": ["lora"], "seeds": [0], "options": TINY}, fh)
-    start = time.time()
+    start, cpu0 = time.time(), _cpu()
     subprocess.run([sys.executable, "-m", "tokentune", "sweep", sweep_file, "--no-progress"], env=env, check=True,
                    capture_output=True)
     end = time.time()
@@ -96,7 +103,7 @@ def run_sweep(tmp: str, data: str, tasks: List[str], tag: str, env: Dict[str, st
     done = [_mtime(os.path.join(out, ".sweep", "done", f.replace(os.sep, "__"))) for f in flat]
     table = max(_mtime(p) for p in glob.glob(os.path.join(out, "sweep.*")))
     n = len(tasks)
-    return {"s_per_cell": (end - start) / n, "startup_and_checks_s": configs[0] - start,
+    return {"s_per_cell": (end - start) / n, "cpu_s_per_cell": (_cpu() - cpu0) / n, "startup_and_checks_s": configs[0] - start,
             "cell_start_to_results": sum(r - c for r, c in zip(results, configs)) / n,
             "cell_results_to_done_marker": sum(d - r for d, r in zip(done, results)) / n,
             "done_marker_to_next_start": sum(c - d for c, d in zip(configs[1:], done[:-1])) / max(1, n - 1),
@@ -134,7 +141,8 @@ def main() -> None:
                 if isinstance(v, dict):
                     print(f"  {k}: " + ", ".join(f"{p} {x:.2f}" for p, x in v.items() if p != "s_per_cell"), flush=True)
     overhead = [row["sweep"]["s_per_cell"] - row["direct"]["s_per_cell"] for row in rounds]
-    result = {"cells": len(tasks), "rounds": rounds, "overhead_s_per_cell": overhead,
+    cpu = [row["sweep"]["cpu_s_per_cell"] - row["direct"]["cpu_s_per_cell"] for row in rounds]
+    result = {"cells": len(tasks), "rounds": rounds, "overhead_s_per_cell": overhead, "overhead_cpu_s_per_cell": cpu,
               "overhead_s_per_cell_median": statistics.median(overhead),
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "load": os.getloadavg()}
     if other is not None:
