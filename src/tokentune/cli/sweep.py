@@ -3,6 +3,7 @@ ending in the VTAB-1k table (:mod:`tokentune.tools.sweep`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from typing import Any, Dict, Union
 
@@ -18,7 +19,9 @@ DESCRIPTION = ("Every cell is a normal run directory below the sweep's 'out': a 
                "--retry-failed). Kill the sweep at any moment and start it again: nothing finished is lost and no "
                "cell runs twice. The sweep file (YAML) names tasks (VTAB-1k names, natural/specialized/structured/"
                "all, or {name, image_folder}), methods (specs or recipe:NAME), seeds, grid and options (train options "
-               "as in a --config file), backend (local/slurm), workers and slurm settings; see the README.")
+               "as in a --config file), backend (local/slurm), workers and slurm settings; see the README. With "
+               "'backend: slurm', run it on a Slurm login node: the cells go out as one job array through submitit "
+               "(sbatch --array=0-N%array_parallelism), preempted or timed-out cells requeue and resume.")
 
 
 def add(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +41,18 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@functools.lru_cache(maxsize=1)
+def _train_parser() -> argparse.ArgumentParser:
+    """The train command's parser, built once (it is only read)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    train.add(parser)
+    return parser
+
+
 def check_train_options(options: Dict[str, Any], where: str) -> None:
     """A cell's options checked exactly as ``tokentune train --config`` checks them before reading data
     (option names and values, the recipe, the method's options against its spec): one line each."""
-    parser = argparse.ArgumentParser(add_help=False)
-    train.add(parser)
-    args = argparse.Namespace(**config_values(parser, options, where))
+    args = argparse.Namespace(**config_values(_train_parser(), options, where))
     try:
         opts = train._resolve_train_options(args)
         check_model_options(opts["method"], opts["model_options"])

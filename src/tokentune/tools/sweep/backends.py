@@ -7,7 +7,9 @@ own: a restarted controller reads the markers and locks and carries on.
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -48,72 +50,100 @@ def worker_envs(workers: int) -> List[Dict[str, str]]:
     visible = base.get("CUDA_VISIBLE_DEVICES")
     gpus = [g for g in visible.split(",") if g.strip()] if visible else \
         [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    # one thread count for OpenMP and MKL: the one set, else a share of the cores (torch sizes its OpenMP pool
+    # from MKL_NUM_THREADS when only that is set, so a lone OMP_NUM_THREADS=1 would not hold)
+    threads = base.get("OMP_NUM_THREADS") or base.get("MKL_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // workers))
     envs = []
     for i in range(workers):
         env = dict(base)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         else:
-            threads = str(max(1, (os.cpu_count() or 1) // workers))
             env.setdefault("OMP_NUM_THREADS", threads)
             env.setdefault("MKL_NUM_THREADS", threads)
         envs.append(env)
     return envs
 
 
+def _watch(proc, name: str, exited: "queue.Queue[str]") -> None:
+    """Tell ``exited`` the moment ``proc`` ends (a thread per running cell: the controller sleeps until then)."""
+    def wait() -> None:
+        proc.wait()
+        exited.put(name)
+    threading.Thread(target=wait, name=f"sweep-wait-{proc.pid}", daemon=True).start()
+
+
 def run_local(sweep: C.SweepDir, cells: Sequence[Cell], workers: int, progress: Progress) -> None:
     """Run ``cells`` on this machine, ``workers`` at a time; cells another live process runs are waited for.
 
-    SIGTERM/SIGINT stop the running cells (each saves its checkpoint) and return; kill -9 of this
-    process stops them too (they get SIGTERM), and the next start resumes them."""
+    The controller sleeps until one of its cells' processes exits (then starts the next cell at
+    once), waking every ``HEARTBEAT_S`` to refresh the running cells' locks, and every ``POLL_S``
+    only while a cell waits for another process's lock. SIGTERM/SIGINT stop the running cells
+    (each saves its checkpoint) and return; kill -9 of this process stops them too (they get
+    SIGTERM), and the next start resumes them."""
     envs = worker_envs(workers)
     free = list(range(workers))
     running: Dict[str, tuple] = {}          # cell name -> (cell, process, worker slot)
-    todo = [c for c in cells]
+    exited: "queue.Queue[str]" = queue.Queue()
+    todo = list(cells)
     stop = {"now": False}
 
     def _stop(*_):
         stop["now"] = True
-        for _, proc, _ in running.values():
+        for _, proc, _ in list(running.values()):
             proc.send_signal(signal.SIGTERM)
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         last_beat = time.monotonic()
         while (todo and not stop["now"]) or running:
-            waiting = []
-            for cell in todo:
-                if stop["now"] or not free:
-                    waiting.append(cell)
-                    continue
-                state = sweep.state(cell)
-                if state in (C.DONE, C.FAILED):
-                    progress.set(cell, state)
-                    continue
-                proc = C.start(sweep, cell, envs[free[0]]) if state != C.RUNNING else None
-                if proc is None:            # another process runs it: wait for that one
-                    progress.set(cell, C.RUNNING)
-                    waiting.append(cell)
-                    continue
-                running[cell.name] = (cell, proc, free.pop(0))
-                progress.set(cell, C.RUNNING)
-            todo = waiting
-            for name, (cell, proc, slot) in list(running.items()):
-                code = proc.poll()
-                if code is not None:
-                    del running[name]
-                    free.append(slot)
-                    progress.set(cell, C.finish(sweep, cell, code))
-            if time.monotonic() - last_beat > C.HEARTBEAT_S:
+            todo, held = _start_free(sweep, todo, free, envs, running, exited, progress, stop)
+            if not running and not (todo and held):
+                continue
+            try:        # sleep until a cell's process exits (a signal runs _stop meanwhile)
+                names = [exited.get(timeout=POLL_S if held else max(0.0, last_beat + C.HEARTBEAT_S - time.monotonic()))]
+            except queue.Empty:
+                names = []
+            while not exited.empty():
+                names.append(exited.get_nowait())
+            for name in names:
+                cell, proc, slot = running.pop(name)
+                free.append(slot)
+                progress.set(cell, C.finish(sweep, cell, proc.returncode))
+            if time.monotonic() - last_beat >= C.HEARTBEAT_S:
                 last_beat = time.monotonic()
                 for cell, _, _ in running.values():
                     C.heartbeat(sweep, cell)
-            if todo or running:
-                time.sleep(POLL_S)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
     if stop["now"]:
         raise KeyboardInterrupt
+
+
+def _start_free(sweep: C.SweepDir, todo: List[Cell], free: List[int], envs: List[Dict[str, str]],
+                running: Dict[str, tuple], exited: "queue.Queue[str]", progress: Progress,
+                stop: Dict[str, bool]) -> tuple:
+    """Start cells of ``todo`` on the free worker slots; returns the cells still to run and whether one of
+    them waits for another process's lock."""
+    waiting, held = [], False
+    for cell in todo:
+        if stop["now"] or not free:
+            waiting.append(cell)
+            continue
+        state = sweep.state(cell)
+        if state in (C.DONE, C.FAILED):
+            progress.set(cell, state)
+            continue
+        proc = C.start(sweep, cell, envs[free[0]]) if state != C.RUNNING else None
+        if proc is None:            # another process runs it: wait for that one
+            progress.set(cell, C.RUNNING)
+            waiting.append(cell)
+            held = True
+            continue
+        running[cell.name] = (cell, proc, free.pop(0))
+        _watch(proc, cell.name, exited)
+        progress.set(cell, C.RUNNING)
+    return waiting, held
 
 
 # ----------------------------------------------------------------------------- slurm (submitit)
@@ -169,49 +199,64 @@ def slurm_executor(sweep: C.SweepDir, options: SlurmOptions, cluster: Optional[s
 
 def run_slurm(sweep: C.SweepDir, cells: Sequence[Cell], options: SlurmOptions, progress: Progress,
               cluster: Optional[str] = None, wait: bool = True) -> List[Any]:
-    """Submit the cells that are neither done, failed nor running as one job array (at most
-    ``array_parallelism`` at once), then (``wait``) follow them through the markers until all have ended."""
+    """Submit the cells that are neither done, failed nor running, then (``wait``) follow them through the
+    markers until all have ended.
+
+    On Slurm the cells go out as one job array, which Slurm runs at most ``array_parallelism`` at once.
+    submitit's local executor has no such limit, so there each cell is its own job, at most
+    ``array_parallelism`` at once, the next submitted as soon as one ends. Cells another live process
+    runs (a job of an earlier, killed controller) are followed too, and submitted if they end unfinished."""
     executor = slurm_executor(sweep, options, cluster)
-    todo = []
-    for cell in cells:
-        state = sweep.state(cell)
-        progress.set(cell, state if state in (C.DONE, C.FAILED, C.RUNNING) else "queued")
-        if state not in (C.DONE, C.FAILED, C.RUNNING):
-            todo.append(cell)
     job = make_cell_job(sweep.root)
-    # Slurm limits the array's concurrency itself; submitit's local executor has no such limit, so waves
-    wave = len(todo) if executor.cluster == "slurm" else max(1, options.array_parallelism)
-    jobs: List[Any] = []
-    for start in range(0, len(todo), wave):
-        part = todo[start:start + wave]
-        try:
-            submitted = executor.map_array(job, part)
-        except Exception as exc:  # noqa: BLE001 - sbatch's refusal (bad partition, limits) in one line
-            raise TokenTuneError(f"the cluster refused the job array: {' '.join(str(exc).split())[:300]}") from None
-        jobs.extend(submitted)
-        if wait or start + wave < len(todo):
-            _follow(sweep, part, submitted, progress)
+    limit = None if executor.cluster == "slurm" else max(1, options.array_parallelism)
+    pending, in_flight, jobs = list(cells), {}, []
+    while pending or in_flight:
+        ready, held = _ready(sweep, pending, progress)
+        room = len(ready) if limit is None else max(0, limit - len(in_flight))
+        batch, left = ready[:room], ready[room:]
+        pending = left + held
+        if batch:
+            try:
+                submitted = executor.map_array(job, batch)
+            except Exception as exc:  # noqa: BLE001 - sbatch's refusal (bad partition, limits) in one line
+                raise TokenTuneError(f"the cluster refused the job array: {' '.join(str(exc).split())[:300]}") from None
+            jobs.extend(submitted)
+            in_flight.update({c.name: (c, j) for c, j in zip(batch, submitted)})
+        if not wait and not left:       # all submitted (cells other processes run are theirs to finish)
+            break
+        _settle(sweep, in_flight, progress)
+        if pending or in_flight:
+            time.sleep(POLL_S if limit is not None else POLL_S * 4)
     return jobs
 
 
-def _follow(sweep: C.SweepDir, cells: Sequence[Cell], jobs: Sequence[Any], progress: Progress) -> None:
-    """Update ``progress`` from the markers until every job has ended; a job that died outside its cell
+def _ready(sweep: C.SweepDir, pending: Sequence[Cell], progress: Progress) -> tuple:
+    """(cells to submit now, cells another process runs): done and failed cells leave."""
+    ready, held = [], []
+    for cell in pending:
+        state = sweep.state(cell)
+        progress.set(cell, state if state in (C.DONE, C.FAILED, C.RUNNING) else "queued")
+        if state == C.RUNNING:
+            held.append(cell)
+        elif state not in (C.DONE, C.FAILED):
+            ready.append(cell)
+    return ready, held
+
+
+def _settle(sweep: C.SweepDir, in_flight: Dict[str, tuple], progress: Progress) -> None:
+    """Update ``progress`` from the markers and drop the jobs that ended; a job that died outside its cell
     (node failure, out of memory before the cell started) is recorded as the cell's failure."""
-    pending = {c.name: (c, j) for c, j in zip(cells, jobs)}
-    while pending:
-        for name, (cell, job) in list(pending.items()):
-            state = sweep.state(cell)
-            progress.set(cell, state if state in (C.DONE, C.FAILED, C.RUNNING) else "queued")
-            if not job.done():
-                continue
-            del pending[name]
-            if sweep.state(cell) not in (C.DONE, C.FAILED):
-                try:
-                    job.result()
-                    error = "the job ended without finishing the cell"
-                except Exception as exc:  # noqa: BLE001 - recorded as the cell's error line
-                    error = " ".join(str(exc).split())[-300:]
-                atomic_write_json(sweep.path("failed", cell, ".json"), {"returncode": None, "error": error})
-            progress.set(cell, sweep.state(cell))
-        if pending:
-            time.sleep(POLL_S * 4)
+    for name, (cell, job) in list(in_flight.items()):
+        state = sweep.state(cell)
+        progress.set(cell, state if state in (C.DONE, C.FAILED, C.RUNNING) else "queued")
+        if not job.done():
+            continue
+        del in_flight[name]
+        if sweep.state(cell) not in (C.DONE, C.FAILED):
+            try:
+                job.result()
+                error = "the job ended without finishing the cell"
+            except Exception as exc:  # noqa: BLE001 - recorded as the cell's error line
+                error = " ".join(str(exc).split())[-300:]
+            atomic_write_json(sweep.path("failed", cell, ".json"), {"returncode": None, "error": error})
+        progress.set(cell, sweep.state(cell))

@@ -17,7 +17,6 @@ holder is alive (same host: its process exists; another host: refreshed in the l
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -157,16 +156,26 @@ def release(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- running a cell
-def _die_with_parent() -> None:      # pragma: no cover - runs in the child between fork and exec
-    """The cell's ``tokentune train`` gets SIGTERM (it saves and stops) when the sweep process dies, even by kill -9."""
+#: what a cell's process runs before ``tokentune``'s command line: it asks Linux for SIGTERM when the sweep
+#: process that started it dies, even by kill -9 (PR_SET_PDEATHSIG; ``tokentune train`` then saves and stops),
+#: and stops at once if that process died before the request. Done here rather than in a ``preexec_fn``, so
+#: that the controller starts cells with vfork (fast, and safe beside its threads).
+CHILD_PRELUDE = """import ctypes, os, runpy, sys
+parent = int(os.environ.pop("TOKENTUNE_SWEEP_PARENT", "0") or 0)
+if parent and sys.platform.startswith("linux"):
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, 15)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        sys.exit(143)
+runpy.run_module("tokentune", run_name="__main__", alter_sys=True)
+"""
 
 
 def train_command(config_file: str, cell: Cell, resume: bool) -> List[str]:
-    cmd = [sys.executable, "-m", "tokentune", "train", "--config", config_file, "--out", cell.run_dir,
+    """The cell's ``tokentune train`` (``python -m tokentune train ...``, with :data:`CHILD_PRELUDE` first)."""
+    cmd = [sys.executable, "-c", CHILD_PRELUDE, "train", "--config", config_file, "--out", cell.run_dir,
            "--no-progress"]
     return cmd + (["--resume"] if resume else [])
 
@@ -183,8 +192,8 @@ def start(sweep: SweepDir, cell: Cell, env: Optional[Dict[str, str]] = None) -> 
         log = open(sweep.path("logs", cell, ".log"), "ab")
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}\n".encode())
         log.flush()
-        proc = subprocess.Popen(train_command(config, cell, resume), stdout=log, stderr=subprocess.STDOUT,
-                                env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        env = dict(os.environ if env is None else env, TOKENTUNE_SWEEP_PARENT=str(os.getpid()))
+        proc = subprocess.Popen(train_command(config, cell, resume), stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
     except BaseException:
         release(lock)
