@@ -57,7 +57,7 @@ def sweep(run_dir: str, val, cfg: acc.AccelerateConfig):
         models[r] = model
         r += 1
     stats = measure_throughput({"base": base, **{f"r={k}": m for k, m in models.items()}}, images=images,
-                               rounds=cfg.rounds, warmup=cfg.warmup)
+                               rounds=cfg.rounds, warmup=cfg.warmup, min_block_s=cfg.min_block_s)
     rows = []
     for k, model in models.items():
         c, b = stats[f"r={k}"], stats["base"]

@@ -21,7 +21,8 @@ from tokentune.engine.data import build_transform, image_folder_dataset
 from tokentune.errors import TokenTuneError
 from tokentune.tools import accelerate as acc
 
-FAST = ["--batch-size", "4", "--rounds", "1", "--max-trials", "2", "--eval-batch-size", "8", "--no-progress"]
+FAST = ["--batch-size", "4", "--rounds", "1", "--min-block-s", "0", "--max-trials", "2", "--eval-batch-size", "8",
+        "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Measurement instruments: FLOPs (attention counted on CPU), memory, interleaved timing."""
+import pytest
 import torch
 from conftest import tiny
 
@@ -75,3 +76,22 @@ def test_random_images_are_the_timed_batch():
 
     timing.measure_throughput({"m": Spy()}, batch_size=3, image_size=32, rounds=1, warmup=0, seed=5)
     assert torch.equal(seen[0], a)
+
+
+def test_min_block_times_enough_forwards_of_a_fast_model():
+    """A forward of ~10 ms with ``min_block_s=0.05``: each round times about 5 forwards, not one."""
+    import time as _time
+
+    calls = []
+
+    class Slow(torch.nn.Module):
+        def forward(self, images):
+            calls.append(1)
+            _time.sleep(0.01)
+            return images
+
+    stats = timing.measure_throughput({"m": Slow()}, batch_size=2, image_size=8, rounds=3, warmup=1, min_block_s=0.05)
+    assert 1 + 3 * 3 <= len(calls) <= 1 + 3 * 5 and stats["m"].seconds_per_batch == pytest.approx(0.01, rel=0.5)
+    calls.clear()
+    timing.measure_throughput({"m": Slow()}, batch_size=2, image_size=8, rounds=3, warmup=1)
+    assert len(calls) == 1 + 3

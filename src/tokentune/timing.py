@@ -6,6 +6,7 @@ every round, so slow drifts of a shared machine hit all of them alike; the media
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -49,12 +50,16 @@ def random_images(batch_size: int, image_size: int, seed: int = 0, device="cpu")
 def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image_size: int = 224,
                        rounds: int = 10, warmup: int = 2, iters_per_round: int = 1, dtype: str = "fp32",
                        device="cpu", seed: int = 0, images: Optional[torch.Tensor] = None,
-                       progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, TimingStats]:
+                       progress: Optional[Callable[[int, int], None]] = None,
+                       min_block_s: float = 0.0) -> Dict[str, TimingStats]:
     """Interleaved inference throughput of several models on the same batch.
 
     The batch is ``images`` when given, else :func:`random_images` (``batch_size``, ``image_size``,
     ``seed``). Every model is warmed up ``warmup`` times, then ``rounds`` rounds time
     ``iters_per_round`` forwards of each model in turn (the order rotates each round).
+    ``min_block_s`` raises ``iters_per_round`` until the fastest model's timed block lasts at least
+    that long (judged from its last warm-up forward), so that a fast model's rounds are not one
+    short forward each, which a moment of scheduling noise can move by tens of percent.
     ``inference_mode``; CUDA is synchronised around each timed block. ``progress(done_rounds,
     rounds)`` is called after the warm-up (0) and after every round.
     """
@@ -65,11 +70,18 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image
     names = list(models)
     times: Dict[str, List[float]] = {n: [] for n in names}
     with torch.inference_mode(), autocast(device, dtype):
+        fastest = float("inf")
         for n in names:
             models[n].eval()
             for _ in range(warmup):
+                sync(device)
+                t0 = time.perf_counter()
                 models[n](images)
+                sync(device)
+                fastest = min(fastest, time.perf_counter() - t0)
         sync(device)
+        if min_block_s > 0 and warmup > 0:
+            iters_per_round = max(iters_per_round, math.ceil(min_block_s / max(fastest, 1e-6)))
         if progress is not None:
             progress(0, rounds)
         for r in range(rounds):

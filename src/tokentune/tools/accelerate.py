@@ -158,6 +158,9 @@ class AccelerateConfig:
             the search fails naming the best drop found.
         rounds: interleaved timing rounds per candidate (each times the base and the candidate).
         warmup: untimed forwards of each model before its rounds.
+        min_block_s: each round times enough forwards of a model to last at least this long (a
+            small model's single forward is short enough for scheduling noise to move it by tens
+            of percent).
         max_trials: candidates timed per method at most.
         tolerance: a measured speed-up within ``[target, target * (1 + tolerance)]`` ends a method's search.
         eval_batch_size: batch size of the accuracy evaluation.
@@ -178,6 +181,7 @@ class AccelerateConfig:
     max_drop: Optional[float] = None
     rounds: int = 5
     warmup: int = 1
+    min_block_s: float = 1.0
     max_trials: int = 4
     tolerance: float = 0.05
     eval_batch_size: int = 256
@@ -201,8 +205,8 @@ class AccelerateConfig:
             raise TokenTuneError(f"val_images must be at least 1, got {self.val_images}")
         if self.max_drop is not None and self.max_drop < 0:
             raise TokenTuneError(f"max_drop is the top-1 points the choice may lose (>= 0), got {self.max_drop}")
-        if self.finetune_epochs < 0 or self.warmup < 0 or self.tolerance < 0:
-            raise TokenTuneError("finetune_epochs, warmup and tolerance must be >= 0")
+        if self.finetune_epochs < 0 or self.warmup < 0 or self.tolerance < 0 or self.min_block_s < 0:
+            raise TokenTuneError("finetune_epochs, warmup, tolerance and min_block_s must be >= 0")
 
 
 # ----------------------------------------------------------------------------- 1. the source
@@ -446,7 +450,8 @@ def time_side_by_side(base: nn.Module, candidate: nn.Module, images: torch.Tenso
     """Throughput of the candidate and the base in interleaved rounds; the speed-up with its spread
     (the candidate's slowest round over the base's fastest, and the reverse)."""
     stats = measure_throughput({"base": base, "candidate": candidate}, rounds=cfg.rounds, warmup=cfg.warmup,
-                               dtype=cfg.dtype, device=cfg.device, seed=seed, images=images)
+                               dtype=cfg.dtype, device=cfg.device, seed=seed, images=images,
+                               min_block_s=cfg.min_block_s)
     b, c = stats["base"], stats["candidate"]
     return {"speedup": c.median / b.median, "speedup_low": c.low / b.high, "speedup_high": c.high / b.low,
             "img_s": c.median, "base_img_s": b.median}
@@ -820,8 +825,8 @@ def _check_out_dir(out_dir: Optional[str]) -> Optional[str]:
 
 
 def _setting(source: Source, target: Target, cfg: AccelerateConfig, val: Validation, methods: List[str]) -> Dict[str, Any]:
-    timing = {k: getattr(cfg, k) for k in ("batch_size", "dtype", "rounds", "warmup", "max_trials", "tolerance",
-                                             "val_images", "seed", "device", "threads")}
+    timing = {k: getattr(cfg, k) for k in ("batch_size", "dtype", "rounds", "warmup", "min_block_s", "max_trials",
+                                             "tolerance", "val_images", "seed", "device", "threads")}
     return {"source": source.name, "method": source.spec["method"], "target": asdict(target), "candidates": methods,
             "validation": {"name": val.name, "images": val.count}, **timing}
 
