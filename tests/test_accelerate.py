@@ -131,16 +131,25 @@ def test_later_methods_start_from_the_efficiency_measured_before(lora_run, monke
     """The first method needs a correction; the next starts where the pooled efficiency points
     (target / efficiency) and meets the target with its first timing."""
     _, folder, _ = lora_run
-    monkeypatch.setattr(acc, "time_side_by_side", _fake_timer(0.8))
+    timer, calls = _fake_timer(0.8), []
+    monkeypatch.setattr(acc, "time_side_by_side", lambda *a: calls.append(1) or timer(*a))
     result = tokentune.accelerate(_trained(), image_folder_dataset(str(folder), "test"), 1.3,
-                                  methods=["tome", "pitome"], batch_size=4, eval_batch_size=8, progress=False, log=None)
-    earlier, later = list(result.record["search"])
+                                  methods=["tome", "pitome", "evit"], batch_size=4, eval_batch_size=8, progress=False, log=None)
+    earlier, later = list(result.record["search"])[:2]
     assert float(result.record["search"][earlier]["trials"][0]["rate"].split(":")[1]) == 1.3
     first = result.record["search"][later]["trials"][0]
     assert first["rate"] == f"flops:{1.3 / 0.8:.4f}" and first["speedup"] >= 1.3
+    # a FLOPs target that gives a schedule already timed is not timed again
+    assert len(calls) == sum(len(r["trials"]) for r in result.record["search"].values())
     assert acc.efficiency([{"speedup": 2.0, "flops_ratio": 1.0}, {"speedup": 1.0, "flops_ratio": 2.0},
                            {"error": "x"}]) == pytest.approx(1.0)
     assert acc.efficiency([]) is None
+    trials = {"evit|flops:1.4266": {"method": "evit", "schedule": 0.6718, "speedup": 1.6},
+              "tome|flops:1.5": {"method": "tome", "schedule": [11, 11, 11, 5], "speedup": 1.7},
+              "tome|flops:9": {"method": "tome", "rate": "flops:9", "error": "out of reach"}}
+    assert acc._timed_before(trials, "evit", 0.6718) is trials["evit|flops:1.4266"]
+    assert acc._timed_before(trials, "tome", (11, 11, 11, 5)) is trials["tome|flops:1.5"]
+    assert acc._timed_before(trials, "tome", [11, 11, 11, 4]) is None and acc._timed_before(trials, "pitome", 0.6718) is None
 
 
 @pytest.mark.slow

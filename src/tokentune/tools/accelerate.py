@@ -572,6 +572,9 @@ def trial(ctx: Context, method: str, ratio: float) -> Dict[str, Any]:
     else:
         option = get_method(method).rate_option
         schedule = model.tokentune.spec["configs"][method][option]
+        same = _timed_before(trials, method, schedule)
+        if same is not None:                  # another FLOPs target gave a schedule already timed:
+            return same                       # no second timing (search_method moves the target on)
         with ctx.state.clock("flops"):
             gmacs = gmacs_of(model, ctx.images)
         with ctx.state.clock("timing"):
@@ -584,6 +587,16 @@ def trial(ctx: Context, method: str, ratio: float) -> Dict[str, Any]:
     trials[key] = record
     ctx.state.save()
     return record
+
+
+def _timed_before(trials: Dict[str, Dict[str, Any]], method: str, schedule: Any) -> Optional[Dict[str, Any]]:
+    """The recorded trial of ``method`` with this schedule, if one was timed."""
+    wanted = json.dumps(jsonable(schedule), sort_keys=True)
+    for record in trials.values():
+        if record.get("method") == method and "error" not in record and \
+                json.dumps(jsonable(record.get("schedule")), sort_keys=True) == wanted:
+            return record
+    return None
 
 
 def efficiency(trials: Sequence[Dict[str, Any]]) -> Optional[float]:
