@@ -18,6 +18,12 @@ them), every model side by side in interleaved rounds on the same random batch
 * ``floor``: what the dense layers allow: the attention and MLP halves of the dense blocks timed
   at every token count the ToMe schedules (and DyT's capacity) produce, in the same rounds as the
   whole dense model; the speed-up a model would have if its token reduction cost nothing.
+* ``--tome-reference DIR``: the official ToMe (facebookresearch/ToMe, a local copy holding its
+  ``tome`` package; CC BY-NC 4.0, imported from where the user keeps it, never shipped) patched onto
+  a copy of the deployed LoRA model (the same weights) at the same schedules, timed in the same
+  rounds: rows "reference ToMe low/high", and "vs reference" rows with tokentune's speed over it.
+* When ``floor`` runs with ``tome`` or ``dyt`` in one process, "vs floor" rows give each model's
+  speed-up as a share of the floor measured in that process (issue goal: >= 0.97 in every run).
 * ``onnx``: the same models exported to ONNX (``tokentune.export_onnx``; DyT's threshold rule only
   exports in its mask form, its capacity execution as it is) and timed in ONNX Runtime (CPU
   provider, as many intra-op threads as torch uses), interleaved the same way.
@@ -29,6 +35,8 @@ several runs and writes the medians with the goals (``deploy_fast_path_summary.m
     python benchmarks/deploy_fast_path.py --parts tome,dyt --rounds 3 --warmup 1 --no-compile --tag q1  # ~3 min
     python benchmarks/deploy_fast_path.py --parts floor --rounds 5 --warmup 1 --tag f1   # ~4 min
     python benchmarks/deploy_fast_path.py --summarize run1,run2,run3
+    python benchmarks/deploy_fast_path.py --parts tome,dyt,floor --batch-sizes 1 --rounds 3 --warmup 1 \
+        --no-compile --tome-reference ~/src/ToMe --tag b1a     # batch 1 against the floor and the reference
     python benchmarks/deploy_fast_path.py --summarize run1a+run1b,run2a+run2b   # runs made of two processes
     python benchmarks/deploy_fast_path.py --quick --tag quick  # tiny width, seconds (checks the script runs)
 """
@@ -39,6 +47,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from typing import Dict, List
@@ -66,6 +75,11 @@ GOALS = [
     ("dyt", 16, "capacity 1.0", "all active", 1.40, ">= 1.40x"),
     ("dyt", 1, "capacity 1.0", "all active", 1.35, ">= 1.35x"),
     ("onnx", 16, "DyT capacity 1.0", "DyT mask form (dense)", 1.3, ">= 1.3x in onnxruntime"),
+    ("vs floor", 1, "ToMe low", "floor", 0.97, ">= 0.97 of the floor in every run"),
+    ("vs floor", 1, "ToMe high", "floor", 0.97, ">= 0.97 of the floor in every run"),
+    ("vs floor", 1, "DyT capacity 1.0", "floor", 0.97, ">= 0.97 of the floor in every run"),
+    ("vs reference", 1, "ToMe low", "reference ToMe low", 1.0, ">= 1.00 in every run"),
+    ("vs reference", 1, "ToMe high", "reference ToMe high", 1.0, ">= 1.00 in every run"),
     ("onnx", 1, "DyT capacity 1.0", "DyT mask form (dense)", 1.3, ">= 1.3x in onnxruntime"),
 ]
 
@@ -131,12 +145,52 @@ def tome_models(args) -> Dict[str, nn.Module]:
                     if k.endswith("W_D"):
                         p.normal_(0, 0.02)
             models[f"{label} {name}"] = deploy(m)
+    if args.tome_reference:
+        models.update(reference_tome(args.tome_reference, models["LoRA"]))
     drop = copy.deepcopy(models["ToMe high"])
     for block, r in zip(drop.blocks, SCHEDULES["high"]):
         block.merge = DropTokens(r)
     drop.tokentune.prop_attn = False
     models["ToMe high, tokens dropped (no merge work)"] = drop
     return models
+
+
+def reference_tome(path: str, dense: nn.Module) -> Dict[str, nn.Module]:
+    """The official ToMe patched onto copies of the deployed LoRA model (the same weights), one per schedule."""
+    if not os.path.isfile(os.path.join(path, "tome", "patch", "timm.py")):
+        raise SystemExit(f"--tome-reference {path}: no tome/patch/timm.py there; point it at a checkout of "
+                         "facebookresearch/ToMe")
+    sys.path.insert(0, os.path.abspath(path))
+    import tome  # noqa: E402  (the user's copy, found through the path above)
+
+    models = {}
+    for name, sched in SCHEDULES.items():
+        ref = copy.deepcopy(dense)
+        tome.patch.timm(ref)                      # proportional attention on, as for off-the-shelf evaluation
+        ref.r = list(sched)
+        models[f"reference ToMe {name}"] = ref.eval()
+    return models
+
+
+def share_rows(rows: List[dict], bs: int) -> List[dict]:
+    """Each model's speed-up as a share of the floor of this process, and tokentune over the reference."""
+    def speedup(part: str, model: str):
+        return next((r["speedup"] for r in rows if (r["part"], r["batch"], r["model"]) == (part, bs, model)), None)
+
+    out = []
+    pairs = [("ToMe low", "tome", "ToMe low", "ToMe low"), ("ToMe high", "tome", "ToMe high", "ToMe high"),
+             ("PYRA low", "tome", "PYRA low", "ToMe low"), ("PYRA high", "tome", "PYRA high", "ToMe high"),
+             ("DyT capacity 1.0", "dyt", "capacity 1.0", "DyT MLP Dispatch 0.5 (capacity 1.0)")]
+    for label, part, model, plan in pairs:
+        got, floor = speedup(part, model), speedup("floor", f"{plan}: dense layers only (free reduction)")
+        if got is not None and floor is not None:
+            out.append({"part": "vs floor", "batch": bs, "model": label, "speedup": got / floor, "baseline": "floor"})
+    for name in SCHEDULES:
+        ours, ref = speedup("tome", f"ToMe {name}"), speedup("tome", f"reference ToMe {name}")
+        if ours is not None and ref is not None:
+            out.append({"part": "vs reference", "batch": bs, "model": f"ToMe {name}", "speedup": ours / ref,
+                        "baseline": f"reference ToMe {name}"})
+    return out
 
 
 def dyt_models(args, images: torch.Tensor) -> Dict[str, nn.Module]:
@@ -301,6 +355,11 @@ def run(args) -> None:
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         images = random_images(bs, args.image_size, seed=0)
         if "tome" in parts:
+            if args.tome_reference:           # the same weights and schedule: the outputs must agree
+                with torch.no_grad():
+                    checks[f"max |ToMe - reference ToMe| logit, batch {bs}"] = {
+                        name: float((tome[f"ToMe {name}"](images) - tome[f"reference ToMe {name}"](images)).abs().max())
+                        for name in SCHEDULES}
             flops = {n: count_flops(m, images) for n, m in tome.items()}
             timed = dict(tome)
             if bs == 1 and not args.no_compile:
@@ -315,13 +374,14 @@ def run(args) -> None:
         if "dyt" in parts:
             models = dict(dyt_sets[bs])
             flops = {n: count_flops(m, images) for n, m in models.items()}
-            if not checks:                    # graph breaks do not depend on the batch size: counted once
+            if not any(k.startswith("graph breaks") for k in checks):   # they do not depend on the batch size
                 checks[f"graph breaks, batch {bs}"] = {n: graph_breaks(models[n], images)
                                                        for n in ("threshold rule (skip)", "capacity 1.0")}
             if bs == 1 and not args.no_compile:
                 models["capacity 1.0 compiled (fullgraph)"] = torch.compile(models["capacity 1.0"], fullgraph=True)
                 flops["capacity 1.0 compiled (fullgraph)"] = flops["capacity 1.0"]
             rows += time_rows("dyt", models, images, "all active", rounds, args.warmup, flops)
+        rows += share_rows(rows, bs)
     if "onnx" in parts:
         first = dyt_sets[max(dyt_sets)]
         paths = export_all(args, tome, first["threshold rule (skip)"], first["capacity 1.0"])
@@ -411,6 +471,8 @@ def main() -> None:
     ap.add_argument("--summarize", default=None, metavar="TAG,TAG,...", help="write the medians of these runs")
     ap.add_argument("--onnx-cache", default=os.path.join(tempfile.gettempdir(), "tokentune-onnx-cache"),
                     help="where the ONNX files are written once and reused by later runs")
+    ap.add_argument("--tome-reference", default=None, metavar="DIR",
+                    help="a local checkout of facebookresearch/ToMe: time its timm patch beside ours (optional rows)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     if args.summarize:
