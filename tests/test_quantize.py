@@ -5,6 +5,7 @@ from test_export import CASE_IDS, _trained
 from torch import nn
 
 import tokentune
+from tokentune.core.quantize import quantize_dynamic_int8
 from tokentune.errors import TokenTuneError
 
 
@@ -30,6 +31,24 @@ def test_int8_dynamic_deploy_is_close_to_fp32(spec):
     # 2-8%, up to 17% where a merge decision flips on a quantized metric (DTEM's learned embedding); a
     # wrong scale or zero point moves them by ~100%, a layer left in fp32 is caught above
     assert 0.0 < rel < 0.25, rel
+
+
+def test_int8_dynamic_weights_have_one_scale_per_output_channel():
+    """One scale per output row, as the ONNX route's ``per_channel=True``: a per-tensor scale lets one
+    large weight coarsen every row; the per-channel weights reproduce each row's own absmax / 127.5."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 6)
+    with torch.no_grad():
+        layer.weight[0] *= 50                                # one row far larger than the others
+    model = _trained("lora")
+    int8 = tokentune.deploy(model, quantize="int8-dynamic")
+    weights = [m.weight() for m in int8.modules() if hasattr(m, "weight") and callable(m.weight)]
+    assert weights and all(w.qscheme() == torch.per_channel_affine for w in weights)
+    q = quantize_dynamic_int8(nn.Sequential(layer))[0].weight()
+    scales = q.q_per_channel_scales()
+    want = layer.weight.detach().abs().amax(dim=1) / 127.5
+    torch.testing.assert_close(scales.float(), want, rtol=0.02, atol=0)
+    assert scales[0] > 20 * scales[1:].max()                 # the large row does not set the others' step
 
 
 def test_int8_refuses_what_it_cannot_run():

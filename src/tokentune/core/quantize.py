@@ -6,8 +6,10 @@ does not shorten. int8 weights quarter that traffic, so the two compound.
 
 ``"int8-dynamic"``: every ``nn.Linear`` of the deployed model (timm's qkv/proj/fc1/fc2 with LoRA
 already merged, adapters, DyT's dispatchers, PYRA's modulator, the head) gets int8 weights
-(per-output-channel scales) and quantizes its input per batch at run time, through PyTorch's own
-x86/ARM kernels (``torch.ao.quantization.quantize_dynamic``, fbgemm or qnnpack). Everything else
+(one symmetric scale per output channel, as onnxruntime's ``per_channel=True``: PyTorch's default
+dynamic qconfig has ONE scale per weight tensor, which lets a single large weight coarsen every row
+of the layer) and quantizes its input per batch at run time, through PyTorch's own x86/ARM kernels
+(``torch.ao.quantization.quantize_dynamic`` with ``per_channel_dynamic_qconfig``, fbgemm or qnnpack). Everything else
 (attention's softmax, LayerNorm, merging, pruning) stays in fp32. PyTorch marks this eager API as
 deprecated in favour of torchao, whose int8 path targets ``torch.compile`` and GPUs; on the pinned
 torch it is the maintained CPU kernel path that runs eagerly, so we use it and keep its warning
@@ -45,5 +47,5 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
-        from torch.ao.quantization import quantize_dynamic
-        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
