@@ -3,10 +3,12 @@
 Random weights (speed does not depend on them; the accuracies are those of a random model, so only
 the timing part is meaningful), a folder of ``--images`` random 224x224 images in 10 classes as
 the validation data, target ``--target`` at ``--batch`` images per timed forward. Prints the
-search's seconds per phase (its record's ``time``) and writes
-benchmarks/results/accelerate_vitb.json.
+search's seconds per phase (its record's ``time``), how many evaluations, timed trials and builds
+they were spent on, the seconds per evaluation and per trial, and what no phase accounts for; writes
+benchmarks/results/accelerate_vitb.json (another ``--model``: accelerate_<model>_quick.json, not kept in git).
 
     python benchmarks/accelerate_vitb.py --workdir /tmp/accel-vitb            # 512 images, 1.5x, batch 32
+    python benchmarks/accelerate_vitb.py --workdir /tmp/accel-tiny --model vit_tiny_patch16_224 --images 64
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def write_images(root: str, count: int, classes: int = 10) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
+    parser.add_argument("--model", default="vit_base_patch16_224", help="timm ViT at 224 (a quick check: vit_tiny_patch16_224)")
+    parser.add_argument("--evaluate", default="gentlest", choices=["gentlest", "within"])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--target", type=float, default=1.5)
     parser.add_argument("--batch", type=int, default=32)
@@ -46,23 +50,32 @@ def main() -> None:
     folder = os.path.join(args.workdir, "images")
     if not os.path.isdir(folder):
         write_images(folder, args.images)
-    run_dir = os.path.join(args.workdir, "vit-b")
+    run_dir = os.path.join(args.workdir, args.model)
     if not os.path.isdir(run_dir):
-        save_trained(create_model("vit_base_patch16_224", method="linear", num_classes=10, pretrained=False, seed=0),
-                     run_dir)
+        save_trained(create_model(args.model, method="linear", num_classes=10, pretrained=False, seed=0), run_dir)
     out = os.path.join(args.workdir, "accelerated")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     result = accelerate(run_dir, image_folder_dataset(folder, "test"), args.target, out, batch_size=args.batch,
-                        rounds=args.rounds, threads=args.threads)
+                        rounds=args.rounds, threads=args.threads, evaluate=args.evaluate)
     total = time.perf_counter() - t0
-    record = {"environment": dict(environment("cpu"), load_average=list(os.getloadavg())), "images": args.images,
-              "target": args.target, "batch": args.batch, "rounds": args.rounds, "seconds": total,
-              "time": result.record["time"], "choice": result.choice,
-              "trials": {m: len(r["trials"]) for m, r in result.record["search"].items()}}
-    print(json.dumps({k: record[k] for k in ("seconds", "time", "trials")}, indent=1))
+    spent = result.record["time"]
+    counts = spent.get("counts", {})
+    phases = {k: v for k, v in spent.items() if k != "counts"}
+    record = {"environment": dict(environment("cpu"), load_average=list(os.getloadavg())), "model": args.model,
+              "images": args.images, "target": args.target, "batch": args.batch, "rounds": args.rounds,
+              "evaluate": args.evaluate, "seconds": total, "time": spent, "choice": result.choice,
+              "trials": {m: len(r["trials"]) for m, r in result.record["search"].items()},
+              "per_evaluation_s": phases.get("evaluation", 0.0) / max(counts.get("evaluation", 0), 1),
+              "per_trial_s": phases.get("timing", 0.0) / max(counts.get("timing", 0), 1),
+              "outside_phases_s": total - sum(phases.values())}
+    print(json.dumps({k: record[k] for k in ("seconds", "time", "trials", "per_evaluation_s", "per_trial_s",
+                                             "outside_phases_s")}, indent=1))
+    print(f"{total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" + (f" ({counts[k]}x)" if counts.get(k) else "")
+                                          for k, v in sorted(phases.items(), key=lambda kv: -kv[1])))
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "accelerate_vitb.json"), "w") as fh:
+    name = "accelerate_vitb.json" if args.model == "vit_base_patch16_224" else f"accelerate_{args.model}_quick.json"
+    with open(os.path.join(os.path.dirname(__file__), "results", name), "w") as fh:
         json.dump(record, fh, indent=2, default=str)
 
 

@@ -1,10 +1,12 @@
 """``tokentune accelerate``: the whole command on a tiny trained run and a tiny image folder (export,
 table, picture, record), resume, the speed-up refinement, recovery training, every source kind, and
 one-line errors."""
+import gc
 import io
 import json
 import os
 import re
+import weakref
 from contextlib import redirect_stdout
 
 import pytest
@@ -17,7 +19,7 @@ import tokentune
 from tokentune import cli
 from tokentune.core.flops import count_flops
 from tokentune.core.method import get_method
-from tokentune.engine.data import build_transform, image_folder_dataset
+from tokentune.engine.data import ImageDataset, build_transform, image_folder_dataset
 from tokentune.errors import TokenTuneError
 from tokentune.tools import accelerate as acc
 
@@ -66,7 +68,13 @@ def test_the_command_exports_the_choice_writes_its_record_and_resumes(lora_run, 
     assert {"tome", "evit"} <= free and {r["method"] for r in record["candidates"]} == free   # every training-free method
     assert choice["gmacs"] <= 0.7 * record["base"]["gmacs"] and choice["top1"] == max(
         r["top1"] for r in record["candidates"] if r["gmacs"] <= 0.7 * record["base"]["gmacs"])
-    assert set(record["time"]) >= {"open", "data", "flops", "timing", "evaluation", "build", "outputs"}
+    assert set(record["time"]) >= {"open", "data", "flops", "timing", "evaluation", "build", "outputs", "counts"}
+    # one schedule per method is evaluated (the gentlest within the target); the others show no top-1
+    trials = [t for r in record["search"].values() for t in r["trials"]]
+    for result in record["search"].values():
+        assert [t["rate"] for t in result["trials"] if t["top1"] is not None] == [result["chosen"]["rate"]]
+    counts = record["time"]["counts"]
+    assert counts["evaluation"] == 1 + len(record["search"]) and counts["timing"] == len(trials)
     assert "| unmodified |" in (out / "accelerate.md").read_text() and "(chosen)" in stdout
     # the export is the chosen model: its spec, its FLOPs and its accuracy are the recorded ones
     model = tokentune.open_model(str(out))
@@ -93,6 +101,8 @@ def test_the_command_exports_the_choice_writes_its_record_and_resumes(lora_run, 
     # other settings never mix with the recorded ones
     code, _, err = run(argv[:-len(FAST)] + ["--batch-size", "8"] + FAST[2:], capsys)
     assert code == 2 and "holds a search with other settings (batch_size differ)" in err
+    code, _, err = run(argv + ["--evaluate", "within"], capsys)
+    assert code == 2 and "holds a search with other settings (evaluate differ)" in err
 
 
 def _fake_timer(efficiency):
@@ -112,19 +122,72 @@ def _trained(seed=0):
     return model
 
 
-def test_a_speedup_target_is_refined_by_the_measured_time(lora_run, monkeypatch):
+def _drifting_timer(efficiencies):
+    """A shared machine: the i-th timing measures ``efficiencies[i]`` times the FLOPs ratio (the
+    last one from then on)."""
+    done = []
+
+    def timer(base, candidate, images, cfg, seed):
+        done.append(1)
+        return _fake_timer(efficiencies[min(len(done), len(efficiencies)) - 1])(base, candidate, images, cfg, seed)
+    return timer
+
+
+@pytest.mark.parametrize("evaluate", ["gentlest", "within"])
+def test_a_speedup_target_is_refined_by_the_measured_time(lora_run, monkeypatch, evaluate):
     _, folder, _ = lora_run
-    monkeypatch.setattr(acc, "time_side_by_side", _fake_timer(0.8))
-    result = tokentune.accelerate(_trained(), image_folder_dataset(str(folder), "test"), 1.3, methods=["tome"],
-                                  batch_size=4, eval_batch_size=8, progress=False, log=None)
+    evaluated, reads, built = [], [], []
+    real, real_build, real_read = acc.accuracy, acc.build_candidate, ImageDataset.__getitem__
+    monkeypatch.setattr(acc, "accuracy", lambda *a: evaluated.append(a[-1]) or real(*a))
+    monkeypatch.setattr(ImageDataset, "__getitem__", lambda self, i: reads.append(i) or real_read(self, i))
+
+    def build(*args, **kwargs):            # memory: the candidate before is gone when the next is built
+        gc.collect()
+        assert all(ref() is None for ref in built)
+        model = real_build(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(acc, "build_candidate", build)
+    monkeypatch.setattr(acc, "time_side_by_side", _drifting_timer([0.8, 1.2, 1.1]))
+    val = image_folder_dataset(str(folder), "test")
+    result = tokentune.accelerate(_trained(), val, 1.3, methods=["tome"], batch_size=4, eval_batch_size=8,
+                                  max_trials=3, evaluate=evaluate, progress=False, log=None)
     trials = result.record["search"]["tome"]["trials"]
+    # the validation images are decoded once (the first twice: its size decides that they are held
+    # in memory), however many evaluations follow
+    assert len(evaluated) >= 2 and sorted(reads) == [0] + list(range(len(val)))
     # FLOPs first (1.3 gives 0.8 * 1.3 < 1.3 measured), then corrected by the measured efficiency
     assert trials[0]["rate"] == "flops:1.3000" and trials[0]["speedup"] < 1.3
     assert float(trials[1]["rate"].split(":")[1]) > 1.3 and result.choice["speedup"] >= 1.3
-    # every schedule within the target is evaluated, and the most accurate one is chosen
     within = [t for t in trials if t["speedup"] >= 1.3]
-    assert within and all("top1" in t for t in within)
-    assert result.choice == dict(max(within, key=lambda t: (t["top1"], t["speedup"])), met=True)
+    assert len(within) == 2 and trials[0]["top1"] is None          # two schedules reach 1.3x
+    assert result.record["time"]["counts"]["evaluation"] == len(evaluated)
+    if evaluate == "gentlest":
+        # only the gentlest within the target (lowest FLOPs ratio) is evaluated, and it is the choice
+        gentlest = min(within, key=lambda t: t["flops_ratio"])
+        assert [t for t in trials if t["top1"] is not None] == [gentlest] and len(evaluated) == 2   # and the base
+        assert result.choice == dict(gentlest, met=True)
+        # the last trial is the gentlest: its model is evaluated and exported without a second build
+        assert gentlest is trials[-1] and len(built) == result.record["time"]["counts"]["build"] == len(trials)
+    else:
+        # every schedule within the target is evaluated, and the most accurate one is chosen
+        assert all(t["top1"] is not None for t in within) and len(evaluated) == 3
+        assert result.choice == dict(max(within, key=lambda t: (t["top1"], t["speedup"])), met=True)
+
+
+def test_only_evaluated_schedules_are_chosen_and_the_others_show_a_dash():
+    def row(rate, speedup, top1):
+        return {"method": "tome", "rate": rate, "option": "r", "schedule": [int(10 * speedup)], "gmacs": 10 / speedup,
+                "speedup": speedup, "speedup_low": speedup, "speedup_high": speedup, "top1": top1,
+                "drop": None if top1 is None else 80.0 - top1}
+
+    faster, kept = row("flops:2", 2.0, None), row("flops:1.5", 1.5, 70.0)
+    target = acc.Target("speedup", 1.4)
+    assert acc.choose([faster, kept], target, 10.0) is kept and acc.choose([faster], target, 10.0) is None
+    lines = acc.table([kept], {"gmacs": 10.0, "top1": 80.0}, kept, [faster]).splitlines()
+    assert "tome (chosen)" in lines[-2] and "70.00" in lines[-2]
+    assert "tome (tried)" in lines[-1] and lines[-1].replace(" ", "").endswith(f"|{acc.NOT_EVALUATED}|{acc.NOT_EVALUATED}|")
 
 
 def test_later_methods_start_from_the_efficiency_measured_before(lora_run, monkeypatch):
@@ -205,6 +268,7 @@ def test_every_source_kind_gives_the_same_candidate(lora_run, tmp_path):
     (["--target-share", "0.7", "--methods", "nope"], r"unknown method 'nope'"),
     (["--target-share", "0.7", "--target-speedup", "2"], r"give one target"),
     (["--target-speedup", "0.9"], r"a speed-up target must be above 1"),
+    (["--target-share", "0.7", "--evaluate", "best"], r"unknown evaluate choice 'best': 'gentlest' .* or 'within'"),
     (["--target-share", "0.7", "--finetune-epochs", "1"], r"--finetune-epochs needs --train-data"),
     (["--target-share", "0.7", "--out", "FULL"], r"is not empty and holds no accelerate search"),
 ])

@@ -68,6 +68,17 @@ def test_torchvision_dataset_and_evaluation_equal_the_tensor_dataset():
     assert evaluate(m, source, batch_size=4) == evaluate(m, tensors, batch_size=4)
 
 
+def test_a_tensor_dataset_is_evaluated_in_slices_with_the_data_loaders_result(monkeypatch):
+    m = model().eval()
+    g = torch.Generator().manual_seed(0)
+    tensors = torch.utils.data.TensorDataset(torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, 3, (10,), generator=g))
+    loaded = evaluate(m, torch.utils.data.Subset(tensors, range(10)), batch_size=4)     # through a DataLoader
+    monkeypatch.setattr(torch.utils.data, "DataLoader", None)                          # slices need none
+    sliced = evaluate(m, tensors, batch_size=4)                                         # 4 + 4 + 2 images
+    assert sliced["total"] == 10 and sliced["correct"] == loaded["correct"] and 0 < sliced["correct"] < 10
+    assert sliced["loss"] == pytest.approx(loaded["loss"], rel=1e-5)
+
+
 def test_hugging_face_dataset_dict_rows(tmp_path):
     datasets = pytest.importorskip("datasets")
     items = photos(12)

@@ -58,6 +58,10 @@ def add(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-block-s", type=float, default=1.0, metavar="S",
                    help="each timing round runs enough forwards of a model to last S seconds (0: one forward)")
     g.add_argument("--max-trials", type=int, default=4, metavar="N", help="schedules timed per method at most")
+    g.add_argument("--evaluate", default="gentlest", metavar="{gentlest,within}",
+                   help="which timed schedules get a validation pass: the gentlest within the target, one per "
+                        "method (each other one costs a full pass and removes more tokens), or every one within "
+                        "the target [default: gentlest]")
     g.add_argument("--val-images", type=int, default=None, metavar="N", help="a seeded subset of N validation images")
     g.add_argument("--eval-batch-size", type=int, default=256, metavar="N", help="evaluation batch size")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads [default: torch's]")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = AccelerateConfig(batch_size=args.batch_size, dtype=args.dtype,
                            methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
                            max_drop=args.max_drop, rounds=args.rounds, min_block_s=args.min_block_s,
-                           max_trials=args.max_trials,
+                           max_trials=args.max_trials, evaluate=args.evaluate,
                            eval_batch_size=args.eval_batch_size, val_images=args.val_images, seed=args.seed,
                            device=args.device, threads=args.threads, finetune_epochs=args.finetune_epochs,
                            finetune_lr=args.finetune_lr, onnx=args.onnx, progress=False if args.no_progress else None)

@@ -47,7 +47,8 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Option
     :class:`~tokentune.engine.sources.StreamDataset` is read to its end, or to its ``epoch_size``).
 
     Under ``torchrun`` every process evaluates its own shard and the counts are summed, so the
-    result is exact (no padded duplicates).
+    result is exact (no padded duplicates). A ``TensorDataset`` of images and labels held in memory
+    is read in slices of its tensors (one process), without a DataLoader's copy of every image.
 
     Returns:
         ``{"top1": %, "correct": n, "total": n, "loss": mean cross-entropy}``.
@@ -63,6 +64,8 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Option
         dataset.set_epoch(0)
         _, loader = stream_loader(dataset, batch_size, num_workers, False, dev.type == "cuda", inf.rank, inf.world_size,
                                   torch.Generator())        # its own generator: evaluation draws nothing from training's
+    elif _in_memory(dataset) and inf.world_size == 1:     # slices of the tensors: no per-image copy and stack
+        loader = [tuple(t[i:i + batch_size] for t in dataset.tensors) for i in range(0, len(dataset), batch_size)]
     else:
         sampler = D.ShardSampler(len(dataset), inf.rank, inf.world_size)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
@@ -91,6 +94,11 @@ def evaluate(model: nn.Module, dataset, *, batch_size: int = 256, device: Option
     if total == 0:
         raise TokenTuneError("the evaluation split is empty; check the test split")
     return {"top1": 100.0 * correct / total, "correct": int(correct), "total": int(total), "loss": loss / total}
+
+
+def _in_memory(dataset) -> bool:
+    """Images and labels held as two tensors (a ``TensorDataset``): evaluated in slices."""
+    return isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) == 2
 
 
 # ----------------------------------------------------------------------------- per-run results

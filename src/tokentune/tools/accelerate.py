@@ -15,13 +15,15 @@ reducer and only its schedule is searched, where it has one. The steps:
    is corrected by the measured efficiency (speed-up / FLOPs ratio), as
    :func:`tokentune.methods.tome.speedup.schedule_for_speedup` does for ToMe alone. The gentlest
    candidate that reaches the target is kept (else the fastest one tried).
-4. **Accuracy** of each method's candidates that meet the target (of the closest one when none
-   does) on the validation data, and the **choice**: the most accurate candidate within the target.
+4. **Accuracy** on the validation data of each method's gentlest candidate that meets the target
+   (of the closest one when none does; ``evaluate="within"``: of every one that meets it,
+   :func:`to_evaluate`), and the **choice**: the most accurate evaluated candidate within the target.
 5. Optionally a short PEFT **recovery** (``finetune_epochs``) of the choice when its drop exceeds
    ``max_drop``, then the same measurement.
 6. **Outputs** in ``out_dir``: the chosen deployed model as an export (:func:`tokentune.open_model`
    loads it; optional ONNX), ``accelerate.md`` (the table), ``accelerate.png`` (accuracy versus
-   measured throughput), ``accelerate.json`` (everything measured, and where the time went).
+   measured throughput), ``accelerate.json`` (everything measured, and where the time went:
+   seconds and counts per phase).
 
 The search state (every trial measured, every accuracy) is written to
 ``out_dir/accelerate-state.json`` after each step: a killed search run again with the same
@@ -29,7 +31,8 @@ settings continues where it stopped and takes the recorded measurements instead 
 Accuracies and FLOPs are deterministic; timings are measurements of this machine (the choice of
 a fresh search can differ where two candidates' speed-ups lie within the timing noise).
 
-At most two models are in memory beside the original: the deployed base and one candidate.
+At most two models are in memory beside the original: the deployed base and one candidate (the
+one built last, kept so that a trial's model is evaluated and exported without building it again).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -81,8 +84,12 @@ TABLE_NAME = "accelerate.md"
 PICTURE_NAME = "accelerate.png"
 ONNX_NAME = "model.onnx"
 DTYPES = ("fp32", "bf16", "fp16")
+#: which of a method's timed schedules are evaluated on the validation data (AccelerateConfig.evaluate)
+EVALUATE = ("gentlest", "within")
 #: validation sets up to this many bytes of transformed images are held in memory
 CACHE_BYTES = 2 * 1024 ** 3
+#: the table's top-1 and drop of a schedule that was timed but not evaluated
+NOT_EVALUATED = "\u2013"
 #: the gentlest FLOPs ratio a speed-up search tries (1.0 would be the unmodified model)
 MIN_RATIO = 1.01
 
@@ -162,6 +169,13 @@ class AccelerateConfig:
             small model's single forward is short enough for scheduling noise to move it by tens
             of percent).
         max_trials: candidates timed per method at most.
+        evaluate: which of a method's timed schedules get a validation pass: ``"gentlest"`` (the
+            default) evaluates one, the gentlest that meets the target (fewest FLOPs removed, the
+            lowest FLOPs ratio among them; the closest one when none does); ``"within"`` evaluates
+            every schedule that meets the target and keeps the method's most accurate. For one
+            reducer on one model, removing more tokens does not make it more accurate in
+            expectation, and the gentlest schedule within the target is the one the target allows;
+            each other schedule costs a full validation pass.
         tolerance: a measured speed-up within ``[target, target * (1 + tolerance)]`` ends a method's search.
         eval_batch_size: batch size of the accuracy evaluation.
         val_images: evaluate on this many validation images (a seeded random subset; None: all).
@@ -183,6 +197,7 @@ class AccelerateConfig:
     warmup: int = 1
     min_block_s: float = 1.0
     max_trials: int = 4
+    evaluate: str = "gentlest"
     tolerance: float = 0.05
     eval_batch_size: int = 256
     val_images: Optional[int] = None
@@ -198,6 +213,9 @@ class AccelerateConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise TokenTuneError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.evaluate not in EVALUATE:
+            raise TokenTuneError(f"unknown evaluate choice {self.evaluate!r}: 'gentlest' (one schedule per method, "
+                                 "the gentlest within the target) or 'within' (every schedule within the target)")
         for name in ("batch_size", "rounds", "max_trials", "eval_batch_size", "finetune_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise TokenTuneError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -495,12 +513,24 @@ class SearchState:
 
     @contextlib.contextmanager
     def clock(self, phase: str):
-        """Adds the seconds spent in the block to ``time[phase]`` (summed over resumed sessions)."""
+        """Adds the seconds spent in the block to ``time[phase]`` and one to ``time["counts"][phase]``
+        (both summed over resumed sessions): how many evaluations, timed trials, builds, ... the
+        seconds were spent on."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.data["time"][phase] = self.data["time"].get(phase, 0.0) + time.perf_counter() - t0
+            self.add(phase, time.perf_counter() - t0)
+
+    def spent(self) -> Dict[str, Any]:
+        """Seconds per phase and ``counts`` (a copy of ``time``)."""
+        return {k: dict(v) if isinstance(v, dict) else v for k, v in self.data["time"].items()}
+
+    def add(self, phase: str, seconds: float) -> None:
+        spent = self.data["time"]
+        spent[phase] = spent.get(phase, 0.0) + seconds
+        counts = spent.setdefault("counts", {})
+        counts[phase] = counts.get(phase, 0) + 1
 
 
 @dataclass
@@ -515,6 +545,8 @@ class Context:
     state: SearchState
     images: torch.Tensor
     log: Callable[[str], None] = print
+    #: the candidate built last (at most one: :func:`_build` drops it before building another)
+    built: Dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def base_gmacs(self) -> float:
@@ -527,8 +559,15 @@ def _rate(ratio: float) -> str:
 
 
 def _build(ctx: Context, method: str, rate: Any) -> nn.Module:
-    with ctx.state.clock("build"):
-        return build_candidate(ctx.source, ctx.base, method, rate, ctx.cfg.device)
+    """``method`` at ``rate`` on the source; the model built last is kept, so that a trial's model
+    is evaluated (or exported) without building it again, and dropped before another is built (one
+    candidate in memory beside the base)."""
+    key = f"{method}|{rate}"
+    if key not in ctx.built:
+        ctx.built.clear()
+        with ctx.state.clock("build"):
+            ctx.built[key] = build_candidate(ctx.source, ctx.base, method, rate, ctx.cfg.device)
+    return ctx.built[key]
 
 
 def max_ratio(ctx: Context, method: str, ratio: float) -> float:
@@ -579,7 +618,6 @@ def trial(ctx: Context, method: str, ratio: float) -> Dict[str, Any]:
             gmacs = gmacs_of(model, ctx.images)
         with ctx.state.clock("timing"):
             timed = time_side_by_side(ctx.base, model, ctx.images, ctx.cfg, ctx.cfg.seed)
-        del model
         record = {"method": method, "rate": rate, "option": option, "schedule": schedule, "gmacs": gmacs,
                   "flops_ratio": ctx.base_gmacs / gmacs, **timed}
         ctx.log(f"  {method} {rate}: {gmacs:.4g} GMACs, {timed['speedup']:.3f}x "
@@ -643,7 +681,7 @@ def _done(ctx: Context, row: Dict[str, Any]) -> bool:
 def search_method(ctx: Context, method: str, earlier: Sequence[str] = ()) -> Dict[str, Any]:
     """The schedules of ``method`` tried for the target and a first pick: the gentlest (fewest FLOPs
     removed) that meets the target, else the fastest (speed-up) or cheapest (GMACs) tried
-    (:func:`_search_all` then keeps the most accurate of those that meet it)."""
+    (with ``evaluate="within"``, :func:`_search_all` then keeps the most accurate of those that meet it)."""
     ratio = first_ratio(ctx, earlier)
     rows: List[Dict[str, Any]] = []
     seen: Dict[str, Dict[str, Any]] = {}
@@ -689,15 +727,14 @@ def method_accuracy(ctx: Context, row: Dict[str, Any]) -> float:
         model = _build(ctx, row["method"], row["rate"])
         with ctx.state.clock("evaluation"):
             acc[key] = accuracy(model, ctx.val, ctx.cfg, f"top-1 {row['method']}")
-        del model
         ctx.state.save()
     return acc[key]
 
 
 # ----------------------------------------------------------------------------- 4. choice
 def choose(rows: List[Dict[str, Any]], target: Target, base_gmacs: float) -> Optional[Dict[str, Any]]:
-    """The most accurate candidate within the target (ties: the faster); None when none is."""
-    within = [r for r in rows if target.met(r, base_gmacs)]
+    """The most accurate evaluated candidate within the target (ties: the faster); None when none is."""
+    within = [r for r in rows if r.get("top1") is not None and target.met(r, base_gmacs)]
     if not within:
         return None
     return max(within, key=lambda r: (r["top1"], r["speedup"]))
@@ -731,6 +768,7 @@ def finetune(ctx: Context, row: Dict[str, Any], train_data, out_dir: Optional[st
                              "validation source, or an image folder)")
     if hasattr(train_data, "transform") and getattr(train_data, "transform", None) is None:
         train_data.transform = build_transform(ctx.base, interpolation=ctx.source.prep.get("interpolation") or "bicubic")
+    ctx.built.clear()                                 # one candidate in memory beside the base
     model = build_candidate(ctx.source, ctx.base, row["method"], row["schedule"], ctx.cfg.device, trainable=True)
     options = dict(epochs=ctx.cfg.finetune_epochs, batch_size=ctx.cfg.finetune_batch_size, seed=ctx.cfg.seed,
                    eval_every=0, amp={"fp32": "off", "bf16": "bf16", "fp16": "fp16"}[ctx.cfg.dtype])
@@ -758,17 +796,26 @@ def _short(schedule: Any) -> str:
     return f"{schedule:.4g}" if isinstance(schedule, float) else str(schedule)
 
 
-def table(rows: List[Dict[str, Any]], base: Dict[str, Any], choice: Optional[Dict[str, Any]]) -> str:
-    """The markdown table: method, schedule, GMACs, measured speed-up (spread), top-1 and drop."""
+def table(rows: List[Dict[str, Any]], base: Dict[str, Any], choice: Optional[Dict[str, Any]],
+          tried: Sequence[Dict[str, Any]] = ()) -> str:
+    """The markdown table: method, schedule, GMACs, measured speed-up (spread), top-1 and drop of
+    each method's kept candidate (``rows``), each followed by the method's other timed schedules
+    (``tried``, marked so; top-1 and drop are :data:`NOT_EVALUATED` where a schedule was not evaluated)."""
     lines = [{"method": "unmodified", "schedule": "-", "GMACs": f"{base['gmacs']:.4g}", "speed-up": "1.00x",
               "top-1": f"{base['top1']:.2f}", "drop": "-"}]
+    ordered = []
     for r in rows:
-        mark = " (chosen)" if choice is not None and r is choice else ""
+        ordered.append(r)
+        if not r.get("finetuned_epochs"):
+            ordered += [t for t in tried if t["method"] == r["method"]]
+    ordered += [t for t in tried if t["method"] not in {r["method"] for r in rows}]
+    for r in ordered:
+        mark = " (chosen)" if choice is not None and r is choice else " (tried)" if any(r is t for t in tried) else ""
         lines.append({"method": r.get("label", r["method"]) + mark, "schedule": f"{r['option']}={_short(r['schedule'])}",
                       "GMACs": f"{r['gmacs']:.4g}",
                       "speed-up": f"{r['speedup']:.2f}x ({r['speedup_low']:.2f}-{r['speedup_high']:.2f})",
-                      "top-1": f"{r['top1']:.2f}" if r.get("top1") is not None else "-",
-                      "drop": f"{r['drop']:+.2f}" if r.get("drop") is not None else "-"})
+                      "top-1": f"{r['top1']:.2f}" if r.get("top1") is not None else NOT_EVALUATED,
+                      "drop": f"{r['drop']:+.2f}" if r.get("drop") is not None else NOT_EVALUATED})
     return markdown_table(lines, ["method", "schedule", "GMACs", "speed-up", "top-1", "drop"])
 
 
@@ -800,7 +847,7 @@ def write_outputs(ctx: Context, out_dir: str, record: Dict[str, Any], chosen_mod
         atomic_write_text(os.path.join(out_dir, TABLE_NAME),
                           f"# tokentune accelerate: {ctx.target.describe()}\n\n{record['table']}\n")
         record["picture"] = picture(rows, record["base"], os.path.join(out_dir, PICTURE_NAME), ctx.target)
-    record["time"] = dict(ctx.state.data["time"])
+    record["time"] = ctx.state.spent()
     atomic_write_json(os.path.join(out_dir, RECORD_NAME), jsonable(record))
     ctx.state.save()
 
@@ -839,7 +886,7 @@ def _check_out_dir(out_dir: Optional[str]) -> Optional[str]:
 
 def _setting(source: Source, target: Target, cfg: AccelerateConfig, val: Validation, methods: List[str]) -> Dict[str, Any]:
     timing = {k: getattr(cfg, k) for k in ("batch_size", "dtype", "rounds", "warmup", "min_block_s", "max_trials",
-                                             "tolerance", "val_images", "seed", "device", "threads")}
+                                             "evaluate", "tolerance", "val_images", "seed", "device", "threads")}
     return {"source": source.name, "method": source.spec["method"], "target": asdict(target), "candidates": methods,
             "validation": {"name": val.name, "images": val.count}, **timing}
 
@@ -865,16 +912,32 @@ def _search_all(ctx: Context, methods: List[str]) -> Dict[str, Dict[str, Any]]:
         bar.set_postfix_str(method)
         ctx.log(f"{method}: searching its schedule for {ctx.target.describe()}")
         result = search_method(ctx, method, methods[:i])
-        result["trials"] = [dict(t) for t in result["trials"]]
+        result["trials"] = [dict(t, top1=None, drop=None) for t in result["trials"]]     # None: not evaluated
         if "chosen" in result:
-            met = [t for t in result["trials"] if ctx.target.met(t, ctx.base_gmacs)]
-            for row in met or [result["chosen"]]:         # every schedule within the target is evaluated
+            evaluated = to_evaluate(ctx, result)
+            for row in evaluated:
                 row["top1"] = method_accuracy(ctx, row)
                 row["drop"] = ctx.state.data["base"]["top1"] - row["top1"]
-            if met:                                       # the method's most accurate one (ties: the faster)
-                result["chosen"] = dict(max(met, key=lambda t: (t["top1"], t["speedup"])), met=True)
+            met = result["chosen"]["met"]             # within: the method's most accurate one (ties: the faster)
+            result["chosen"] = dict(max(evaluated, key=lambda t: (t["top1"], t["speedup"])), met=met)
         found[method] = result
     return found
+
+
+def to_evaluate(ctx: Context, result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The trials of one method that get a validation pass (``AccelerateConfig.evaluate``): its
+    pick (:func:`search_method`: the gentlest schedule that meets the target, else the closest),
+    or with ``"within"`` every schedule that meets the target.
+
+    Why one is enough by default: for one reducer family on one model, removing more tokens does
+    not make the model more accurate in expectation, so the gentlest schedule within the target is
+    the one to keep, and evaluating the others costs a full validation pass each.
+    """
+    trials = result["trials"]
+    met = [t for t in trials if ctx.target.met(t, ctx.base_gmacs)]
+    if ctx.cfg.evaluate == "within" and met:
+        return met
+    return [t for t in trials if t["rate"] == result["chosen"]["rate"]]
 
 
 def accelerate(model: Union[nn.Module, str, "os.PathLike[str]"], val_data, target: Union[float, str, Target],
@@ -926,8 +989,8 @@ def _accelerate(model, val_data, goal: Target, out_dir, train_data, pretrained, 
     val = load_validation(val_data, base, source.prep, int(source.spec["num_classes"]), cfg.val_images, cfg.seed,
                           cfg.progress)
     state = SearchState(os.path.join(out_dir, STATE_NAME) if out_dir else None, _setting(source, goal, cfg, val, methods))
-    state.data["time"]["open"] = state.data["time"].get("open", 0.0) + opened
-    state.data["time"]["data"] = state.data["time"].get("data", 0.0) + time.perf_counter() - t0 - opened
+    state.add("open", opened)
+    state.add("data", time.perf_counter() - t0 - opened)
     if state.resumed:
         log(f"continuing the search in {out_dir} ({len(state.data['trials'])} trials measured)")
     state.save()                                   # the setting and the time so far, before the first measurement
@@ -966,11 +1029,12 @@ def _accelerate(model, val_data, goal: Target, out_dir, train_data, pretrained, 
     if choice is not None and problem is None and model_out is None:
         model_out = _build(ctx, choice["method"], choice["rate"])
     record["choice"] = choice if problem is None else None
-    record["table"] = table(rows, base_row, choice if problem is None else None)
+    tried = [t for r in found.values() for t in r["trials"] if "chosen" not in r or t["rate"] != r["chosen"]["rate"]]
+    record["table"] = table(rows, base_row, choice if problem is None else None, tried)
     if out_dir is not None:
         write_outputs(ctx, out_dir, record, model_out if problem is None else None)
     else:
-        record["time"] = dict(state.data["time"])
+        record["time"] = state.spent()
     if problem is not None:
         raise problem
     log(record["table"])
