@@ -1,9 +1,9 @@
 """Where deployed MCTF spends more than ToMe at the same FLOPs: ViT-B/16, 224 px, fp32, random weights,
 LoRA merged. Interleaved forwards of ToMe and MCTF (and, with ``--against REV``, MCTF's reducer as it was at
 git revision REV, on the same model) in one process; per forward the CPU time of this process
-(``time.process_time``: what the forward computed, robust to other jobs on a shared machine; with one thread
-it equals the forward's own time) and the wall time; per block the CPU time (minimum over the rounds) and
-that per GMAC of the block's analytic multiply-adds.
+(``time.process_time``: with one thread, the forward's time less the waits for other jobs on a shared
+machine; they still slow it through shared caches and memory) and the wall time; per block the CPU time
+(minimum over the rounds) and that per GMAC of the block's analytic multiply-adds.
 
     python benchmarks/mctf_overhead.py --point low --threads 1 --rounds 5 --against 0efbec1
     python benchmarks/mctf_overhead.py --point high --threads 1 --rounds 5 --against 0efbec1
