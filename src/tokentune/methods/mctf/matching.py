@@ -23,8 +23,11 @@ left (in their order; score order when the model has no prefix token, as the ref
 holding what merged into it, then the B tokens left in the order of the second pass's scores.
 
 Both passes together are one map ``dest`` [B, N]: the output token every input token ends in (a
-chain A -> B -> A resolves to the last A token). Every merge (tokens, sizes, source map, the
-one-step-ahead attention) is then one ``index_add_`` by that map.
+chain A -> B -> A resolves to the last A token). Every output token starts from one input token
+(prefix, A left, B left) and the other ``r`` add into it (:class:`Fusion`): a merge (tokens, sizes,
+the one-step-ahead attention) is one row selection and one ``index_add_`` of ``r`` rows, with the
+pooling weights divided by their group's sum beforehand (``sum_i (w_i / W_k) x_i``, the same
+average as ``sum_i w_i x_i / W_k``).
 
 Deviation (prefix tokens): the reference protects the first ``num_protected`` rows of A, i.e. the
 CLS token, and for more than one prefix token the wrong ones; here every prefix token (CLS,
@@ -33,6 +36,8 @@ the reference exactly when the CLS token is the only prefix token.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -52,82 +57,143 @@ def merge_count(r: float, num_tokens: int, num_prefix: int) -> int:
     return max(int(r), 0)
 
 
+def token_factors(info: Optional[torch.Tensor], size: Optional[torch.Tensor], tau_info: float,
+                  tau_size: float) -> Optional[torch.Tensor]:
+    """The per-token factor ``u`` [B, N] with ``W_info(i, j) W_size(i, j) = u_i u_j`` (no gradient), or
+    None when neither criterion acts: ``u = (a^-1 / max a^-1)^(1/tau_info) (s^-1 / max s^-1)^(1/tau_size)``
+    (``(a_i^-1 a_j^-1)^(1/tau) = (a_i^-1)^(1/tau) (a_j^-1)^(1/tau)``: one power per token instead of
+    one per pair; ``a^-1 / max a^-1 = min a / a``), the maxima over every token, prefix included."""
+    u = None
+    with torch.no_grad():
+        for value, tau in ((info, tau_info), (None if size is None else size[..., 0], tau_size)):
+            if not tau or value is None:
+                continue
+            inv = value.amin(dim=1, keepdim=True) / value
+            factor = inv if tau == 1 else inv.pow(1 / tau)
+            u = factor if u is None else u * factor
+    return u
+
+
 def scores(metric: torch.Tensor, info: Optional[torch.Tensor], size: Optional[torch.Tensor], num_prefix: int,
            tau_sim: float, tau_info: float, tau_size: float) -> torch.Tensor:
     """The multi-criteria weights W [B, |A|, |B|] between the non-prefix A and B tokens (no gradient).
 
     ``metric`` [B, N, C] the tokens, ``info`` [B, N] the attention every token receives (mean over
-    heads and queries) or None, ``size`` [B, N, 1] or None (= all ones: no size term).
+    heads and queries) or None, ``size`` [B, N, 1] or None (= all ones: no size term). The cosine is
+    the tokens' dot products scaled by their inverse norms (``[B, |A|, |B|]``, not the ``[B, N, C]``
+    tokens, is what gets scaled); the informativeness and size terms are per-token factors
+    (:func:`token_factors`).
     """
     p = num_prefix
+    ia, ib = slice(p + (p % 2), None, 2), slice(p + 1 - (p % 2), None, 2)
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, p + (p % 2)::2], metric[:, p + 1 - (p % 2)::2]
+        u = token_factors(info, size, tau_info, tau_size)
         if tau_sim:
-            w = ((a @ b.transpose(-1, -2) + 1) / 2) ** (1 / tau_sim)
+            inv = metric.norm(dim=-1).reciprocal()                               # [B, N]
+            w = metric[:, ia] @ metric[:, ib].transpose(-1, -2)                  # dot products [B, |A|, |B|]
+            w = (w * ((inv[:, ia] * 0.5)[:, :, None] * inv[:, None, ib])).add_(0.5)    # (cos + 1) / 2
+            if tau_sim != 1:
+                w = w.pow_(1 / tau_sim)
+            if u is not None:
+                w = w.mul_(u[:, ia, None] * u[:, None, ib])
+        elif u is not None:
+            w = u[:, ia, None] * u[:, None, ib]
         else:
-            w = metric.new_ones(a.shape[0], a.shape[1], b.shape[1])
-        for value, tau in ((info, tau_info), (None if size is None else size[..., 0], tau_size)):
-            if not tau or value is None:
-                continue
-            inv = 1 / value
-            inv = inv / inv.max(dim=1, keepdim=True)[0]          # over every token, prefix included
-            ia, ib = inv[:, p + (p % 2)::2], inv[:, p + 1 - (p % 2)::2]
-            w = w * (ia[:, :, None] * ib[:, None, :]) ** (1 / tau)
+            w = metric.new_ones(metric.shape[0], len(range(*ia.indices(metric.shape[1]))),
+                                len(range(*ib.indices(metric.shape[1]))))
     return w
 
 
-def _positions(n: int, p: int, device) -> tuple:
-    """Token positions of the non-prefix A (even) and B (odd) tokens."""
-    start_a, start_b = p + (p % 2), p + 1 - (p % 2)
-    return torch.arange(start_a, n, 2, device=device), torch.arange(start_b, n, 2, device=device)
+@functools.lru_cache(maxsize=256)
+def _layout(num_tokens: int, num_prefix: int, r: int, device: torch.device) -> tuple:
+    """Index tables that depend on the shapes only (built once per shape): the output rows after the
+    prefix tokens [N - r - p], the prefix tokens' own rows [p], and, for every token position, its
+    place in the concatenation (prefix, A tokens, B tokens) [N]."""
+    with torch.inference_mode(False), torch.no_grad():
+        n, p = num_tokens, num_prefix
+        start_a, start_b = p + (p % 2), p + 1 - (p % 2)
+        order = torch.arange(n, device=device)
+        order[start_a::2] = torch.arange(p, p + len(range(start_a, n, 2)), device=device)
+        order[start_b::2] = torch.arange(p + len(range(start_a, n, 2)), n, device=device)
+        return torch.arange(p, n - r, device=device), torch.arange(p, device=device), order
 
 
-def match(w: torch.Tensor, r: int, num_tokens: int, num_prefix: int, bidirection: bool = True) -> torch.Tensor:
-    """The output token of every input token [B, N] (int64) after merging ``r`` tokens by the
-    weights ``w`` [B, |A|, |B|] (:func:`scores`); the output has ``N - r`` tokens."""
+@dataclass
+class Fusion:
+    """One MCTF step as flat rows: input rows index ``x.reshape(B * N, C)``, output rows a
+    ``(B * (N - r), C)`` result. Every output token starts from one input token (``keep``: a prefix
+    token, an A token left or a B token left); the ``r`` others (``src``) add into the output token
+    they end in (``dst``), so a pooling is one row selection and one ``index_add_`` of ``r`` rows.
+
+    Attributes:
+        rows: [B * N] output row of every input row (the map ``dest``, flattened).
+        keep: [B * (N - r)] the input row every output row starts from (output order).
+        src: [B * r] the input rows merged into another token.
+        dst: [B * r] the output row each of them ends in.
+        out_tokens: N - r.
+    """
+
+    rows: torch.Tensor
+    keep: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    out_tokens: int
+
+    def pool(self, x: torch.Tensor, w_keep: Optional[torch.Tensor] = None,
+             w_src: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``sum_{i -> k} w_i x_i`` [B, N - r, C] of ``x`` [B, N, C] with the weights of the kept and the
+        merged rows (``w_keep`` [B * (N - r), 1], ``w_src`` [B * r, 1]; None: a plain sum)."""
+        B, N, C = x.shape
+        rows = x.reshape(B * N, C)
+        out, src = rows.index_select(0, self.keep), rows.index_select(0, self.src)
+        if w_keep is not None:
+            out, src = out * w_keep, src * w_src
+        return out.index_add_(0, self.dst, src).view(B, self.out_tokens, C)
+
+
+def fusion(w: torch.Tensor, r: int, num_tokens: int, num_prefix: int, bidirection: bool = True) -> Fusion:
+    """The rows of the step that merges ``r`` tokens by the weights ``w`` [B, |A|, |B|] (:func:`scores`)."""
     B, n_a, n_b = w.shape
-    p, device = num_prefix, w.device
+    p, n, out = num_prefix, num_tokens, num_tokens - r
     r1, r2 = (r // 2, r - r // 2) if bidirection else (r, 0)
+    n_unm = n_a - r1
+    start_a, start_b = p + (p % 2), p + 1 - (p % 2)
+    layout = _layout.__wrapped__ if torch.compiler.is_compiling() else _layout   # compiled: tables become constants
+    after, prefix, order = layout(n, p, r, w.device)
     with torch.no_grad():
         node_max, node_idx = w.max(dim=-1)
         edge = node_max.argsort(dim=-1, descending=True)
         src1, unm1 = edge[:, :r1], edge[:, r1:]
         if p:
             unm1 = unm1.sort(dim=1)[0]                     # the reference sorts when a token is protected
-        dst1 = node_idx.gather(1, src1)
-        n_unm = n_a - r1
-        out_a = torch.empty(B, n_a, dtype=torch.long, device=device)
-        out_b = torch.empty(B, n_b, dtype=torch.long, device=device)
-        out_a.scatter_(1, unm1, torch.arange(p, p + n_unm, device=device).expand(B, n_unm))
-        if bidirection:
-            w2 = w.gather(1, unm1[:, :, None].expand(B, n_unm, n_b)).transpose(1, 2)   # [B, |B|, A left]
-            node_max2, node_idx2 = w2.max(dim=-1)
+        if bidirection:                                    # B -> the A tokens left, on the same scores
+            node_max2, node_idx2 = w.gather(1, unm1[:, :, None].expand(B, n_unm, n_b)).max(dim=1)
             edge2 = node_max2.sort(dim=-1, descending=True)[1]
             src2, unm2 = edge2[:, :r2], edge2[:, r2:]
-            dst2 = node_idx2.gather(1, src2)
-            out_b.scatter_(1, unm2, torch.arange(p + n_unm, p + n_unm + n_b - r2, device=device).expand(B, n_b - r2))
-            out_b.scatter_(1, src2, dst2 + p)
+            dst2 = node_idx2.gather(1, src2) + p           # the row of its A token: p + rank among the A left
+            # B tokens in that order: the first r2 go to their A token, the others to the rows after the A left
+            out_b = torch.empty_like(edge2).scatter_(1, edge2, torch.cat([dst2, after[n_unm:].expand(B, -1)], dim=1))
         else:
-            out_b.copy_(torch.arange(p + n_unm, p + n_unm + n_b, device=device).expand(B, n_b))
-        out_a.scatter_(1, src1, out_b.gather(1, dst1))
-        pos_a, pos_b = _positions(num_tokens, p, device)
-        dest = torch.arange(num_tokens, device=device).repeat(B, 1)     # prefix tokens stay where they are
-        dest = dest.index_copy(1, pos_a, out_a).index_copy(1, pos_b, out_b)
-    return dest
+            src2, unm2, dst2 = edge[:, :0], torch.arange(n_b, device=w.device).expand(B, n_b), edge[:, :0]
+            out_b = after[n_unm:].expand(B, n_b)
+        dst1 = out_b.gather(1, node_idx.gather(1, src1))   # an A token ends where its B token ends
+        out_a = torch.empty_like(edge).scatter_(1, torch.cat([unm1, src1], dim=1),
+                                                torch.cat([after[:n_unm].expand(B, -1), dst1], dim=1))
+        dest = torch.cat([prefix.expand(B, p), out_a, out_b], dim=1).index_select(1, order)
+        batch = torch.arange(B, device=w.device)[:, None]
+        keep = torch.cat([prefix.expand(B, p), unm1 * 2 + start_a, unm2 * 2 + start_b], dim=1) + batch * n
+        src = torch.cat([src1 * 2 + start_a, src2 * 2 + start_b], dim=1) + batch * n
+        dst = torch.cat([dst1, dst2], dim=1) + batch * out
+    return Fusion(rows=(dest + batch * out).reshape(-1), keep=keep.reshape(-1), src=src.reshape(-1),
+                  dst=dst.reshape(-1), out_tokens=out)
 
 
-def _rows(dest: torch.Tensor, out_tokens: int) -> torch.Tensor:
-    """Flat output rows [B * N] of ``dest`` [B, N] into a (B * out_tokens, ...) view."""
-    B = dest.shape[0]
-    return (dest + torch.arange(B, device=dest.device)[:, None] * out_tokens).reshape(-1)
-
-
-def merge_sum(x: torch.Tensor, rows: torch.Tensor, out_tokens: int) -> torch.Tensor:
-    """Sum ``x`` [B, N, C] into ``out_tokens`` tokens along the flat map ``rows`` [B * N]."""
-    B, N, C = x.shape
-    out = x.new_zeros(B * out_tokens, C)
-    return out.index_add_(0, rows, x.reshape(B * N, C)).view(B, out_tokens, C)
+def match(w: torch.Tensor, r: int, num_tokens: int, num_prefix: int, bidirection: bool = True) -> torch.Tensor:
+    """The output token of every input token [B, N] (int64) after merging ``r`` tokens by the
+    weights ``w`` [B, |A|, |B|] (:func:`scores`); the output has ``N - r`` tokens."""
+    B = w.shape[0]
+    rows = fusion(w, r, num_tokens, num_prefix, bidirection).rows.view(B, num_tokens)
+    return rows - torch.arange(B, device=w.device)[:, None] * (num_tokens - r)
 
 
 def merge_amax(x: torch.Tensor, rows: torch.Tensor, out_tokens: int) -> torch.Tensor:

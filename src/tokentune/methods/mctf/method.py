@@ -36,7 +36,7 @@ from ...typecheck import check_fields
 from ...utils import unwrap_model
 from ..tome.flops import ViTDims
 from ..tome.schedules import parse_target
-from .matching import POOLINGS, match, merge_amax, merge_count, merge_sum, pool_weights, scores
+from .matching import POOLINGS, fusion, merge_amax, merge_count, pool_weights, scores
 
 Rate = Union[int, float, List[int], str]
 
@@ -110,33 +110,37 @@ class MCTFConfig:
 
 # ----------------------------------------------------------------------------- the merging block
 def _qk_probs(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Attention map [B, H, N, N] of the block's attention on ``x`` (normalised tokens)."""
+    """Attention map [B, H, N, N] of the block's attention on ``x`` (normalised tokens): one product
+    writes the logits, the bias is added in place, one softmax (two [B, H, N, N] tensors, not three)."""
     qkv = getattr(attn, "qkv", None)
     if type(qkv) is nn.Linear and getattr(attn, "q_bias", None) is None:     # only q and k, as the reference
         B, N, C = x.shape
         H, D = attn.num_heads, attn.head_dim
         n = H * D
         bias_qk = qkv.bias[:2 * n] if qkv.bias is not None else None
-        q, k = F.linear(x, qkv.weight[:2 * n], bias_qk).reshape(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        qk = F.linear(x, qkv.weight[:2 * n], bias_qk).reshape(B, N, 2, H, D)
+        # one copy into [2, B, H, N, D]: q and k contiguous per head, so the product reads k transposed
+        # in place (a view of k's [B, N, H, D] rows would be copied transposed, and q once more)
+        q, k = qk.permute(2, 0, 3, 1, 4).contiguous().unbind(0)
     else:
         q, k, _ = project_qkv(attn, x)
+        q, k = q.contiguous(), k.contiguous()
     q, k = attn.q_norm(q), attn.k_norm(k)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if bias is not None:
-        logits = logits + bias.to(logits.dtype)
+        logits = logits.add_(bias.to(logits.dtype))
     return logits.softmax(dim=-1)
 
 
 def _values(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Values [B, H, N, D] of the block's attention on ``x``."""
+    """Values [B, N, H * D] of the block's attention on ``x`` (token rows, heads side by side)."""
     qkv = getattr(attn, "qkv", None)
-    B, N, _ = x.shape
-    H, D = attn.num_heads, attn.head_dim
     if type(qkv) is nn.Linear and getattr(attn, "q_bias", None) is None:
-        n = H * D
+        n = attn.num_heads * attn.head_dim
         bias_v = qkv.bias[2 * n:] if qkv.bias is not None else None
-        return F.linear(x, qkv.weight[2 * n:], bias_v).reshape(B, N, H, D).transpose(1, 2)
-    return project_qkv(attn, x)[2]
+        return F.linear(x, qkv.weight[2 * n:], bias_v)
+    v = project_qkv(attn, x)[2]
+    return v.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
 
 
 class MCTFMerge(TokenReducer):
@@ -174,28 +178,32 @@ class MCTFMerge(TokenReducer):
             probs = _qk_probs(block.attn, xn, state.attn_bias())
         info = probs.detach().mean(dim=(1, 2))                               # attention received [B, N]
         w = scores(x, info, state.size, p, *self.taus)
-        dest = match(w, r, N, p, self.bidirection)
-        out = N - r
-        rows = (dest + torch.arange(B, device=x.device)[:, None] * out).reshape(-1)
-        weight = pool_weights(self.pooling, info, state.size, x).to(x.dtype)
-        norm = merge_sum(weight, rows, out)
-        merged = merge_sum(x * weight, rows, out) / norm
-        size = state.size if state.size is not None else x.new_ones(B, N, 1)
-        changes = {"size": merge_sum(size, rows, out)}
+        f = fusion(w, r, N, p, self.bidirection)
+        out = f.out_tokens
+        # the pooling weights of the kept and the merged rows, each divided by its group's sum
+        weight = pool_weights(self.pooling, info, state.size, x).to(x.dtype).reshape(B * N, 1)
+        w_keep, w_src = weight.index_select(0, f.keep), weight.index_select(0, f.src)
+        norm = w_keep.index_add(0, f.dst, w_src)
+        w_keep, w_src = w_keep / norm, w_src / norm.index_select(0, f.dst)
+        merged = f.pool(x, w_keep, w_src)
+        changes = {"size": f.pool(state.size if state.size is not None else x.new_ones(B, N, 1))}
         if state.trace_source:
             source = state.source if state.source is not None else \
                 torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
-            changes["source"] = merge_amax(source, rows, out)
+            changes["source"] = merge_amax(source, f.rows, out)
         state = state.replace(**changes)
         xn = block.norm1(merged)
         if self.one_step_ahead == 2:
             return merged, state, attention(block.attn, xn, bias=state.attn_bias())[0]
         attn = block.attn
-        v = _values(attn, xn)                                                # [B, H, N - r, D]
-        v_src = v.gather(2, dest[:, None, :, None].expand(B, v.shape[1], N, v.shape[3]))
+        H, D = attn.num_heads, attn.head_dim
+        # v'[dest] [B, H, N, D]: every input token takes the values of the token it merged into, one
+        # row selection of the [B * (N - r) * H, D] value rows in (image, head, token) order
+        heads = torch.arange(H, device=x.device)
+        v_src = _values(attn, xn).reshape(B * out * H, D).index_select(
+            0, (f.rows.view(B, 1, N) * H + heads[:, None]).reshape(-1)).view(B, H, N, D)
         h = attn.attn_drop(probs) @ v_src                                    # P v'[dest], [B, H, N, D]
-        h = h.transpose(1, 2).reshape(B, N, -1)
-        h = merge_sum(h * weight, rows, out) / norm                         # the queries pooled as the tokens
+        h = f.pool(h.transpose(1, 2).reshape(B, N, -1), w_keep, w_src)      # the queries pooled as the tokens
         if hasattr(attn, "norm"):
             h = attn.norm(h)
         return merged, state, attn.proj_drop(attn.proj(h))
