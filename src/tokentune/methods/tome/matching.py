@@ -110,23 +110,25 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     B, N, _ = metric.shape
     if not 0 < r <= max_merge(N, num_prefix):
         raise ValueError(f"cannot merge r={r} of {N} tokens with {num_prefix} protected")
-    if not torch.is_grad_enabled():                  # inference: no context to enter (it costs as much as an operator)
-        return _match(metric, r, num_prefix)
-    with torch.no_grad():
-        return _match(metric, r, num_prefix)
+    compiling = torch.compiler.is_compiling()            # a traced graph keeps the general form (its batch may vary)
+    layout, b_table = (_layout.__wrapped__, _b_table.__wrapped__) if compiling else (_layout, _b_table)  # compiled: constants
+    tables = layout(B, N, num_prefix, r, metric.device)[:3] + b_table(B, N, num_prefix, r, metric.device)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            keep, src, dst, dst_out = _match(metric, r, num_prefix, tables, compiling)
+    else:                                            # inference: no context to enter (it costs about an operator)
+        keep, src, dst, dst_out = _match(metric, r, num_prefix, tables, compiling)
+    return Matching(keep=keep, src=src, dst=dst, dst_out=dst_out, batch=B, num_tokens=N, r=r)
 
 
-def _match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
-    """:func:`bipartite_soft_matching` without its checks. Few operators, since at batch 1 each costs
+def _match(metric: torch.Tensor, r: int, num_prefix: int, tables: tuple, compiling: bool):
+    """:func:`bipartite_soft_matching`'s flat rows (keep, src, dst, dst_out). Few operators, since at batch 1 each costs
     more than its arithmetic: the sort gives the order, the best destination is found for the ``r``
     sources only (the maximum's values over all of A are cheaper than its indices), one lookup gives
     a destination's input and output rows, and one image (eager) skips the batch offsets."""
-    B, N, _ = metric.shape
+    B = metric.shape[0]
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2       # prefix tokens in A (even) and B (odd)
-    compiling = torch.compiler.is_compiling()            # a traced graph keeps the general form (its batch may vary)
-    layout, b_table = (_layout.__wrapped__, _b_table.__wrapped__) if compiling else (_layout, _b_table)  # compiled: constants
-    prefix, a_rows, b_rows, _ = layout(B, N, num_prefix, r, metric.device)
-    b_pairs, b_first = b_table(B, N, num_prefix, r, metric.device)
+    prefix, a_rows, b_rows, b_pairs, b_first = tables
     metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
     a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]       # the unprotected halves
     scores = torch.bmm(a, b.transpose(1, 2))
@@ -140,8 +142,7 @@ def _match(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
         dst = scores[0].index_select(0, src[0]).argmax(dim=-1)
     dst_rows = b_pairs.index_select(1, dst.flatten())            # [input rows; output rows]
     keep = torch.cat([prefix, unm, b_rows], dim=1)
-    return Matching(keep=keep.flatten(), src=a_sorted[:, :r].reshape(-1), dst=dst_rows[0], dst_out=dst_rows[1],
-                    batch=B, num_tokens=N, r=r)
+    return keep.flatten(), a_sorted[:, :r].reshape(-1), dst_rows[0], dst_rows[1]
 
 
 SourceHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
