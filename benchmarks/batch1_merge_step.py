@@ -12,6 +12,10 @@ it was, same outputs up to float rounding) and PYRA's previous two-step modulati
   modulation alone, interleaved repetitions, median microseconds of CPU time of the calling
   thread (``time.thread_time``: robust to other processes on a shared machine) or wall time
   (``--clock wall``).
+* ``pieces``: what else a reducing block does at batch 1, timed the same way as ``step``: SDPA
+  with and without the proportional-attention bias ``[1, 1, 1, N]``, the bias itself, and one
+  block of DyT's capacity execution (MLP Dispatch 0.5, as ``deploy_fast_path.py`` builds it): its
+  dispatcher, its ``Linear(D -> 1)``, the top-k selection and the adapter every token runs.
 * ``model``: the deployed ToMe low/high models with the previous and the current merge step
   inside (the same weights), the same model with tokens dropped instead of merged (ToMe's counts,
   no merge work: the floor the merge step can reach) and LoRA, interleaved rounds
@@ -31,11 +35,14 @@ import time
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import profile
 
 from tokentune import create_model, deploy
 from tokentune.core.flops import count_flops
+from tokentune.core.skip import capacity_index
+from tokentune.methods import dyt
 from tokentune.methods.pyra.modulator import PYRAModulator
 from tokentune.methods.tome import TokenMerging, bipartite_soft_matching, merge_weighted
 from tokentune.methods.tome.matching import Matching, _layout
@@ -179,6 +186,56 @@ def time_steps(args) -> List[dict]:
     return rows
 
 
+def _interleaved(fns: Dict[str, object], args) -> Dict[str, float]:
+    """Median microseconds per call of each function, interleaved rounds, the chosen clock."""
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    reps = max(1, args.step_reps // 10)
+    for i in range(args.step_rounds + 2):
+        for name in (list(fns) if i % 2 else list(fns)[::-1]):
+            t0 = clock()
+            for _ in range(reps):
+                fns[name]()
+            if i >= 2:
+                times[name].append((clock() - t0) / reps)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def time_pieces(args) -> List[dict]:
+    dim, heads = (64, 2) if args.quick else (768, 12)
+    g = torch.Generator().manual_seed(0)
+    fns = {}
+    for n in (197, 100):
+        q, k, v = torch.randn(3, 1, heads, n, dim // heads, generator=g).unbind(0)
+        size = torch.randint(1, 4, (1, n, 1), generator=g).float()
+        bias = size.log().transpose(1, 2).unsqueeze(1)
+        fns[f"SDPA, {n} tokens"] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
+        fns[f"SDPA with the log-size bias, {n} tokens"] = (
+            lambda q=q, k=k, v=v, bias=bias: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+        fns[f"log-size bias, {n} tokens"] = lambda size=size: size.log().transpose(1, 2).unsqueeze(1)
+    torch.manual_seed(0)
+    kw = dict(img_size=224, **(dict(embed_dim=64, depth=12, num_heads=2) if args.quick else {}))
+    model = create_model("vit_base_patch16_224", method="dyt", num_classes=100, **kw)
+    images = random_images(1, 224, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter" in name and p.dim() > 1:
+                p.normal_(0, 0.02)
+    dyt.calibrate_activation(model, images, 0.5)
+    capacity = deploy(model, dyt_execution="capacity", dyt_capacity=1.0)
+    block = capacity.blocks[5]
+    x = torch.randn(1, 197, model.embed_dim, generator=g)
+    state = capacity.initial_state(x)
+    logits = torch.randn(1, 196, generator=g)
+    fns.update({"DyT capacity dispatcher (whole)": lambda: block.mlp_dispatcher(x, state),
+                "DyT dispatcher's Linear(D -> 1)": lambda: block.mlp_dispatcher.linear(x),
+                "DyT top-k selection (capacity_index, k = 98)": lambda: capacity_index(logits, 98, 1),
+                "DyT adapter, 197 tokens": lambda: block.adapter(x)})
+    with torch.inference_mode():
+        us = _interleaved(fns, args)
+    return [{"part": "pieces", "what": name, "current_us": round(t, 1)} for name, t in us.items()]
+
+
 def time_models(args) -> List[dict]:
     kw = dict(img_size=224, **(dict(embed_dim=64, depth=12, num_heads=2) if args.quick else {}))
     torch.manual_seed(0)
@@ -232,6 +289,8 @@ def main() -> None:
         rows += count_calls(args)
     if "step" in args.parts:
         rows += time_steps(args)
+    if "pieces" in args.parts:
+        rows += time_pieces(args)
     if "model" in args.parts:
         rows += time_models(args)
     env = measure.environment("cpu", "fp32")
