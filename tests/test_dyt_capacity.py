@@ -278,3 +278,13 @@ def test_onnx_capacity_export_keeps_the_speed_up(tmp_path):
         got = torch.from_numpy(session.run(None, {"images": y.numpy()})[0])
         with torch.no_grad():
             assert torch.allclose(got, deployed(y), atol=1e-4, rtol=0), b
+
+
+@pytest.mark.parametrize("variant", ["mlp", "layer"])
+def test_one_image_equals_the_same_image_in_a_batch(variant):
+    """At batch 1 the gathered rows are the token positions themselves (no batch offsets)."""
+    _, deployed, x = _deployed_capacity(variant)
+    with torch.no_grad():
+        full = deployed(x)
+        for i in range(x.shape[0]):
+            assert torch.allclose(deployed(x[i:i + 1])[0], full[i], atol=1e-5, rtol=0)

@@ -323,3 +323,30 @@ def test_average_pool_weights_merged_tokens_by_size_as_tome_mae(prefix):
         deployed = tokentune.deploy(model)
         with torch.no_grad():
             assert torch.allclose(deployed(x), logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 3])
+def test_one_image_path_equals_the_batched_path(num_prefix):
+    """An image alone (flat positions without batch offsets) merges as it does inside a batch."""
+    torch.manual_seed(7)
+    B, N, C, r = 3, 25, 8, 7
+    x, keys = torch.randn(B, N, C), torch.randn(B, N, 6)
+    size = torch.randint(1, 4, (B, N, 1)).float()
+    batched = bipartite_soft_matching(keys, r, num_prefix)
+    want_x, want_s = merge_weighted(x, size, batched)
+    for i in range(B):
+        one = bipartite_soft_matching(keys[i:i + 1], r, num_prefix)
+        got_x, got_s = merge_weighted(x[i:i + 1], size[i:i + 1], one)
+        assert torch.allclose(got_x[0], want_x[i], atol=1e-6, rtol=0)
+        assert torch.equal(got_s[0], want_s[i])
+        rows = slice(i * r, (i + 1) * r)
+        assert torch.equal(one.src + i * N, batched.src[rows]) and torch.equal(one.dst + i * N, batched.dst[rows])
+        assert torch.equal(one.dst_out + i * (N - r), batched.dst_out[rows])
+        assert torch.equal(one.keep + i * N, batched.keep[i * (N - r):(i + 1) * (N - r)])
+    with torch.no_grad():                   # the model at batch 1 equals the same image in a batch
+        model = tokentune.create_model("vit_tiny_patch16_224", method="tome", num_classes=3, tome_r=[4, 3],
+                                       **tiny()).eval()
+        images = torch.randn(3, 3, 32, 32)
+        full = model(images)
+        for i in range(3):
+            assert torch.allclose(model(images[i:i + 1])[0], full[i], atol=1e-5, rtol=0)

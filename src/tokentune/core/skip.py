@@ -101,7 +101,10 @@ def capacity_index(scores: torch.Tensor, k: int, num_prefix: int) -> Tuple[torch
 
 
 def _flat_rows(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[B, K] positions -> [B * K] rows of ``x.reshape(B * N, C)``."""
+    """[B, K] positions -> [B * K] rows of ``x.reshape(B * N, C)`` (one image: the positions themselves;
+    a traced graph keeps the general form, whose batch may vary)."""
+    if not torch.compiler.is_compiling() and index.shape[0] == 1:
+        return index.reshape(-1)
     return (index + torch.arange(index.shape[0], device=index.device)[:, None] * num_tokens).reshape(-1)
 
 

@@ -85,6 +85,22 @@ def _layout(batch: int, num_tokens: int, num_prefix: int, r: int, device: torch.
         return prefix, a_rows, b_rows, out_base
 
 
+@functools.lru_cache(maxsize=512)
+def _b_table(batch: int, num_tokens: int, num_prefix: int, r: int, device: torch.device):
+    """[2, B * nB]: the input row (0) and the output row (1) of every unprotected B token, flat over
+    the batch, so that one ``index_select`` turns destinations into both; and the flat position of
+    each image's first B token [B, 1]."""
+    with torch.inference_mode(False), torch.no_grad():
+        pa, pb = (num_prefix + 1) // 2, num_prefix // 2
+        images = torch.arange(batch, device=device)[:, None]
+        b_pos = torch.arange(2 * pb + 1, num_tokens, 2, device=device)
+        b_start = num_prefix + ((num_tokens + 1) // 2 - pa - r)                     # first B row in the output
+        b_rows = b_pos + images * num_tokens
+        out_rows = torch.arange(b_pos.shape[0], device=device) + images * (num_tokens - r) + b_start
+        first = images * b_pos.shape[0]
+        return torch.stack([b_rows.flatten(), out_rows.flatten()]), first
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
     """Match ``r`` tokens of set A into set B by cosine similarity of ``metric`` [B, N, C].
 
@@ -94,20 +110,39 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     B, N, _ = metric.shape
     if not 0 < r <= max_merge(N, num_prefix):
         raise ValueError(f"cannot merge r={r} of {N} tokens with {num_prefix} protected")
+    compiling = torch.compiler.is_compiling()            # a traced graph keeps the general form (its batch may vary)
+    layout, b_table = (_layout.__wrapped__, _b_table.__wrapped__) if compiling else (_layout, _b_table)  # compiled: constants
+    tables = layout(B, N, num_prefix, r, metric.device)[:3] + b_table(B, N, num_prefix, r, metric.device)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            keep, src, dst, dst_out = _match(metric, r, num_prefix, tables, compiling)
+    else:                                            # inference: no context to enter (it costs about an operator)
+        keep, src, dst, dst_out = _match(metric, r, num_prefix, tables, compiling)
+    return Matching(keep=keep, src=src, dst=dst, dst_out=dst_out, batch=B, num_tokens=N, r=r)
+
+
+def _match(metric: torch.Tensor, r: int, num_prefix: int, tables: tuple, compiling: bool):
+    """:func:`bipartite_soft_matching`'s flat rows (keep, src, dst, dst_out). Few operators, since at batch 1 each costs
+    more than its arithmetic: the sort gives the order, the best destination is found for the ``r``
+    sources only (the maximum's values over all of A are cheaper than its indices), one lookup gives
+    a destination's input and output rows, and one image (eager) skips the batch offsets."""
+    B = metric.shape[0]
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2       # prefix tokens in A (even) and B (odd)
-    layout = _layout.__wrapped__ if torch.compiler.is_compiling() else _layout   # compiled: tables become constants
-    prefix, a_rows, b_rows, out_base = layout(B, N, num_prefix, r, metric.device)
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]       # the unprotected halves
-        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)
-        src = edge_idx[:, :r]                                        # merged away, ToMe order
-        unm = edge_idx[:, r:].sort(dim=-1)[0]                        # kept, original order
-        dst = node_idx.gather(dim=-1, index=src)
-        keep = torch.cat([prefix, a_rows.gather(1, unm), b_rows], dim=1)
-    return Matching(keep=keep.flatten(), src=a_rows.gather(1, src).flatten(), dst=b_rows.gather(1, dst).flatten(),
-                    dst_out=(dst + out_base).flatten(), batch=B, num_tokens=N, r=r)
+    prefix, a_rows, b_rows, b_pairs, b_first = tables
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True)
+    a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]       # the unprotected halves
+    scores = torch.bmm(a, b.transpose(1, 2))
+    edge_idx = scores.amax(dim=-1).sort(dim=-1, descending=True)[1]   # A by best similarity (= argsort)
+    a_sorted = a_rows.gather(1, edge_idx)                        # A rows, most similar first
+    unm = a_sorted[:, r:].sort(dim=-1)[0]                        # kept, original order (rows grow with position)
+    src = edge_idx[:, :r]                                        # merged away, ToMe order
+    if compiling or B > 1:
+        dst = scores.gather(1, src[..., None].expand(B, r, scores.shape[2])).argmax(dim=-1) + b_first
+    else:                                                        # one image: positions in B are flat already
+        dst = scores[0].index_select(0, src[0]).argmax(dim=-1)
+    dst_rows = b_pairs.index_select(1, dst.flatten())            # [input rows; output rows]
+    keep = torch.cat([prefix, unm, b_rows], dim=1)
+    return keep.flatten(), a_sorted[:, :r].reshape(-1), dst_rows[0], dst_rows[1]
 
 
 SourceHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -148,23 +183,26 @@ def merge_weighted(x: torch.Tensor, size: Optional[torch.Tensor], m: Matching,
     copied as they are (the reference's ``x * s / s`` gives the same value up to one rounding).
     A destination ``d`` with sources ``i`` and new size ``s_d' = s_d + sum_i s_i`` becomes
     ``(x_d s_d + sum_i x_i s_i) / s_d' = x_d + sum_i (x_i s_i - x_d s_i) / s_d'``: each source adds
-    one increment with ``index_add_``, which is correct (values and gradients) when several sources
+    one increment with a scatter-add, which is correct (values and gradients) when several sources
     share a destination. ``modulate`` (PYRA) rewrites the weighted sources ``x_i s_i`` first; the
     same arithmetic with and without it keeps an identity modulator bit-identical to plain ToMe.
     """
     B, N, C = x.shape
+    R = B * m.r
     rows = x.reshape(B * N, C)
     sizes = size.reshape(B * N, 1) if size is not None else x.new_ones(B * N, 1)
-    d = m.dst_out                                   # output row of each source's destination
+    d = m.dst_out.view(R, 1)                        # output row of each source's destination
     src_size = sizes.index_select(0, m.src)
     out = rows.index_select(0, m.keep)
-    out_size = sizes.index_select(0, m.keep).index_add_(0, d, src_size)
+    # scatter_add_ with the column index is what index_add_ runs on the CPU, without its own reshaping of the index
+    out_size = sizes.index_select(0, m.keep).scatter_add_(0, d, src_size)
     dst = rows.index_select(0, m.dst)
     weighted = rows.index_select(0, m.src) * src_size
     if modulate is not None:
         weighted = modulate(weighted.view(B, m.r, C),
-                            (dst * sizes.index_select(0, m.dst)).view(B, m.r, C)).reshape(B * m.r, C)
-    out.index_add_(0, d, (weighted - dst * src_size) / out_size.index_select(0, d))
+                            (dst * sizes.index_select(0, m.dst)).view(B, m.r, C)).reshape(R, C)
+    inc = torch.addcmul(weighted, dst, src_size, value=-1) / out_size.index_select(0, m.dst_out)
+    out.scatter_add_(0, d.expand(R, C), inc)
     return out.view(B, N - m.r, C), out_size.view(B, N - m.r, 1)
 
 
