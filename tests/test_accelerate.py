@@ -176,6 +176,18 @@ def test_a_speedup_target_is_refined_by_the_measured_time(lora_run, monkeypatch,
         assert result.choice == dict(max(within, key=lambda t: (t["top1"], t["speedup"])), met=True)
 
 
+def test_a_target_bracketed_within_the_tolerance_ends_the_search(lora_run, monkeypatch):
+    """A schedule that misses 1.3x and a stronger one that meets it, 3% apart in FLOPs ratio
+    (tolerance 5%): a third timing between them would measure noise, so the search stops at two."""
+    _, folder, _ = lora_run
+    monkeypatch.setattr(acc, "time_side_by_side", _drifting_timer([0.97, 1.03, 1.0, 1.0]))
+    result = tokentune.accelerate(_trained(), image_folder_dataset(str(folder), "test"), 1.3, methods=["tome"],
+                                  batch_size=4, eval_batch_size=8, max_trials=4, progress=False, log=None)
+    missed, met = result.record["search"]["tome"]["trials"]
+    assert missed["speedup"] < 1.3 <= met["speedup"] and met["speedup"] > 1.3 * 1.05      # not ended by _done
+    assert met["flops_ratio"] <= missed["flops_ratio"] * 1.05 and result.choice == dict(met, met=True)
+
+
 def test_only_evaluated_schedules_are_chosen_and_the_others_show_a_dash():
     def row(rate, speedup, top1):
         return {"method": "tome", "rate": rate, "option": "r", "schedule": [int(10 * speedup)], "gmacs": 10 / speedup,
