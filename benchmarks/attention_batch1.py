@@ -12,9 +12,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
+
+
+def forms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The three forms of ``softmax(q k^T / sqrt(d) + bias) v`` (the last without the bias)."""
+    scale = q.shape[-1] ** -0.5
+    return {"mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+            "plain": lambda: F.scaled_dot_product_attention(q, k, v),
+            "explicit": lambda: (((q * scale) @ k.transpose(-2, -1)) + bias).softmax(-1) @ v}
 
 
 def main() -> None:
@@ -31,12 +40,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     with torch.inference_mode():
         for n in (int(t) for t in args.tokens.split(",")):
-            q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
-            bias = torch.randn(1, 1, 1, n).abs().log()
-            scale = dim ** -0.5
-            fns = {"mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
-                   "plain": lambda: F.scaled_dot_product_attention(q, k, v),
-                   "explicit": lambda: (((q * scale) @ k.transpose(-2, -1)) + bias).softmax(-1) @ v}
+            fns = forms(*(torch.randn(1, heads, n, dim) for _ in range(3)), torch.randn(1, 1, 1, n).abs().log())
             torch.testing.assert_close(fns["mask"](), fns["explicit"](), rtol=1e-4, atol=1e-5)
             times = {name: [] for name in fns}
             for _ in range(args.rounds):
