@@ -36,6 +36,7 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+from deploy_fast_path import SCHEDULES, DropTokens  # the same schedules and tokens-dropped plug-in
 from torch import nn
 from torch.profiler import profile
 
@@ -49,7 +50,6 @@ from tokentune.methods.tome.matching import Matching, _layout
 from tokentune.timing import measure_throughput, random_images
 from tokentune.tools import measure
 
-SCHEDULES = {"low": [16] * 11 + [10], "high": [40, 34, 30, 24, 18, 14, 10, 8, 4, 4, 3, 3]}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -107,17 +107,6 @@ class PreviousMerging(TokenMerging):
 
     def combine(self, x, size, m):
         return previous_merge_weighted(x, size, m, self.modulator)
-
-
-class DropTokens(nn.Module):
-    """Keeps the first N - r tokens: ToMe's token counts without its work (as in deploy_fast_path.py)."""
-
-    def __init__(self, r: int) -> None:
-        super().__init__()
-        self.r = r
-
-    def forward(self, x, keys, state):
-        return x[:, : x.shape[1] - self.r].contiguous(), state
 
 
 def with_merge(model: nn.Module, make) -> nn.Module:
