@@ -693,8 +693,7 @@ def _bracketed(ctx: Context, rows: Sequence[Dict[str, Any]]) -> bool:
     missed = [r["flops_ratio"] for r in rows if not ctx.target.met(r, ctx.base_gmacs)]
     if not met or not missed:
         return False
-    gentlest = min(met)
-    return max(missed) >= gentlest or max(missed) * (1 + ctx.cfg.tolerance) >= gentlest
+    return max(missed) * (1 + ctx.cfg.tolerance) >= min(met)     # a contradiction (missed >= met) included
 
 
 def search_method(ctx: Context, method: str, earlier: Sequence[str] = ()) -> Dict[str, Any]:
