@@ -121,6 +121,34 @@ def test_fused_equals_explicit_attention():
     assert torch.allclose(fused, explicit, atol=1e-5)
 
 
+def test_one_image_of_few_tokens_runs_the_explicit_softmax(monkeypatch):
+    """Batch 1, at most EXPLICIT_MAX_TOKENS tokens, no autograd: the explicit softmax replaces SDPA
+    (faster there on the CPU) and gives the same logits as SDPA on the same image in a batch."""
+    from tokentune.core import attention as attention_module
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k))
+    model = tokentune.create_model("vit_tiny_patch16_224", method="lora+tome", num_classes=3, tome_r=3,
+                                   **tiny(qk_norm=True)).eval()
+    randomize_lora(model)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        batched = model(images)
+        assert len(calls) == len(model.blocks)            # two images: SDPA in every block
+        calls.clear()
+        one = model(images[:1])
+        assert calls == []                                 # one image of 17 tokens: never SDPA
+    assert torch.allclose(one[0], batched[0], atol=1e-5, rtol=0)
+    model(images[:1])                                      # autograd on: SDPA (no attention map kept)
+    assert len(calls) == len(model.blocks)
+    q = torch.zeros(1, 2, attention_module.EXPLICIT_MAX_TOKENS + 1, 4)
+    with torch.no_grad():
+        assert not attention_module.explicit_is_faster(q)                     # too many tokens
+        assert attention_module.explicit_is_faster(q[:, :, :-1])
+        assert not attention_module.explicit_is_faster(q[:, :, :-1].bfloat16())   # only float32 was measured
+
+
 def test_proportional_attention_changes_output():
     kw = tiny()
     torch.manual_seed(3)

@@ -99,6 +99,23 @@ def softmax_sized(logits: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype)
 
 
+# At most this many tokens, one image, the explicit softmax beats SDPA on the CPU: 2-19% at 11-100 tokens
+# with ViT-B's 12 heads of 64, and it loses 1.8-2.2x at 150-197 (``benchmarks/attention_batch1.py``,
+# BENCHMARKS.md). Token reduction spends most blocks there (ToMe high: 9 of 12 blocks under 100 tokens).
+EXPLICIT_MAX_TOKENS = 100
+
+
+def explicit_is_faster(q: torch.Tensor) -> bool:
+    """Whether the explicit softmax should replace SDPA for queries ``q`` [B, heads, N, head_dim]: one
+    image of at most :data:`EXPLICIT_MAX_TOKENS` tokens in float32 on the CPU (what was measured),
+    without autograd (no attention map is kept for a backward) and outside tracing, compiling and
+    export (their graphs keep SDPA)."""
+    return (q.shape[0] == 1 and q.shape[2] <= EXPLICIT_MAX_TOKENS and q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and not torch.onnx.is_in_onnx_export())
+
+
 def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
               return_keys: bool = False, policy: Optional[torch.Tensor] = None,
               return_cls_attn: bool = False, rope: Optional[torch.Tensor] = None, num_prefix: int = 0,
@@ -107,7 +124,9 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
 
     Calls the module's own ``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate`` and ``proj``; uses
     SDPA when the module's ``fused_attn`` is set (the bias becomes SDPA's float ``attn_mask``)
-    and the explicit softmax otherwise. ``bias`` broadcasts to [B, heads, N, N] (e.g. log token
+    and the explicit softmax otherwise, or where the explicit form is the faster one
+    (:func:`explicit_is_faster`: one image of few tokens at inference on the CPU). ``bias``
+    broadcasts to [B, heads, N, N] (e.g. log token
     sizes [B, 1, 1, N], or -inf for keys that must be ignored). ``policy`` [B, N] (training-time
     token pruning, see :attr:`TokenState.policy`) hides dropped keys with
     :func:`softmax_with_policy`, always on the explicit path. ``key_weight`` [B, N] (soft token
@@ -141,7 +160,7 @@ def attention(attn: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = N
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     cls_attn = None
-    if getattr(attn, "fused_attn", False) and policy is None and key_weight is None:
+    if getattr(attn, "fused_attn", False) and policy is None and key_weight is None and not explicit_is_faster(q):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         if return_cls_attn:
