@@ -22,6 +22,7 @@ Prints a markdown table, writes benchmarks/results/field_speed[_TAG].{md,json}.
     python benchmarks/field_speed.py                      # ViT-B/16, 2 threads, batch 16 and 1
     python benchmarks/field_speed.py --specs "lora+pitome:r=0.9,label=PiToMe 0.9" --tag run2
     python benchmarks/field_speed.py --quick              # tiny width, seconds (checks the script)
+    python benchmarks/field_speed.py --methods pitome,tofu --rounds 8   # fewer rows, more rounds
     python benchmarks/field_speed.py --no-timing          # tokens and GMACs of every row only
     python benchmarks/field_speed.py --specs "evit:evit_locations=2,5,8,label=evit (blocks 2 5 8)"
 """
@@ -71,18 +72,26 @@ def method_target(name: str, target: str) -> str:
     return ":".join(target.split(":")[:2])
 
 
-def rate_methods() -> List[str]:
-    """ToMe first, then every other training-free method with a rate option, in registry order."""
+def rate_methods(only: str = "") -> List[str]:
+    """ToMe first, then every other training-free method with a rate option, in registry order (only
+    those named in the comma-separated ``only``, when given; ToMe is always kept: rows compare with it)."""
     names = [n for n in available_methods() if get_method(n).training_free and get_method(n).rate_option]
+    if only:
+        wanted = {"tome", *only.split(",")}
+        unknown = wanted - set(names)
+        if unknown:
+            raise SystemExit(f"--methods: {', '.join(sorted(unknown))} not a training-free method with a rate; "
+                             f"choose from {', '.join(names)}")
+        names = [n for n in names if n in wanted]
     return sorted(names, key=lambda n: n != "tome")
 
 
-def candidates(targets: List[str], specs: List[str]) -> List[Tuple[Candidate, str]]:
+def candidates(targets: List[str], specs: List[str], only: str = "") -> List[Tuple[Candidate, str]]:
     """(row, its point) for every method and spec at every target; a row whose method took the target in
     another form (a dropped profile) says so in its label."""
     rows = [(Candidate(label="dense", method="linear"), "")]
     for target in targets:
-        for name in rate_methods():
+        for name in rate_methods(only):
             given = method_target(name, target)
             label = f"{name} @ {target}" + (f" (as {given})" if given != target else "")
             rows.append((Candidate(label=label, method=name,
@@ -123,7 +132,7 @@ def build(args, targets: List[str], kw: Dict) -> Tuple[Dict, List[Dict], List[st
     """Every row built and deployed: (models, their records, the rows skipped with their reason)."""
     models, records, skipped = {}, [], []
     probe = torch.randn(1, 3, 224, 224)
-    for cand, point in candidates(targets, args.specs):
+    for cand, point in candidates(targets, args.specs, args.methods):
         torch.manual_seed(0)
         try:
             model = create_model(args.model, method=cand.method, num_classes=1000, **kw, **cand.options).eval()
@@ -162,6 +171,8 @@ def main() -> None:
                                                    "[default: flops:<ToMe low>;flops:<ToMe high>:geometric]")
     ap.add_argument("--specs", action="append", default=[],
                     help="extra rows, 'tokentune bench --config' syntax; their rate option gets each target")
+    ap.add_argument("--methods", default="", help="comma-separated training-free methods to time (default: "
+                    "every one with a rate option; ToMe always included), e.g. pitome,tofu")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--latency-iters", type=int, default=4)

@@ -41,3 +41,11 @@ def test_each_method_gets_a_target_form_its_rate_takes(field_speed):
         assert field_speed.method_target(name, "flops:2.001") == "flops:2.001"
         assert set(get_method(name).rate_profiles) <= set(PROFILES)
         assert not get_method(name).rate_profiles or get_method(name).rate_option
+
+
+def test_methods_option_keeps_tome_and_the_named_ones(field_speed):
+    rows = field_speed.candidates(["flops:2.001"], [], "tofu")
+    assert [c.label for c, _ in rows] == ["dense", "tome @ flops:2.001", "tofu @ flops:2.001"]
+    assert len(field_speed.candidates(["flops:2.001"], [])) > 3          # default: every rate method
+    with pytest.raises(SystemExit, match="lora"):
+        field_speed.rate_methods("lora")
