@@ -24,6 +24,8 @@ them), every model side by side in interleaved rounds on the same random batch
   rounds: rows "reference ToMe low/high", and "vs reference" rows with tokentune's speed over it.
 * When ``floor`` runs with ``tome`` or ``dyt`` in one process, "vs floor" rows give each model's
   speed-up as a share of the floor measured in that process (issue goal: >= 0.97 in every run).
+  With ``dyt`` the floor also times DyT's adapters on every token, and DyT is judged against the
+  floor that includes them (its all-active baseline runs them too; only dispatching is free there).
 * ``onnx``: the same models exported to ONNX (``tokentune.export_onnx``; DyT's threshold rule only
   exports in its mask form, its capacity execution as it is) and timed in ONNX Runtime (CPU
   provider, as many intra-op threads as torch uses), interleaved the same way.
@@ -50,7 +52,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
@@ -178,11 +180,16 @@ def share_rows(rows: List[dict], bs: int) -> List[dict]:
         return next((r["speedup"] for r in rows if (r["part"], r["batch"], r["model"]) == (part, bs, model)), None)
 
     out = []
-    pairs = [("ToMe low", "tome", "ToMe low", "ToMe low"), ("ToMe high", "tome", "ToMe high", "ToMe high"),
-             ("PYRA low", "tome", "PYRA low", "ToMe low"), ("PYRA high", "tome", "PYRA high", "ToMe high"),
-             ("DyT capacity 1.0", "dyt", "capacity 1.0", "DyT MLP Dispatch 0.5 (capacity 1.0)")]
+    dyt_plan = "DyT MLP Dispatch 0.5 (capacity 1.0)"
+    pairs = [("ToMe low", "tome", "ToMe low", "ToMe low: dense layers only (free reduction)"),
+             ("ToMe high", "tome", "ToMe high", "ToMe high: dense layers only (free reduction)"),
+             ("PYRA low", "tome", "PYRA low", "ToMe low: dense layers only (free reduction)"),
+             ("PYRA high", "tome", "PYRA high", "ToMe high: dense layers only (free reduction)"),
+             ("DyT capacity 1.0", "dyt", "capacity 1.0", f"{dyt_plan}: dense layers and adapters (free dispatch)"),
+             ("DyT capacity 1.0 (floor without its adapters)", "dyt", "capacity 1.0",
+              f"{dyt_plan}: dense layers only (free reduction)")]
     for label, part, model, plan in pairs:
-        got, floor = speedup(part, model), speedup("floor", f"{plan}: dense layers only (free reduction)")
+        got, floor = speedup(part, model), speedup("floor", plan)
         if got is not None and floor is not None:
             out.append({"part": "vs floor", "batch": bs, "model": label, "speedup": got / floor, "baseline": "floor"})
     for name in SCHEDULES:
@@ -231,6 +238,22 @@ class HalfBlock(nn.Module):
         return out
 
 
+class AdapterPart(nn.Module):
+    """DyT's adapters of every block, each on the first ``n`` tokens of the same input
+    (``x + adapter(x)``): work the DyT model does on every token in all its rows, so a floor for
+    DyT's dispatching has to include it."""
+
+    def __init__(self, adapters, n: int) -> None:
+        super().__init__()
+        self.adapters, self.n = list(adapters), n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, out = x[:, : self.n], None
+        for adapter in self.adapters:
+            out = x + adapter(x)
+        return out
+
+
 class OnImages(nn.Module):
     """A model that ignores its input and runs on fixed images, so it can be timed in the same
     interleaved rounds as the half-blocks (which take tokens)."""
@@ -253,7 +276,8 @@ def token_counts(schedule: List[int], tokens: int) -> List[tuple]:
     return counts
 
 
-def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup: int) -> List[dict]:
+def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup: int,
+               adapters: Sequence[nn.Module] = ()) -> List[dict]:
     """What the dense layers allow: each half-block timed alone at every token count a schedule
     produces, and the speed-up a token-reduction model would have if its own work (matching,
     merging, proportional attention, dispatching) were free::
@@ -263,7 +287,11 @@ def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup
     with ``t`` the measured time of the attention half at the block's input count plus the MLP half
     at its count after merging. On a CPU at batch 1 a block's time is ``a + b * N`` with a large
     fixed part ``a`` (reading the weights, per-operator overhead), so fewer tokens pay less than
-    their FLOPs share; this bound is the eager speed-up that no cheaper merge step can beat."""
+    their FLOPs share; this bound is the eager speed-up that no cheaper merge step can beat.
+
+    With DyT's ``adapters`` (one per block) the DyT plan gets a second row that adds their time on
+    every token to both sides (DyT runs them on all tokens whatever it skips, in its all-active
+    baseline too): the bound for free *dispatching*, the one DyT's "vs floor" row is judged by."""
     bs = images.shape[0]
     full = int(dense.patch_embed.num_patches + dense.num_prefix_tokens)
     plans = {f"ToMe {name}": token_counts(sched, full) for name, sched in SCHEDULES.items()}
@@ -272,6 +300,8 @@ def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup
     needed = {(h, n) for plan in plans.values() for a, m in plan for h, n in (("attn", a), ("mlp", m))}
     needed |= {("attn", full), ("mlp", full)}
     timed = {f"{h} {n}": HalfBlock(dense.blocks, h, n) for h, n in sorted(needed)}
+    if adapters:
+        timed[f"adapters {full}"] = AdapterPart(adapters, full)
     timed["dense"] = OnImages(dense, images)          # in the same rounds: a drift hits both alike
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(bs, full, dense.embed_dim, generator=g)
@@ -299,6 +329,11 @@ def floor_rows(args, dense: nn.Module, images: torch.Tensor, rounds: int, warmup
         rows.append({"part": "floor", "batch": bs, "model": f"{name}: dense layers only (free reduction)",
                      "speedup": model_s / (other + reduced), "baseline": "LoRA",
                      "linear_token_share": flop_blocks})
+        if adapters and name.startswith("DyT"):
+            side = stats[f"adapters {full}"].seconds_per_batch      # every block's adapter on every token
+            rows.append({"part": "floor", "batch": bs, "model": f"{name}: dense layers and adapters (free dispatch)",
+                         "speedup": (model_s + side) / (other + reduced + side), "baseline": "all active",
+                         "linear_token_share": flop_blocks})
     return rows
 
 
@@ -367,10 +402,11 @@ def run(args) -> None:
                     timed[f"{name} compiled"] = torch.compile(tome[name])
                     flops[f"{name} compiled"] = flops[name]
             rows += time_rows("tome", timed, images, "LoRA", rounds, args.warmup, flops)
-        if "floor" in parts:
-            rows += floor_rows(args, tome["LoRA"], images, max(rounds, 5), args.warmup)
         if "dyt" in parts or "onnx" in parts:
             dyt_sets[bs] = dyt_models(args, images)
+        if "floor" in parts:
+            adapters = [b.adapter for b in dyt_sets[bs]["threshold rule (skip)"].blocks] if bs in dyt_sets else []
+            rows += floor_rows(args, tome["LoRA"], images, max(rounds, 5), args.warmup, adapters)
         if "dyt" in parts:
             models = dict(dyt_sets[bs])
             flops = {n: count_flops(m, images) for n, m in models.items()}
