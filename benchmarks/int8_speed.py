@@ -4,7 +4,11 @@ ViT-B/16 at 224 (random weights: speed does not depend on them), deployed dense 
 plain timm model) and with ToMe "high", each in fp32 and int8:
 
 * onnxruntime (CPU provider): the fp32 graph of ``export_onnx`` and its ``quantize_onnx(..., "int8")``
-  (dynamic) version, batch 1 (and ``--batch``), every session timed in interleaved rounds in one process;
+  (dynamic) version, batch 1 (and ``--batch``), every session timed in interleaved rounds in one process.
+  The graphs are exported for the timed batch (``dynamic_batch=False``, ``tokentune export --onnx
+  --static-batch``): every shape is a constant, so onnxruntime folds the shape arithmetic of ToMe's
+  merge steps and of the attention with a size bias instead of running it per block. ``--dynamic-batch``
+  times the any-batch graphs instead; ``--both-forms`` times both, side by side (rows "(any batch)");
 * PyTorch eager: ``deploy(model)`` against ``deploy(model, quantize="int8-dynamic")``.
 
 Prints a table (median img/s, min-max, speed-up over the fp32 dense model of the same runtime) and
@@ -33,17 +37,22 @@ import tokentune
 from tokentune.tools.onnx import export_onnx, quantize_onnx
 
 
-def _ort_sessions(models: Dict[str, torch.nn.Module], tmp: str, threads: int):
+def _ort_sessions(models: Dict[str, torch.nn.Module], tmp: str, threads: int, batch: int, forms: List[bool]):
+    """Sessions of the fp32 and int8 graphs of every model, per graph form (``forms``: dynamic batch or not;
+    the any-batch graphs get the suffix " (any batch)" when both forms are timed)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sessions = {}
-    for name, model in models.items():
-        path = export_onnx(model, os.path.join(tmp, f"{name}.onnx"), verify=False)
-        sessions[f"ort fp32 {name}"] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        q = quantize_onnx(path, "int8", out=os.path.join(tmp, f"{name}.int8.onnx"))
-        sessions[f"ort int8 {name}"] = ort.InferenceSession(q, opts, providers=["CPUExecutionProvider"])
+    for dynamic in forms:
+        suffix = " (any batch)" if dynamic and len(forms) > 1 else ""
+        for name, model in models.items():
+            stem = os.path.join(tmp, f"{name}-{'any' if dynamic else batch}")
+            path = export_onnx(model, stem + ".onnx", batch_size=batch, dynamic_batch=dynamic, verify=False)
+            sessions[f"ort fp32 {name}{suffix}"] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            q = quantize_onnx(path, "int8", out=stem + ".int8.onnx")
+            sessions[f"ort int8 {name}{suffix}"] = ort.InferenceSession(q, opts, providers=["CPUExecutionProvider"])
     return sessions
 
 
@@ -70,7 +79,13 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--dynamic-batch", action="store_true", help="time the any-batch graphs (export_onnx's default)")
+    form.add_argument("--both-forms", action="store_true",
+                      help="time the graphs for the timed batch and the any-batch graphs side by side")
+    parser.add_argument("--no-eager", action="store_true", help="time onnxruntime only")
     args = parser.parse_args()
+    forms = [False, True] if args.both_forms else [bool(args.dynamic_batch)]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dense = tokentune.deploy(tokentune.create_model(args.model, method="lora", num_classes=100, pretrained=False))
@@ -79,13 +94,14 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     fns = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = _ort_sessions({"dense": dense, "tome-high": tome}, tmp, args.threads)
+        sessions = _ort_sessions({"dense": dense, "tome-high": tome}, tmp, args.threads, args.batch, forms)
         xn = x.numpy()
         for name, s in sessions.items():
             fns[name] = (lambda s=s: s.run(None, {s.get_inputs()[0].name: xn}))
-        eager = {"eager fp32 dense": dense, "eager fp32 tome-high": tome,
-                 "eager int8 dense": tokentune.deploy(dense, quantize="int8-dynamic"),
-                 "eager int8 tome-high": tokentune.deploy(tome, quantize="int8-dynamic")}
+        eager = {} if args.no_eager else {
+            "eager fp32 dense": dense, "eager fp32 tome-high": tome,
+            "eager int8 dense": tokentune.deploy(dense, quantize="int8-dynamic"),
+            "eager int8 tome-high": tokentune.deploy(tome, quantize="int8-dynamic")}
         for name, m in eager.items():
             fns[name] = (lambda m=m: m(x))
         with torch.inference_mode():
@@ -97,8 +113,8 @@ def main() -> None:
     rows = []
     for name, ts in times.items():
         ips = [args.batch / t for t in ts]
-        runtime = name.split()[0]
-        base = statistics.median([args.batch / t for t in times[f"{runtime} fp32 dense"]])
+        runtime, suffix = name.split()[0], " (any batch)" if name.endswith(" (any batch)") else ""
+        base = statistics.median([args.batch / t for t in times[f"{runtime} fp32 dense{suffix}"]])
         rows.append({"row": name, "img_per_s": statistics.median(ips), "min": min(ips), "max": max(ips),
                      "speedup_vs_fp32_dense": statistics.median(ips) / base})
     print(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds x {args.iters}")
@@ -108,7 +124,13 @@ def main() -> None:
     med = {r["row"]: r["img_per_s"] for r in rows}
     print(f"ToMe high int8 / int8 dense (onnxruntime): {med['ort int8 tome-high'] / med['ort int8 dense']:.2f}x; "
           f"largest logit difference int8 vs fp32 dense graph: {diffs}")
+    if args.both_forms:        # the same model's two graphs, round by round
+        for name in ("ort fp32 dense", "ort int8 tome-high"):
+            paired = [a / b for a, b in zip(times[f"{name} (any batch)"], times[name])]
+            print(f"{name}: graph for batch {args.batch} / any-batch graph, speed per round: "
+                  f"median {statistics.median(paired):.3f}x ({', '.join(f'{v:.3f}' for v in paired)})")
     record = {"rows": rows, "logit_diff": diffs, "model": args.model, "batch": args.batch, "threads": args.threads,
+              "graphs": "both" if args.both_forms else "any batch" if args.dynamic_batch else f"batch {args.batch}",
               "cpu": platform.processor() or platform.machine(), "load": os.getloadavg()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"int8_speed_b{args.batch}_t{args.threads}.json"), "w") as fh:

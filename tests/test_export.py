@@ -427,6 +427,29 @@ def test_onnx_round_trip(spec, tmp_path):
     _onnx_round_trip(spec, tmp_path)
 
 
+def test_onnx_static_batch_graph_has_no_shape_arithmetic_left(tmp_path):
+    """Exported for one batch size (``--static-batch``), every shape of ToMe's merge steps and of the attention
+    with a size bias is a constant: onnxruntime folds their shape arithmetic, which the any-batch graph runs
+    in every block (Shape, Gather, Concat, Range ... nodes; docs/deployment.md), and the graph stays exact."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tokentune.tools.onnx import export_onnx
+
+    deployed = tokentune.deploy(_trained("lora+tome"))
+    path = export_onnx(deployed, tmp_path / "m.onnx", batch_size=1, dynamic_batch=False, verify=False)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "m.opt.onnx")
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert "TopK" in ops and not {"Shape", "Size", "ConstantOfShape", "Range"} & set(ops), sorted(set(ops))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), deployed(x), atol=1e-4)
+
+
 def test_onnx_dyt_skip_form_is_refused_clearly(tmp_path):
     from tokentune.tools.onnx import export_onnx
 

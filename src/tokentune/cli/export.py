@@ -53,7 +53,9 @@ def add(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--onnx", action="store_true", help="also write OUT/model.onnx (checked with onnxruntime when installed)")
     g.add_argument("--onnx-file", default="model.onnx", metavar="NAME", help="ONNX file name inside OUT [default: model.onnx]")
     g.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset [default: the exporter's]")
-    g.add_argument("--static-batch", action="store_true", help="fix the batch size in the graph (default: any batch)")
+    g.add_argument("--static-batch", action="store_true",
+                   help="fix the batch size in the graph (default: any batch); faster at that batch, since "
+                        "onnxruntime then folds the shape arithmetic of the token-reduction steps")
     g.add_argument("--batch-size", type=int, default=1, metavar="N", help="example batch size traced [default: 1]")
     g.add_argument("--quantize", choices=list(ONNX_QUANTIZE), default=None,
                    help="also write an int8 graph (OUT/<name>.int8.onnx) with onnxruntime's quantization: int8 = dynamic "
