@@ -18,7 +18,8 @@ reducer and only its schedule is searched, where it has one. The steps:
    first trial only. The gentlest candidate that reaches the target is kept (else the fastest one tried).
 4. **Accuracy** on the validation data of each method's gentlest candidate that meets the target
    (of the closest one when none does; ``evaluate="within"``: of every one that meets it,
-   :func:`to_evaluate`; at batch 32 on the CPU by default, :data:`CPU_EVAL_BATCH`), and the **choice**: the most accurate evaluated candidate within the target.
+   :func:`to_evaluate`; at batch 32 on the CPU by default, :data:`CPU_EVAL_BATCH`), and the
+   **choice**: the most accurate evaluated candidate within the target.
 5. Optionally a short PEFT **recovery** (``finetune_epochs``) of the choice when its drop exceeds
    ``max_drop``, then the same measurement.
 6. **Outputs** in ``out_dir``: the chosen deployed model as an export (:func:`tokentune.open_model`
