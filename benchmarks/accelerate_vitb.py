@@ -5,7 +5,8 @@ the timing part is meaningful), a folder of ``--images`` random 224x224 images i
 the validation data, target ``--target`` at ``--batch`` images per timed forward. Prints the
 search's seconds per phase (its record's ``time``), how many evaluations, timed trials and builds
 they were spent on, the seconds per evaluation and per trial, and what no phase accounts for; writes
-benchmarks/results/accelerate_vitb.json (another ``--model``: accelerate_<model>_quick.json, not kept in git).
+benchmarks/results/accelerate_vitb.json (another ``--model``: accelerate_<model>_quick.json, not kept in git)
+with every trial's FLOPs ratio and measured speed-up (``trial_rows``).
 
     python benchmarks/accelerate_vitb.py --workdir /tmp/accel-vitb            # 512 images, 1.5x, batch 32
     python benchmarks/accelerate_vitb.py --workdir /tmp/accel-tiny --model vit_tiny_patch16_224 --images 64
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-batch", type=int, default=None,
+                        help="evaluation batch size [default: accelerate's, 32 on the CPU]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = os.path.join(args.workdir, "images")
@@ -57,15 +60,20 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     result = accelerate(run_dir, image_folder_dataset(folder, "test"), args.target, out, batch_size=args.batch,
-                        rounds=args.rounds, threads=args.threads, evaluate=args.evaluate)
+                        rounds=args.rounds, threads=args.threads, evaluate=args.evaluate,
+                        eval_batch_size=args.eval_batch)
     total = time.perf_counter() - t0
     spent = result.record["time"]
     counts = spent.get("counts", {})
     phases = {k: v for k, v in spent.items() if k != "counts"}
     record = {"environment": dict(environment("cpu"), load_average=list(os.getloadavg())), "model": args.model,
               "images": args.images, "target": args.target, "batch": args.batch, "rounds": args.rounds,
-              "evaluate": args.evaluate, "seconds": total, "time": spent, "choice": result.choice,
+              "evaluate": args.evaluate, "eval_batch": result.record["config"]["eval_batch_size"],
+              "seconds": total, "time": spent, "choice": result.choice,
               "trials": {m: len(r["trials"]) for m, r in result.record["search"].items()},
+              "trial_rows": {m: [{k: t.get(k) for k in ("rate", "flops_ratio", "speedup", "speedup_low", "speedup_high",
+                                                         "top1")} for t in r["trials"]]
+                             for m, r in result.record["search"].items()},
               "per_evaluation_s": phases.get("evaluation", 0.0) / max(counts.get("evaluation", 0), 1),
               "per_trial_s": phases.get("timing", 0.0) / max(counts.get("timing", 0), 1),
               "outside_phases_s": total - sum(phases.values())}

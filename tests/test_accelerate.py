@@ -107,7 +107,7 @@ def test_the_command_exports_the_choice_writes_its_record_and_resumes(lora_run, 
 
 def _fake_timer(efficiency):
     """A deterministic machine: the speed-up is ``efficiency`` times the FLOPs ratio."""
-    def timer(base, candidate, images, cfg, seed):
+    def timer(base, candidate, images, cfg, seed, base_warm=False):
         ratio = count_flops(base, images[:1]) / count_flops(candidate, images[:1])
         speedup = efficiency * ratio
         return {"speedup": speedup, "speedup_low": speedup * 0.95, "speedup_high": speedup * 1.05,
@@ -127,7 +127,7 @@ def _drifting_timer(efficiencies):
     last one from then on)."""
     done = []
 
-    def timer(base, candidate, images, cfg, seed):
+    def timer(base, candidate, images, cfg, seed, base_warm=False):
         done.append(1)
         return _fake_timer(efficiencies[min(len(done), len(efficiencies)) - 1])(base, candidate, images, cfg, seed)
     return timer
@@ -207,7 +207,7 @@ def test_later_methods_start_from_the_efficiency_measured_before(lora_run, monke
     (target / efficiency) and meets the target with its first timing."""
     _, folder, _ = lora_run
     timer, calls = _fake_timer(0.8), []
-    monkeypatch.setattr(acc, "time_side_by_side", lambda *a: calls.append(1) or timer(*a))
+    monkeypatch.setattr(acc, "time_side_by_side", lambda *a, **k: calls.append(1) or timer(*a, **k))
     result = tokentune.accelerate(_trained(), image_folder_dataset(str(folder), "test"), 1.3,
                                   methods=["tome", "pitome", "evit"], batch_size=4, eval_batch_size=8, progress=False, log=None)
     earlier, later = list(result.record["search"])[:2]

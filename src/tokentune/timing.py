@@ -10,7 +10,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -51,12 +51,13 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image
                        rounds: int = 10, warmup: int = 2, iters_per_round: int = 1, dtype: str = "fp32",
                        device="cpu", seed: int = 0, images: Optional[torch.Tensor] = None,
                        progress: Optional[Callable[[int, int], None]] = None,
-                       min_block_s: float = 0.0) -> Dict[str, TimingStats]:
+                       min_block_s: float = 0.0, warm: Sequence[str] = ()) -> Dict[str, TimingStats]:
     """Interleaved inference throughput of several models on the same batch.
 
     The batch is ``images`` when given, else :func:`random_images` (``batch_size``, ``image_size``,
     ``seed``). Every model is warmed up ``warmup`` times, then ``rounds`` rounds time
-    ``iters_per_round`` forwards of each model in turn (the order rotates each round).
+    ``iters_per_round`` forwards of each model in turn (the order rotates each round). The models
+    named in ``warm`` (ran on this batch in this process already) skip the warm-up.
     ``min_block_s`` raises ``iters_per_round`` until the fastest model's timed block lasts at least
     that long (judged from its last warm-up forward), so that a fast model's rounds are not one
     short forward each, which a moment of scheduling noise can move by tens of percent.
@@ -73,7 +74,7 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image
         fastest = float("inf")
         for n in names:
             models[n].eval()
-            for _ in range(warmup):
+            for _ in range(0 if n in warm else warmup):
                 sync(device)
                 t0 = time.perf_counter()
                 models[n](images)

@@ -13,11 +13,13 @@ reducer and only its schedule is searched, where it has one. The steps:
    a speed-up ``S``), then each candidate is timed in interleaved rounds side by side with the
    base at the user's batch size and dtype on the validation images, and the next FLOPs target
    is corrected by the measured efficiency (speed-up / FLOPs ratio), as
-   :func:`tokentune.methods.tome.speedup.schedule_for_speedup` does for ToMe alone. The gentlest
-   candidate that reaches the target is kept (else the fastest one tried).
+   :func:`tokentune.methods.tome.speedup.schedule_for_speedup` does for ToMe alone, leaving out a
+   timing the machine threw off (:func:`noisy`, :func:`estimate`). The base warms up in a session's
+   first trial only. The gentlest candidate that reaches the target is kept (else the fastest one tried).
 4. **Accuracy** on the validation data of each method's gentlest candidate that meets the target
    (of the closest one when none does; ``evaluate="within"``: of every one that meets it,
-   :func:`to_evaluate`), and the **choice**: the most accurate evaluated candidate within the target.
+   :func:`to_evaluate`; at batch 32 on the CPU by default, :data:`CPU_EVAL_BATCH`), and the
+   **choice**: the most accurate evaluated candidate within the target.
 5. Optionally a short PEFT **recovery** (``finetune_epochs``) of the choice when its drop exceeds
    ``max_drop``, then the same measurement.
 6. **Outputs** in ``out_dir``: the chosen deployed model as an export (:func:`tokentune.open_model`
@@ -92,6 +94,14 @@ CACHE_BYTES = 2 * 1024 ** 3
 NOT_EVALUATED = "\u2013"
 #: the gentlest FLOPs ratio a speed-up search tries (1.0 would be the unmodified model)
 MIN_RATIO = 1.01
+#: the default evaluation batch on the CPU: ViT-B/16 at 2 threads evaluated 3-17% faster per image
+#: at batch 32 than at 256 (and 16 slower than both; BENCHMARKS.md, benchmarks/accelerate_eval_batch.py):
+#: a batch of 256 images' activations is far beyond the caches
+CPU_EVAL_BATCH = 32
+#: the default evaluation batch on a GPU (larger batches fill it)
+EVAL_BATCH = 256
+#: a trial whose efficiency is this far off the others' and whose rounds disagree by as much is noisy
+OUTLIER = 0.15
 
 
 # ----------------------------------------------------------------------------- target and options
@@ -164,7 +174,8 @@ class AccelerateConfig:
         max_drop: top-1 points the choice may lose; beyond it ``finetune_epochs`` recover it, or
             the search fails naming the best drop found.
         rounds: interleaved timing rounds per candidate (each times the base and the candidate).
-        warmup: untimed forwards of each model before its rounds.
+        warmup: untimed forwards of each model before its rounds (of the base in the first trial of
+            a session only: later trials find it warm).
         min_block_s: each round times enough forwards of a model to last at least this long (a
             small model's single forward is short enough for scheduling noise to move it by tens
             of percent).
@@ -178,7 +189,8 @@ class AccelerateConfig:
             each other schedule costs a full validation pass.
         tolerance: a measured speed-up within ``[target, target * (1 + tolerance)]`` ends a method's search,
             as does a schedule that met the target within ``1 + tolerance`` in FLOPs ratio of one that missed it.
-        eval_batch_size: batch size of the accuracy evaluation.
+        eval_batch_size: batch size of the accuracy evaluation (None: :data:`CPU_EVAL_BATCH` on the
+            CPU, :data:`EVAL_BATCH` on other devices; set at construction).
         val_images: evaluate on this many validation images (a seeded random subset; None: all).
         seed: seed of the subset and of the recovery training.
         device: ``cpu``, ``cuda``, ``cuda:N``.
@@ -200,7 +212,7 @@ class AccelerateConfig:
     max_trials: int = 4
     evaluate: str = "gentlest"
     tolerance: float = 0.05
-    eval_batch_size: int = 256
+    eval_batch_size: Optional[int] = None
     val_images: Optional[int] = None
     seed: int = 0
     device: str = "cpu"
@@ -217,6 +229,8 @@ class AccelerateConfig:
         if self.evaluate not in EVALUATE:
             raise TokenTuneError(f"unknown evaluate choice {self.evaluate!r}: 'gentlest' (one schedule per method, "
                                  "the gentlest within the target) or 'within' (every schedule within the target)")
+        if self.eval_batch_size is None:
+            self.eval_batch_size = CPU_EVAL_BATCH if str(self.device).startswith("cpu") else EVAL_BATCH
         for name in ("batch_size", "rounds", "max_trials", "eval_batch_size", "finetune_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise TokenTuneError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -465,12 +479,13 @@ def gmacs_of(model: nn.Module, images: torch.Tensor) -> float:
 
 
 def time_side_by_side(base: nn.Module, candidate: nn.Module, images: torch.Tensor, cfg: AccelerateConfig,
-                      seed: int) -> Dict[str, float]:
+                      seed: int, base_warm: bool = False) -> Dict[str, float]:
     """Throughput of the candidate and the base in interleaved rounds; the speed-up with its spread
-    (the candidate's slowest round over the base's fastest, and the reverse)."""
+    (the candidate's slowest round over the base's fastest, and the reverse). ``base_warm``: the
+    base ran on ``images`` in this process already (an earlier trial): only the candidate warms up."""
     stats = measure_throughput({"base": base, "candidate": candidate}, rounds=cfg.rounds, warmup=cfg.warmup,
                                dtype=cfg.dtype, device=cfg.device, seed=seed, images=images,
-                               min_block_s=cfg.min_block_s)
+                               min_block_s=cfg.min_block_s, warm=("base",) if base_warm else ())
     b, c = stats["base"], stats["candidate"]
     return {"speedup": c.median / b.median, "speedup_low": c.low / b.high, "speedup_high": c.high / b.low,
             "img_s": c.median, "base_img_s": b.median}
@@ -548,6 +563,8 @@ class Context:
     log: Callable[[str], None] = print
     #: the candidate built last (at most one: :func:`_build` drops it before building another)
     built: Dict[str, nn.Module] = field(default_factory=dict)
+    #: the base ran on ``images`` in this process (a trial timed it): later trials skip its warm-up
+    base_warm: bool = False
 
     @property
     def base_gmacs(self) -> float:
@@ -618,7 +635,8 @@ def trial(ctx: Context, method: str, ratio: float) -> Dict[str, Any]:
         with ctx.state.clock("flops"):
             gmacs = gmacs_of(model, ctx.images)
         with ctx.state.clock("timing"):
-            timed = time_side_by_side(ctx.base, model, ctx.images, ctx.cfg, ctx.cfg.seed)
+            timed = time_side_by_side(ctx.base, model, ctx.images, ctx.cfg, ctx.cfg.seed, base_warm=ctx.base_warm)
+        ctx.base_warm = True
         record = {"method": method, "rate": rate, "option": option, "schedule": schedule, "gmacs": gmacs,
                   "flops_ratio": ctx.base_gmacs / gmacs, **timed}
         ctx.log(f"  {method} {rate}: {gmacs:.4g} GMACs, {timed['speedup']:.3f}x "
@@ -651,22 +669,66 @@ def efficiency(trials: Sequence[Dict[str, Any]]) -> Optional[float]:
     return math.exp(sum(math.log(max(v, 1e-6)) for v in values) / len(values))
 
 
+def _prior(ctx: Context, earlier: Sequence[str] = ()) -> Optional[float]:
+    """The efficiency pooled over the trials of the ``earlier`` methods (None without any): they
+    share the backbone, batch size and machine (naming them keeps a resumed search on the
+    uninterrupted one's path)."""
+    return efficiency([t for t in ctx.state.data["trials"].values() if t["method"] in earlier])
+
+
 def first_ratio(ctx: Context, earlier: Sequence[str] = ()) -> float:
     """A method's first FLOPs ratio: the target's own, corrected for speed-up targets by the
-    efficiency the ``earlier`` methods measured (they share the backbone, batch size and machine;
-    naming them keeps a resumed search on the uninterrupted one's path)."""
+    efficiency the ``earlier`` methods measured (:func:`_prior`)."""
     ratio = ctx.target.flops_ratio(ctx.base_gmacs)
-    pooled = efficiency([t for t in ctx.state.data["trials"].values() if t["method"] in earlier])
+    pooled = _prior(ctx, earlier)
     if ctx.target.kind != "speedup" or pooled is None:
         return ratio
     return max(min(ratio / pooled, ratio * 1.5), ratio / 1.5, MIN_RATIO)
 
 
-def _next_ratio(ctx: Context, rows: Sequence[Dict[str, Any]], ratio: float) -> float:
-    """The FLOPs ratio of the next candidate, corrected by what this method's trials measured."""
+def noisy(row: Dict[str, Any], others: Optional[float]) -> bool:
+    """A timing thrown off by the machine: its efficiency (speed-up / FLOPs ratio) lies more than
+    :data:`OUTLIER` off ``others`` (the efficiency pooled over every other trial measured) AND its
+    own rounds disagree by more than that (the candidate's fastest round over the base's slowest
+    above ``1 + OUTLIER`` times the reverse). A method whose efficiency differs from the others'
+    measures it round after round, with a narrow spread, and is not noisy."""
+    if others is None or "error" in row or not row.get("flops_ratio"):
+        return False
+    off = abs(math.log(row["speedup"] / row["flops_ratio"] / others)) > math.log(1 + OUTLIER)
+    return off and row["speedup_high"] > row["speedup_low"] * (1 + OUTLIER)
+
+
+def estimate(rows: Sequence[Dict[str, Any]], prior: Optional[float] = None) -> Optional[float]:
+    """The efficiency the next FLOPs target of a method is computed from: pooled over its trials
+    (:func:`efficiency`) less the :func:`noisy` ones, each judged against the method's other trials
+    and the ``prior`` (the methods' before it, pooled with them as one trial); the ``prior`` alone
+    when every trial is noisy.
+
+    On ViT-B/16 at 2 threads a ToMe schedule measured 1.29x, spread 0.98-1.41, where its neighbours
+    measured 1.63-1.67x: steering by that one timing sent the next schedule past the target and
+    cost two more trials. A noisy trial still counts as measured (it met the target or missed it);
+    only the next FLOPs target ignores it."""
+    good = [r for r in rows if "error" not in r and r.get("flops_ratio")]
+    keep = [r for i, r in enumerate(good) if not noisy(r, _pool(good[:i] + good[i + 1:], prior))]
+    if not keep and prior is not None:
+        return prior
+    return efficiency(keep or good)
+
+
+def _pool(rows: Sequence[Dict[str, Any]], prior: Optional[float]) -> Optional[float]:
+    """The efficiency of ``rows`` and the ``prior`` (counted as one more trial), geometric."""
+    own = efficiency(rows)
+    if own is None or prior is None:
+        return prior if own is None else own
+    return math.exp((math.log(prior) + math.log(own) * len(rows)) / (1 + len(rows)))
+
+
+def _next_ratio(ctx: Context, rows: Sequence[Dict[str, Any]], ratio: float, prior: Optional[float] = None) -> float:
+    """The FLOPs ratio of the next candidate, corrected by what this method's trials measured
+    (:func:`estimate`)."""
     last = rows[-1]
     if ctx.target.kind == "speedup":
-        wanted = ctx.target.value / max(efficiency(rows) or 1.0, 1e-6)
+        wanted = ctx.target.value / max(estimate(rows, prior) or 1.0, 1e-6)
         # one noisy timing must not throw the search to either end: at most 1.5x per step, never below 1
         return max(min(wanted, ratio * 1.5), ratio / 1.5, MIN_RATIO)
     limit = ctx.target.value if ctx.target.kind == "gmacs" else ctx.target.value * ctx.base_gmacs
@@ -701,6 +763,7 @@ def search_method(ctx: Context, method: str, earlier: Sequence[str] = ()) -> Dic
     removed) that meets the target, else the fastest (speed-up) or cheapest (GMACs) tried
     (with ``evaluate="within"``, :func:`_search_all` then keeps the most accurate of those that meet it)."""
     ratio = first_ratio(ctx, earlier)
+    prior = _prior(ctx, earlier)
     rows: List[Dict[str, Any]] = []
     seen: Dict[str, Dict[str, Any]] = {}
     cap = None
@@ -725,7 +788,7 @@ def search_method(ctx: Context, method: str, earlier: Sequence[str] = ()) -> Dic
         if _done(ctx, row) or _bracketed(ctx, rows) or \
                 (not ctx.target.met(row, ctx.base_gmacs) and cap is not None and ratio >= cap):
             break
-        ratio = _next_ratio(ctx, rows, ratio)
+        ratio = _next_ratio(ctx, rows, ratio, prior)
     if not rows:
         return {"method": method, "trials": rows, "error": "no schedule could be built"}
     met = [r for r in rows if ctx.target.met(r, ctx.base_gmacs)]
@@ -800,7 +863,8 @@ def finetune(ctx: Context, row: Dict[str, Any], train_data, out_dir: Optional[st
     deployed = deploy(model, inplace=True)
     apply_preprocessing(deployed, ctx.source.prep)
     with ctx.state.clock("timing"):
-        timed = time_side_by_side(ctx.base, deployed, ctx.images, ctx.cfg, ctx.cfg.seed)
+        timed = time_side_by_side(ctx.base, deployed, ctx.images, ctx.cfg, ctx.cfg.seed, base_warm=ctx.base_warm)
+    ctx.base_warm = True
     with ctx.state.clock("evaluation"):
         top1 = accuracy(deployed, ctx.val, ctx.cfg, "top-1 recovered")
     tuned = dict(row, **timed, top1=top1, finetuned_epochs=ctx.cfg.finetune_epochs, label=f"{row['method']} + recovery")
