@@ -102,6 +102,30 @@ def _activation_products_in_int8(path):
     return sum(quantized_activation(n.input[1]) for n in graph.node if n.op_type in ("MatMul", "MatMulInteger", "Gemm"))
 
 
+def _int8_weight_range(path):
+    """The smallest and largest int8 weight value of a quantized graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    values = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+              if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert values
+    return min(int(v.min()) for v in values), max(int(v.max()) for v in values)
+
+
+def test_dynamic_int8_weights_use_7_bits_unless_asked(tmp_path):
+    """reduce_range (default): 7-bit weights, so x86's u8 x s8 kernel without VNNI cannot saturate."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tokentune.tools.onnx import export_onnx, quantize_onnx
+
+    path = export_onnx(tokentune.deploy(_trained("lora")), tmp_path / "m.onnx", verify=False)
+    low, high = _int8_weight_range(quantize_onnx(path, "int8", out=tmp_path / "a.onnx"))
+    assert -64 <= low and high <= 64 and high - low > 100
+    low, high = _int8_weight_range(quantize_onnx(path, "int8", out=tmp_path / "b.onnx", reduce_range=False))
+    assert high - low > 200
+
+
 def test_export_command_writes_an_int8_graph(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -179,6 +203,8 @@ def test_export_command_calibration_method(tmp_path, capsys):
     assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8-static",
                  "--calibration", str(tmp_path / "calib"), "--calibration-method", "entropy"]) == 0
     assert "onnx int8 (int8-static, entropy calibration)" in capsys.readouterr().out
+    low, high = _int8_weight_range(tmp_path / "exp" / "model.int8.onnx")
+    assert -64 <= low and high <= 64 and high - low > 100          # 7-bit weights (reduce_range), all of it used
     assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8",
                  "--calibration-method", "entropy"]) == 2
     assert "--calibration-method sets int8-static's activation ranges" in capsys.readouterr().err

@@ -161,7 +161,8 @@ class _Calibration:
 
 
 def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torch.Tensor] = None,
-                  out: Optional[PathLike] = None, calibration_method: Optional[str] = None) -> str:
+                  out: Optional[PathLike] = None, calibration_method: Optional[str] = None,
+                  reduce_range: bool = True) -> str:
     """An int8 version of the ONNX graph at ``path`` (written to ``out``, default: in place, atomically).
 
     ``"int8"``: dynamic quantization (onnxruntime's ``quantize_dynamic``): int8 weights per output
@@ -172,6 +173,11 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
     ``MatMul`` nodes are excluded by name): attention's ``q k^T`` and ``softmax v``, ToMe's matching
     similarities and the other activation-by-activation products stay in fp32 with softmax,
     LayerNorm and the token-reduction steps, so no merge is decided on 8-bit similarities.
+
+    ``reduce_range`` (default on): weights in 7 bits (-64..64), onnxruntime's advice for x86 CPUs
+    without VNNI: their u8 x s8 kernel (``vpmaddubsw``) adds two products into int16, which
+    saturates for 8-bit weights (255 x 127 x 2 > 32767) and gave the demo's DyT row 4.2% changed
+    predictions (1.6% with 7-bit weights; BENCHMARKS.md). The same instruction runs either way.
 
     ``calibration_method`` (``"int8-static"`` only): how the activation ranges are taken from the
     calibration images, onnxruntime's ``CalibrationMethod``: ``"minmax"`` (default: the observed
@@ -197,13 +203,14 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
         q.quant_pre_process(src, prepared, skip_symbolic_shape=True)
         if mode == "int8":
             q.quantize_dynamic(prepared, tmp, weight_type=q.QuantType.QInt8, per_channel=True,
-                               op_types_to_quantize=QUANTIZED_OPS)
+                               reduce_range=bool(reduce_range), op_types_to_quantize=QUANTIZED_OPS)
         else:
             name = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).get_inputs()[0].name
             excluded = _activation_products(prepared)
             cache = _entropy_ranges(prepared, _Calibration(name, calibration)) if method == "Entropy" else None
             q.quantize_static(prepared, tmp, _Calibration(name, calibration), quant_format=q.QuantFormat.QDQ,
                               calibrate_method=getattr(q.CalibrationMethod, method), per_channel=True,
+                              reduce_range=bool(reduce_range),
                               activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                               op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
                               calibration_cache_path=cache)
