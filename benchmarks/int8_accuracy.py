@@ -11,13 +11,16 @@ from the LoRA row, as the demo does) and VPT-deep, then evaluates on the demo's 
   its logit difference shows what the export changes);
 * ``ort int8``: ``quantize_onnx(graph, "int8")`` (dynamic);
 * ``ort int8-static``: ``quantize_onnx(graph, "int8-static")`` calibrated on ``--calibration`` images
-  of the demo's *training* split (the first N in dataset order).
+  of the demo's *training* split (the first N in dataset order), with onnxruntime's activation-range
+  rule ``--calibration-method`` (several: one column each, ``ort int8-static (entropy)``, ...).
 
 Per form: top-1, its drop against the fp32 row (goal: <= 1 point), the share of test images whose
 prediction changes and the largest absolute logit difference from the fp32 model. Accuracy only (no
 timing), so the machine's load does not matter. Writes ``benchmarks/results/int8_accuracy.{md,json}``.
 
     python benchmarks/int8_accuracy.py --workdir /tmp/int8-demo     # a second run reuses the trained rows
+    python benchmarks/int8_accuracy.py --workdir /tmp/int8-demo --rows "LoRA r=8 + EViT" \
+        --calibration-method minmax entropy percentile                # one row, three static columns
 """
 from __future__ import annotations
 
@@ -37,13 +40,12 @@ import tokentune
 from tokentune import deploy, load_trained
 from tokentune.engine.rundir import RunDir
 from tokentune.tools.demo import ROWS, DemoConfig, _load_folder, adapt, prepare_demo, searched_options
-from tokentune.tools.onnx import export_onnx, quantize_onnx
+from tokentune.tools.onnx import CALIBRATION_METHODS, export_onnx, quantize_onnx
 
 BY_LABEL = {r.label: r for r in ROWS}
 #: the demo rows measured (the issue's methods); DyT is measured in its static-shape (capacity) form
 LABELS = ["LoRA r=8", "LoRA r=8 + ToMe", "PYRA (LoRA r=8 + ToMe)", "DyT, static shapes (capacity 1.0)",
           "LoRA r=8 + EViT", "LoRA r=8 + DynamicViT", "LoRA r=8 + DiffRate (searched)", "VPT-deep (10 prompts)"]
-FORMS = ["fp32", "torch int8", "ort fp32", "ort int8", "ort int8-static"]
 
 
 def _slug(label: str) -> str:
@@ -98,17 +100,25 @@ def _ort(path: str) -> Callable[[torch.Tensor], np.ndarray]:
     return lambda x: session.run(None, {name: x.numpy()})[0]
 
 
-def forms(model: torch.nn.Module, row, tmp: str, calibration: torch.Tensor) -> Dict[str, Callable]:
+def static_form(method: str, methods: List[str]) -> str:
+    """The column of int8-static calibrated with ``method`` (plain ``ort int8-static`` when it is the only one)."""
+    return "ort int8-static" if len(methods) == 1 else f"ort int8-static ({method})"
+
+
+def forms(model: torch.nn.Module, row, tmp: str, calibration: torch.Tensor, methods: List[str]) -> Dict[str, Callable]:
     """Every form of one trained model, as functions images -> logits."""
     fp32 = deploy(model, **row.deploy)
     # not verified on export: the "ort fp32" form's top-1 and logit difference show what the export changes
     path = export_onnx(fp32, os.path.join(tmp, f"{_slug(row.label)}.onnx"), verify=False)
-    return {"fp32": _torch(fp32),
-            "torch int8": _torch(deploy(model, quantize="int8-dynamic", **row.deploy)),
-            "ort fp32": _ort(path),
-            "ort int8": _ort(quantize_onnx(path, "int8", out=path[:-5] + ".int8.onnx")),
-            "ort int8-static": _ort(quantize_onnx(path, "int8-static", calibration=calibration,
-                                                  out=path[:-5] + ".int8-static.onnx"))}
+    out = {"fp32": _torch(fp32),
+           "torch int8": _torch(deploy(model, quantize="int8-dynamic", **row.deploy)),
+           "ort fp32": _ort(path),
+           "ort int8": _ort(quantize_onnx(path, "int8", out=path[:-5] + ".int8.onnx"))}
+    for method in methods:
+        out[static_form(method, methods)] = _ort(quantize_onnx(path, "int8-static", calibration=calibration,
+                                                               out=path[:-5] + f".int8-static-{method}.onnx",
+                                                               calibration_method=method))
+    return out
 
 
 def evaluate_row(label: str, fns: Dict[str, Callable], images: torch.Tensor, labels: np.ndarray,
@@ -126,13 +136,15 @@ def evaluate_row(label: str, fns: Dict[str, Callable], images: torch.Tensor, lab
 
 
 def markdown(results: List[Dict], n: int) -> str:
-    lines = ["| row | " + " | ".join(FORMS) + " | worst int8 drop | max abs logit diff (torch / ort / ort static) |",
-             "|---|" + "---|" * (len(FORMS) + 2)]
+    columns = list(dict.fromkeys(r["form"] for r in results))
+    int8 = [f for f in columns if "int8" in f]
+    lines = ["| row | " + " | ".join(columns) + " | worst int8 drop | max abs logit diff (" + " / ".join(int8) + ") |",
+             "|---|" + "---|" * (len(columns) + 2)]
     for label in dict.fromkeys(r["row"] for r in results):
         by = {r["form"]: r for r in results if r["row"] == label}
-        drop = max(by[f]["drop"] for f in FORMS if "int8" in f)
-        diffs = " / ".join(f"{by[f]['max_logit_diff']:.3f}" for f in ("torch int8", "ort int8", "ort int8-static"))
-        lines.append(f"| {label} | " + " | ".join(f"{by[f]['top1']:.1f}" for f in FORMS)
+        drop = max(by[f]["drop"] for f in int8)
+        diffs = " / ".join(f"{by[f]['max_logit_diff']:.3f}" for f in int8)
+        lines.append(f"| {label} | " + " | ".join(f"{by[f]['top1']:.1f}" for f in columns)
                      + f" | {drop:+.1f} | {diffs} (of {by['fp32']['logit_scale']:.1f}) |")
     return "\n".join(lines) + (f"\n\ntop-1 (%) on the demo's {n} held-out digits 5-9; worst int8 drop: fp32 top-1 minus "
                                "the lowest int8 top-1 (points; negative: int8 was better)\n")
@@ -141,12 +153,16 @@ def markdown(results: List[Dict], n: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="keep the digits and trained runs here (reused on a rerun)")
-    ap.add_argument("--rows", nargs="*", default=LABELS, help="demo row labels [default: the issue's methods]")
+    ap.add_argument("--rows", nargs="*", default=LABELS, choices=LABELS, metavar="LABEL",
+                    help="demo row labels [default: the issue's methods: %(default)s]")
     ap.add_argument("--batch", type=int, default=256, help="evaluation batch (the demo's) [default: 256]")
     ap.add_argument("--calibration", type=int, default=64, help="training images for int8-static [default: 64]")
+    ap.add_argument("--calibration-method", nargs="+", default=[CALIBRATION_METHODS[0]], choices=CALIBRATION_METHODS,
+                    help=f"int8-static's activation-range rule(s), one column each [default: {CALIBRATION_METHODS[0]}]")
+    ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads [default: 1]")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    cfg = DemoConfig(workdir=args.workdir)
+    cfg = DemoConfig(workdir=args.workdir, threads=args.threads)
     torch.set_num_threads(cfg.threads)
     workdir = args.workdir or tempfile.mkdtemp(prefix="tokentune-int8-accuracy-")
     start = time.perf_counter()
@@ -162,9 +178,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for label in args.rows:
                 row = BY_LABEL[label]
-                results += evaluate_row(label, forms(rows.model(label), row, tmp, calibration), images, labels,
-                                        args.batch)
-                print(" ".join(f"{r['form']} {r['top1']:.1f}" for r in results[-len(FORMS):]), flush=True)
+                fns = forms(rows.model(label), row, tmp, calibration, args.calibration_method)
+                results += evaluate_row(label, fns, images, labels, args.batch)
+                print(" ".join(f"{r['form']} {r['top1']:.1f}" for r in results[-len(fns):]), flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -172,7 +188,8 @@ def main() -> None:
     print(text)
     env = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "load": os.getloadavg(), "batch": args.batch,
-           "calibration_images": calibration.shape[0], "seconds": time.perf_counter() - start}
+           "calibration_images": calibration.shape[0], "calibration_methods": args.calibration_method,
+           "seconds": time.perf_counter() - start}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "int8_accuracy.md"), "w") as fh:
         fh.write(text)

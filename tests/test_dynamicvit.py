@@ -7,9 +7,11 @@ from conftest import tiny
 
 import tokentune
 from tokentune import TrainConfig
+from tokentune.core.reduce import top_order
 from tokentune.engine.training import train
 from tokentune.errors import TokenTuneError
 from tokentune.methods.dynamicvit import DynamicViTReducer, PredictorLG, decisions, dynamicvit_loss, ratio_loss
+from tokentune.tools.onnx import export_onnx
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 Y = torch.tensor([0, 1, 2])
@@ -17,7 +19,7 @@ Y = torch.tensor([0, 1, 2])
 
 def _model(method="dynamicvit", seed=0, **kw):
     torch.manual_seed(seed)
-    return tokentune.create_model("vit_tiny_patch16_224", method=method, num_classes=5, **tiny(), **kw).eval()
+    return tokentune.create_model("vit_tiny_patch16_224", method=method, num_classes=5, **{**tiny(), **kw}).eval()
 
 
 def _predictors(model):
@@ -358,3 +360,33 @@ def test_does_not_compose_with_other_reducers(spec):
     with pytest.raises(TokenTuneError, match="both reduce tokens and cannot be combined") as e:
         _model(spec)
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- ties: eager == exported graph
+def test_top_order_breaks_ties_by_the_lower_index():
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 3, (4, 64), generator=g).float().neg()          # many equal scores
+    want = [sorted(range(64), key=lambda i, row=row: (-float(row[i]), i))[:40] for row in score]
+    assert top_order(score, 40).tolist() == want
+
+
+def test_saturated_predictors_keep_the_same_tokens_in_onnxruntime(tmp_path):
+    """Keep log-probabilities of exactly 0 for every token (a saturated predictor) tie: eager and
+    onnxruntime's TopK must keep the same tokens (the lower indices), so the logits agree."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = _model("lora+dynamicvit", img_size=64)                       # 64 patches: torch's sort is unstable there
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        for predictor in _predictors(model):
+            predictor.out_conv[4].bias.copy_(torch.tensor([40.0, -40.0]))   # log p(keep) == 0.0 exactly
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert bool((_predictors(model)[0](torch.randn(3, 64, 48), torch.ones(3, 64, 1))[:, :, 0] == 0).all())
+        want = tokentune.deploy(model)(x)
+    path = export_onnx(model, tmp_path / "m.onnx", verify=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)

@@ -102,6 +102,30 @@ def _activation_products_in_int8(path):
     return sum(quantized_activation(n.input[1]) for n in graph.node if n.op_type in ("MatMul", "MatMulInteger", "Gemm"))
 
 
+def _int8_weight_range(path):
+    """The smallest and largest int8 weight value of a quantized graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    values = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+              if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert values
+    return min(int(v.min()) for v in values), max(int(v.max()) for v in values)
+
+
+def test_dynamic_int8_weights_use_7_bits_unless_asked(tmp_path):
+    """reduce_range (default): 7-bit weights, so x86's u8 x s8 kernel without VNNI cannot saturate."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tokentune.tools.onnx import export_onnx, quantize_onnx
+
+    path = export_onnx(tokentune.deploy(_trained("lora")), tmp_path / "m.onnx", verify=False)
+    low, high = _int8_weight_range(quantize_onnx(path, "int8", out=tmp_path / "a.onnx"))
+    assert -64 <= low and high <= 64 and high - low > 100
+    low, high = _int8_weight_range(quantize_onnx(path, "int8", out=tmp_path / "b.onnx", reduce_range=False))
+    assert high - low > 200
+
+
 def test_export_command_writes_an_int8_graph(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -122,3 +146,68 @@ def test_export_command_writes_an_int8_graph(tmp_path, capsys):
     assert "add --onnx" in capsys.readouterr().err
     assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8-static"]) == 2
     assert "needs calibration images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_static_calibration_methods_reach_onnxruntime(tmp_path):
+    """Each calibration method gives a working int8-static graph, with activation ranges of its own."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+    from onnx import numpy_helper
+
+    from tokentune.tools.onnx import CALIBRATION_METHODS, check_onnx, export_onnx, quantize_onnx
+
+    deployed = tokentune.deploy(_trained("lora"))
+    path = export_onnx(deployed, tmp_path / "m.onnx", verify=False)
+    calib = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scale = float(deployed(x).abs().max())
+    scales = {}
+    for method in CALIBRATION_METHODS:
+        out = quantize_onnx(path, "int8-static", calibration=calib, out=tmp_path / f"{method}.onnx",
+                            calibration_method=method)
+        assert 0.0 < check_onnx(out, deployed, x) < 0.5 * scale, method
+        graph = onnx.load(str(out)).graph
+        activations = {n.input[1] for n in graph.node if n.op_type == "QuantizeLinear"}
+        scales[method] = sorted(float(numpy_helper.to_array(i)) for i in graph.initializer if i.name in activations)
+        assert scales[method], method
+    assert scales["entropy"] != scales["minmax"] and scales["percentile"] != scales["minmax"]
+
+
+@pytest.mark.parametrize("mode, method, match", [
+    ("int8-static", "kl", r"unknown calibration method 'kl'; choose minmax, entropy, percentile"),
+    ("int8", "entropy", r"calibration method 'entropy' is for int8-static quantization only"),
+])
+def test_bad_calibration_methods_fail_in_one_line(mode, method, match, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from tokentune.tools.onnx import quantize_onnx
+
+    with pytest.raises(TokenTuneError, match=match) as e:
+        quantize_onnx(tmp_path / "m.onnx", mode, calibration=torch.zeros(1, 3, 32, 32), calibration_method=method)
+    assert "\n" not in str(e.value)
+
+
+def test_export_command_calibration_method(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from test_data import write_image
+    from test_export import _cli
+
+    from tokentune.tools.export import export_deployed
+
+    export_deployed(_trained("lora"), tmp_path / "exp")
+    for i in range(3):
+        write_image(str(tmp_path / "calib" / f"{i}.jpg"), value=40 * i, seed=i)
+    assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8-static",
+                 "--calibration", str(tmp_path / "calib"), "--calibration-method", "entropy"]) == 0
+    assert "onnx int8 (int8-static, entropy calibration)" in capsys.readouterr().out
+    low, high = _int8_weight_range(tmp_path / "exp" / "model.int8.onnx")
+    assert -64 <= low and high <= 64 and high - low > 100          # 7-bit weights (reduce_range), all of it used
+    assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8",
+                 "--calibration-method", "entropy"]) == 2
+    assert "--calibration-method sets int8-static's activation ranges" in capsys.readouterr().err
+    assert _cli([str(tmp_path / "exp"), str(tmp_path / "exp"), "--onnx", "--quantize", "int8-static",
+                 "--calibration", str(tmp_path / "calib"), "--calibration-method", "kl"]) == 2
+    assert "--calibration-method 'kl' is unknown; choose minmax, entropy, percentile" in capsys.readouterr().err

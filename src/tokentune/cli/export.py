@@ -18,7 +18,7 @@ from ..tools.export import (
     trace_options,
 )
 from ..tools.hub import hub_repo_id, push_to_hub
-from ..tools.onnx import ONNX_QUANTIZE, calibration_images, check_onnx, export_onnx, quantize_onnx
+from ..tools.onnx import CALIBRATION_METHODS, ONNX_QUANTIZE, calibration_images, check_onnx, export_onnx, quantize_onnx
 from .options import parse_pretrained
 
 HELP = "write the deployed model of a run (one safetensors file + config; optional ONNX)"
@@ -65,6 +65,9 @@ def add(parser: argparse.ArgumentParser) -> None:
                         "difference from the fp32 model)")
     g.add_argument("--calibration-images", type=int, default=64, metavar="N",
                    help="at most N images of --calibration [default: 64]")
+    g.add_argument("--calibration-method", default=None, metavar="{" + ",".join(CALIBRATION_METHODS) + "}",
+                   help="int8-static: how activation ranges are taken from the --calibration images (onnxruntime's "
+                        f"calibration methods) [default: {CALIBRATION_METHODS[0]}]")
 
 
 def _size(path: str) -> str:
@@ -88,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
     source = os.fspath(args.run)
     if args.quantize and not args.onnx:
         raise TokenTuneError("--quantize quantizes the ONNX graph: add --onnx")
+    if args.calibration_method is not None and args.quantize != "int8-static":
+        raise TokenTuneError("--calibration-method sets int8-static's activation ranges: add --onnx --quantize int8-static")
+    if args.calibration_method is not None and args.calibration_method.lower() not in CALIBRATION_METHODS:
+        raise TokenTuneError(f"--calibration-method {args.calibration_method!r} is unknown; choose "
+                             f"{', '.join(CALIBRATION_METHODS)}")
     if args.push_to_hub:
         hub_repo_id(args.push_to_hub)      # before anything is written
     if args.format != "deployed":
@@ -135,11 +143,12 @@ def _quantize(args: argparse.Namespace, deployed, path: str) -> None:
     """The int8 graph beside the fp32 one, and how far its logits are from the fp32 model's."""
     images = calibration_images(deployed, args.calibration, args.calibration_images) if args.calibration else None
     out = os.path.splitext(path)[0] + ".int8.onnx"
-    quantize_onnx(path, args.quantize, calibration=images, out=out)
+    quantize_onnx(path, args.quantize, calibration=images, out=out, calibration_method=args.calibration_method)
     probe = images if images is not None else example_images(deployed, 4, seed=0)
     diff = check_onnx(out, deployed, probe)
     scale = float(deployed(probe).abs().max())
-    print(f"onnx int8 ({args.quantize}): {out} ({_size(out)}); largest logit difference from the fp32 model "
+    how = f", {args.calibration_method.lower()} calibration" if args.calibration_method else ""
+    print(f"onnx int8 ({args.quantize}{how}): {out} ({_size(out)}); largest logit difference from the fp32 model "
           f"{diff:.4g} (largest logit {scale:.4g}) on {probe.shape[0]} "
           f"{'calibration' if images is not None else 'random'} images")
 

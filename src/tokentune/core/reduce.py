@@ -64,6 +64,21 @@ def reducers(model: nn.Module) -> List[TokenReducer]:
     return [m for m in unwrap_model(model).modules() if isinstance(m, TokenReducer)]
 
 
+def top_order(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] of the ``k`` highest entries of ``score`` [B, n], highest first, equal scores
+    by the lower index first, in eager mode and in an exported graph alike.
+
+    Eager: a stable descending sort. Under ``torch.export`` (the ONNX export): ``topk`` over the
+    whole row, which the exporter emits as ONNX ``TopK``, whose documented rule for equal
+    elements is the same (lower index first; onnxruntime follows it); ``aten.sort.stable`` has
+    no ONNX translation. Without the rule, PyTorch's unstable sort and ``TopK`` keep different
+    tokens where scores tie (e.g. saturated keep probabilities).
+    """
+    if torch.compiler.is_exporting():
+        return score.topk(score.shape[1], dim=1, sorted=True)[1][:, :k]
+    return torch.argsort(score, dim=1, descending=True, stable=True)[:, :k]
+
+
 def _rows(index: torch.Tensor, n: int) -> torch.Tensor:
     """[B, K] token indices -> flat row indices into a (B * n, ...) view."""
     return (index + torch.arange(index.shape[0], device=index.device)[:, None] * n).reshape(-1)

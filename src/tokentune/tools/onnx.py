@@ -9,6 +9,7 @@ of the model, converted by PyTorch's ONNX exporter.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -139,6 +140,14 @@ def check_onnx(path: PathLike, model: nn.Module, images: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- int8 graphs (onnxruntime)
 ONNX_QUANTIZE = ("int8", "int8-static")
+#: int8-static's activation-range rules -> onnxruntime's ``CalibrationMethod`` members; the first is the default
+_CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+CALIBRATION_METHODS = tuple(_CALIBRATION)
+QUANTIZED_OPS = ["MatMul", "Gemm"]
+#: entropy calibration's histogram: 2048 bins, thresholds searched with 128 quantized bins (TensorRT's
+#: 8-bit calibration, which onnxruntime's entropy method follows); ``quantize_static`` itself builds
+#: 128 bins and 128 quantized bins, which leaves one candidate (the whole range: the same as minmax)
+ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
 
 
 class _Calibration:
@@ -152,7 +161,8 @@ class _Calibration:
 
 
 def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torch.Tensor] = None,
-                  out: Optional[PathLike] = None) -> str:
+                  out: Optional[PathLike] = None, calibration_method: Optional[str] = None,
+                  reduce_range: bool = True) -> str:
     """An int8 version of the ONNX graph at ``path`` (written to ``out``, default: in place, atomically).
 
     ``"int8"``: dynamic quantization (onnxruntime's ``quantize_dynamic``): int8 weights per output
@@ -163,9 +173,21 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
     ``MatMul`` nodes are excluded by name): attention's ``q k^T`` and ``softmax v``, ToMe's matching
     similarities and the other activation-by-activation products stay in fp32 with softmax,
     LayerNorm and the token-reduction steps, so no merge is decided on 8-bit similarities.
+
+    ``reduce_range`` (default on): weights in 7 bits (-64..64), onnxruntime's advice for x86 CPUs
+    without VNNI: their u8 x s8 kernel (``vpmaddubsw``) adds two products into int16, which
+    saturates for 8-bit weights (255 x 127 x 2 > 32767) and gave the demo's DyT row 4.2% changed
+    predictions (1.6% with 7-bit weights; BENCHMARKS.md). The same instruction runs either way.
+
+    ``calibration_method`` (``"int8-static"`` only): how the activation ranges are taken from the
+    calibration images, onnxruntime's ``CalibrationMethod``: ``"minmax"`` (default: the observed
+    extremes), ``"entropy"`` (the range whose 8-bit histogram is closest, in KL divergence, to the
+    observed one; :data:`ENTROPY_BINS`) or ``"percentile"`` (symmetric, at the 99.999th percentile of
+    the absolute values).
     """
     if mode not in ONNX_QUANTIZE:
         raise TokenTuneError(f"ONNX quantization {mode!r} is not supported; choose {' or '.join(ONNX_QUANTIZE)}")
+    method = _calibration_method(mode, calibration_method)
     try:
         import onnxruntime as ort
         from onnxruntime import quantization as q
@@ -181,13 +203,17 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
         q.quant_pre_process(src, prepared, skip_symbolic_shape=True)
         if mode == "int8":
             q.quantize_dynamic(prepared, tmp, weight_type=q.QuantType.QInt8, per_channel=True,
-                               op_types_to_quantize=["MatMul", "Gemm"])
+                               reduce_range=bool(reduce_range), op_types_to_quantize=QUANTIZED_OPS)
         else:
             name = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).get_inputs()[0].name
             excluded = _activation_products(prepared)
+            cache = _entropy_ranges(prepared, _Calibration(name, calibration)) if method == "Entropy" else None
             q.quantize_static(prepared, tmp, _Calibration(name, calibration), quant_format=q.QuantFormat.QDQ,
-                              per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=excluded)
+                              calibrate_method=getattr(q.CalibrationMethod, method), per_channel=True,
+                              reduce_range=bool(reduce_range),
+                              activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
+                              calibration_cache_path=cache)
             _read_unrounded(tmp, excluded)
         os.replace(tmp, dst)
     except TokenTuneError:
@@ -195,10 +221,37 @@ def quantize_onnx(path: PathLike, mode: str = "int8", calibration: Optional[torc
     except Exception as exc:  # noqa: BLE001 - onnxruntime's failures become one line naming the cause
         raise TokenTuneError(f"int8 quantization of {src} failed: {one_line(exc, 240)}") from exc
     finally:
-        for leftover in (tmp, prepared):
+        for leftover in (tmp, prepared, prepared + ".ranges.json"):
             if os.path.exists(leftover):
                 os.remove(leftover)
     return dst
+
+
+def _entropy_ranges(prepared: str, reader: _Calibration) -> str:
+    """Entropy-calibrated activation ranges of the graph at ``prepared`` with :data:`ENTROPY_BINS`, written
+    as onnxruntime's calibration cache (a JSON file beside it) for ``quantize_static`` to read."""
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    cache = prepared + ".ranges.json"
+    with tempfile.TemporaryDirectory(prefix="tokentune-calibration-") as tmp:
+        calibrator = q.create_calibrator(prepared, QUANTIZED_OPS, augmented_model_path=os.path.join(tmp, "aug.onnx"),
+                                         calibrate_method=q.CalibrationMethod.Entropy, extra_options=ENTROPY_BINS)
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), cache)
+    return cache
+
+
+def _calibration_method(mode: str, method: Optional[str]) -> str:
+    """onnxruntime's ``CalibrationMethod`` member for ``method`` (None: the default), checked."""
+    if method is None:
+        return _CALIBRATION[CALIBRATION_METHODS[0]]
+    if mode != "int8-static":
+        raise TokenTuneError(f"calibration method {method!r} is for int8-static quantization only; leave it out with "
+                             f"{mode!r} (dynamic: nothing is calibrated)")
+    if str(method).lower() not in _CALIBRATION:
+        raise TokenTuneError(f"unknown calibration method {method!r}; choose {', '.join(CALIBRATION_METHODS)}")
+    return _CALIBRATION[str(method).lower()]
 
 
 def _read_unrounded(path: str, names: Sequence[str]) -> None:

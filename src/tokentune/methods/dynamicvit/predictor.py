@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.reduce import TokenReducer, keep_tokens
+from ...core.reduce import TokenReducer, keep_tokens, top_order
 from ...core.state import TokenState
 from ...errors import TokenTuneError
 
@@ -103,10 +103,9 @@ class DynamicViTReducer(TokenReducer):
         if execution not in EXECUTIONS:
             raise TokenTuneError(f"dynamicvit_execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         if execution == "prune":
-            order = torch.argsort(score, dim=1, descending=True)[:, :keep]         # the reference's keep order
-            return keep_tokens(x, state, order)
+            return keep_tokens(x, state, top_order(score, keep))   # the reference's keep order; ties: lower index
         score = score.masked_fill(prev[:, :, 0] < 0.5, float("-inf"))              # only kept tokens compete
-        kept = torch.zeros_like(score).scatter_(1, score.topk(keep, dim=1)[1], 1.0)
+        kept = torch.zeros_like(score).scatter_(1, top_order(score, keep), 1.0)
         return x, state.replace(policy=torch.cat([kept.new_ones(B, p), kept], dim=1))
 
 
