@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--target", type=float, default=1.5)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="at most (tokentune accelerate's default)")
+    parser.add_argument("--min-rounds", type=int, default=3, help="at least (tokentune accelerate's default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-batch", type=int, default=None,
                         help="evaluation batch size [default: accelerate's, 32 on the CPU]")
@@ -60,7 +61,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     result = accelerate(run_dir, image_folder_dataset(folder, "test"), args.target, out, batch_size=args.batch,
-                        rounds=args.rounds, threads=args.threads, evaluate=args.evaluate,
+                        rounds=args.rounds, min_rounds=args.min_rounds, threads=args.threads, evaluate=args.evaluate,
                         eval_batch_size=args.eval_batch)
     total = time.perf_counter() - t0
     spent = result.record["time"]
@@ -68,6 +69,7 @@ def main() -> None:
     phases = {k: v for k, v in spent.items() if k != "counts"}
     record = {"environment": dict(environment("cpu"), load_average=list(os.getloadavg())), "model": args.model,
               "images": args.images, "target": args.target, "batch": args.batch, "rounds": args.rounds,
+              "min_rounds": args.min_rounds,
               "evaluate": args.evaluate, "eval_batch": result.record["config"]["eval_batch_size"],
               "seconds": total, "time": spent, "choice": result.choice,
               "trials": {m: len(r["trials"]) for m, r in result.record["search"].items()},

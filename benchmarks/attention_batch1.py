@@ -17,6 +17,8 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
+from tokentune.timing import apply_allocator
+
 
 def forms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> Dict[str, Callable[[], torch.Tensor]]:
     """The three forms of ``softmax(q k^T / sqrt(d) + bias) v`` (the last without the bias)."""
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print("allocator:", apply_allocator())          # the C allocator these timings run under
     torch.manual_seed(0)
     heads, dim = 12, 64
     print("| tokens | SDPA + mask (us) | SDPA, no mask (us) | explicit (us) | explicit / SDPA + mask |")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import tokentune
+from tokentune.timing import apply_allocator
 from tokentune.tools.onnx import export_onnx, quantize_onnx
 
 
@@ -87,6 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     forms = [False, True] if args.both_forms else [bool(args.dynamic_batch)]
     torch.set_num_threads(args.threads)
+    print("allocator:", apply_allocator())          # the C allocator these timings run under
     torch.manual_seed(0)
     dense = tokentune.deploy(tokentune.create_model(args.model, method="lora", num_classes=100, pretrained=False))
     tome = tokentune.deploy(tokentune.create_model(args.model, method="lora+tome", tome_r="high", num_classes=100,
@@ -131,7 +133,8 @@ def main() -> None:
                   f"median {statistics.median(paired):.3f}x ({', '.join(f'{v:.3f}' for v in paired)})")
     record = {"rows": rows, "logit_diff": diffs, "model": args.model, "batch": args.batch, "threads": args.threads,
               "graphs": "both" if args.both_forms else "any batch" if args.dynamic_batch else f"batch {args.batch}",
-              "cpu": platform.processor() or platform.machine(), "load": os.getloadavg()}
+              "cpu": platform.processor() or platform.machine(), "load": os.getloadavg(),
+              "allocator": apply_allocator()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"int8_speed_b{args.batch}_t{args.threads}.json"), "w") as fh:
         json.dump(record, fh, indent=1)

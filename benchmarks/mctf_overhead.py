@@ -23,6 +23,7 @@ import torch
 
 import tokentune
 from tokentune.methods.mctf import MCTFMerge, config_of
+from tokentune.timing import apply_allocator
 
 POINTS = {"low": "flops:2.001", "high": "flops:3.462:geometric"}   # ToMe low's and ToMe high's FLOPs ratios
 
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--against", default=None, help="git revision whose MCTF reducer is timed beside")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print("allocator:", apply_allocator())          # the C allocator these timings run under
     models = build(args.point, reducer_at(args.against) if args.against else None)
     block_cpu = {n: {} for n in models}
     tokens = {n: {} for n in models}

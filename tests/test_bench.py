@@ -95,3 +95,34 @@ def test_min_block_times_enough_forwards_of_a_fast_model():
     calls.clear()
     timing.measure_throughput({"m": Slow()}, batch_size=2, image_size=8, rounds=3, warmup=1)
     assert len(calls) == 1 + 3
+
+
+def test_rounds_stop_early_once_they_agree(monkeypatch):
+    """``min_rounds``/``agree``: a scripted clock; rounds whose relative times agree within ``agree``
+    stop after ``min_rounds``, disagreeing ones run all ``rounds``, and without ``min_rounds`` all run."""
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    class Scripted(torch.nn.Module):
+        def __init__(self, durations):
+            super().__init__()
+            self.durations = list(durations)
+
+        def forward(self, images):
+            clock[0] += self.durations.pop(0)
+            return images
+
+    def run(base, cand, **kw):
+        stats = timing.measure_throughput({"base": Scripted(base), "cand": Scripted(cand)}, batch_size=1, image_size=4,
+                                          rounds=5, warmup=0, allocator="system", **kw)
+        assert stats["base"].rounds == stats["cand"].rounds
+        return stats["cand"].rounds
+
+    steady = ([1.0, 1.1, 0.9, 1.0, 1.0], [0.5, 0.55, 0.45, 0.5, 0.5])       # the machine drifts, the ratio holds
+    assert run(*steady, min_rounds=3, agree=0.05) == 3
+    assert run(*steady) == 5
+    noisy = ([1.0, 1.0, 1.0, 1.0, 1.0], [0.5, 0.6, 0.5, 0.5, 0.5])          # 20% apart in round 2
+    assert run(*noisy, min_rounds=3, agree=0.05) == 5
+    assert run(*noisy, min_rounds=3, agree=0.25) == 3
+    with pytest.raises(ValueError, match="min_rounds"):
+        run(*steady, min_rounds=0)

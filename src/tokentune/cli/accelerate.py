@@ -54,7 +54,9 @@ def add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-lr", type=float, default=None, metavar="LR", help="recovery learning rate")
     parser.add_argument("--onnx", action="store_true", help="also write DIR/model.onnx of the chosen model")
     g = parser.add_argument_group("search")
-    g.add_argument("--rounds", type=int, default=5, metavar="N", help="interleaved timing rounds per candidate")
+    g.add_argument("--rounds", type=int, default=5, metavar="N", help="interleaved timing rounds per candidate, at most")
+    g.add_argument("--min-rounds", type=int, default=3, metavar="N",
+                   help="rounds at least: then they stop once the candidate's speed-up agrees within the tolerance")
     g.add_argument("--min-block-s", type=float, default=1.0, metavar="S",
                    help="each timing round runs enough forwards of a model to last S seconds (0: one forward)")
     g.add_argument("--max-trials", type=int, default=4, metavar="N", help="schedules timed per method at most")
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         raise TokenTuneError("name the output directory: --out DIR (the chosen model's export, table and record)")
     cfg = AccelerateConfig(batch_size=args.batch_size, dtype=args.dtype,
                            methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
-                           max_drop=args.max_drop, rounds=args.rounds, min_block_s=args.min_block_s,
+                           max_drop=args.max_drop, rounds=args.rounds, min_rounds=args.min_rounds,
+                           min_block_s=args.min_block_s,
                            max_trials=args.max_trials, evaluate=args.evaluate,
                            eval_batch_size=args.eval_batch_size, val_images=args.val_images, seed=args.seed,
                            device=args.device, threads=args.threads, finetune_epochs=args.finetune_epochs,

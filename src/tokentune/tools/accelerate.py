@@ -173,7 +173,10 @@ class AccelerateConfig:
         methods: candidate methods (default: every training-free method with a schedule option).
         max_drop: top-1 points the choice may lose; beyond it ``finetune_epochs`` recover it, or
             the search fails naming the best drop found.
-        rounds: interleaved timing rounds per candidate (each times the base and the candidate).
+        rounds: interleaved timing rounds per candidate at most (each times the base and the candidate).
+        min_rounds: rounds per candidate at least: after these, the rounds stop once the candidate's
+            speed-up in every round lies within ``1 + tolerance`` (largest over smallest), so quiet
+            timings end early and noisy ones get all ``rounds``.
         warmup: untimed forwards of each model before its rounds (of the base in the first trial of
             a session only: later trials find it warm).
         min_block_s: each round times enough forwards of a model to last at least this long (a
@@ -207,6 +210,7 @@ class AccelerateConfig:
     methods: Optional[Sequence[str]] = None
     max_drop: Optional[float] = None
     rounds: int = 5
+    min_rounds: int = 3
     warmup: int = 1
     min_block_s: float = 1.0
     max_trials: int = 4
@@ -231,7 +235,7 @@ class AccelerateConfig:
                                  "the gentlest within the target) or 'within' (every schedule within the target)")
         if self.eval_batch_size is None:
             self.eval_batch_size = CPU_EVAL_BATCH if str(self.device).startswith("cpu") else EVAL_BATCH
-        for name in ("batch_size", "rounds", "max_trials", "eval_batch_size", "finetune_batch_size"):
+        for name in ("batch_size", "rounds", "min_rounds", "max_trials", "eval_batch_size", "finetune_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise TokenTuneError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.val_images is not None and self.val_images < 1:
@@ -485,10 +489,11 @@ def time_side_by_side(base: nn.Module, candidate: nn.Module, images: torch.Tenso
     base ran on ``images`` in this process already (an earlier trial): only the candidate warms up."""
     stats = measure_throughput({"base": base, "candidate": candidate}, rounds=cfg.rounds, warmup=cfg.warmup,
                                dtype=cfg.dtype, device=cfg.device, seed=seed, images=images,
-                               min_block_s=cfg.min_block_s, warm=("base",) if base_warm else ())
+                               min_block_s=cfg.min_block_s, warm=("base",) if base_warm else (),
+                               min_rounds=min(cfg.min_rounds, cfg.rounds), agree=cfg.tolerance)
     b, c = stats["base"], stats["candidate"]
     return {"speedup": c.median / b.median, "speedup_low": c.low / b.high, "speedup_high": c.high / b.low,
-            "img_s": c.median, "base_img_s": b.median}
+            "img_s": c.median, "base_img_s": b.median, "rounds": c.rounds}
 
 
 def accuracy(model: nn.Module, val: Validation, cfg: AccelerateConfig, desc: str) -> float:
@@ -968,8 +973,9 @@ def _check_out_dir(out_dir: Optional[str]) -> Optional[str]:
 
 
 def _setting(source: Source, target: Target, cfg: AccelerateConfig, val: Validation, methods: List[str]) -> Dict[str, Any]:
-    timing = {k: getattr(cfg, k) for k in ("batch_size", "dtype", "rounds", "warmup", "min_block_s", "max_trials",
-                                             "evaluate", "tolerance", "val_images", "seed", "device", "threads")}
+    timing = {k: getattr(cfg, k) for k in ("batch_size", "dtype", "rounds", "min_rounds", "warmup", "min_block_s",
+                                             "max_trials", "evaluate", "tolerance", "val_images", "seed", "device",
+                                             "threads")}
     return {"source": source.name, "method": source.spec["method"], "target": asdict(target), "candidates": methods,
             "validation": {"name": val.name, "images": val.count}, **timing}
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..precision import autocast
-from ..timing import sync
+from ..timing import apply_allocator, sync
 from ..version import __version__
 
 
@@ -130,7 +130,9 @@ def measure_train_step(model: nn.Module, batch_size: int = 16, image_size: int =
 
 # ----------------------------------------------------------------------------- environment
 def environment(device="cpu", dtype: str = "fp32") -> Dict[str, object]:
-    """What a benchmark table must state: device, threads, dtype, versions."""
+    """What a benchmark table must state: device, threads, dtype, allocator, versions. It settles the
+    allocator the timings that follow run under (:func:`tokentune.timing.apply_allocator`), so the
+    record states what they used."""
 
     device = torch.device(device)
     if device.type == "cuda":
@@ -149,6 +151,7 @@ def environment(device="cpu", dtype: str = "fp32") -> Dict[str, object]:
         "device": f"{device.type}: {name}",
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "allocator": apply_allocator(),
         "dtype": dtype,
         "torch": torch.__version__,
         "timm": timm.__version__,
