@@ -45,11 +45,22 @@ def lora_run(workdir: str):
     return run_dir, folder
 
 
-def sweep(run_dir: str, val, cfg: acc.AccelerateConfig):
-    """Every constant ToMe r on the run, all timed in the same interleaved rounds with the unmodified
-    model (the base is timed once per round for all of them), then evaluated."""
+def validation_data(folder: str):
+    """The demo's validation data: the test split of digits 5-9, classes named as in training."""
+    return image_folder_dataset(folder, "test", classes=image_folder_dataset(folder, "train").classes)
+
+
+def opened(run_dir: str, val_data):
+    """The run opened as accelerate opens it, its deployed unmodified model and ``val_data`` as
+    accelerate holds it."""
     source = acc.open_source(run_dir)
     base = acc.deployed_base(source)
+    return source, base, acc.load_validation(val_data, base, source.prep, 5)
+
+
+def sweep(source, base, val, cfg: acc.AccelerateConfig):
+    """Every constant ToMe r on the run, all timed in the same interleaved rounds with the unmodified
+    model (the base is timed once per round for all of them), then evaluated."""
     images = val.batch(cfg.batch_size, int(base.patch_embed.img_size[0]), cfg.seed)
     models, last, r = {}, None, 1
     while True:
@@ -68,16 +79,13 @@ def sweep(run_dir: str, val, cfg: acc.AccelerateConfig):
                      "speedup": c.median / b.median, "speedup_low": c.low / b.high, "speedup_high": c.high / b.low,
                      "top1": acc.accuracy(model, val, cfg, f"r={k}")})
         print(f"r={k} {rows[-1]['schedule']}: {rows[-1]['speedup']:.3f}x top-1 {rows[-1]['top1']:.2f}")
-    return rows, base
+    return rows
 
 
 def fresh_measurement(workdir: str, batch: int, rounds: int) -> dict:
     """The exported choice against the unmodified model, timed in this process (run it in a new one)."""
     run_dir, folder = lora_run(workdir)
-    source = acc.open_source(run_dir)
-    base = acc.deployed_base(source)
-    val_data = image_folder_dataset(folder, "test", classes=image_folder_dataset(folder, "train").classes)
-    val = acc.load_validation(val_data, base, source.prep, 5)
+    _, base, val = opened(run_dir, validation_data(folder))
     images = val.batch(batch, int(base.patch_embed.img_size[0]), 0)
     return acc.time_side_by_side(base, open_model(os.path.join(workdir, "accelerated")), images,
                                  acc.AccelerateConfig(batch_size=batch, rounds=rounds, min_rounds=rounds), 1)
@@ -100,16 +108,15 @@ def main() -> None:
         return
     run_dir, folder = lora_run(args.workdir)
     out = os.path.join(args.workdir, "accelerated")
-    val_data = image_folder_dataset(folder, "test", classes=image_folder_dataset(folder, "train").classes)
+    val_data = validation_data(folder)
     t0 = time.perf_counter()
     result = accelerate(run_dir, val_data, args.target, out, batch_size=args.batch, threads=args.threads,
                         rounds=args.rounds)
     search_s = time.perf_counter() - t0
     cfg = acc.AccelerateConfig(batch_size=args.batch, rounds=args.rounds, threads=args.threads)
-    source = acc.open_source(run_dir)
-    val = acc.load_validation(val_data, acc.deployed_base(source), source.prep, 5)
+    source, base, val = opened(run_dir, val_data)
     t0 = time.perf_counter()
-    rows, base = sweep(run_dir, val, cfg)
+    rows = sweep(source, base, val, cfg)
     sweep_s = time.perf_counter() - t0
     reached = [r for r in rows if r["speedup"] >= args.target]
     best = max(reached, key=lambda r: r["top1"]) if reached else None

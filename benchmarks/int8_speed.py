@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import tokentune
-from tokentune.timing import apply_allocator
+from tokentune.timing import allocator_state, apply_allocator
 from tokentune.tools.onnx import export_onnx, quantize_onnx
 
 
@@ -134,7 +134,7 @@ def main() -> None:
     record = {"rows": rows, "logit_diff": diffs, "model": args.model, "batch": args.batch, "threads": args.threads,
               "graphs": "both" if args.both_forms else "any batch" if args.dynamic_batch else f"batch {args.batch}",
               "cpu": platform.processor() or platform.machine(), "load": os.getloadavg(),
-              "allocator": apply_allocator()}
+              "allocator": allocator_state()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"int8_speed_b{args.batch}_t{args.threads}.json"), "w") as fh:
         json.dump(record, fh, indent=1)

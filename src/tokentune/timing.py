@@ -76,11 +76,8 @@ def _agree(times: Dict[str, List[float]], names: Sequence[str], agree: float) ->
     """Every model's per-round time relative to the first model's (a lone model: its own) spans at
     most ``1 + agree``."""
     first = times[names[0]]
-    for n in names[1:] if len(names) > 1 else names:
-        rel = [t / f for t, f in zip(times[n], first)] if n != names[0] else list(first)
-        if max(rel) > min(rel) * (1 + agree):
-            return False
-    return True
+    series = [[t / f for t, f in zip(times[n], first)] for n in names[1:]] or [first]
+    return all(max(rel) <= min(rel) * (1 + agree) for rel in series)
 
 
 @dataclass
