@@ -16,6 +16,9 @@ DTEM) at equal FLOPs. A profile the method's rate does not take (``Method.rate_p
 keep rate at fixed blocks has none) is dropped from its target; a target out of a method's reach is
 listed under the table with the method's one-line reason. Goal: speed-up >= 0.95 x FLOPs ratio at
 batch 16; training-free methods cost <= 3% more time than ToMe at equal token counts ("time / ToMe").
+The "paired" columns take the median over rounds of each round's own ratio
+(:func:`tokentune.timing.paired_speedup`), which a drift of a shared machine longer than one round
+does not move; the others divide the two medians.
 
 Prints a markdown table, writes benchmarks/results/field_speed[_TAG].{md,json}.
 
@@ -42,7 +45,7 @@ from tokentune.errors import TokenTuneError
 from tokentune.fileio import atomic_write_json, atomic_write_text
 from tokentune.methods.tome import ViTDims, named_schedule, vit_flops
 from tokentune.methods.tome.schedules import parse_target
-from tokentune.timing import measure_throughput
+from tokentune.timing import measure_throughput, paired_speedup
 from tokentune.tools import measure as measure_env
 from tokentune.tools.bench import Candidate, parse_config
 
@@ -122,6 +125,8 @@ def table(rows: List[Dict]) -> List[Dict]:
             "b16 speed-up": round(r["speedup"], 3), "b16 speed-up / FLOPs ratio": round(r["speedup"] / ratio, 3),
             f"b16 >= {GOAL}": "" if r["label"] == "dense" else ("yes" if r["speedup"] / ratio >= GOAL else "no"),
             "b16 time / ToMe": round(tome["img_per_s"] / r["img_per_s"], 3) if tome else None,
+            "b16 paired speed-up / FLOPs ratio": round(r["speedup_paired"] / ratio, 3),
+            "b16 paired time / ToMe": round(r["time_vs_tome_paired"], 3) if r.get("time_vs_tome_paired") else None,
             "b1 speed-up": round(r["latency_speedup"], 3) if r.get("latency_speedup") else None,
             "b1 speed-up / FLOPs ratio": round(r["latency_speedup"] / ratio, 3) if r.get("latency_speedup") else None,
         })
@@ -159,9 +164,12 @@ def time_rows(args, models: Dict, records: List[Dict], rounds: int) -> None:
                             iters_per_round=args.latency_iters)
     for r in records:
         n = r["label"]
+        tome = f"tome @ {r['point']}" if r["point"] else None
         r.update({"img_per_s": b16[n].median, "img_per_s_low": b16[n].low, "img_per_s_high": b16[n].high,
                   "speedup": b16[n].median / b16["dense"].median, "latency_speedup": b1[n].median / b1["dense"].median,
-                  "b1_img_per_s": b1[n].median})
+                  "b1_img_per_s": b1[n].median, "b16_round_seconds": list(b16[n].round_seconds),
+                  "speedup_paired": paired_speedup(b16[n], b16["dense"]),
+                  "time_vs_tome_paired": 1 / paired_speedup(b16[n], b16[tome]) if tome in b16 else None})
 
 
 def main() -> None:

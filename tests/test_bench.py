@@ -126,3 +126,30 @@ def test_rounds_stop_early_once_they_agree(monkeypatch):
     assert run(*noisy, min_rounds=3, agree=0.25) == 3
     with pytest.raises(ValueError, match="min_rounds"):
         run(*steady, min_rounds=0)
+
+
+def test_paired_speedup_cancels_a_drift_of_the_machine(monkeypatch):
+    """``paired_speedup``: the median of each round's time ratio. The machine slows both models in rounds
+    3-4 and the candidate alone in round 2: the paired speed-up is the true 2x, the ratio of the medians
+    pairs the base's fast rounds with the candidate's slow ones."""
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    class Scripted(torch.nn.Module):
+        def __init__(self, durations):
+            super().__init__()
+            self.durations = list(durations)
+
+        def forward(self, images):
+            clock[0] += self.durations.pop(0)
+            return images
+
+    stats = timing.measure_throughput({"base": Scripted([1.0, 1.0, 1.0, 3.0, 3.0]),
+                                       "cand": Scripted([0.5, 0.5, 1.5, 1.5, 1.5])},
+                                      batch_size=2, image_size=4, rounds=5, warmup=0, allocator="system")
+    assert stats["cand"].round_seconds == (0.5, 0.5, 1.5, 1.5, 1.5)
+    assert timing.paired_speedup(stats["cand"], stats["base"]) == pytest.approx(2.0)
+    assert stats["cand"].median / stats["base"].median == pytest.approx(2 / 3)
+    short = timing.TimingStats(1.0, 1.0, 1.0, 2, 2, 1.0, (1.0, 1.0))
+    with pytest.raises(ValueError, match="equal rounds"):
+        timing.paired_speedup(short, stats["base"])

@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -90,9 +90,25 @@ class TimingStats:
     rounds: int
     batch_size: int
     seconds_per_batch: float
+    round_seconds: Tuple[float, ...] = ()       # seconds per batch in each timed round, in order
 
     def as_dict(self):
         return asdict(self)
+
+
+def paired_speedup(model: TimingStats, base: TimingStats) -> float:
+    """``model``'s speed-up over ``base`` as the median over rounds of their time ratio in the same round.
+
+    Both must come from one :func:`measure_throughput` call on equal batches. A round times every model
+    within seconds of the others, so a drift of a shared machine that lasts longer than a round (another
+    job's burst, a frequency change) moves both times of the round's ratio and drops out of it, where the
+    ratio of the two medians can pair a fast round of one model with a slow round of the other.
+    """
+    if not model.round_seconds or len(model.round_seconds) != len(base.round_seconds):
+        raise ValueError("paired_speedup needs two TimingStats of one measure_throughput call (equal rounds)")
+    if model.batch_size != base.batch_size:
+        raise ValueError(f"paired_speedup needs equal batches, got {model.batch_size} and {base.batch_size}")
+    return statistics.median(b / m for b, m in zip(base.round_seconds, model.round_seconds))
 
 
 def sync(device: Union[str, torch.device]) -> None:
@@ -177,5 +193,6 @@ def measure_throughput(models: Dict[str, nn.Module], batch_size: int = 16, image
     for n in names:
         ips = [batch_size / t for t in times[n]]
         out[n] = TimingStats(median=statistics.median(ips), low=min(ips), high=max(ips), rounds=len(times[n]),
-                             batch_size=batch_size, seconds_per_batch=statistics.median(times[n]))
+                             batch_size=batch_size, seconds_per_batch=statistics.median(times[n]),
+                             round_seconds=tuple(times[n]))
     return out
