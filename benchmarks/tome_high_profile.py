@@ -6,10 +6,11 @@ timing: work the FLOPs count leaves out (the matching, the index copies of the m
 element-wise operators) and operators that run at a lower rate on fewer tokens (smaller matrix
 products). This script separates them with ``torch.profiler`` (self CPU time per operator) and
 ``torch.utils.flop_counter`` (multiply-adds per operator on the same forward), for the dense ViT-B/16
-and ToMe at a target (default: ToMe high's FLOPs, ``flops:3.462:geometric``), both deployed, random
-weights, fp32, one process. Operator classes: matrix products (``aten::addmm``, the Linear layers),
-attention (the SDPA kernel), the patch embedding (the convolution), "merging" (every operator the
-dense model does not call: ToMe's matching and merge), and everything else (GELU, LayerNorm, the
+and ToMe (or another reducer: ``--method``) at a target (default: ToMe high's FLOPs,
+``flops:3.462:geometric``), both deployed, random weights, fp32, one process. Operator classes:
+matrix products (``aten::addmm``, the Linear layers), attention (the SDPA kernel), the patch
+embedding (the convolution), "merging" (every operator the dense model does not call: the
+reducer's matching and merge), and everything else (GELU, LayerNorm, the
 residual additions, copies). Profiling adds a little time to every operator call, which weighs
 more on the model with more, smaller calls (ToMe), so read the shares, not the sum, as ToMe's cost.
 
@@ -17,6 +18,7 @@ Prints a markdown table and writes benchmarks/results/tome_high_profile[_TAG].md
 
     python benchmarks/tome_high_profile.py                        # ViT-B/16, batch 16, 2 threads
     python benchmarks/tome_high_profile.py --target flops:2.001   # ToMe low's FLOPs
+    python benchmarks/tome_high_profile.py --model deit_tiny_patch16_224 --method pitome --target flops:1.586
     python benchmarks/tome_high_profile.py --quick                # tiny width (checks the script)
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tokentune import create_model, deploy
 from tokentune.core.flops import _register_cpu_attention_flops
+from tokentune.core.method import get_method
 from tokentune.fileio import atomic_write_text
 from tokentune.timing import apply_allocator, random_images
 from tokentune.tools import measure as measure_env
@@ -79,7 +82,9 @@ def macs_by_class(model: torch.nn.Module, images: torch.Tensor, dense_ops: set) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_base_patch16_224")
-    ap.add_argument("--target", default="flops:3.462:geometric", help="ToMe's rate (tome_r)")
+    ap.add_argument("--target", default="flops:3.462:geometric", help="the method's rate (e.g. tome_r)")
+    ap.add_argument("--method", default="tome", help="a training-free token reducer with a rate option "
+                    "(tome, pitome, tofu, ...)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3, help="profiled forwards per model (after 2 warm-up ones)")
@@ -93,7 +98,8 @@ def main() -> None:
     iters = 1 if args.quick else args.iters
     images = random_images(args.batch_size, 224)
     models = {}
-    for label, method, opts in [("dense", "linear", {}), (f"ToMe {args.target}", "tome", {"tome_r": args.target})]:
+    option = f"{args.method}_{get_method(args.method).rate_option}"
+    for label, method, opts in [("dense", "linear", {}), (f"{args.method} {args.target}", args.method, {option: args.target})]:
         torch.manual_seed(0)
         models[label] = deploy(create_model(args.model, method=method, num_classes=1000, **kw, **opts).eval())
     times = {label: profile_model(m, images, iters) for label, m in models.items()}
@@ -120,7 +126,7 @@ def main() -> None:
     dense_total, tome_total = (sum(share[n].values()) for n in labels)
     flops_ratio = sum(macs[labels[0]].values()) / sum(macs[labels[1]].values())
     env = measure_env.environment(torch.device("cpu"), "fp32")
-    title = (f"Operator classes of the dense model and ToMe ({args.target}): {args.model}, batch {args.batch_size}, "
+    title = (f"Operator classes of the dense model and {args.method} ({args.target}): {args.model}, batch {args.batch_size}, "
              f"{torch.get_num_threads()} threads, fp32, {iters} profiled forwards each" + (" [QUICK]" if args.quick else ""))
     md = (f"## {title}\n\nEnvironment: {', '.join(f'{k}={v}' for k, v in env.items())}\n\n"
           f"{measure_env.markdown_table(rows, list(rows[0]))}\n"

@@ -40,6 +40,22 @@ def ref_energy(metric, margin):
     return sim, torch.argsort(energy, dim=-1, descending=True)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_energy_order_is_eq4_for_any_alpha(alpha):
+    """The energy (Eq. 4, ELU-shaped with slope ``alpha`` below the margin) gives the order of
+    ``F.elu(W - m, alpha).mean(-1)``, at margins that put some, most and none of the graph below it."""
+    from tokentune.methods.pitome import energy_order
+
+    torch.manual_seed(0)
+    metric = torch.randn(3, 50, 16)
+    for margin in (0.75, 0.3, -1.5):
+        sim, order = energy_order(metric, margin, alpha)
+        m = metric / metric.norm(dim=-1, keepdim=True)
+        expected = torch.nn.functional.elu(m @ m.transpose(-1, -2) - margin, alpha=alpha).mean(dim=-1)
+        assert torch.equal(order, expected.argsort(dim=-1, descending=True))
+        assert torch.allclose(sim, m @ m.transpose(-1, -2), atol=1e-6)
+
+
 def ref_pitome_groups(metric, r, margin, bsm):
     """Per image: the output tokens as lists of input (non-CLS) token indices, in the reference's output order."""
     sim, order = ref_energy(metric, margin)
