@@ -5,7 +5,7 @@ the same schedule and the dense model.
 Both PiToMe rows are the same deployed model; the "F.elu" row swaps the module's ``energy_order`` for
 the earlier one during its forwards only. Batch 16, fp32, random weights, interleaved rounds of at
 least one second each (``measure_throughput(min_block_s=1)``). Prints a markdown table and writes
-benchmarks/results/pitome_energy[_TAG].md.
+benchmarks/results/pitome_energy[_TAG].{md,json}.
 
     python benchmarks/pitome_energy.py                                  # DeiT-T at DeiT's 4.6/2.9 FLOPs ratio
     python benchmarks/pitome_energy.py --model vit_base_patch16_224 --target flops:2.001
@@ -23,7 +23,6 @@ from torch import nn
 import tokentune.methods.pitome as pitome
 from tokentune import create_model, deploy
 from tokentune.core.flops import count_flops
-from tokentune.fileio import atomic_write_text
 from tokentune.timing import measure_throughput, paired_speedup
 from tokentune.tools import measure as measure_env
 
@@ -88,13 +87,9 @@ def main() -> None:
     env = measure_env.environment(torch.device("cpu"), "fp32")
     title = (f"PiToMe's energy score, F.elu vs split: {args.model} at {args.target}, batch {args.batch_size}, "
              f"{torch.get_num_threads()} threads, fp32, {stats['dense'].rounds} rounds" + (" [QUICK]" if args.quick else ""))
-    md = (f"## {title}\n\nEnvironment: {', '.join(f'{k}={v}' for k, v in env.items())}\n\n"
-          f"{measure_env.markdown_table(rows, list(rows[0]))}\n"
-          f"Top-1 of the two energy forms equal on the timed batch: {same}.\n")
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
     name = "pitome_energy" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
-    atomic_write_text(os.path.join(args.out, name + ".md"), md)
+    print(measure_env.write_results(os.path.join(args.out, name), rows, env, list(rows[0]), title,
+                                    note=f"Top-1 of the two energy forms equal on the timed batch: {same}."))
 
 
 if __name__ == "__main__":

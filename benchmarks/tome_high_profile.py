@@ -14,7 +14,7 @@ reducer's matching and merge), and everything else (GELU, LayerNorm, the
 residual additions, copies). Profiling adds a little time to every operator call, which weighs
 more on the model with more, smaller calls (ToMe), so read the shares, not the sum, as ToMe's cost.
 
-Prints a markdown table and writes benchmarks/results/tome_high_profile[_TAG].md.
+Prints a markdown table and writes benchmarks/results/tome_high_profile[_TAG].{md,json}.
 
     python benchmarks/tome_high_profile.py                        # ViT-B/16, batch 16, 2 threads
     python benchmarks/tome_high_profile.py --target flops:2.001   # ToMe low's FLOPs
@@ -35,7 +35,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from tokentune import create_model, deploy
 from tokentune.core.flops import _register_cpu_attention_flops
 from tokentune.core.method import get_method
-from tokentune.fileio import atomic_write_text
 from tokentune.timing import apply_allocator, random_images
 from tokentune.tools import measure as measure_env
 
@@ -128,14 +127,10 @@ def main() -> None:
     env = measure_env.environment(torch.device("cpu"), "fp32")
     title = (f"Operator classes of the dense model and {args.method} ({args.target}): {args.model}, batch {args.batch_size}, "
              f"{torch.get_num_threads()} threads, fp32, {iters} profiled forwards each" + (" [QUICK]" if args.quick else ""))
-    md = (f"## {title}\n\nEnvironment: {', '.join(f'{k}={v}' for k, v in env.items())}\n\n"
-          f"{measure_env.markdown_table(rows, list(rows[0]))}\n"
-          f"FLOPs ratio {flops_ratio:.3f}; profiled time ratio {dense_total / tome_total:.3f} "
-          f"({dense_total / tome_total / flops_ratio:.3f} of the FLOPs ratio).\n")
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
     name = "tome_high_profile" + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
-    atomic_write_text(os.path.join(args.out, name + ".md"), md)
+    print(measure_env.write_results(os.path.join(args.out, name), rows, env, list(rows[0]), title,
+                                    note=f"FLOPs ratio {flops_ratio:.3f}; profiled time ratio {dense_total / tome_total:.3f} "
+                                         f"({dense_total / tome_total / flops_ratio:.3f} of the FLOPs ratio)."))
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ def test_min_block_times_enough_forwards_of_a_fast_model():
     assert len(calls) == 1 + 3
 
 
-def test_rounds_stop_early_once_they_agree(monkeypatch):
-    """``min_rounds``/``agree``: a scripted clock; rounds whose relative times agree within ``agree``
-    stop after ``min_rounds``, disagreeing ones run all ``rounds``, and without ``min_rounds`` all run."""
+@pytest.fixture
+def scripted(monkeypatch):
+    """``scripted(durations)``: a model whose forwards take those seconds in turn, on a clock that moves only
+    when they run (``timing``'s ``perf_counter`` replaced)."""
     clock = [0.0]
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
 
@@ -112,8 +113,14 @@ def test_rounds_stop_early_once_they_agree(monkeypatch):
             clock[0] += self.durations.pop(0)
             return images
 
+    return Scripted
+
+
+def test_rounds_stop_early_once_they_agree(scripted):
+    """``min_rounds``/``agree``: a scripted clock; rounds whose relative times agree within ``agree``
+    stop after ``min_rounds``, disagreeing ones run all ``rounds``, and without ``min_rounds`` all run."""
     def run(base, cand, **kw):
-        stats = timing.measure_throughput({"base": Scripted(base), "cand": Scripted(cand)}, batch_size=1, image_size=4,
+        stats = timing.measure_throughput({"base": scripted(base), "cand": scripted(cand)}, batch_size=1, image_size=4,
                                           rounds=5, warmup=0, allocator="system", **kw)
         assert stats["base"].rounds == stats["cand"].rounds
         return stats["cand"].rounds
@@ -128,24 +135,12 @@ def test_rounds_stop_early_once_they_agree(monkeypatch):
         run(*steady, min_rounds=0)
 
 
-def test_paired_speedup_cancels_a_drift_of_the_machine(monkeypatch):
+def test_paired_speedup_cancels_a_drift_of_the_machine(scripted):
     """``paired_speedup``: the median of each round's time ratio. The machine slows both models in rounds
     3-4 and the candidate alone in round 2: the paired speed-up is the true 2x, the ratio of the medians
     pairs the base's fast rounds with the candidate's slow ones."""
-    clock = [0.0]
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
-
-    class Scripted(torch.nn.Module):
-        def __init__(self, durations):
-            super().__init__()
-            self.durations = list(durations)
-
-        def forward(self, images):
-            clock[0] += self.durations.pop(0)
-            return images
-
-    stats = timing.measure_throughput({"base": Scripted([1.0, 1.0, 1.0, 3.0, 3.0]),
-                                       "cand": Scripted([0.5, 0.5, 1.5, 1.5, 1.5])},
+    stats = timing.measure_throughput({"base": scripted([1.0, 1.0, 1.0, 3.0, 3.0]),
+                                       "cand": scripted([0.5, 0.5, 1.5, 1.5, 1.5])},
                                       batch_size=2, image_size=4, rounds=5, warmup=0, allocator="system")
     assert stats["cand"].round_seconds == (0.5, 0.5, 1.5, 1.5, 1.5)
     assert timing.paired_speedup(stats["cand"], stats["base"]) == pytest.approx(2.0)

@@ -22,6 +22,7 @@ import timm
 import torch
 from torch import nn
 
+from ..fileio import atomic_write_text
 from ..precision import autocast
 from ..timing import apply_allocator, sync
 from ..version import __version__
@@ -175,13 +176,13 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) ->
 
 
 def write_results(path_prefix: str, rows: Sequence[Dict[str, object]], env: Dict[str, object],
-                  columns: Sequence[str], title: str = "") -> str:
-    """Write ``<prefix>.md`` and ``<prefix>.json``; returns the markdown text."""
+                  columns: Sequence[str], title: str = "", note: str = "") -> str:
+    """Write ``<prefix>.md`` and ``<prefix>.json`` (atomically; the folder is created); returns the markdown
+    text. ``note`` is a line printed under the table (and kept in the JSON)."""
     env_line = ", ".join(f"{k}={v}" for k, v in env.items())
-    md = (f"## {title}\n\n" if title else "") + f"Environment: {env_line}\n\n" + markdown_table(rows, columns) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
-    with open(path_prefix + ".md", "w") as fh:
-        fh.write(md)
-    with open(path_prefix + ".json", "w") as fh:
-        json.dump({"title": title, "environment": env, "rows": list(rows)}, fh, indent=2, default=str)
+    md = ((f"## {title}\n\n" if title else "") + f"Environment: {env_line}\n\n" + markdown_table(rows, columns) + "\n"
+          + (f"{note}\n" if note else ""))
+    atomic_write_text(path_prefix + ".md", md)
+    record = {"title": title, "environment": env, "rows": list(rows), **({"note": note} if note else {})}
+    atomic_write_text(path_prefix + ".json", json.dumps(record, indent=2, default=str))
     return md
